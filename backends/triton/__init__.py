@@ -1,0 +1,1 @@
+"""Triton kernels for kiln fused ops."""
