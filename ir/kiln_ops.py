@@ -1,0 +1,40 @@
+"""The fused `kiln.*` operators, declared as data.
+
+Each entry names its operands (tensors, or `none` for an absent optional one) and its
+attributes (constants); the reference implementation in `kiln_ref` defines the semantics
+and, run on fake tensors, the result types — unless an entry gives `infer` because the
+reference is data-dependent.
+"""
+from __future__ import annotations
+
+from . import kiln_ref
+from .ops import OpDef, register
+
+
+def _like_first(args, attrs):
+    return [args[0].type]
+
+
+# name: (operands, attributes, reference, traits, infer)
+KILN_OPS = {
+    "rms_norm": (("x", "weight"), ("eps",), kiln_ref.rms_norm, (), None),
+    "fused_add_rms_norm": (("x", "residual", "weight"), ("eps",), kiln_ref.fused_add_rms_norm, (), None),
+    "rope": (("x", "cos", "sin"), (), kiln_ref.rope, (), None),
+    "silu_mul": (("gate", "up"), (), kiln_ref.silu_mul, ("elementwise",), None),
+    "attention": (("q", "k", "v", "mask"), ("scale", "causal"), kiln_ref.attention, (), None),
+    "fused_moe": (("x", "router_logits", "w_gate_up", "w_down"), ("top_k", "renormalize"),
+                  kiln_ref.fused_moe, (), _like_first),
+    "quant_fp8": (("x", "scale"), ("fp8_dtype",), kiln_ref.quant_fp8, (), None),
+    "quant_int8": (("x",), (), kiln_ref.quant_int8, (), None),
+    "rms_norm_quant": (("x", "weight"), ("eps", "qdtype"), kiln_ref.rms_norm_quant, (), None),
+    "fused_add_rms_norm_quant": (("x", "residual", "weight"), ("eps", "qdtype"),
+                                 kiln_ref.fused_add_rms_norm_quant, (), None),
+    "silu_mul_quant": (("gate", "up"), ("qdtype",), kiln_ref.silu_mul_quant, (), None),
+    "scaled_mm": (("a", "a_scale", "b", "b_scale", "bias"), ("out_dtype",), kiln_ref.scaled_mm,
+                  (), None),
+}
+
+for _name, (_operands, _attrs, _ref, _traits, _infer) in KILN_OPS.items():
+    register(OpDef(f"kiln.{_name}", _ref, frozenset(_traits), infer=_infer,
+                   doc=(_ref.__doc__ or "").strip().split("\n")[0],
+                   operands=_operands, attr_names=_attrs))

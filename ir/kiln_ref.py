@@ -1,0 +1,169 @@
+"""Reference semantics of the fused `kiln.*` operators, in plain torch.
+
+These functions *are* the definition of each fused op: the op registry uses them as the
+reference implementation, the interpreter runs them, and every kernel is tested against
+them. They favour clarity over speed and compute in float32 where the models do.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e4m3fnuz: 240.0}
+INT8_MAX = 127.0
+# Keeps a per-token scale finite for an all-zero row.
+SCALE_FLOOR = 1e-10
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm: normalise in float32, cast back to x's dtype, then scale by weight."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`residual + x`, then rms_norm of the sum; returns (normed, sum)."""
+    summed = residual + x
+    return rms_norm(summed, weight, eps), summed
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding. x: [B, H, S, D]; cos, sin: [B, S, D] (broadcast over H)."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float, causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention with grouped KV heads.
+
+    q: [B, Hq, Sq, D]; k, v: [B, Hkv, Skv, D] with Hq % Hkv == 0 (query head h reads KV
+    head h // (Hq // Hkv)). `mask` broadcasts to [B, Hq, Sq, Skv]: bool (True = attend) or
+    additive float. `causal` aligns the causal diagonal to the bottom right: query i
+    attends key j when j <= i + Skv - Sq. Softmax in float32; output in q's dtype.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    sq, skv = q.shape[-2], k.shape[-2]
+    if causal:
+        keep = torch.ones(sq, skv, dtype=torch.bool, device=q.device).tril(skv - sq)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    probs = torch.softmax(scores, dim=-1)
+    # A row with every key masked attends to nothing (zeros), not NaN.
+    probs = torch.nan_to_num(probs, nan=0.0)
+    return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax (float32) over experts, top-k, optional renormalisation; (weights, ids)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(dtype), ids
+
+
+def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor,
+              w_down: torch.Tensor, top_k: int, renormalize: bool) -> torch.Tensor:
+    """Mixture of experts as transformers 5 writes it (Mixtral, Qwen3-MoE).
+
+    x: [T, H]; router_logits: [T, E]; w_gate_up: [E, 2I, H] (gate rows first, then up);
+    w_down: [E, H, I]. Each token goes to its top_k experts; expert e computes
+    down(silu(gate) * up); outputs are summed weighted by the routing weights.
+    """
+    weights, ids = moe_route(router_logits, top_k, renormalize, x.dtype)
+    out = torch.zeros_like(x)
+    for e in range(w_gate_up.shape[0]):
+        token, slot = torch.where(ids == e)
+        if token.numel() == 0:
+            continue
+        gate, up = torch.nn.functional.linear(x[token], w_gate_up[e]).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(silu_mul(gate, up), w_down[e])
+        out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+    return out
+
+
+def quant_fp8(x: torch.Tensor, scale: torch.Tensor | None = None,
+              fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 quantisation. scale None: dynamic per token (scale [..., 1] = amax / fp8 max).
+    scale given: static per tensor (a one-element float32 tensor). Returns (q, scale)."""
+    fmax = FP8_MAX[fp8_dtype]
+    xf = x.float()
+    if scale is None:
+        scale = (xf.abs().amax(dim=-1, keepdim=True) / fmax).clamp(min=SCALE_FLOOR)
+    q = (xf / scale).clamp(-fmax, fmax).to(fp8_dtype)
+    return q, scale.float()
+
+
+def quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token int8: scale [..., 1] = amax / 127, q = round(x / scale)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp(min=SCALE_FLOOR)
+    q = torch.round(xf / scale).clamp(-INT8_MAX - 1, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def quantize(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token quantisation to `qdtype` (int8 or an fp8 flavour)."""
+    if qdtype == torch.int8:
+        return quant_int8(x)
+    return quant_fp8(x, None, qdtype)
+
+
+def rms_norm_quant(x, weight, eps, qdtype):
+    return quantize(rms_norm(x, weight, eps), qdtype)
+
+
+def fused_add_rms_norm_quant(x, residual, weight, eps, qdtype):
+    """Returns (q, scale, residual + x)."""
+    normed, summed = fused_add_rms_norm(x, residual, weight, eps)
+    q, scale = quantize(normed, qdtype)
+    return q, scale, summed
+
+
+def silu_mul_quant(gate, up, qdtype):
+    return quantize(silu_mul(gate, up), qdtype)
+
+
+def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Quantised linear: (a @ b.T) * a_scale * b_scale.T (+ bias).
+
+    a: [M, K] int8/fp8 with a_scale [M, 1]; b: [N, K] (nn.Linear layout) with b_scale
+    [N, 1] per output channel or a one-element per-tensor scale. Accumulates in float32.
+    """
+    acc = torch.matmul(a.float(), b.float().t())
+    out = acc * a_scale.float() * b_scale.float().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def quantize_weight(w: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel weight quantisation of an nn.Linear weight [N, K]."""
+    return quantize(w, qdtype)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,350 @@
+"""The op registry, declared once as data.
+
+Three families:
+- `aten.*` / `prims.*`: captured PyTorch ops. The table below lists every one kiln knows,
+  with its traits; schema and reference implementation come from torch itself (the op
+  overload packet), and type inference runs the op on fake tensors with symbolic shapes.
+- `kiln.*`: fused LLM operators (declared in `kiln_ops.py`), each with a torch reference
+  implementation that defines its semantics.
+- `sym.*`: integer arithmetic on dynamic sizes.
+Any other torch op is an opaque `torch.<namespace>.<op>.<overload>` node: it runs by calling
+that op, its result types come from fake execution (or capture), and no rule fuses it
+unless the rule names it.
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import sympy
+import torch
+
+from .graph import Value, map_values
+from .types import (ScalarType, SymIntType, TensorType, Type, make_dim, sym)
+
+
+@dataclass
+class OpDef:
+    name: str
+    impl: Callable                     # reference implementation: impl(*args, **attrs)
+    traits: frozenset[str] = frozenset()
+    infer: Callable | None = None      # (args, attrs) -> list[Type]; default: fake execution of impl
+    doc: str = ""
+    # kiln ops: declared operand and attribute names, checked by the verifier
+    operands: tuple[str, ...] | None = None
+    attr_names: tuple[str, ...] | None = None
+    num_results: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pure(self) -> bool:
+        return "mutates" not in self.traits and "random" not in self.traits
+
+    def has(self, trait: str) -> bool:
+        return trait in self.traits
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def register(op: OpDef) -> OpDef:
+    if op.name in REGISTRY:
+        raise ValueError(f"op {op.name} registered twice")
+    REGISTRY[op.name] = op
+    return op
+
+
+# ---- aten / prims: name -> traits. Schema and semantics come from torch. ----
+_E, _C, _V, _R = "elementwise", "commutative", "view", "reduction"
+ATEN_OPS: dict[str, tuple[str, ...]] = {
+    # elementwise arithmetic
+    "aten.add": (_E, _C), "aten.mul": (_E, _C), "aten.sub": (_E,), "aten.div": (_E,),
+    "aten.pow": (_E,), "aten.neg": (_E,), "aten.rsqrt": (_E,), "aten.sqrt": (_E,),
+    "aten.exp": (_E,), "aten.log": (_E,), "aten.abs": (_E,), "aten.reciprocal": (_E,),
+    "aten.sigmoid": (_E,), "aten.tanh": (_E,), "aten.silu": (_E,), "aten.gelu": (_E,),
+    "aten.relu": (_E,), "aten.cos": (_E,), "aten.sin": (_E,), "aten.erf": (_E,),
+    "aten.maximum": (_E, _C), "aten.minimum": (_E, _C), "aten.clamp": (_E,),
+    "aten.clamp_min": (_E,), "aten.clamp_max": (_E,), "aten.where": (_E,),
+    "aten.eq": (_E,), "aten.ne": (_E,), "aten.lt": (_E,), "aten.le": (_E,), "aten.gt": (_E,),
+    "aten.ge": (_E,), "aten.logical_and": (_E, _C), "aten.logical_or": (_E, _C),
+    "aten.logical_not": (_E,), "aten.bitwise_and": (_E, _C), "aten.bitwise_or": (_E, _C),
+    "aten.bitwise_not": (_E,), "aten.isnan": (_E,), "aten.round": (_E,), "aten.floor": (_E,),
+    "aten.ceil": (_E,), "aten.masked_fill": (_E,), "aten.fill": (_E,),
+    "aten.floor_divide": (_E,), "aten.remainder": (_E,), "aten.sign": (_E,),
+    "aten._to_copy": (_E,), "prims.convert_element_type": (_E,), "aten.clone": (_E,),
+    # reductions and normalisation
+    "aten.mean": (_R,), "aten.sum": (_R,), "aten.amax": (_R,), "aten.amin": (_R,),
+    "aten.max": (_R,), "aten.argmax": (_R,), "aten.any": (_R,), "aten.all": (_R,),
+    "aten.prod": (_R,), "aten.var_mean": (_R,), "aten._softmax": (_R,),
+    "aten._log_softmax": (_R,), "aten.cumsum": (), "aten.topk": (), "aten.sort": (),
+    "aten.argsort": (), "aten.rms_norm": (), "aten._fused_rms_norm": (),
+    "aten.native_layer_norm": (),
+    # linear algebra
+    "aten.mm": (), "aten.bmm": (), "aten.addmm": (), "aten.matmul": (), "aten.linear": (),
+    "aten.baddbmm": (), "aten._grouped_mm": (),
+    "aten.scaled_dot_product_attention": (), "aten._scaled_dot_product_flash_attention": (),
+    "aten._scaled_dot_product_efficient_attention": (),
+    "aten._scaled_dot_product_flash_attention_for_cpu": (),
+    "aten._scaled_dot_product_cudnn_attention": (),
+    # views and layout
+    "aten.view": (_V,), "aten._unsafe_view": (_V,), "aten.reshape": (_V,),
+    "aten.permute": (_V,), "aten.transpose": (_V,), "aten.t": (_V,),
+    "aten.unsqueeze": (_V,), "aten.squeeze": (_V,), "aten.expand": (_V,),
+    "aten.slice": (_V,), "aten.select": (_V,), "aten.alias": (_V,), "aten.split": (_V,),
+    "aten.split_with_sizes": (_V,), "aten.chunk": (_V,), "aten.unbind": (_V,),
+    "aten.as_strided": (_V,), "aten.diagonal": (_V,), "aten.unfold": (_V,),
+    "aten.contiguous": (), "aten.cat": (), "aten.stack": (), "aten.repeat": (),
+    "aten.repeat_interleave": (), "aten.flip": (), "aten.roll": (), "aten.constant_pad_nd": (),
+    # indexing and scatter
+    "aten.embedding": (), "aten.index": (), "aten.index_select": (), "aten.gather": (),
+    "aten.scatter": (), "aten.scatter_add": (), "aten.index_put": (), "aten.index_add": (),
+    "aten.index_copy": (), "aten.slice_scatter": (), "aten.select_scatter": (),
+    "aten.one_hot": (), "aten.nonzero": (), "aten.masked_select": (), "aten.tril": (),
+    "aten.triu": (), "aten.bincount": (), "aten.histc": (), "aten.searchsorted": (),
+    # creation
+    "aten.full": (), "aten.full_like": (), "aten.zeros": (), "aten.zeros_like": (),
+    "aten.ones": (), "aten.ones_like": (), "aten.empty": (), "aten.empty_like": (),
+    "aten.empty_strided": (), "aten.arange": (), "aten.scalar_tensor": (),
+    "aten.lift_fresh_copy": (), "aten.new_zeros": (), "aten.new_ones": (),
+    "aten.new_full": (), "aten.new_empty": (), "aten.new_empty_strided": (),
+    # in-place writes into graph inputs (kept by keep_inference_input_mutations)
+    "aten.copy_": ("mutates",), "aten.copy": (), "aten.index_put_": ("mutates",),
+    "aten.index_copy_": ("mutates",), "aten.fill_": ("mutates",),
+    "aten._assert_tensor_metadata": ("mutates",),
+    "aten.sym_constrain_range_for_size": ("mutates",),
+    # random
+    "aten.rand": ("random",), "aten.randn": ("random",), "aten.bernoulli": ("random",),
+    "aten.multinomial": ("random",), "aten.exponential": ("random",),
+    "aten.uniform": ("random",),
+}
+
+
+def _torch_op(qualname: str):
+    """`aten.add` -> torch.ops.aten.add (overload packet); `aten.add.Tensor` -> the overload."""
+    ns, _, rest = qualname.partition(".")
+    name, _, overload = rest.partition(".")
+    packet = getattr(getattr(torch.ops, ns), name)
+    return getattr(packet, overload) if overload else packet
+
+
+for _name, _traits in ATEN_OPS.items():
+    try:
+        _impl = _torch_op(_name)
+    except (AttributeError, RuntimeError):
+        continue  # an op this torch build lacks
+    register(OpDef(_name, _impl, frozenset(_traits)))
+
+
+# ---- sym.*: arithmetic on dynamic sizes, typed by exact symbolic expressions ----
+def _sym_infer(fn):
+    def infer(args, attrs):
+        vals = [_sym_expr(a) for a in args]
+        if any(v is None for v in vals):
+            return [ScalarType("int")]
+        return [SymIntType(fn(*vals))]
+    return infer
+
+
+def _sym_expr(a):
+    if isinstance(a, Value):
+        return sympy.Integer(a.type.expr) if isinstance(a.type, SymIntType) and isinstance(
+            a.type.expr, int) else (a.type.expr if isinstance(a.type, SymIntType) else None)
+    if isinstance(a, int) and not isinstance(a, bool):
+        return sympy.Integer(a)
+    return None
+
+
+def _floordiv(a, b):
+    from torch.utils._sympy.functions import FloorDiv
+    return FloorDiv(a, b)
+
+
+def _mod(a, b):
+    from torch.utils._sympy.functions import Mod
+    return Mod(a, b)
+
+
+SYM_OPS: dict[str, tuple[Callable, Callable]] = {
+    # name: (runtime function, symbolic function)
+    "sym.add": (operator.add, operator.add),
+    "sym.sub": (operator.sub, operator.sub),
+    "sym.mul": (operator.mul, operator.mul),
+    "sym.floordiv": (operator.floordiv, _floordiv),
+    "sym.mod": (operator.mod, _mod),
+    "sym.neg": (operator.neg, operator.neg),
+}
+for _name, (_rt, _symfn) in SYM_OPS.items():
+    register(OpDef(_name, _rt, frozenset({"sym"}), infer=_sym_infer(_symfn)))
+
+
+def _sym_size_infer(args, attrs):
+    x = args[0]
+    return [SymIntType(x.type.shape[attrs["dim"]])]
+
+
+register(OpDef("sym.size", lambda x, dim: x.shape[dim], frozenset({"sym"}), infer=_sym_size_infer))
+
+
+# ---- lookup ----
+_warned: set[str] = set()
+
+
+def is_opaque(name: str) -> bool:
+    return name.startswith("torch.")
+
+
+def get_op(name: str) -> OpDef:
+    op = REGISTRY.get(name)
+    if op is not None:
+        return op
+    if is_opaque(name):
+        try:
+            impl = _torch_op(name[len("torch."):])
+        except (AttributeError, RuntimeError):
+            raise KeyError(f"unknown op {name}: torch has no operator "
+                           f"{name[len('torch.'):]} (is the library that defines it imported?)") from None
+        op = OpDef(name, impl, frozenset({"opaque"}))
+        REGISTRY[name] = op
+        return op
+    raise KeyError(f"unknown op {name}: not in kiln's registry (see `kiln ops`); ops kiln "
+                   f"has no schema for are written torch.<namespace>.<op>.<overload>")
+
+
+def warn_opaque(name: str) -> None:
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(f"kiln: {name} has no kiln schema; it stays an opaque node that calls "
+                      f"the torch op and is never fused unless a rule names it", stacklevel=3)
+
+
+# ---- type inference by fake execution ----
+class FakeEnv:
+    """Fake tensors with symbolic sizes for the symbols of one graph."""
+
+    def __init__(self, sym_ranges: dict[str, tuple[int, int]] | None = None):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+        self.shape_env = ShapeEnv()
+        self.mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
+        self.sym_ranges = sym_ranges or {}
+        self._symints: dict[str, Any] = {}
+        self._back: dict[sympy.Symbol, sympy.Symbol] = {}
+
+    def symint(self, name: str):
+        if name not in self._symints:
+            from torch._dynamo.source import ConstantSource
+            from torch.fx.experimental.symbolic_shapes import DimDynamic
+            # Distinct hints > 1 keep the shape env from specialising symbols to 0/1 or to
+            # each other.
+            hint = 17 + 8 * len(self._symints)
+            s = self.shape_env.create_symbol(hint, source=ConstantSource(f"kiln_{name}"),
+                                             dynamic_dim=DimDynamic.DYNAMIC)
+            self._symints[name] = self.shape_env.create_symintnode(s, hint=hint)
+            self._back[s] = sym(name)
+        return self._symints[name]
+
+    def size(self, d):
+        if isinstance(d, int):
+            return d
+        subs = {s: self.symint(s.name) for s in d.free_symbols}
+        return _eval_sym(d, subs)
+
+    def fake(self, v: Value):
+        t = v.type
+        if isinstance(t, TensorType):
+            with self.mode:
+                return torch.empty([self.size(d) for d in t.shape], dtype=t.dtype)
+        if isinstance(t, SymIntType):
+            return self.size(t.expr)
+        return {"int": 3, "float": 0.5, "bool": True}[t.kind]
+
+    def to_type(self, obj) -> Type:
+        if isinstance(obj, torch.Tensor):
+            return TensorType(obj.dtype, tuple(self.to_dim(d) for d in obj.shape))
+        if isinstance(obj, torch.SymInt):
+            return SymIntType(self.to_dim(obj))
+        if isinstance(obj, bool):
+            return ScalarType("bool")
+        if isinstance(obj, int):
+            return SymIntType(obj)
+        if isinstance(obj, (float, torch.SymFloat)):
+            return ScalarType("float")
+        raise TypeError(f"cannot type result {obj!r}")
+
+    def to_dim(self, d):
+        if isinstance(d, int):
+            return d
+        expr = d.node.expr
+        return make_dim(expr.xreplace(self._back))
+
+
+def _eval_sym(e: sympy.Expr, subs: dict):
+    if e.is_Integer:
+        return int(e)
+    if e.is_Symbol:
+        return subs[e]
+    args = [_eval_sym(a, subs) for a in e.args]
+    if isinstance(e, sympy.Add):
+        out = args[0]
+        for a in args[1:]:
+            out = out + a
+        return out
+    if isinstance(e, sympy.Mul):
+        out = args[0]
+        for a in args[1:]:
+            out = out * a
+        return out
+    name = type(e).__name__
+    if name == "FloorDiv":
+        return args[0] // args[1]
+    if name in ("Mod", "PythonMod"):
+        return args[0] % args[1]
+    if isinstance(e, sympy.Max):
+        return torch.sym_max(*args)
+    if isinstance(e, sympy.Min):
+        return torch.sym_min(*args)
+    raise TypeError(f"cannot evaluate symbolic size {e}")
+
+
+_CPU = torch.device("cpu")
+
+
+def infer_types(name: str, args: list, attrs: dict, graph=None, env: FakeEnv | None = None
+                ) -> list[Type]:
+    """Result types of `name(*args, **attrs)`."""
+    op = get_op(name)
+    if op.infer is not None:
+        return op.infer(args, attrs)
+    env = env or FakeEnv(graph.sym_ranges if graph is not None else None)
+
+    def fake(v):
+        return env.fake(v)
+
+    def literal(a):
+        return _CPU if isinstance(a, torch.device) else a
+
+    fargs = map_values([literal(a) if not isinstance(a, Value) else a for a in args], fake)
+    fattrs = {k: map_values(literal(a) if not isinstance(a, Value) else a, fake)
+              for k, a in attrs.items()}
+    fargs = [_devices_to_cpu(a) for a in fargs]
+    fattrs = {k: _devices_to_cpu(a) for k, a in fattrs.items()}
+    with env.mode:
+        out = op.impl(*fargs, **fattrs)
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    return [env.to_type(o) for o in outs]
+
+
+def _devices_to_cpu(a):
+    if isinstance(a, torch.device):
+        return _CPU
+    if isinstance(a, list):
+        return [_devices_to_cpu(x) for x in a]
+    return a
+
+
+def describe(op: OpDef) -> str:
+    kind = "opaque" if op.has("opaque") else op.name.split(".")[0]
+    traits = ",".join(sorted(op.traits)) or "-"
+    return f"{op.name:48s} {kind:6s} {traits}"

@@ -1,0 +1,77 @@
+"""Checks a graph: SSA order, known ops, declared operands/attributes of kiln ops, and
+every result type against the op's own type inference."""
+from __future__ import annotations
+
+from .graph import Graph
+from .ops import FakeEnv, get_op, infer_types
+from .printer import format_literal, format_types, value_names
+from .types import SymIntType, TensorType
+
+
+class VerifyError(ValueError):
+    pass
+
+
+def verify(g: Graph, check_types: bool = True) -> None:
+    names = value_names(g)
+    defined = set()
+    seen_names = set()
+    for v in g.inputs:
+        if v.name in seen_names:
+            raise VerifyError(f"input %{v.name} is declared twice")
+        seen_names.add(v.name)
+        defined.add(v)
+    symbols = g.symbols()
+    env = FakeEnv(g.sym_ranges)
+
+    def where(i, n):
+        args = ", ".join([format_literal(a, names) for a in n.args] +
+                         [f"{k}={format_literal(a, names)}" for k, a in n.attrs.items()])
+        return f"node {i} ({n.op}({args}) : {format_types([r.type for r in n.results])})"
+
+    for i, n in enumerate(g.nodes):
+        for v in n.operands():
+            if v not in defined:
+                raise VerifyError(f"{where(i, n)} uses %{names.get(v, '?')} before it is defined")
+        try:
+            op = get_op(n.op)
+        except KeyError as e:
+            raise VerifyError(f"{where(i, n)}: {e.args[0]}") from None
+        if op.operands is not None:
+            if len(n.args) != len(op.operands):
+                raise VerifyError(f"{where(i, n)}: {n.op} takes {len(op.operands)} operands "
+                                  f"({', '.join(op.operands)}), got {len(n.args)}")
+            if set(n.attrs) != set(op.attr_names):
+                raise VerifyError(f"{where(i, n)}: {n.op} takes attributes "
+                                  f"{sorted(op.attr_names)}, got {sorted(n.attrs)}")
+        if check_types:
+            try:
+                inferred = infer_types(n.op, n.args, n.attrs, g, env)
+            except Exception as e:  # noqa: BLE001 - any failure of the op on these types
+                if op.has("opaque"):
+                    inferred = None  # an opaque op without a fake implementation
+                else:
+                    raise VerifyError(f"{where(i, n)}: type inference failed: "
+                                      f"{type(e).__name__}: {e}") from None
+            if inferred is not None:
+                _check_types(where(i, n), inferred, [r.type for r in n.results], symbols)
+        defined.update(n.results)
+    for v in g.outputs:
+        if v not in defined:
+            raise VerifyError(f"output %{names.get(v, '?')} is not defined in the graph")
+
+
+def _check_types(loc, inferred, recorded, symbols):
+    if len(inferred) != len(recorded):
+        raise VerifyError(f"{loc}: the op gives {len(inferred)} results, the node has "
+                          f"{len(recorded)}")
+    for k, (a, b) in enumerate(zip(inferred, recorded)):
+        if a == b:
+            continue
+        # Data-dependent sizes (nonzero, ...) infer to fresh symbols: compare what is known.
+        if (isinstance(a, TensorType) and isinstance(b, TensorType) and a.dtype == b.dtype
+                and a.rank == b.rank and not a.symbols() <= symbols):
+            continue
+        if isinstance(a, SymIntType) and isinstance(b, SymIntType) and not a.symbols() <= symbols:
+            continue
+        raise VerifyError(f"{loc}: result {k} is typed {b} but the op infers {a}")
