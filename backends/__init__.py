@@ -1,1 +1,1 @@
-"""kiln.backends"""
+"""kiln.backends: targets, lowering to kernels, wrapper codegen, graph capture."""

@@ -40,7 +40,8 @@ class OpDef:
 
     @property
     def pure(self) -> bool:
-        return "mutates" not in self.traits and "random" not in self.traits
+        # Opaque ops may have side effects kiln cannot see: never CSE'd or dropped.
+        return not self.traits & {"mutates", "random", "opaque"}
 
     def has(self, trait: str) -> bool:
         return trait in self.traits

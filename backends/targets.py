@@ -1,0 +1,57 @@
+"""Targets as data: one entry per hardware target; everything else derives from this table.
+
+`kernels` maps each fused kiln op to the function that implements it on the target
+("module:function"); an op with no entry runs its reference implementation from
+`kiln.ir.kiln_ref`. `status` is what the README's support matrix says.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    device_type: str
+    triton_backend: str | None = None         # GPUTarget backend name
+    archs: tuple = ()                          # GPUTarget archs: sm as int, gfx as str
+    warp_size: int = 32
+    fp8_dtype: torch.dtype | None = None
+    graph_capture: str | None = None           # the graph API the runtime replays
+    kernels: dict[str, str] = field(default_factory=dict)
+    status: str = "runs"
+
+    def kernel(self, op: str) -> str:
+        """"module:function" implementing kiln op `op` (e.g. "kiln.rms_norm")."""
+        short = op.split(".", 1)[1]
+        return self.kernels.get(short, f"kiln.ir.kiln_ref:{short}")
+
+    def describe(self) -> str:
+        arch = ", ".join(str(a) for a in self.archs) or "-"
+        fp8 = str(self.fp8_dtype).replace("torch.", "") if self.fp8_dtype else "-"
+        return (f"{self.name:5s} device={self.device_type:4s} triton={self.triton_backend or '-':5s} "
+                f"archs=[{arch}] warp={self.warp_size} fp8={fp8} capture={self.graph_capture or '-'} "
+                f"status={self.status}")
+
+
+_CPU_KERNELS = {"attention": "kiln.backends.cpu_kernels:attention"}
+
+TARGETS: dict[str, Target] = {t.name: t for t in [
+    Target("cpu", "cpu", kernels=_CPU_KERNELS),
+    Target("cuda", "cuda", "cuda", (80, 90), 32, torch.float8_e4m3fn, "torch.cuda.CUDAGraph"),
+    Target("hip", "cuda", "hip", ("gfx942", "gfx950"), 64, torch.float8_e4m3fnuz,
+           "torch.cuda.CUDAGraph (HIP graphs on ROCm builds)", status="compiles, not run"),
+    Target("xpu", "xpu", "xpu", (), 16, torch.float8_e4m3fn, "torch.xpu.XPUGraph",
+           status="not yet lowered"),
+    Target("npu", "npu", None, (), 32, None, "torch.npu.NPUGraph", status="not yet lowered"),
+]}
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise ValueError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)} "
+                         f"(`kiln targets` lists them)") from None

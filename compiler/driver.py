@@ -1,0 +1,60 @@
+"""The driver: kiln Graph -> passes -> wrapper codegen -> a callable. The only place
+(with the rest of `compiler/`) that knows the whole pipeline."""
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+from kiln.backends import wrapper
+from kiln.backends.targets import get_target
+from kiln.ir import Graph
+from kiln.passes import PassManager
+
+from .config import CompileOptions
+
+_graph_ids = itertools.count()
+
+
+class CompiledGraph:
+    """A compiled kiln graph: call it with the graph's inputs, in order."""
+
+    def __init__(self, graph: Graph, source: str, fn, stats: str, snapshots, seconds: float,
+                 target: str):
+        self.graph = graph
+        self.source = source
+        self.fn = fn
+        self.stats = stats
+        self.snapshots = snapshots          # [(pass name, IR text)] when recorded
+        self.compile_seconds = seconds
+        self.target = target
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __repr__(self) -> str:
+        return f"CompiledGraph(@{self.graph.name}, {len(self.graph.nodes)} nodes, target={self.target})"
+
+
+def compile_graph(graph: Graph, options: CompileOptions | None = None,
+                  record: bool = False) -> CompiledGraph:
+    opts = options or CompileOptions()
+    t0 = time.perf_counter()
+    target = get_target(opts.target)
+    dump = None
+    if opts.dump_dir:
+        dump = Path(opts.dump_dir) / f"{graph.name}_{next(_graph_ids)}"
+    pm = PassManager(passes=opts.passes, disabled=opts.disable_passes, verify_each=opts.verify,
+                     dump_dir=dump, rewrite_limit=opts.pass_limit,
+                     options={"target": target, "quant": opts.quant})
+    pm.run(graph, record=record)
+    source = wrapper.generate(graph, target)
+    if dump is not None:
+        (dump / "wrapper.py").write_text(source)
+        (dump / "passes.txt").write_text(pm.summary() + "\n")
+    fn = wrapper.load(source, f"kiln_{graph.name}")
+    compiled = CompiledGraph(graph, source, fn, pm.summary(), pm.snapshots,
+                             time.perf_counter() - t0, target.name)
+    if opts.observer is not None:
+        opts.observer(compiled)
+    return compiled

@@ -1,0 +1,246 @@
+"""FX graph (AOTAutograd inference graph or torch.export program) -> kiln Graph.
+
+Every call_function becomes one node. Known ATen ops keep their overload-packet name
+(`aten.add`); their leading tensor/scalar arguments are positional and the rest named after
+the schema, with defaults dropped. Ops kiln has no schema for become opaque
+`torch.<ns>.<op>.<overload>` nodes (with a warning). `getitem` on a multi-result op is
+folded into that node's results; SymInt arithmetic becomes `sym.*` nodes.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any, Sequence
+
+import sympy
+import torch
+import torch.fx
+
+from kiln.ir import Graph, ScalarType, SymIntType, TensorType, Value
+from kiln.ir.ops import REGISTRY, get_op, warn_opaque
+from kiln.ir.types import DTYPE_NAMES, make_dim, sym
+
+_SYM_FNS = {operator.add: "sym.add", operator.sub: "sym.sub", operator.mul: "sym.mul",
+            operator.floordiv: "sym.floordiv", operator.mod: "sym.mod", operator.neg: "sym.neg"}
+# Dynamo's int_oo; printed ranges stay readable with a finite cap.
+MAX_DIM = 2**31 - 1
+
+
+class UnsupportedGraph(RuntimeError):
+    pass
+
+
+def op_name(target) -> str:
+    """The kiln op name of an FX call_function target."""
+    if isinstance(target, torch._ops.OpOverload):
+        ns = target.namespace
+        packet = f"{ns}.{target._schema.name.split('::')[-1]}"
+        if packet in REGISTRY:
+            return packet
+        overload = target._overloadname
+        name = f"torch.{packet}.{overload}"
+        warn_opaque(name)
+        return name
+    if target in _SYM_FNS:
+        return _SYM_FNS[target]
+    raise UnsupportedGraph(
+        f"kiln cannot represent the call {getattr(target, '__name__', target)!r}: it is not a "
+        f"torch operator. Rewrite it as a torch op or register it with torch.library")
+
+
+def readable_name(fx_name: str) -> str:
+    """`l_self_modules_model_modules_layers_modules_0_..._parameters_weight_` -> `model.layers.0...weight`."""
+    n = fx_name
+    n = re.sub(r"^[lL]_(self_)?", "", n)
+    n = n.replace("_modules_", ".").replace("_parameters_", ".").replace("_buffers_", ".")
+    n = re.sub(r"^modules_", "", n)
+    n = n.strip("_").strip(".")
+    n = re.sub(r"[^\w.]", "_", n)
+    return n or "arg"
+
+
+class _SymbolNamer:
+    """Renames dynamo's symbols (s52, u3, ...) to s0, s1, ... / u0, ... in order of appearance."""
+
+    def __init__(self):
+        self.map: dict[sympy.Symbol, sympy.Symbol] = {}
+        self.ranges: dict[str, tuple[int, int]] = {}
+
+    def dim(self, d, shape_env=None):
+        if isinstance(d, int):
+            return d
+        expr = d.node.expr if isinstance(d, torch.SymInt) else d
+        for s in sorted(expr.free_symbols, key=lambda s: s.name):
+            if s not in self.map:
+                prefix = "u" if s.name.startswith("u") else "s"
+                k = sum(1 for v in self.map.values() if v.name.startswith(prefix))
+                new = sym(f"{prefix}{k}")
+                self.map[s] = new
+                lo, hi = 1, MAX_DIM
+                if shape_env is not None and s in getattr(shape_env, "var_to_range", {}):
+                    r = shape_env.var_to_range[s]
+                    lo = _finite(r.lower, 0)
+                    hi = _finite(r.upper, MAX_DIM)
+                self.ranges[new.name] = (lo, hi)
+        return make_dim(expr.xreplace(self.map))
+
+
+def _finite(x, default):
+    if not getattr(x, "is_Integer", isinstance(x, int)):
+        return default  # int_oo and friends
+    v = int(x)
+    return min(max(v, 0), MAX_DIM)
+
+
+def _type_of(val, namer: _SymbolNamer, shape_env):
+    if isinstance(val, torch.Tensor):
+        if val.dtype not in DTYPE_NAMES:
+            raise UnsupportedGraph(f"kiln IR has no dtype for {val.dtype}")
+        return TensorType(val.dtype, tuple(namer.dim(d, shape_env) for d in val.shape))
+    if isinstance(val, torch.SymInt):
+        return SymIntType(namer.dim(val, shape_env))
+    if isinstance(val, bool):
+        return ScalarType("bool")
+    if isinstance(val, int):
+        return SymIntType(val)
+    if isinstance(val, (float, torch.SymFloat)):
+        return ScalarType("float")
+    raise UnsupportedGraph(f"kiln cannot type the value {val!r} ({type(val).__name__})")
+
+
+def _shape_env(gm: torch.fx.GraphModule):
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        for t in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(t, torch.Tensor) and hasattr(t, "fake_mode") and t.fake_mode is not None:
+                return t.fake_mode.shape_env
+            if isinstance(t, torch.SymInt):
+                return t.node.shape_env
+    return None
+
+
+def split_arguments(target, args: Sequence, kwargs: dict) -> tuple[list, dict]:
+    """Positional = the schema's leading Tensor/Scalar arguments; the rest named, defaults dropped."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return list(args), dict(kwargs)
+    schema = target._schema
+    bound: dict[str, Any] = {}
+    for a, v in zip(schema.arguments, args):
+        bound[a.name] = v
+    bound.update(kwargs)
+    positional, named = [], {}
+    leading = True
+    for a in schema.arguments:
+        if a.name not in bound:
+            leading = False
+            continue
+        v = bound[a.name]
+        if leading and not a.kwarg_only and _tensorish(a.type):
+            positional.append(v)
+            continue
+        leading = False
+        if a.has_default_value() and _same_default(v, a.default_value):
+            continue
+        named[a.name] = v
+    return positional, named
+
+
+def _tensorish(t) -> bool:
+    """Tensor, Scalar, Tensor? and lists of them: the data arguments written positionally."""
+    if isinstance(t, (torch._C.TensorType, torch._C.NumberType)):
+        return True
+    if isinstance(t, (torch._C.OptionalType, torch._C.ListType)):
+        return _tensorish(t.getElementType())
+    return False
+
+
+def _same_default(v, default) -> bool:
+    if isinstance(v, torch.fx.Node):
+        return False
+    try:
+        return type(v) is type(default) and v == default or (v is None and default is None)
+    except Exception:  # noqa: BLE001 - incomparable values are never defaults
+        return False
+
+
+def from_fx(gm: torch.fx.GraphModule, input_names: Sequence[str] | None = None,
+            name: str = "forward") -> Graph:
+    g = Graph(name)
+    shape_env = _shape_env(gm)
+    namer = _SymbolNamer()
+    env: dict[torch.fx.Node, Any] = {}
+    used_names: set[str] = set()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = list(input_names) if input_names and len(input_names) == len(placeholders) else None
+
+    def unique(base: str) -> str:
+        n, k = base, 1
+        while n in used_names or n.isdigit():
+            n, k = f"{base}_{k}", k + 1
+        used_names.add(n)
+        return n
+
+    def convert(a):
+        if isinstance(a, torch.fx.Node):
+            return env[a]
+        if isinstance(a, (list, tuple)):
+            return [convert(x) for x in a]
+        if isinstance(a, torch.SymInt):
+            raise UnsupportedGraph(f"unexpected free symbolic value {a} in an argument")
+        return a
+
+    for i, n in enumerate(gm.graph.nodes):
+        if n.op == "placeholder":
+            base = readable_name(names[placeholders.index(n)] if names else n.name)
+            val = n.meta.get("val", n.meta.get("example_value"))
+            env[n] = g.add_input(unique(base), _type_of(val, namer, shape_env))
+        elif n.op == "call_function":
+            if n.target is operator.getitem:
+                src = env[n.args[0]]
+                if isinstance(src, list):
+                    env[n] = src[n.args[1]]
+                    continue
+                raise UnsupportedGraph(f"getitem on a single value at {n.name}")
+            if n.target is torch.ops.aten.sym_size.int:
+                node = g.add_node("sym.size", [env[n.args[0]]], {"dim": n.args[1]},
+                                  [_type_of(n.meta["val"], namer, shape_env)])
+                env[n] = node.results[0]
+                continue
+            opname = op_name(n.target)
+            args, attrs = split_arguments(n.target, n.args, n.kwargs)
+            args = [convert(a) for a in args]
+            attrs = {k: convert(v) for k, v in attrs.items()}
+            val = n.meta.get("val")
+            multi = isinstance(val, (list, tuple))
+            vals = list(val) if multi else [val]
+            if any(v is None for v in vals):
+                # Unused optional results (e.g. SDPA's debug mask); typed as absent scalars.
+                types = [ScalarType("int") if v is None else _type_of(v, namer, shape_env) for v in vals]
+            else:
+                types = [_type_of(v, namer, shape_env) for v in vals]
+            node = g.add_node(opname, args, attrs, types)
+            env[n] = list(node.results) if multi else node.results[0]
+        elif n.op == "output":
+            outs = n.args[0]
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            flat = []
+            for o in outs:
+                v = convert(o)
+                if not isinstance(v, Value):
+                    raise UnsupportedGraph(f"graph output {o!r} is not a value; kiln graphs "
+                                           f"return values only")
+                flat.append(v)
+            g.outputs = flat
+        elif n.op == "get_attr":
+            raise UnsupportedGraph(
+                f"graph reads the attribute {n.target!r}; kiln expects weights as graph "
+                f"inputs (capture with AOTAutograd or torch.export, which lift them)")
+        else:
+            raise UnsupportedGraph(f"unsupported FX node kind {n.op} ({n.name})")
+    g.sym_ranges = {k: v for k, v in namer.ranges.items()}
+    return g
+
+
+def check_registry(g: Graph) -> None:
+    for n in g.nodes:
+        get_op(n.op)
