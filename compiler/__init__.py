@@ -21,7 +21,4 @@ def compile(model_or_graph, target: str = "cpu", passes=None, **options):
     import torch
 
     from .backend import kiln_backend
-    return torch.compile(model_or_graph, backend=kiln_backend,
-                         options={k: getattr(opts, k) for k in ("target", "passes", "disable_passes",
-                                                                 "dump_dir", "pass_limit", "verify",
-                                                                 "cudagraphs", "quant", "observer")})
+    return torch.compile(model_or_graph, backend=kiln_backend, options=opts.as_dict())

@@ -18,6 +18,10 @@ class CompileOptions:
     cudagraphs: bool = True
     quant: str | None = None                   # None, "fp8" or "int8"
     observer: Callable | None = None           # called with each CompiledGraph (tests, tools)
+    record: bool = False                       # keep the IR text after every pass (kiln dump)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def make(cls, options: dict | None = None, **kw) -> "CompileOptions":

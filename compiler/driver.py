@@ -36,8 +36,7 @@ class CompiledGraph:
         return f"CompiledGraph(@{self.graph.name}, {len(self.graph.nodes)} nodes, target={self.target})"
 
 
-def compile_graph(graph: Graph, options: CompileOptions | None = None,
-                  record: bool = False) -> CompiledGraph:
+def compile_graph(graph: Graph, options: CompileOptions | None = None) -> CompiledGraph:
     opts = options or CompileOptions()
     t0 = time.perf_counter()
     target = get_target(opts.target)
@@ -47,7 +46,7 @@ def compile_graph(graph: Graph, options: CompileOptions | None = None,
     pm = PassManager(passes=opts.passes, disabled=opts.disable_passes, verify_each=opts.verify,
                      dump_dir=dump, rewrite_limit=opts.pass_limit,
                      options={"target": target, "quant": opts.quant})
-    pm.run(graph, record=record)
+    pm.run(graph, record=opts.record)
     source = wrapper.generate(graph, target)
     if dump is not None:
         (dump / "wrapper.py").write_text(source)

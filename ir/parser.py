@@ -85,19 +85,12 @@ class _Builder:
         return KilnParseError(message, line, col, self.source)
 
     def func(self, t) -> Graph:
-        # children: NAME, param* (or one None), types, where-or-None, stmt*, ret
-        kids = t.children
+        kids = [k for k in t.children if k is not None]
         name = kids[0]
-        i = 1
-        params = []
-        while i < len(kids) and isinstance(kids[i], lark.Tree) and kids[i].data == "param":
-            params.append(kids[i])
-            i += 1
-        if i < len(kids) and kids[i] is None:  # empty parameter list placeholder
-            i += 1
-        types = kids[i]
-        where = kids[i + 1]
-        stmts = [k for k in kids[i + 2:-1]]
+        params = [k for k in kids if isinstance(k, lark.Tree) and k.data == "param"]
+        types = next(k for k in kids if isinstance(k, lark.Tree) and k.data == "types")
+        where = next((k for k in kids if isinstance(k, lark.Tree) and k.data == "where"), None)
+        stmts = [k for k in kids if isinstance(k, lark.Tree) and k.data == "stmt"]
         ret = kids[-1]
 
         g = Graph(str(name))
@@ -197,9 +190,9 @@ class _Builder:
             return DTYPES[str(c[0])]
         if kind == "device":
             try:
-                return torch.device(json.loads(c[0]))
+                return torch.device(json.loads(c[1]))
             except RuntimeError as e:
-                raise self.error(c[0], f"bad device {c[0]}: {e}") from None
+                raise self.error(c[1], f"bad device {c[1]}: {e}") from None
         if kind == "enum":
             group, _, member = str(c[0]).partition(".")
             obj = getattr(torch, member, None)

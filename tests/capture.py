@@ -1,0 +1,64 @@
+"""Compiles test models with kiln once per session and keeps what each compile saw:
+the captured graph text and the IR after every pass (prefill and decode graphs)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kiln.generate import make_cache
+
+
+def run_steps(fn, model, input_ids: torch.Tensor, decode_steps: int, teacher=None):
+    """Prefill, then `decode_steps` greedy steps; returns the logits of every call. With
+    `teacher` (a list of token tensors), feeds those instead of the argmax (so that two
+    models can be compared step by step on identical inputs)."""
+    b, s = input_ids.shape
+    cache = make_cache(model, s + decode_steps + 1)
+    torch._dynamo.maybe_mark_dynamic(input_ids, 0)
+    outs = []
+    with torch.no_grad():
+        logits = fn(input_ids=input_ids, past_key_values=cache,
+                    cache_position=torch.arange(s), use_cache=True).logits
+        outs.append(logits)
+        for t in range(decode_steps):
+            nxt = teacher[t] if teacher is not None else logits[:, -1:].argmax(-1)
+            torch._dynamo.maybe_mark_dynamic(nxt, 0)
+            logits = fn(input_ids=nxt, past_key_values=cache,
+                        cache_position=torch.tensor([s + t]), use_cache=True).logits
+            outs.append(logits)
+    return outs
+
+
+def greedy_inputs(outs):
+    return [o[:, -1:].argmax(-1) for o in outs[:-1]]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    err = ((a - b).norm() / b.norm()).item()
+    assert err == err, "NaN in output"
+    return err
+
+
+@functools.lru_cache(maxsize=None)
+def captured(name: str, batch: int = 2, prompt_len: int = 7, decode_steps: int = 2,
+             attn: str = "sdpa"):
+    """(model, [CompiledGraph]) for a tiny model or "smollm2", compiled with verification
+    and per-pass snapshots."""
+    model = load_model(name, attn)
+    compiled = []
+    fn = torch.compile(model, backend="kiln",
+                       options={"observer": compiled.append, "record": True, "verify": True})
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
+    run_steps(fn, model, ids, decode_steps)
+    return model, compiled
+
+
+@functools.lru_cache(maxsize=None)
+def load_model(name: str, attn: str = "sdpa"):
+    if name == "smollm2":
+        from kiln.frontends.hf import load
+        return load("smollm2", attn_implementation=attn)[0]
+    import models
+    return models.TINY_MODELS[name](attn_implementation=attn)
