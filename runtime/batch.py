@@ -1,0 +1,100 @@
+"""The contract between the scheduler and a model runner: one flattened batch per step.
+
+A step runs the new tokens of several sequences at once: prefill chunks and single decode
+tokens, mixed, laid end to end ("sequence after sequence"). Everything a paged-attention
+kernel needs to find each sequence's KV is in the batch; the runner owns the KV cache
+tensors, the scheduler owns which block holds what.
+
+Conventions a runner can rely on:
+- slot = block_id * block_size + offset; the new token `j` of sequence `i` sits at
+  position `context_lens[i] - (query_start[i+1] - query_start[i]) + j` and writes its
+  K/V to `slot_mapping[query_start[i] + j]` before attention reads it.
+- Attention for sequence `i` reads exactly its first `context_lens[i]` tokens through
+  `block_tables[i]` (causal inside the new tokens). Padding entries of `block_tables` are
+  0 and must never be read past `context_lens`.
+- Tensors are built on the CPU (int64 / int32 as documented); `to(device)` moves them.
+- `block_tables` is only as wide as the longest sequence of this batch needs; a runner
+  that replays captured graphs pads to its own bucket.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class FlatBatch:
+    input_ids: torch.Tensor     # [T] int64: all new tokens, sequence after sequence
+    positions: torch.Tensor     # [T] int64: position of each token in its sequence
+    query_start: torch.Tensor   # [N+1] int32: cumulative new-token counts (cu_seqlens_q)
+    context_lens: torch.Tensor  # [N] int32: tokens in the sequence's KV after this step
+    slot_mapping: torch.Tensor  # [T] int64: KV slot each new token writes
+    block_tables: torch.Tensor  # [N, max_blocks] int32: block ids, padded with 0
+    max_query_len: int          # host copies of the maxima, so kernels need no sync
+    max_context_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.numel()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence has exactly one new token (the shape graph replay serves)."""
+        return self.max_query_len == 1
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "FlatBatch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, torch.Tensor):
+                moved[k] = v.to(device, non_blocking=non_blocking)
+        return FlatBatch(**moved)
+
+
+@runtime_checkable
+class ModelRunner(Protocol):
+    """What the engine needs from whatever executes the model (a compiled kiln graph)."""
+    block_size: int      # tokens per KV block
+    num_blocks: int      # KV blocks the runner allocated
+    max_model_len: int   # longest sequence (prompt + output) the runner accepts
+    vocab_size: int      # logits width
+
+    def execute(self, batch: FlatBatch) -> torch.Tensor:
+        """Write the new tokens' K/V, run the model, return [N, vocab_size] logits of each
+        sequence's last new token (any float dtype, any device)."""
+        ...
+
+
+def build_batch(items: list[tuple[list[int], int, int, list[int]]], block_size: int) -> FlatBatch:
+    """items: (token_ids, num_computed, num_new, block_table) per sequence, in batch order."""
+    ids: list[int] = []
+    pos: list[int] = []
+    slots: list[int] = []
+    qstart = [0]
+    ctx: list[int] = []
+    for tokens, start, n, table in items:
+        end = start + n
+        ids.extend(tokens[start:end])
+        pos.extend(range(start, end))
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        qstart.append(qstart[-1] + n)
+        ctx.append(end)
+    width = max(len(t) for *_, t in items)
+    tables = torch.zeros(len(items), width, dtype=torch.int32)
+    for i, (*_, table) in enumerate(items):
+        tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    return FlatBatch(
+        input_ids=torch.tensor(ids, dtype=torch.int64),
+        positions=torch.tensor(pos, dtype=torch.int64),
+        query_start=torch.tensor(qstart, dtype=torch.int32),
+        context_lens=torch.tensor(ctx, dtype=torch.int32),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        block_tables=tables,
+        max_query_len=max(n for _, _, n, _ in items),
+        max_context_len=max(ctx),
+    )

@@ -1,0 +1,349 @@
+"""The engine: requests in, one model step at a time, text deltas out.
+
+`LLMEngine` is synchronous and single-threaded: `add_request`, `abort`, `step`.
+`AsyncEngine` runs `step` in a background thread and hands each request's outputs to an
+asyncio consumer through a `RequestStream`; requests and aborts reach the thread through
+an inbox, so the engine's state is only ever touched by that thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .batch import ModelRunner
+from .detokenizer import Detokenizer
+from .kv_cache import BlockManager
+from .metrics import EngineMetrics
+from .sampler import make_generator, sample
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import SamplingParams, Sequence
+
+log = logging.getLogger("kiln.runtime")
+
+
+class RequestError(ValueError):
+    """The request itself is wrong (bad parameter, prompt too long); `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class QueueFullError(RuntimeError):
+    """Back-pressure: the waiting queue is at `max_waiting`; retry later."""
+
+
+class EngineStepError(RuntimeError):
+    """The model runner failed during a step; the requests in flight were aborted."""
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64               # sequences running at once
+    max_num_batched_tokens: int = 512    # new tokens per step
+    max_waiting: int = 256               # queued requests before add_request refuses
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int      # prompt tokens served by the prefix cache
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str                          # new text since the previous output
+    token_ids: list[int] = field(default_factory=list)   # new tokens
+    finished: bool = False
+    finish_reason: str | None = None   # "stop", "length", "abort"
+    usage: Usage | None = None
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig | None = None):
+        self.runner, self.tokenizer = runner, tokenizer
+        self.config = config = config or EngineConfig()
+        self.max_model_len = runner.max_model_len
+        if runner.max_model_len > runner.num_blocks * runner.block_size:
+            raise ValueError(f"max_model_len {runner.max_model_len} does not fit in the KV cache "
+                             f"({runner.num_blocks} blocks x {runner.block_size} tokens)")
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+                                   self.blocks)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple, set)) else [] if eos is None else [eos])
+        self.seqs: dict[str, Sequence] = {}
+        self.detok: dict[str, Detokenizer] = {}
+        self.metrics = EngineMetrics()
+        self.metrics.bind(self.blocks.num_used_blocks, self.blocks.usage,
+                          lambda: len(self.scheduler.running), lambda: len(self.scheduler.waiting))
+        self._preemptions_seen = 0
+
+    # -- requests -----------------------------------------------------------------------------
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError if the request can never run (cheap, no engine state)."""
+        try:
+            params.validate()
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        if any(not isinstance(t, int) or not 0 <= t < self.runner.vocab_size for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {self.runner.vocab_size})", "prompt")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {total} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} for "
+                f"the completion). Please reduce the prompt or max_tokens.",
+                "max_tokens", "context_length_exceeded")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        self.check_request(prompt_ids, params)
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests)")
+        seq = Sequence(prompt_ids, params, request_id)
+        if seq.request_id in self.seqs:
+            raise RequestError(f"duplicate request id {seq.request_id!r}")
+        self.seqs[seq.request_id] = seq
+        self.detok[seq.request_id] = Detokenizer(self.tokenizer, seq.token_ids, params.stop)
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Drop a request and free its blocks; its final output, or None if unknown/finished."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, "abort")
+        return RequestOutput(request_id, "", [], True, "abort", self._usage(seq))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        step = self.scheduler.schedule()
+        self._count_preemptions()
+        if step is None:
+            return []
+        logits = self.runner.execute(step.batch)
+        ready = self.scheduler.advance(step)
+        rows = [i for i, r in enumerate(ready) if r]
+        if not rows:
+            return []
+        seqs = [step.seqs[i] for i in rows]
+        for s in seqs:
+            if s.params.seed is not None and s.generator is None:
+                s.generator = make_generator(s.params.seed, logits.device)
+        tokens = sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs])
+        return [self._append(seq, tok) for seq, tok in zip(seqs, tokens)]
+
+    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+        m, p = self.metrics, seq.params
+        prev = seq.last_token_time
+        seq.append(token)
+        m.generation_tokens.inc()
+        if prev is None:
+            m.ttft.observe(seq.first_token_time - seq.arrival_time)
+            m.prompt_tokens.inc(seq.num_prompt_tokens)
+            m.cached_tokens.inc(seq.num_cached_tokens)
+        else:
+            m.itl.observe(seq.last_token_time - prev)
+        detok = self.detok[seq.request_id]
+        reason = None
+        if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+            reason, text = "stop", detok.flush()
+        else:
+            text = detok.add(token)
+            if detok.stopped:
+                reason = "stop"
+            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason, text = "length", text + detok.flush()
+        if reason:
+            self._finish(seq, reason)
+        return RequestOutput(seq.request_id, text, [token], reason is not None, reason, self._usage(seq))
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        del self.seqs[seq.request_id], self.detok[seq.request_id]
+        self.metrics.requests.labels(reason).inc()
+        self.metrics.e2e.observe(time.monotonic() - seq.arrival_time)
+
+    def _usage(self, seq: Sequence) -> Usage:
+        return Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens)
+
+    def _count_preemptions(self) -> None:
+        n = self.scheduler.num_preemptions
+        if n > self._preemptions_seen:
+            self.metrics.preemptions.inc(n - self._preemptions_seen)
+            self._preemptions_seen = n
+
+    # -- convenience --------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run prompts to completion; one output per prompt with the whole text and tokens."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        results = {i: RequestOutput(i, "") for i in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                r = results[out.request_id]
+                r.text += out.text
+                r.token_ids += out.token_ids
+                r.finished, r.finish_reason, r.usage = out.finished, out.finish_reason, out.usage
+        return [results[i] for i in ids]
+
+
+class RequestStream:
+    """The outputs of one request, for an asyncio consumer: `async for out in stream`."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, loop: asyncio.AbstractEventLoop):
+        self.engine, self.request_id, self.loop = engine, request_id, loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    def abort(self) -> None:
+        """Stop generating (client gone); frees the request's blocks. Safe to call twice."""
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+    async def collect(self) -> RequestOutput:
+        """Wait for the end; the whole text, tokens and final usage in one output."""
+        total = RequestOutput(self.request_id, "")
+        async for out in self:
+            total.text += out.text
+            total.token_ids += out.token_ids
+            total.finished, total.finish_reason, total.usage = out.finished, out.finish_reason, out.usage
+        return total
+
+
+class AsyncEngine:
+    """Runs an LLMEngine's step loop in a daemon thread."""
+
+    _ids = itertools.count()
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.metrics = engine.metrics
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting) + self._inbox.qsize()
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> RequestStream:
+        """Call from the event loop. Raises RequestError (bad request) or QueueFullError."""
+        self.engine.check_request(prompt_ids, params)
+        if self.num_waiting() >= self.engine.config.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.engine.config.max_waiting} "
+                                 f"requests); retry later")
+        rid = request_id or f"req-{next(self._ids)}"
+        stream = RequestStream(self, rid, asyncio.get_running_loop())
+        self._streams[rid] = stream
+        self._inbox.put(("add", (list(prompt_ids), params, rid)))
+        self.start()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    # -- the engine thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        eng = self.engine
+        while not self._stop.is_set():
+            try:   # block only while there is nothing to run
+                cmd = self._inbox.get(timeout=None if not eng.has_unfinished() else 0)
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                self._handle(*cmd)
+                try:
+                    cmd = self._inbox.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if self._stop.is_set() or not eng.has_unfinished():
+                continue
+            try:
+                outputs = eng.step()
+            except Exception as e:   # a runner failure must not kill the server
+                log.exception("engine step failed; aborting the requests in flight")
+                for rid in list(eng.seqs):
+                    eng.abort(rid)
+                    self._deliver(rid, EngineStepError(f"model step failed: {e!r}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _handle(self, kind: str, arg) -> None:
+        if kind == "add":
+            prompt_ids, params, rid = arg
+            if rid not in self._streams:   # aborted before it got here
+                return
+            try:
+                self.engine.add_request(prompt_ids, params, rid)
+            except (RequestError, QueueFullError) as e:
+                self._deliver(rid, e)
+        elif kind == "abort":
+            out = self.engine.abort(arg)
+            if out is not None:
+                self._deliver(arg, out)
+            else:
+                self._streams.pop(arg, None)
+
+    def _deliver(self, rid: str, item) -> None:
+        stream = self._streams.get(rid)
+        if stream is None:
+            return
+        if isinstance(item, BaseException) or item.finished:
+            del self._streams[rid]
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:   # the consumer's event loop is gone
+            self.engine.abort(rid)

@@ -1,0 +1,131 @@
+"""KV-cache block manager: a fixed pool of blocks, reference counts, prefix caching.
+
+A block holds `block_size` consecutive tokens of one or more sequences (shared prefixes).
+When a block is full and its KV computed, it gets a hash chained from the previous block's
+hash and its own token ids, so equal prefixes have equal hash chains. A new sequence
+starts by walking its chain and taking every cached block it finds (reference count + 1).
+A block whose count drops to zero goes to the free list but keeps its hash: it can still
+be revived by a later prefix hit until it is handed out again, least recently freed first.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .sequence import Sequence
+
+
+class Block:
+    __slots__ = ("id", "ref_count", "hash", "tokens")
+
+    def __init__(self, block_id: int):
+        self.id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.tokens: tuple[int, ...] = ()   # kept to rule out hash collisions
+
+
+def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((prev, tokens))   # ints and tuples hash deterministically within a process
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evict first
+        self.cached: dict[int, int] = {}          # hash -> block id
+        self.query_tokens = 0                     # prompt tokens looked up in the prefix cache
+        self.hit_tokens = 0                       # of those, served from the cache
+
+    # -- accounting ---------------------------------------------------------------------------
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def usage(self) -> float:
+        return self.num_used_blocks() / self.num_blocks
+
+    def blocks_needed(self, seq: Sequence, num_new: int) -> int:
+        total = -(-(seq.num_computed + num_new) // self.block_size)
+        return max(0, total - len(seq.block_table))
+
+    # -- allocation ---------------------------------------------------------------------------
+    def match_prefix(self, seq: Sequence) -> int:
+        """Take the cached full blocks that start a fresh sequence; returns tokens reused.
+        The block holding the last token is never taken whole: its logits are needed."""
+        assert not seq.block_table and seq.num_computed == 0
+        if not self.prefix_caching:
+            return 0
+        bs = self.block_size
+        prev = None
+        for i in range((seq.num_tokens - 1) // bs):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            h = chain_hash(prev, tokens)
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].tokens != tokens:
+                break
+            self._take(block_id)
+            seq.block_table.append(block_id)
+            seq.block_hashes.append(h)
+            prev = h
+        seq.num_computed = len(seq.block_table) * bs
+        if seq.num_preemptions == 0:   # count each prompt once, not again on recompute
+            seq.num_cached_tokens = seq.num_computed
+            self.query_tokens += seq.num_prompt_tokens
+            self.hit_tokens += seq.num_computed
+        return seq.num_computed
+
+    def allocate(self, seq: Sequence, num_new: int) -> bool:
+        """Grow the block table to hold `num_new` more tokens; False (nothing changed) if the
+        pool is too small."""
+        need = self.blocks_needed(seq, num_new)
+        if need > len(self.free):
+            return False
+        for _ in range(need):
+            block_id = next(iter(self.free))
+            block = self.blocks[block_id]
+            if block.hash is not None:     # evict: its cached content is overwritten
+                if self.cached.get(block.hash) == block_id:
+                    del self.cached[block.hash]
+                block.hash, block.tokens = None, ()
+            self._take(block_id)
+            seq.block_table.append(block_id)
+        return True
+
+    def commit(self, seq: Sequence) -> None:
+        """After a step: hash the blocks that became full so later requests can reuse them."""
+        bs = self.block_size
+        while len(seq.block_hashes) < seq.num_computed // bs:
+            i = len(seq.block_hashes)
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            seq.block_hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
+            if self.prefix_caching and block.hash is None:
+                block.hash, block.tokens = h, tokens
+                self.cached.setdefault(h, block.id)
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Drop a sequence's blocks (finish, abort, preemption). Its tail is freed first so
+        it is evicted before its prefix, which other requests are likelier to share."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, block_id
+            if block.ref_count == 0:
+                self.free[block_id] = None
+                if block.hash is None:      # nothing to keep: hand it out first
+                    self.free.move_to_end(block_id, last=False)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed = 0
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free[block_id]
+        block.ref_count += 1

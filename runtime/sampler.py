@@ -1,0 +1,55 @@
+"""Next-token sampling, per request parameters, vectorised over the batch.
+
+Greedy rows take the argmax. Other rows: scale by temperature, keep the top-k tokens, then
+the smallest set of those whose probability mass reaches top-p (always at least one), and
+draw from what is left with the exponential-race trick (argmax of p / E, E ~ Exp(1)), which
+needs only one random vector per row: rows with a seed draw theirs from their own
+generator, so a seeded request gives the same tokens whatever else is in the batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from .sequence import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """logits [N, V] -> N token ids."""
+    logits = logits.float()
+    greedy = logits.argmax(-1)
+    if all(p.greedy for p in params):
+        return greedy.tolist()
+    n, vocab = logits.shape
+    dev = logits.device
+    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
+    x = logits / temps[:, None]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)
+    if bool((top_k < vocab).any()) or bool((top_p < 1).any()):
+        x = _truncate(x, top_k, top_p)
+    probs = torch.softmax(x, -1)
+    noise = torch.empty_like(probs).exponential_()
+    for i, g in enumerate(generators):
+        if g is not None and not params[i].greedy:
+            noise[i] = torch.empty(vocab, device=g.device).exponential_(generator=g).to(dev)
+    sampled = (probs / noise.clamp_min(1e-20)).argmax(-1)
+    is_greedy = torch.tensor([p.greedy for p in params], device=dev)
+    return torch.where(is_greedy, greedy, sampled).tolist()
+
+
+def _truncate(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf every logit outside each row's top-k, then outside its top-p nucleus."""
+    sorted_x, order = x.sort(-1, descending=True)
+    rank = torch.arange(x.shape[-1], device=x.device)
+    drop = rank[None, :] >= top_k[:, None]
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(sorted_x, -1)
+    mass_before = probs.cumsum(-1) - probs           # mass of the strictly better tokens
+    drop |= mass_before >= top_p[:, None]            # rank 0 has mass 0 < top_p: always kept
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    return torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)

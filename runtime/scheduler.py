@@ -1,0 +1,118 @@
+"""Continuous batching: which tokens of which sequences run in the next step.
+
+Each step fills a token budget (`max_num_batched_tokens`) in priority order:
+1. running sequences that decode (one token each),
+2. running sequences still in a chunked prefill,
+3. waiting sequences, first come first served, their prefill cut to what the budget has
+   left (cached prefix tokens cost nothing).
+When a running sequence needs a block and the pool is empty, the most recently admitted
+running sequence not yet scheduled this step is preempted by recompute: its blocks are freed
+and it goes back to the front of the waiting queue with all its tokens, to be prefilled
+again (mostly from the prefix cache). Admission never preempts.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .batch import FlatBatch, build_batch
+from .kv_cache import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64               # running sequences at once
+    max_num_batched_tokens: int = 512    # new tokens per step (prefill chunks + decodes)
+
+
+@dataclass
+class ScheduledStep:
+    seqs: list[Sequence]
+    num_new: list[int]     # tokens each sequence runs this step
+    batch: FlatBatch
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        assert config.max_num_batched_tokens >= 1 and config.max_num_seqs >= 1
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take a sequence out (finished or aborted) and free its blocks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    def schedule(self) -> ScheduledStep | None:
+        budget = self.config.max_num_batched_tokens
+        preempted = self.num_preemptions
+        chosen: list[tuple[Sequence, int]] = []
+        # Running sequences: decodes first, then prefills in progress, each in admission order.
+        queue = deque(sorted(self.running, key=lambda s: s.num_pending > 1))
+        while queue and budget > 0:
+            seq = queue.popleft()
+            n = min(seq.num_pending, budget)
+            while not self.blocks.allocate(seq, n):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                chosen.append((seq, n))
+                budget -= n
+        # Waiting sequences, while budget, seats and blocks last (none if we just preempted).
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and self.num_preemptions == preempted):
+            seq = self.waiting[0]
+            self.blocks.match_prefix(seq)
+            n = min(seq.num_pending, budget)
+            if not self.blocks.allocate(seq, n):
+                self.blocks.free_seq(seq)   # give the prefix hits back; try next step
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chosen.append((seq, n))
+            budget -= n
+        if not chosen:
+            return None
+        batch = build_batch([(s.token_ids, s.num_computed, n, s.block_table) for s, n in chosen],
+                            self.blocks.block_size)
+        return ScheduledStep([s for s, _ in chosen], [n for _, n in chosen], batch)
+
+    def advance(self, step: ScheduledStep) -> list[bool]:
+        """After the model ran: record the computed tokens; returns, per scheduled sequence,
+        whether its logits are for a new token (False for a prefill chunk that is not the last)."""
+        ready = []
+        for seq, n in zip(step.seqs, step.num_new):
+            if seq.status is not Status.RUNNING:   # preempted or aborted meanwhile
+                ready.append(False)
+                continue
+            seq.num_computed += n
+            self.blocks.commit(seq)
+            ready.append(seq.num_pending == 0)
+        return ready
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
