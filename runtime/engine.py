@@ -21,7 +21,7 @@ from .kv_cache import BlockManager
 from .metrics import EngineMetrics
 from .sampler import make_generator, sample
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import SamplingParams, Sequence
+from .sequence import InvalidParam, SamplingParams, Sequence
 
 log = logging.getLogger("kiln.runtime")
 
@@ -48,6 +48,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512    # new tokens per step
     max_waiting: int = 256               # queued requests before add_request refuses
     enable_prefix_caching: bool = True
+    eos_token_ids: list[int] | None = None   # default: the tokenizer's eos_token_id
 
 
 @dataclass
@@ -82,8 +83,11 @@ class LLMEngine:
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
                                    self.blocks)
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_ids = set(eos if isinstance(eos, (list, tuple, set)) else [] if eos is None else [eos])
+        eos = config.eos_token_ids
+        if eos is None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+            eos = [] if eos is None else [eos]
+        self.eos_ids = set(eos)
         self.seqs: dict[str, Sequence] = {}
         self.detok: dict[str, Detokenizer] = {}
         self.metrics = EngineMetrics()
@@ -96,8 +100,8 @@ class LLMEngine:
         """Raise RequestError if the request can never run (cheap, no engine state)."""
         try:
             params.validate()
-        except ValueError as e:
-            raise RequestError(str(e)) from None
+        except InvalidParam as e:
+            raise RequestError(str(e), e.param) from None
         if not prompt_ids:
             raise RequestError("the prompt is empty", "prompt")
         if any(not isinstance(t, int) or not 0 <= t < self.runner.vocab_size for t in prompt_ids):

@@ -3,10 +3,17 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
+
+
+class InvalidParam(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -21,17 +28,17 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty strings")
+        """Raise InvalidParam naming the first bad field."""
+        def need(ok, name, what):
+            if not ok:
+                raise InvalidParam(name, f"{name} must be {what}, got {getattr(self, name)!r}")
+        need(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an integer >= 1")
+        need(self.temperature >= 0 and math.isfinite(self.temperature), "temperature", "a finite number >= 0")
+        need(0 < self.top_p <= 1, "top_p", "in (0, 1]")
+        need(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "an integer >= -1 (0 or -1: off)")
+        need(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings")
+        need(self.seed is None or isinstance(self.seed, int) and -2**63 <= self.seed < 2**64, "seed",
+             "a 64-bit integer")
 
     @property
     def greedy(self) -> bool:

@@ -10,6 +10,7 @@ an assertion), so a test that compares against `reference` proves the paging rig
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -51,10 +52,12 @@ class ToyRunner:
         self.gate = threading.Event()        # tests close it to hold the engine inside a step
         self.gate.set()
         self.entered = threading.Event()     # set whenever execute starts
+        self.delay = 0.0                     # seconds each step takes (to keep requests in flight)
 
     def execute(self, batch: FlatBatch) -> torch.Tensor:
         self.entered.set()
         self.gate.wait()
+        time.sleep(self.delay)
         self.calls += 1
         if self.record:
             self.batches.append(batch)
