@@ -39,7 +39,8 @@ class QueueFullError(RuntimeError):
 
 
 class EngineStepError(RuntimeError):
-    """The model runner failed during a step; the requests in flight were aborted."""
+    """The model runner failed during a step (or the engine shut down); the requests in
+    flight were aborted."""
 
 
 @dataclass
@@ -324,6 +325,9 @@ class AsyncEngine:
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)
+        for rid in list(self._streams):   # shut down: nobody may wait forever
+            self.engine.abort(rid)
+            self._deliver(rid, EngineStepError("the engine was shut down"))
 
     def _handle(self, kind: str, arg) -> None:
         if kind == "add":

@@ -9,6 +9,8 @@ be revived by a later prefix hit until it is handed out again, least recently fr
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from .sequence import Sequence
@@ -20,12 +22,16 @@ class Block:
     def __init__(self, block_id: int):
         self.id = block_id
         self.ref_count = 0
-        self.hash: int | None = None
+        self.hash: bytes | None = None
         self.tokens: tuple[int, ...] = ()   # kept to rule out hash collisions
 
 
-def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((prev, tokens))   # ints and tuples hash deterministically within a process
+def chain_hash(prev: bytes | None, tokens: tuple[int, ...]) -> bytes:
+    """128-bit BLAKE2 of the previous block's hash and this block's token ids: stable across
+    processes and not open to crafted collisions (Python's own hash of int tuples is)."""
+    h = hashlib.blake2b(prev or b"", digest_size=16)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
 
 
 class BlockManager:
@@ -35,7 +41,7 @@ class BlockManager:
         self.prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evict first
-        self.cached: dict[int, int] = {}          # hash -> block id
+        self.cached: dict[bytes, int] = {}        # hash -> block id
         self.query_tokens = 0                     # prompt tokens looked up in the prefix cache
         self.hit_tokens = 0                       # of those, served from the cache
 

@@ -68,7 +68,7 @@ class Sequence:
         self.num_computed = 0                    # tokens whose KV is in the cache
         self.num_cached_tokens = 0               # prompt tokens served by the prefix cache
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []        # hash of each full, computed block
+        self.block_hashes: list[bytes] = []      # hash of each full, computed block
         self.num_preemptions = 0
         self.generator: torch.Generator | None = None   # made on the logits' device when seeded
         self.arrival_time = time.monotonic()

@@ -110,7 +110,7 @@ def _prompt_ids(body: dict, tokenizer, vocab: int) -> list[int]:
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
         p = p[0]                                  # a batch of one
     if isinstance(p, str):
-        ids = tokenizer.encode(p)
+        ids = _encode(tokenizer, p, True)
     elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         ids = p
         if not all(0 <= t < vocab for t in ids):
@@ -149,7 +149,14 @@ def _chat_ids(body: dict, tokenizer) -> list[int]:
         text = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
     except Exception as e:   # template errors (e.g. raise_exception on a bad role order) are the user's
         raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return _encode(tokenizer, text, False)
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    try:
+        return tokenizer.encode(text, add_special_tokens=special)
+    except Exception as e:   # e.g. lone surrogates from a "\\ud800" escape
+        raise APIError(400, f"the text cannot be tokenized: {e}", param="prompt") from None
 
 
 # -- the app --------------------------------------------------------------------------------------
@@ -214,21 +221,23 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         except QueueFullError as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def generate(request: Request, chat: bool):
         body = await parse(request)
         _unsupported(body)
-        ids = _prompt_ids(body, tok, vocab)
-        params = _sampling(body, _max_tokens(body, False, len(ids), max_len))
-        return await respond(request, body, submit(ids, params), chat=False)
+        streaming = _get(body, "stream", bool, False)
+        with_usage = _get(_get(body, "stream_options", dict, {}), "include_usage", bool, False)
+        ids = _chat_ids(body, tok) if chat else _prompt_ids(body, tok, vocab)
+        params = _sampling(body, _max_tokens(body, chat, len(ids), max_len))
+        stream = submit(ids, params)   # nothing after this may reject the request
+        return await respond(request, stream, chat, streaming, with_usage)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await parse(request)
-        _unsupported(body)
-        ids = _chat_ids(body, tok)
-        params = _sampling(body, _max_tokens(body, True, len(ids), max_len))
-        return await respond(request, body, submit(ids, params), chat=True)
+        return await generate(request, chat=True)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -244,12 +253,12 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def metrics():
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    async def respond(request: Request, body: dict, stream: RequestStream, chat: bool):
+    async def respond(request: Request, stream: RequestStream, chat: bool, streaming: bool, with_usage: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name}
         watcher = asyncio.create_task(_watch_disconnect(request, stream))
-        if not _get(body, "stream", bool, False):
+        if not streaming:
             try:
                 out = await stream.collect()
             except Exception as e:
@@ -262,8 +271,6 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             choice.update(logprobs=None, finish_reason=out.finish_reason)
             return {**head, "choices": [choice], "usage": _usage(out.usage)}
 
-        opts = _get(body, "stream_options", dict, {})
-        with_usage = _get(opts, "include_usage", bool, False)
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str | None, finish: str | None, first: bool = False) -> str:

@@ -213,3 +213,19 @@ def test_async_abort_and_runner_failure(tok):
         asyncio.run(main())
     finally:
         aeng.shutdown()
+
+
+def test_shutdown_ends_open_streams(tok):
+    eng = make_engine(tok)
+    eng.runner.delay = 0.01
+    aeng = AsyncEngine(eng)
+
+    async def main():
+        stream = aeng.add_request(tok.encode("hello"), SamplingParams(max_tokens=100, temperature=0))
+        await stream.__anext__()
+        await asyncio.get_running_loop().run_in_executor(None, aeng.shutdown)
+        with pytest.raises(EngineStepError, match="shut down"):
+            await stream.collect()
+
+    asyncio.run(main())
+    assert eng.blocks.num_used_blocks() == 0

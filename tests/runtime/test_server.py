@@ -186,9 +186,11 @@ BAD = [  # (body changes, status, param or None, message fragment)
     ({"prompt": {"a": 1}}, 400, "prompt", "prompt"),
     ({"prompt": [1, 10 ** 9]}, 400, "prompt", "token ids"),
     ({"prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
+    ({"prompt": "bad \ud800 text"}, 400, "prompt", "cannot be tokenized"),
     ({"logprobs": 5}, 400, "logprobs", "not supported"),
     ({"seed": 2 ** 80}, 400, "seed", "64-bit"),
     ({"stream": "yes"}, 400, "stream", "boolean"),
+    ({"stream": True, "stream_options": {"include_usage": 1}}, 400, "include_usage", "boolean"),
     ({"max_tokens": 127, "prompt": "the cat sat on the mat"}, 400, "max_tokens", "maximum context length is 128"),
     ({"model": "gpt-9"}, 404, "model", "does not exist"),
     ({"model": None}, 400, "model", "required"),
@@ -198,10 +200,12 @@ BAD = [  # (body changes, status, param or None, message fragment)
 @pytest.mark.parametrize("change,status,param,fragment", BAD)
 def test_bad_completion_requests(srv, change, status, param, fragment):
     body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, **change}
-    r = httpx.post(srv.url + "/v1/completions", json=body)
+    r = httpx.post(srv.url + "/v1/completions", content=json.dumps(body),   # ASCII-escaped JSON
+                   headers={"content-type": "application/json"})
     err = r.json()["error"]
     assert r.status_code == status and fragment in err["message"], err
     assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+    assert srv.engine.num_waiting() == 0 and not srv.engine.engine.seqs   # nothing left running
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b""])
