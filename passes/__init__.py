@@ -2,6 +2,9 @@
 
 Importing this package registers the default pipeline in DESIGN.md order."""
 from . import canonicalize  # noqa: F401  (registers)
+# fuse.parallel_linear registers here, between canonicalize and quantize
+from . import quantize  # noqa: F401,E402  (registers quantize)
+from . import fuse  # noqa: F401,E402  (fuse.norm, .rope, .attention, .activation, .moe, .quant)
 from .manager import PIPELINE, Pass, PassContext, PassManager, pass_names, register_pass
 
 __all__ = ["PIPELINE", "Pass", "PassContext", "PassManager", "pass_names", "register_pass"]

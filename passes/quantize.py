@@ -1,0 +1,173 @@
+"""quantize: opt-in weight + activation quantisation of linear layers (`quant="fp8"` or
+`"int8"` in the compile options; off by default).
+
+Each linear layer, `aten.mm(a, permute(W, [1, 0]))` or `aten.addmm(bias, a, permute(W,
+[1, 0]))` with W an [N, K] weight (a graph input, or a `cat` of graph inputs as
+fuse.parallel_linear writes them), becomes
+
+    %wq, %ws = kiln.quant_fp8(%W, none, fp8_dtype=...)   // per output channel: one scale
+    %aq, %as = kiln.quant_fp8(%x, none, fp8_dtype=...)   //   per row of W, per token of x
+    %y = kiln.scaled_mm(%aq, %as, %wq, %ws, %bias, out_dtype=<a's dtype>)
+
+(`kiln.quant_int8` for int8). The weight quantisation is `kiln_ref.quantize_weight`:
+the same per-row dynamic quantisation applied to W. Each weight and each activation is
+quantised once however many linears read it (q/k/v share their input). When the linear
+reads `reshape(x)` that only merges leading dims, the activation is quantised before the
+reshape (per-token scales do not change) and `q` and `scale` are reshaped instead, so the
+quantisation sits right after the op that produced x, where fuse.quant can fold it into
+rms_norm / silu_mul.
+
+Stay in full precision, as in vLLM and most quantised checkpoints: the LM head (a linear
+whose result only reaches a graph output through views and casts) and MoE routers (a
+linear feeding softmax / top-k). Weight quantisation runs in the graph on every
+call; hoisting it to load time is the job of weight preprocessing, not of this pass.
+"""
+from __future__ import annotations
+
+import torch
+
+from kiln.ir import Graph, Node, TensorType, Value
+from kiln.ir.ops import get_op
+
+from .canonicalize import dce
+from .manager import PassContext, register_pass
+from .pattern import cached_infer_types, is_cast
+
+_VIEWS = {"aten.reshape", "aten.slice", "aten.select", "aten.permute", "aten.unsqueeze",
+          "aten.squeeze", "aten.expand"}
+_ROUTER_USERS = {"aten._softmax", "aten.topk", "aten._log_softmax"}
+
+
+def _qdtype(ctx: PassContext) -> torch.dtype | None:
+    mode = ctx.options.get("quant")
+    if not mode:
+        return None
+    if mode == "int8":
+        return torch.int8
+    if mode == "fp8":
+        target = ctx.options.get("target")
+        return getattr(target, "fp8_dtype", None) or torch.float8_e4m3fn
+    raise ValueError(f"quant must be None, 'fp8' or 'int8', got {mode!r}")
+
+
+def _weight(wt: Value) -> Value | None:
+    """W when `wt` is permute(W, [1, 0]) of a weight-like rank-2 tensor."""
+    n = wt.producer
+    if n is None or n.op != "aten.permute" or list(n.attrs.get("dims", [])) != [1, 0]:
+        return None
+    w = n.args[0]
+    if not isinstance(w, Value) or not isinstance(w.type, TensorType) or w.type.rank != 2:
+        return None
+    if w.producer is None:
+        return w
+    p = w.producer
+    if p.op == "aten.cat" and p.attrs.get("dim", 0) in (0, -2) and all(
+            isinstance(x, Value) and x.producer is None for x in p.args[0]):
+        return w
+    return None
+
+
+def _is_head(v: Value, users, outputs) -> bool:
+    """True when `v` only reaches graph outputs, through views and casts (the LM head)."""
+    for _ in range(16):
+        us = users.get(v, [])
+        if not us:
+            return v in outputs
+        if len(us) > 1 or not (us[0].op in _VIEWS or is_cast(us[0])) or len(us[0].results) != 1:
+            return False
+        v = us[0].results[0]
+    return False
+
+
+def _is_router(v: Value, users) -> bool:
+    todo = [v]
+    for _ in range(4):
+        nxt = []
+        for x in todo:
+            for u in users.get(x, []):
+                if u.op in _ROUTER_USERS:
+                    return True
+                if is_cast(u) or u.op in _VIEWS:
+                    nxt.extend(u.results)
+        todo = nxt
+    return False
+
+
+class _Emitter:
+    def __init__(self, g: Graph):
+        self.g = g
+
+    def op(self, before: Node, name: str, *args, **attrs):
+        types = cached_infer_types(name, list(args), attrs, self.g)
+        node = self.g.add_node(name, list(args), attrs, types, before=before)
+        return node.results[0] if len(node.results) == 1 else node.results
+
+
+def _quant(em: _Emitter, before: Node, x: Value, qd: torch.dtype):
+    if qd == torch.int8:
+        return em.op(before, "kiln.quant_int8", x)
+    return em.op(before, "kiln.quant_fp8", x, None, fp8_dtype=qd)
+
+
+@register_pass("quantize", "opt-in (quant='fp8'|'int8'): linear layers -> per-channel weight "
+               "+ per-token activation quantisation and kiln.scaled_mm (LM head and MoE "
+               "routers stay full precision)")
+def quantize(g: Graph, ctx: PassContext) -> int:
+    qd = _qdtype(ctx)
+    if qd is None:
+        return 0
+    users = g.users()
+    outputs = set(g.outputs)
+    em = _Emitter(g)
+    wcache: dict[Value, tuple[Value, Value]] = {}
+    acache: dict[Value, tuple[Value, Value]] = {}
+    count = 0
+    for n in list(g.nodes):
+        if n.op == "aten.mm" and len(n.args) == 2 and not n.attrs:
+            bias, a, wt = None, n.args[0], n.args[1]
+        elif n.op == "aten.addmm" and len(n.args) == 3 and not n.attrs:
+            bias, a, wt = n.args
+        else:
+            continue
+        if not isinstance(a, Value) or not isinstance(wt, Value):
+            continue
+        w = _weight(wt)
+        out = n.results[0]
+        if w is None or not isinstance(a.type, TensorType) or a.type.rank != 2:
+            continue
+        if not a.type.dtype.is_floating_point or a.type.dtype.itemsize < 2:
+            continue
+        if bias is not None and (not isinstance(bias, Value) or bias.type.rank != 1):
+            continue
+        if _is_head(out, users, outputs) or _is_router(out, users):
+            continue
+        if not ctx.allow():
+            break
+        if w not in wcache:
+            # before the first node that reads this linear's operands (the mm itself)
+            wcache[w] = _quant(em, n, w, qd)
+        wq, ws = wcache[w]
+        if a not in acache:
+            src = a.producer
+            if src is not None and src.op == "aten.reshape" and isinstance(src.args[0], Value) \
+                    and isinstance(src.args[0].type, TensorType) and src.args[0].type.rank >= 2 \
+                    and src.args[0].type.shape[-1] == a.type.shape[-1]:
+                x = src.args[0]
+                if x not in acache:
+                    acache[x] = _quant(em, n, x, qd)
+                xq, xs = acache[x]
+                acache[a] = (em.op(n, "aten.reshape", xq, shape=src.attrs["shape"]),
+                             em.op(n, "aten.reshape", xs, shape=[-1, 1]))
+            else:
+                acache[a] = _quant(em, n, a, qd)
+        aq, as_ = acache[a]
+        y = em.op(n, "kiln.scaled_mm", aq, as_, wq, ws, bias, out_dtype=out.type.dtype)
+        if y.type != out.type:
+            raise TypeError(f"quantize: kiln.scaled_mm gives {y.type} for a linear typed "
+                            f"{out.type}")
+        g.replace_all_uses(out, y)
+        g.remove_nodes([n])
+        count += 1
+    if count:
+        dce(g)
+    return count
