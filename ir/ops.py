@@ -107,7 +107,7 @@ ATEN_OPS: dict[str, tuple[str, ...]] = {
     # creation
     "aten.full": (), "aten.full_like": (), "aten.zeros": (), "aten.zeros_like": (),
     "aten.ones": (), "aten.ones_like": (), "aten.empty": (), "aten.empty_like": (),
-    "aten.empty_strided": (), "aten.arange": (), "aten.scalar_tensor": (),
+    "aten.empty_strided": (), "aten.empty_permuted": (), "aten.arange": (), "aten.scalar_tensor": (),
     "aten.lift_fresh_copy": (), "aten.new_zeros": (), "aten.new_ones": (),
     "aten.new_full": (), "aten.new_empty": (), "aten.new_empty_strided": (),
     # in-place writes into graph inputs (kept by keep_inference_input_mutations)
@@ -237,11 +237,15 @@ class FakeEnv:
         if name not in self._symints:
             from torch._dynamo.source import ConstantSource
             from torch.fx.experimental.symbolic_shapes import DimDynamic
+            from torch.utils._sympy.value_ranges import ValueRanges
             # Distinct hints > 1 keep the shape env from specialising symbols to 0/1 or to
-            # each other.
-            hint = 17 + 8 * len(self._symints)
+            # each other; the graph's declared range bounds them, so that comparisons the
+            # capture proved (a sequence within the cache length, say) come out the same.
+            lo, hi = self.sym_ranges.get(name, (2, 2**31 - 1))
+            hint = min(max(17 + 8 * len(self._symints), lo, 2), hi)
             s = self.shape_env.create_symbol(hint, source=ConstantSource(f"kiln_{name}"),
                                              dynamic_dim=DimDynamic.DYNAMIC)
+            self.shape_env.var_to_range[s] = ValueRanges(max(lo, 2), hi)
             self._symints[name] = self.shape_env.create_symintnode(s, hint=hint)
             self._back[s] = sym(name)
         return self._symints[name]

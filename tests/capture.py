@@ -48,11 +48,18 @@ def captured(name: str, batch: int = 2, prompt_len: int = 7, decode_steps: int =
     and per-pass snapshots."""
     model = load_model(name, attn)
     compiled = []
+    fresh_dynamo()
     fn = torch.compile(model, backend="kiln",
                        options={"observer": compiled.append, "record": True, "verify": True})
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
     run_steps(fn, model, ids, decode_steps)
     return model, compiled
+
+
+def fresh_dynamo():
+    """transformers wraps every model's forward in the same decorator, so all models share
+    one code object and dynamo's recompile limit (8) would be hit across tests."""
+    torch._dynamo.reset()
 
 
 @functools.lru_cache(maxsize=None)

@@ -72,9 +72,12 @@ def test_round_trip_preserves_numerics():
     args = [_example(v.type) for v in g.inputs]
     ref = run(g, [a.clone() if isinstance(a, torch.Tensor) else a for a in args])
     out = fn(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    compared = 0
     for a, b in zip(ref, out):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             torch.testing.assert_close(a, b)
+            compared += 1
+    assert compared >= 1
 
 
 def _example(t):
@@ -84,7 +87,8 @@ def _example(t):
     shape = [3 if not isinstance(d, int) else d for d in t.shape]
     if t.dtype.is_floating_point:
         return torch.randn(shape, dtype=t.dtype)
-    return torch.randint(0, 8, shape, dtype=t.dtype)
+    # Integer inputs are token ids and cache write positions: keep them in range.
+    return torch.randint(0, 2, shape, dtype=t.dtype)
 
 
 @pytest.mark.parametrize("text, line, col, fragment", [

@@ -1,0 +1,109 @@
+"""End-to-end batch-1 greedy decode: kiln vs eager vs torch.compile in the same loop.
+
+    python bench/decode.py --model smollm2 --device cpu --tokens 64 --out bench/results/decode_cpu.json
+
+Prints a table and writes JSON. Each backend gets a fresh dynamo state; "first call" is
+the prefill call including capture/compilation (cold), "decode" the steady-state steps
+after the first decode step (which compiles the decode graph).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from kiln.generate import chat_input_ids, compile_model, greedy
+
+PROMPT = "Write a short story about a robot who learns to paint."
+
+# Real shapes, random weights (no downloads): Llama-3.2-1B and Llama-3-8B.
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=True),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                       max_position_embeddings=4096, rope_theta=500000.0),
+}
+
+
+def load(name: str, dtype, device):
+    if name in SHAPES:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**SHAPES[name])).to(dtype).eval()
+        ids = torch.randint(0, 1000, (1, 32), device=device)
+        return model, ids
+    from kiln.frontends.hf import load as hf_load
+    model, tok = hf_load(name, dtype=dtype)
+    model = model.to(device)
+    return model, chat_input_ids(tok, PROMPT).to(device)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--backends", default="eager,inductor,kiln")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    model, ids = load(args.model, dtype, args.device)
+    rows = []
+    reference = None
+    for backend in args.backends.split(","):
+        torch._dynamo.reset()
+        compiled = []
+        opts = {"target": "cuda" if args.device == "cuda" else "cpu", "observer": compiled.append}
+        fn = compile_model(model, backend, opts if backend == "kiln" else None)
+        gen = greedy(fn, model, ids, args.tokens)
+        # A second, warm run: steady-state numbers without compilation.
+        warm = greedy(fn, model, ids, args.tokens)
+        if reference is None:
+            reference = warm.tokens
+        same = sum(a == b for a, b in zip(warm.tokens, reference)) / max(len(reference), 1)
+        row = {
+            "backend": backend,
+            "first_call_s": round(gen.prefill_seconds, 3),
+            "first_decode_s": round(gen.first_decode_seconds, 3),
+            "kiln_compile_s": round(sum(c.compile_seconds for c in compiled), 3) if compiled else None,
+            "decode_tok_s": round(warm.decode_tokens_per_second, 2),
+            "prefill_s_warm": round(warm.prefill_seconds, 4),
+            "tokens_equal_to_first_backend": round(same, 3),
+        }
+        rows.append(row)
+    print(f"\nmodel={args.model} device={args.device} dtype={args.dtype} tokens={args.tokens} "
+          f"torch={torch.__version__} commit={commit()}")
+    print(f"{'backend':10s} {'first call s':>12s} {'kiln compile s':>14s} {'decode tok/s':>12s} "
+          f"{'prefill s':>10s} {'same tokens':>11s}")
+    for r in rows:
+        kc = "-" if r["kiln_compile_s"] is None else f"{r['kiln_compile_s']:.2f}"
+        print(f"{r['backend']:10s} {r['first_call_s']:12.2f} {kc:>14s} {r['decode_tok_s']:12.1f} "
+              f"{r['prefill_s_warm']:10.3f} {r['tokens_equal_to_first_backend']:11.2f}")
+    result = {"model": args.model, "device": args.device, "dtype": args.dtype,
+              "tokens": args.tokens, "torch": torch.__version__, "commit": commit(),
+              "machine": platform.processor() or platform.machine(),
+              "cpus": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
