@@ -65,11 +65,17 @@ class _SymbolNamer:
     def __init__(self):
         self.map: dict[sympy.Symbol, sympy.Symbol] = {}
         self.ranges: dict[str, tuple[int, int]] = {}
+        self.hints: dict[str, int] = {}
 
     def dim(self, d, shape_env=None):
         if isinstance(d, int):
             return d
         expr = d.node.expr if isinstance(d, torch.SymInt) else d
+        if shape_env is not None:
+            # Apply what the capture proved (s15 == s99, say): one symbol per distinct size.
+            expr = shape_env.simplify(expr)
+            if expr.is_Integer:
+                return int(expr)
         for s in sorted(expr.free_symbols, key=lambda s: s.name):
             if s not in self.map:
                 prefix = "u" if s.name.startswith("u") else "s"
@@ -82,6 +88,9 @@ class _SymbolNamer:
                     lo = _finite(r.lower, 0)
                     hi = _finite(r.upper, MAX_DIM)
                 self.ranges[new.name] = (lo, hi)
+                hint = getattr(shape_env, "var_to_val", {}).get(s) if shape_env is not None else None
+                if hint is not None and getattr(hint, "is_Integer", False) and lo <= int(hint) <= hi:
+                    self.hints[new.name] = int(hint)
         return make_dim(expr.xreplace(self.map))
 
 
@@ -237,7 +246,8 @@ def from_fx(gm: torch.fx.GraphModule, input_names: Sequence[str] | None = None,
                 f"inputs (capture with AOTAutograd or torch.export, which lift them)")
         else:
             raise UnsupportedGraph(f"unsupported FX node kind {n.op} ({n.name})")
-    g.sym_ranges = {k: v for k, v in namer.ranges.items()}
+    g.sym_ranges = dict(namer.ranges)
+    g.sym_hints = dict(namer.hints)
     return g
 
 

@@ -89,6 +89,7 @@ class Graph:
         self.nodes: list[Node] = []
         self.outputs: list[Value] = []
         self.sym_ranges: dict[str, tuple[int, int]] = {}
+        self.sym_hints: dict[str, int] = {}     # example sizes seen at capture
         self.meta: dict[str, Any] = {}
 
     # ---- building ----
@@ -153,6 +154,7 @@ class Graph:
         """A structural copy: new Values and Nodes, same literals."""
         g = Graph(self.name)
         g.sym_ranges = dict(self.sym_ranges)
+        g.sym_hints = dict(self.sym_hints)
         g.meta = dict(self.meta)
         mapping: dict[Value, Value] = {}
         for v in self.inputs:

@@ -224,12 +224,14 @@ def warn_opaque(name: str) -> None:
 class FakeEnv:
     """Fake tensors with symbolic sizes for the symbols of one graph."""
 
-    def __init__(self, sym_ranges: dict[str, tuple[int, int]] | None = None):
+    def __init__(self, sym_ranges: dict[str, tuple[int, int]] | None = None,
+                 sym_hints: dict[str, int] | None = None):
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
         self.shape_env = ShapeEnv()
         self.mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
         self.sym_ranges = sym_ranges or {}
+        self.sym_hints = sym_hints or {}
         self._symints: dict[str, Any] = {}
         self._back: dict[sympy.Symbol, sympy.Symbol] = {}
 
@@ -242,7 +244,7 @@ class FakeEnv:
             # each other; the graph's declared range bounds them, so that comparisons the
             # capture proved (a sequence within the cache length, say) come out the same.
             lo, hi = self.sym_ranges.get(name, (2, 2**31 - 1))
-            hint = min(max(17 + 8 * len(self._symints), lo, 2), hi)
+            hint = self.sym_hints.get(name) or min(max(17 + 8 * len(self._symints), lo, 2), hi)
             s = self.shape_env.create_symbol(hint, source=ConstantSource(f"kiln_{name}"),
                                              dynamic_dim=DimDynamic.DYNAMIC)
             self.shape_env.var_to_range[s] = ValueRanges(max(lo, 2), hi)
@@ -322,7 +324,7 @@ def infer_types(name: str, args: list, attrs: dict, graph=None, env: FakeEnv | N
     op = get_op(name)
     if op.infer is not None:
         return op.infer(args, attrs)
-    env = env or FakeEnv(graph.sym_ranges if graph is not None else None)
+    env = env or (FakeEnv(graph.sym_ranges, graph.sym_hints) if graph is not None else FakeEnv())
 
     def fake(v):
         return env.fake(v)

@@ -97,10 +97,14 @@ class _Builder:
         self.env: dict[str, Value] = {}
         if where is not None:
             for r in where.children:
-                sname, lo, hi = r.children
+                sname, lo, hi, example = r.children
                 if int(lo) > int(hi):
                     raise self.error(lo, f"empty range for {sname}: [{lo}, {hi}]")
                 g.sym_ranges[str(sname)] = (int(lo), int(hi))
+                if example is not None:
+                    if not int(lo) <= int(example) <= int(hi):
+                        raise self.error(example, f"example {example} of {sname} is outside [{lo}, {hi}]")
+                    g.sym_hints[str(sname)] = int(example)
         for p in params:
             tok, ty = p.children
             vname = str(tok)[1:]

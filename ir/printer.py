@@ -62,7 +62,9 @@ def print_graph(g: Graph) -> str:
     head = f"func @{g.name}({params}) -> {format_types([v.type for v in g.outputs])}"
     lines = [head]
     if g.sym_ranges:
-        ranges = ", ".join(f"{s} in [{lo}, {hi}]" for s, (lo, hi) in sorted(g.sym_ranges.items()))
+        ranges = ", ".join(
+            f"{s} in [{lo}, {hi}]" + (f" example {g.sym_hints[s]}" if s in g.sym_hints else "")
+            for s, (lo, hi) in sorted(g.sym_ranges.items()))
         lines.append(f"    where {ranges}")
     lines[-1] += " {"
     for n in g.nodes:

@@ -22,7 +22,7 @@ def verify(g: Graph, check_types: bool = True) -> None:
         seen_names.add(v.name)
         defined.add(v)
     symbols = g.symbols()
-    env = FakeEnv(g.sym_ranges)
+    env = FakeEnv(g.sym_ranges, g.sym_hints)
 
     def where(i, n):
         args = ", ".join([format_literal(a, names) for a in n.args] +

@@ -9,12 +9,13 @@ import torch
 from kiln.generate import make_cache
 
 
-def run_steps(fn, model, input_ids: torch.Tensor, decode_steps: int, teacher=None):
+def run_steps(fn, model, input_ids: torch.Tensor, decode_steps: int, teacher=None,
+              max_cache_len: int | None = None):
     """Prefill, then `decode_steps` greedy steps; returns the logits of every call. With
     `teacher` (a list of token tensors), feeds those instead of the argmax (so that two
     models can be compared step by step on identical inputs)."""
     b, s = input_ids.shape
-    cache = make_cache(model, s + decode_steps + 1)
+    cache = make_cache(model, max_cache_len or s + decode_steps + 1)
     torch._dynamo.maybe_mark_dynamic(input_ids, 0)
     outs = []
     with torch.no_grad():
