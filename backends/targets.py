@@ -37,12 +37,27 @@ class Target:
 
 
 _CPU_KERNELS = {"attention": "kiln.backends.cpu_kernels:attention"}
+# Triton modules and the fused ops each implements (launcher named like the op).
+_TRITON_MODULES = {
+    "norm": ("rms_norm", "fused_add_rms_norm"),
+    "rope": ("rope",),
+    "activation": ("silu_mul",),
+    "attention": ("attention",),
+    "moe": ("fused_moe",),
+    "quant": ("quant_fp8", "quant_int8", "rms_norm_quant", "fused_add_rms_norm_quant",
+              "silu_mul_quant"),
+    "gemm": ("scaled_mm",),
+}
+_TRITON_KERNELS = {op: f"kiln.backends.triton.{module}:{op}"
+                   for module, ops in _TRITON_MODULES.items() for op in ops}
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("cpu", "cpu", kernels=_CPU_KERNELS),
-    Target("cuda", "cuda", "cuda", (80, 90), 32, torch.float8_e4m3fn, "torch.cuda.CUDAGraph"),
+    Target("cuda", "cuda", "cuda", (80, 90), 32, torch.float8_e4m3fn, "torch.cuda.CUDAGraph",
+           kernels=_TRITON_KERNELS),
     Target("hip", "cuda", "hip", ("gfx942", "gfx950"), 64, torch.float8_e4m3fnuz,
-           "torch.cuda.CUDAGraph (HIP graphs on ROCm builds)", status="compiles, not run"),
+           "torch.cuda.CUDAGraph (HIP graphs on ROCm builds)", kernels=_TRITON_KERNELS,
+           status="compiles, not run"),
     Target("xpu", "xpu", "xpu", (), 16, torch.float8_e4m3fn, "torch.xpu.XPUGraph",
            status="not yet lowered"),
     Target("npu", "npu", None, (), 32, None, "torch.npu.NPUGraph", status="not yet lowered"),

@@ -36,6 +36,14 @@ class CompiledGraph:
         return f"CompiledGraph(@{self.graph.name}, {len(self.graph.nodes)} nodes, target={self.target})"
 
 
+def mutated_inputs(graph: Graph) -> set[int]:
+    """Indices of the graph inputs that some op writes in place."""
+    from kiln.ir.ops import get_op
+    index = {v: i for i, v in enumerate(graph.inputs)}
+    return {index[n.args[0]] for n in graph.nodes
+            if get_op(n.op).has("mutates") and n.args and n.args[0] in index}
+
+
 def compile_graph(graph: Graph, options: CompileOptions | None = None) -> CompiledGraph:
     opts = options or CompileOptions()
     t0 = time.perf_counter()
@@ -52,6 +60,11 @@ def compile_graph(graph: Graph, options: CompileOptions | None = None) -> Compil
         (dump / "wrapper.py").write_text(source)
         (dump / "passes.txt").write_text(pm.summary() + "\n")
     fn = wrapper.load(source, f"kiln_{graph.name}")
+    if target.graph_capture and target.device_type == "cuda" and opts.cudagraphs:
+        import torch
+        if torch.cuda.is_available():
+            from kiln.backends.cudagraphs import CudaGraphCache
+            fn = CudaGraphCache(fn, mutated_inputs(graph))
     compiled = CompiledGraph(graph, source, fn, pm.summary(), pm.snapshots,
                              time.perf_counter() - t0, target.name)
     if opts.observer is not None:

@@ -29,13 +29,18 @@ def make_cache(model, max_cache_len: int):
 
 @torch.no_grad()
 def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
-           eos_token_id: int | list[int] | None = None) -> Generation:
+           eos_token_id: int | list[int] | None = None, cache=None) -> Generation:
     """Greedy decoding: one prefill call, then one call per token, with a StaticCache.
 
     `model_fn` is the (possibly compiled) model; `config_model` the HF model it wraps (for
-    its config). Batch and prompt length are marked dynamic so new sizes reuse graphs."""
+    its config). Batch and prompt length are marked dynamic so new sizes reuse graphs.
+    Passing the `cache` of an earlier run reuses its storage (reset in place), so captured
+    CUDA graphs stay valid across runs."""
     batch, prompt_len = input_ids.shape
-    cache = make_cache(config_model, prompt_len + max_new_tokens)
+    if cache is None:
+        cache = make_cache(config_model, prompt_len + max_new_tokens)
+    else:
+        cache.reset()
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
     torch._dynamo.maybe_mark_dynamic(input_ids, 0)

@@ -1,0 +1,114 @@
+"""CUDA graph capture for a compiled wrapper (also HIP graphs on ROCm builds).
+
+One graph per input signature (shapes, dtypes and size values). A signature runs eagerly
+the first time (which also compiles every Triton kernel it launches) and is captured the
+second time it is seen, then replayed. Inputs whose storage is the same on both calls
+(weights, KV caches) are used in place; the others are copied into static buffers before
+each replay, and copied back afterwards if the graph mutates them. Outputs are cloned out
+of the graph's memory pool, so a later replay never overwrites what a caller holds
+(`copy_outputs=False` opts out). Signatures past `max_graphs`, and graphs that fail to
+capture, run eagerly.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("kiln.cudagraphs")
+
+
+def signature(args) -> tuple:
+    return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+                 for a in args)
+
+
+def _ptrs(args) -> tuple:
+    return tuple(a.data_ptr() if isinstance(a, torch.Tensor) else None for a in args)
+
+
+@dataclass
+class _Entry:
+    graph: "torch.cuda.CUDAGraph"
+    static_args: list
+    copied: list[int]        # inputs copied into static buffers before replay
+    write_back: list[int]    # copied inputs the graph mutates
+    pinned: tuple            # data_ptr of the inputs used in place
+    outputs: tuple
+
+
+class CudaGraphCache:
+    def __init__(self, fn, mutated_inputs: set[int] = frozenset(), max_graphs: int = 32,
+                 copy_outputs: bool = True):
+        self.fn = fn
+        self.mutated = set(mutated_inputs)
+        self.max_graphs = max_graphs
+        self.copy_outputs = copy_outputs
+        self.entries: dict[tuple, _Entry] = {}
+        self.first_ptrs: dict[tuple, tuple] = {}
+        self.uncapturable: set[tuple] = set()
+        self.pool = None
+        self.replays = 0
+
+    def __call__(self, *args):
+        key = signature(args)
+        entry = self.entries.get(key)
+        if entry is None:
+            if key in self.uncapturable or len(self.entries) >= self.max_graphs:
+                return self.fn(*args)
+            if key not in self.first_ptrs:
+                self.first_ptrs[key] = _ptrs(args)
+                return self.fn(*args)
+            entry = self._capture(key, args)
+            if entry is None:
+                return self.fn(*args)
+        ptrs = _ptrs(args)
+        if any(p is not None and p != ptrs[i] for i, p in enumerate(entry.pinned)):
+            # A weight or cache moved: this graph would read stale memory.
+            del self.entries[key]
+            self.first_ptrs[key] = ptrs
+            return self.fn(*args)
+        for i in entry.copied:
+            entry.static_args[i].copy_(args[i])
+        entry.graph.replay()
+        self.replays += 1
+        for i in entry.write_back:
+            args[i].copy_(entry.static_args[i])
+        if not self.copy_outputs:
+            return entry.outputs
+        return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in entry.outputs)
+
+    def _capture(self, key, args):
+        first = self.first_ptrs[key]
+        now = _ptrs(args)
+        static_args, copied, pinned = [], [], []
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and first[i] == now[i]:
+                static_args.append(a)
+                pinned.append(now[i])
+            elif isinstance(a, torch.Tensor):
+                static_args.append(a.clone())
+                copied.append(i)
+                pinned.append(None)
+            else:
+                static_args.append(a)
+                pinned.append(None)
+        for i in copied:
+            static_args[i].copy_(args[i])
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        try:
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = self.fn(*static_args)
+        except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
+            log.warning("kiln: CUDA graph capture failed for %s (%s); running eagerly", key, e)
+            self.uncapturable.add(key)
+            torch.cuda.synchronize()
+            return None
+        entry = _Entry(graph, static_args, copied, [i for i in copied if i in self.mutated],
+                       tuple(pinned), tuple(outputs))
+        self.entries[key] = entry
+        return entry

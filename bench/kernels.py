@@ -1,0 +1,196 @@
+"""Kernel benchmarks on a GPU: kiln's Triton kernels vs eager PyTorch vs torch.compile.
+
+    python bench/kernels.py --out $OUT/kernels.json
+
+Memory-bound kernels are reported in GB/s and as a fraction of the measured device copy
+bandwidth (bytes read + written); attention prefill and GEMMs in TFLOP/s beside SDPA /
+cuBLAS / torch._scaled_mm; decode attention in GB/s of KV read, timed as CUDA-graph
+replays (decode runs captured). Medians of device-event timings after warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from triton.testing import do_bench
+
+from kiln.backends.triton import activation, attention, gemm, moe, norm, quant, rope
+from kiln.ir import kiln_ref
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+
+
+def median_s(fn, rep=100) -> float:
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e-3
+
+
+def graph_s(fn, n=20) -> float:
+    """Per-call time of `fn` replayed n times inside one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(n):
+            fn(i)
+    return median_s(g.replay, rep=200) / n
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2 * 1024**3 // 2, dtype=BF16, device=DEV)
+    y = torch.empty_like(x)
+    bw = 2 * x.numel() * 2 / median_s(lambda: y.copy_(x))
+    del x, y
+    return bw
+
+
+def matmul_rate() -> float:
+    a = torch.randn(8192, 8192, device=DEV, dtype=BF16)
+    b = torch.randn(8192, 8192, device=DEV, dtype=BF16)
+    return 2 * 8192**3 / median_s(lambda: a @ b)
+
+
+def memory_bound_cases(tokens: int, hidden: int):
+    """(name, kiln fn, reference fn, args, bytes moved)."""
+    x = torch.randn(tokens, hidden, device=DEV, dtype=BF16)
+    r = torch.randn(tokens, hidden, device=DEV, dtype=BF16)
+    w = torch.randn(hidden, device=DEV, dtype=BF16)
+    gu = torch.randn(tokens, 2 * hidden, device=DEV, dtype=BF16)
+    gate, up = gu[:, :hidden], gu[:, hidden:]
+    e = tokens * hidden * 2  # one bf16 activation tensor
+    heads, hd = hidden // 128, 128
+    q = torch.randn(1, tokens, heads, hd, device=DEV, dtype=BF16).transpose(1, 2)
+    cos = torch.randn(1, tokens, hd, device=DEV, dtype=BF16)
+    sin = torch.randn(1, tokens, hd, device=DEV, dtype=BF16)
+    f8 = torch.float8_e4m3fn
+    return [
+        ("rms_norm", norm.rms_norm, kiln_ref.rms_norm, (x, w, 1e-6), 2 * e),
+        ("fused_add_rms_norm", norm.fused_add_rms_norm, kiln_ref.fused_add_rms_norm,
+         (x, r, w, 1e-6), 4 * e),
+        ("silu_mul", activation.silu_mul, kiln_ref.silu_mul, (gate, up), 3 * e),
+        ("rope", rope.rope, kiln_ref.rope, (q, cos, sin), 2 * e + 4 * tokens * hd),
+        ("quant_fp8", lambda t: quant.quant_fp8(t, None, f8), lambda t: kiln_ref.quant_fp8(t, None, f8),
+         (x,), e + e // 2 + tokens * 4),
+        ("rms_norm_quant_fp8", lambda t, ww: quant.rms_norm_quant(t, ww, 1e-6, f8),
+         lambda t, ww: kiln_ref.rms_norm_quant(t, ww, 1e-6, f8), (x, w), e + e // 2 + tokens * 4),
+        ("silu_mul_quant_fp8", lambda g, u: quant.silu_mul_quant(g, u, f8),
+         lambda g, u: kiln_ref.silu_mul_quant(g, u, f8), (gate, up), 2 * e + e // 2 + tokens * 4),
+    ]
+
+
+def bench_memory_bound(bw, rows):
+    compiled = {}
+    for tokens in (4096, 32768):
+        for hidden in (4096, 8192):
+            for name, kfn, rfn, args, nbytes in memory_bound_cases(tokens, hidden):
+                if name not in compiled:
+                    compiled[name] = torch.compile(rfn, dynamic=True)
+                tk = median_s(lambda: kfn(*args))
+                te = median_s(lambda: rfn(*args))
+                tc = median_s(lambda: compiled[name](*args))
+                row = dict(kind="memory", op=name, tokens=tokens, hidden=hidden,
+                           kiln_us=tk * 1e6, eager_us=te * 1e6, compile_us=tc * 1e6,
+                           kiln_gbs=nbytes / tk / 1e9, frac_copy_bw=nbytes / tk / bw,
+                           compile_frac_copy_bw=nbytes / tc / bw)
+                rows.append(row)
+                print(f"{name:20s} {tokens:6d}x{hidden:<5d} kiln {tk*1e6:8.1f} us "
+                      f"{row['frac_copy_bw']:5.2f} of copy bw | eager {te*1e6:8.1f} | "
+                      f"torch.compile {tc*1e6:8.1f} ({row['compile_frac_copy_bw']:.2f})", flush=True)
+
+
+def bench_attention(bw, rows):
+    h, hkv, d = 32, 8, 128
+    for s in (4096, 8192, 16384):
+        q = torch.randn(1, h, s, d, device=DEV, dtype=BF16)
+        k = torch.randn(1, hkv, s, d, device=DEV, dtype=BF16)
+        v = torch.randn(1, hkv, s, d, device=DEV, dtype=BF16)
+        flops = 4 * s * s * d * h / 2  # causal
+        tk = median_s(lambda: attention.attention(q, k, v, None, d ** -0.5, True), rep=50)
+        ts = median_s(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True), rep=50)
+        row = dict(kind="prefill_attention", seq=s, heads=h, kv_heads=hkv, head_dim=d,
+                   kiln_tflops=flops / tk / 1e12, sdpa_tflops=flops / ts / 1e12, frac_sdpa=ts / tk)
+        rows.append(row)
+        print(f"prefill attn s={s:5d} kiln {row['kiln_tflops']:6.1f} TFLOP/s  sdpa "
+              f"{row['sdpa_tflops']:6.1f}  ratio {row['frac_sdpa']:.2f}", flush=True)
+    for b, skv in ((1, 8192), (8, 8192), (1, 32768), (8, 32768)):
+        per = 2 * b * hkv * skv * d * 2
+        nset = max(2, -(-256 * 2**20 // per))  # rotate past the 50 MB L2
+        sets = [(torch.randn(b, 1, h, d, device=DEV, dtype=BF16).transpose(1, 2),
+                 torch.randn(b, hkv, skv, d, device=DEV, dtype=BF16),
+                 torch.randn(b, hkv, skv, d, device=DEV, dtype=BF16)) for _ in range(nset)]
+        tk = graph_s(lambda i: attention.attention(*sets[i % nset], None, d ** -0.5, False))
+        ts = graph_s(lambda i: torch.nn.functional.scaled_dot_product_attention(
+            *sets[i % nset], enable_gqa=True))
+        row = dict(kind="decode_attention", batch=b, context=skv, kiln_us=tk * 1e6,
+                   sdpa_us=ts * 1e6, frac_copy_bw=per / tk / bw, sdpa_frac_copy_bw=per / ts / bw)
+        rows.append(row)
+        print(f"decode attn b={b} ctx={skv:5d} kiln {tk*1e6:7.1f} us ({row['frac_copy_bw']:.2f} of bw)"
+              f"  sdpa {ts*1e6:7.1f} us ({row['sdpa_frac_copy_bw']:.2f})", flush=True)
+
+
+def bench_gemm_moe(rate, rows):
+    m, n, k = 4096, 8192, 4096
+    for qd in (torch.int8, torch.float8_e4m3fn):
+        a, asc = kiln_ref.quantize(torch.randn(m, k, device=DEV), qd)
+        b, bsc = kiln_ref.quantize_weight(torch.randn(n, k, device=DEV), qd)
+        tk = median_s(lambda: gemm.scaled_mm(a, asc, b, bsc, None, BF16))
+        if qd == torch.int8:
+            tt = median_s(lambda: torch._int_mm(a, b.t()))
+        else:
+            tt = median_s(lambda: torch._scaled_mm(a, b.t(), scale_a=asc, scale_b=bsc.t(), out_dtype=BF16))
+        ab = torch.randn(m, k, device=DEV, dtype=BF16)
+        bb = torch.randn(n, k, device=DEV, dtype=BF16)
+        tb = median_s(lambda: ab @ bb.t())
+        flops = 2 * m * n * k
+        row = dict(kind="scaled_mm", dtype=str(qd), m=m, n=n, k=k, kiln_tflops=flops / tk / 1e12,
+                   torch_tflops=flops / tt / 1e12, bf16_cublas_tflops=flops / tb / 1e12)
+        rows.append(row)
+        print(f"scaled_mm {str(qd):22s} kiln {row['kiln_tflops']:7.1f}  torch {row['torch_tflops']:7.1f}"
+              f"  bf16 cuBLAS {row['bf16_cublas_tflops']:7.1f} TFLOP/s", flush=True)
+    e, hdim, idim, topk = 8, 4096, 7168, 2
+    wgu = torch.randn(e, 2 * idim, hdim, device=DEV, dtype=BF16) * 0.02
+    wd = torch.randn(e, hdim, idim, device=DEV, dtype=BF16) * 0.02
+    for t in (1, 16, 4096):
+        x = torch.randn(t, hdim, device=DEV, dtype=BF16)
+        logits = torch.randn(t, e, device=DEV, dtype=BF16)
+        tk = median_s(lambda: moe.fused_moe(x, logits, wgu, wd, topk, True), rep=50)
+        flops = 2 * t * topk * (2 * idim * hdim + idim * hdim)
+        row = dict(kind="fused_moe", tokens=t, experts=e, hidden=hdim, inter=idim, top_k=topk,
+                   kiln_us=tk * 1e6, kiln_tflops=flops / tk / 1e12)
+        rows.append(row)
+        print(f"fused_moe tokens={t:5d} {tk*1e6:8.1f} us  {row['kiln_tflops']:6.1f} TFLOP/s", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--only", default="memory,attention,gemm")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bw, rate = copy_bandwidth(), matmul_rate()
+    print(f"{torch.cuda.get_device_name()}: copy {bw/1e12:.2f} TB/s, bf16 matmul {rate/1e12:.0f} TFLOP/s",
+          flush=True)
+    rows = []
+    parts = args.only.split(",")
+    if "memory" in parts:
+        bench_memory_bound(bw, rows)
+    if "attention" in parts:
+        bench_attention(bw, rows)
+    if "gemm" in parts:
+        bench_gemm_moe(rate, rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           date=time.strftime("%Y-%m-%d"), copy_bw=bw, matmul_rate=rate,
+                           rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
