@@ -88,10 +88,20 @@ class _SymbolNamer:
                     lo = _finite(r.lower, 0)
                     hi = _finite(r.upper, MAX_DIM)
                 self.ranges[new.name] = (lo, hi)
-                hint = getattr(shape_env, "var_to_val", {}).get(s) if shape_env is not None else None
+                hint = _capture_hint(shape_env, s)
                 if hint is not None and getattr(hint, "is_Integer", False) and lo <= int(hint) <= hi:
                     self.hints[new.name] = int(hint)
         return make_dim(expr.xreplace(self.map))
+
+
+def _capture_hint(shape_env, s):
+    """The size a symbol had at capture (torch >= 2.13 renamed the table)."""
+    if shape_env is None:
+        return None
+    table = getattr(shape_env, "backed_var_to_val", None)
+    if table is None:
+        table = shape_env.var_to_val
+    return table.get(s)
 
 
 def _finite(x, default):
