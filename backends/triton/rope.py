@@ -1,0 +1,101 @@
+"""Rotary position embedding, rotate-half form: `rope(x, cos, sin)` (kiln_ref.rope).
+
+x is [B, H, S, D] with any strides over B, H, S (typically the transpose of a [B, S, H, D]
+projection) and a unit stride over D; cos and sin are [B or 1, S, D]. The output is a
+new contiguous [B, H, S, D]. One program handles one token (b, s) for a block of heads,
+so cos/sin are read once per token and shared by the heads. Products and the sum are
+rounded where torch rounds them (the promoted dtype of x and cos/sin).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import make_spec
+from .norm import SHORT
+
+TILE = 4096  # elements per program: heads per program = TILE // head_dim
+
+
+@triton.jit
+def _rope_kernel(X, C, Sn, Y, H, S, sxb, sxh, sxs, scb, scs, ssb, sss,
+                 HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    tok = tl.program_id(0)
+    b = (tok // S).to(tl.int64)
+    s = (tok % S).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    d = tl.arange(0, BLOCK_HALF)
+    d_mask = d < HALF
+    mask = (heads < H)[:, None] & d_mask[None, :]
+    x_ptr = X + b * sxb + s * sxs + heads.to(tl.int64)[:, None] * sxh + d[None, :]
+    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    c_ptr = C + b * scb + s * scs + d
+    s_ptr = Sn + b * ssb + s * sss + d
+    c1 = tl.load(c_ptr, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(c_ptr + HALF, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(s_ptr, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(s_ptr + HALF, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    ODT: tl.constexpr = Y.dtype.element_ty
+    # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
+    y1 = (x1 * c1).to(ODT).to(tl.float32) + (-x2 * s1).to(ODT).to(tl.float32)
+    y2 = (x2 * c2).to(ODT).to(tl.float32) + (x1 * s2).to(ODT).to(tl.float32)
+    # Output is contiguous [B, H, S, D].
+    y_ptr = Y + ((b * H + heads.to(tl.int64)[:, None]) * S + s) * HEAD_DIM + d[None, :]
+    tl.store(y_ptr, y1, mask=mask)
+    tl.store(y_ptr + HALF, y2, mask=mask)
+
+
+def _config(heads: int, head_dim: int) -> tuple[int, int, int]:
+    block_half = triton.next_power_of_2(max(head_dim // 2, 1))
+    block_h = min(triton.next_power_of_2(heads), max(1, TILE // (2 * block_half)))
+    warps = 4 if block_h * block_half * 2 <= 2048 else 8
+    return block_half, block_h, warps
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """kiln_ref.rope: x [B, H, S, D] (strided views allowed), cos/sin [B or 1, S, D]."""
+    if x.dim() != 4:
+        raise ValueError(f"rope: x must be [B, H, S, D], got shape {tuple(x.shape)}")
+    B, H, S, D = x.shape
+    if D % 2:
+        raise ValueError(f"rope: head dim {D} must be even")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1:] != (S, D):
+            raise ValueError(f"rope: {name} must be [B or 1, S, D] = [{B}, {S}, {D}], "
+                             f"got {tuple(t.shape)}")
+    out_dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+    y = torch.empty((B, H, S, D), dtype=out_dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos = (cos if cos.stride(-1) == 1 else cos.contiguous()).expand(B, S, D)
+    sin = (sin if sin.stride(-1) == 1 else sin.contiguous()).expand(B, S, D)
+    block_half, block_h, warps = _config(H, D)
+    grid = (B * S, triton.cdiv(H, block_h))
+    _rope_kernel[grid](x, cos, sin, y, H, S, x.stride(0), x.stride(1), x.stride(2),
+                       cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+                       HEAD_DIM=D, BLOCK_HALF=block_half, BLOCK_H=block_h, num_warps=warps)
+    return y
+
+
+# --------------------------------------------------------------------------- AOT variants
+
+AOT_SHAPES = ((32, 128), (8, 128))  # (heads, head_dim): Llama-3-8B q and kv heads
+
+
+def _spec(dt: str, heads: int, head_dim: int):
+    block_half, block_h, warps = _config(heads, head_dim)
+    p = "*" + dt
+    strides = ("sxb", "sxh", "sxs", "scb", "scs", "ssb", "sss")
+    return make_spec(f"rope_{SHORT[dt]}_h{heads}_d{head_dim}", _rope_kernel,
+                     {"X": p, "C": p, "Sn": p, "Y": p, "H": "i32", "S": "i32",
+                      **{k: "i32" for k in strides}},
+                     {"HEAD_DIM": head_dim, "BLOCK_HALF": block_half, "BLOCK_H": block_h},
+                     num_warps=warps, divisible_by_16=("X", "C", "Sn", "Y") + strides)
+
+
+AOT_SPECS = [_spec(dt, h, d) for dt in ("fp16", "bf16") for h, d in AOT_SHAPES]
