@@ -480,7 +480,14 @@ class Matcher:
 
     def match_stmt(self, i: int, r: int, gv, st: _State) -> Iterator[_State]:
         s = self.p.stmts[i]
-        yield from self._match_node(i, s, r, gv, st)
+        if s.optional:
+            # a missing optional op is not a failure worth reporting
+            best = self.best
+            yield from self._match_node(i, s, r, gv, st)
+            if self.best is not best and self.best is not None and self.best[0] == len(st.nodes):
+                self.best = best
+        else:
+            yield from self._match_node(i, s, r, gv, st)
         if s.optional and i not in st.nodes:
             # absent: the statement's value is its first argument
             names = {"%" + s.results[0]: gv} if s.results[0] != "_" else {}
@@ -776,6 +783,8 @@ def rewrite(m: Match, index: "_Index", allow: Callable[[], bool] | None = None) 
     if allow is not None and not allow():
         return "stop"
     # commit
+    for n in b.nodes:
+        n.meta["rule"] = p.name
     mapping = dict(zip(old, new))
     g.nodes[at:at] = b.nodes
     for o, nv in mapping.items():
@@ -822,6 +831,8 @@ def apply_patterns(g: Graph, patterns: Sequence[Pattern], ctx=None, require_matc
             for node in list(g.nodes):
                 if id(node) in dead or (ops is not None and node.op not in ops):
                     continue
+                if node.meta.get("rule") == p.name:
+                    continue   # never rewrite a pattern's own output: no rewrite loops
                 matcher.outputs = index.outputs
                 for m in matcher.matches_at(node):
                     removed = m.removed_nodes()

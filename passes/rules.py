@@ -3,7 +3,7 @@ lark (`rules.lark`) and compiled to `kiln.passes.pattern.Pattern` objects.
 
     // Llama RMSNorm; the comment lines right above a rule are its documentation.
     rule rms_norm {
-      match (%x, %w, $eps) {
+      match (%x, %w, $eps, $d) {
         %xf = cast?(%x)                       // optional dtype cast
         %0 = aten.pow(%xf, 2)
         %1 = aten.mean(%0, dim=$d, keepdim=true)
@@ -36,15 +36,17 @@ Reference (what the README documents):
   pattern names used only inside it are bound to none. `cast(%x)` is any dtype-only cast
   and `cast?(%x)` an optional one; both may be written inline as an operand.
 - `shared %r = op(...)`: matched but kept; it may have users outside the match.
-- `fragment NAME { match (%p...) { ... yield %v } where ... }` defines a reusable
-  sub-pattern, called like an op: `%k2 = repeat_kv?(%k)` (optional) or `repeat_kv(%k)`.
-  Its `where` conditions hold only when it is present.
+- `fragment NAME { match (%p..., $c...) { ... yield %v } where ... }` defines a reusable
+  sub-pattern, called like an op with its `%` parameters as arguments: `%k2 =
+  repeat_kv?(%k)` (optional) or `repeat_kv(%k)`; its `$` constants are local to each
+  use. Its `where` conditions hold only when it is present.
 - `where c1, c2, ...` (all must hold) over expressions: `== != < <= > >=`, `in {..}`,
-  `not in {..}`, `and or not`, `+ - * / //`, literals (numbers, true/false/none, dtypes
+  `not in {..}`, `and or not`, `+ - * /`, literals (numbers, true/false/none, dtypes
   like f32, lists), `%x`, `$c` and the functions in `FUNCTIONS`: dtype(%x), rank(%x),
   dim(%x, i), shape(%x), numel(%x), last_dim(%x, $d), is_float(x), is_int(x),
   is_none(x), is_input(%x), present(%x), coalesce(a, b, ...), sqrt(x), len(x),
-  promote(dtype, dtype), float(x), int(x). Symbolic sizes compare exactly (`dim(%q, 2) ==
+  promote(dtype, dtype), float(x), int(x), floordiv(a, b),
+  divisible(a, b). Symbolic sizes compare exactly (`dim(%q, 2) ==
   dim(%k, 2)` holds for `s0 == s0`).
 - `replace { %r = op(args) ... yield %r[, ...] }`: argument slots take the same
   expressions (`scale=coalesce($s, 1.0 / sqrt(dim(%q, -1)))`). It may read the match's
@@ -176,6 +178,8 @@ FUNCTIONS: dict[str, Callable] = {
     "promote": torch.promote_types,
     "float": float,
     "int": int,
+    "floordiv": lambda a, b: _arith("//", a, b),
+    "divisible": lambda a, b: b != 0 and dims_equal(_arith("//", a, b) * b, a),
 }
 # present(%x) needs the match itself, not the value
 _MATCH_FUNCTIONS = {"present"}
@@ -487,17 +491,22 @@ class _FileCompiler:
         name_tok, match_t, *wheres = frag_t.children
         fname = str(name_tok)
         saved_rule = self.rule
-        fparams = [str(p.children[0]) for p in match_t.children
-                   if isinstance(p, lark.Tree) and p.data == "param"]
+        # `%` parameters are the fragment's arguments; `$` parameters are constants local
+        # to each use of it
+        allp = [str(p.children[0]) for p in match_t.children
+                if isinstance(p, lark.Tree) and p.data == "param"]
+        fparams = [p for p in allp if p[0] == "%"]
         if check_only:
-            args = [Var(f"{fname}.{p[1:]}") if p[0] == "%" else Const(f"{fname}.{p[1:]}")
-                    for p in fparams]
+            args = [Var(f"{fname}.{p[1:]}") for p in fparams]
             stmts, constraints = [], []
         elif len(args) != len(fparams):
             raise self.error(call_tok, f"fragment {fname} takes {len(fparams)} arguments, "
                                        f"got {len(args)}")
-        scope = _Scope(dict(zip(fparams, args)))
         prefix = self.fresh(fname)
+        scope = _Scope(dict(zip(fparams, args)))
+        for p in allp:
+            if p[0] == "$":
+                scope.names[p] = Const(f"{prefix}.{p[1:]}")
         inner: list[Stmt] = []
         inner_constraints: list[Constraint] = []
         sub = _FragmentScope(scope, prefix)
@@ -523,7 +532,9 @@ class _FileCompiler:
             constraints.append(c)
         for w in wheres:
             for e in w.children:
-                constraints.append(self.constraint(e, sub, g))
+                c = self.constraint(e, sub, g)
+                c.text = f"{fname}: {c.text}"
+                constraints.append(c)
         self.rule = saved_rule
         return yname
 
@@ -567,8 +578,8 @@ class _FileCompiler:
         if k == "neg":
             f = self.expr(c[0], scope)
             return lambda m: -f(m)
-        if k in ("add", "sub", "mul", "div", "floordiv"):
-            op = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//"}[k]
+        if k in ("add", "sub", "mul", "div"):
+            op = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[k]
             fa, fb = self.expr(c[0], scope), self.expr(c[1], scope)
             return lambda m: _arith(op, fa(m), fb(m))
         if k == "compare":

@@ -1,0 +1,384 @@
+"""The rewrite-rule language and its matcher, on hand-written IR: what matches, what must
+not, how the rewrite keeps values (checked with the reference interpreter), and the
+errors a rule author sees."""
+from __future__ import annotations
+
+import re
+import textwrap
+
+import pytest
+import torch
+
+from kiln.ir import parse, print_graph, run, verify
+from kiln.passes import PassContext
+from kiln.passes import rules as rules_mod
+from kiln.passes.pattern import KilnRuleError, PatternBuilder, apply_patterns
+from kiln.passes.rules import list_rules, load_rules, parse_rules, rule_files
+
+RMS_RULE = """
+// x * rsqrt(mean(x^2) + eps) * w
+rule rms {
+  match (%x, %w, $eps) {
+    %xf = cast?(%x)
+    %0 = aten.pow(%xf, 2)
+    %1 = aten.mean(%0, dim=[-1], keepdim=true)
+    %2 = aten.add(%1, $eps)
+    %3 = aten.rsqrt(%2)
+    %4 = aten.mul(%xf, %3)
+    %5 = aten.mul(%w, cast?(%4))
+    yield %5
+  }
+  where rank(%w) == 1, dim(%w, 0) == dim(%x, -1), is_float($eps), $eps > 0, $eps < 0.1
+  where dtype(%x) in {f32, bf16, f16}, dtype(%w) == dtype(%x)
+  replace {
+    %r = kiln.rms_norm(%x, %w, eps=$eps)
+    yield %r
+  }
+}
+"""
+
+RMS_GRAPH = """func @f(%x: f32[s0, 16], %w: f32[16]) -> f32[s0, 16]
+    where s0 in [1, 64] {
+  %0 = aten.pow(%x, 2) : f32[s0, 16]
+  %1 = aten.mean(%0, dim=[-1], keepdim=true) : f32[s0, 1]
+  %2 = aten.add(%1, EPS) : f32[s0, 1]
+  %3 = aten.rsqrt(%2) : f32[s0, 1]
+  %4 = aten.mul(MUL_A, MUL_B) : f32[s0, 16]
+  %5 = aten.mul(%w, %4) : f32[s0, 16]
+  return %5
+}
+"""
+
+
+def graph(eps="1e-06", mul=("%x", "%3")):
+    return parse(RMS_GRAPH.replace("EPS", eps).replace("MUL_A", mul[0]).replace("MUL_B", mul[1]))
+
+
+def inputs(g):
+    return [torch.randn(5, *[d if isinstance(d, int) else 5 for d in v.type.shape][1:],
+                        dtype=v.type.dtype) if v.type.rank > 1 else
+            torch.randn(v.type.shape[0], dtype=v.type.dtype) for v in g.inputs]
+
+
+def rewrite_keeps_values(g, patterns, ins=None, tol=1e-6, **kw) -> int:
+    ins = ins or inputs(g)
+    before = run(g, ins)
+    n = apply_patterns(g, patterns, **kw)
+    verify(g)
+    after = run(g, ins)
+    for a, b in zip(before, after):
+        rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert rel < tol, (rel, print_graph(g))
+    return n
+
+
+def ops(g):
+    return [n.op for n in g.nodes]
+
+
+# ---------------------------------------------------------------- matching
+
+def test_rule_fuses_and_keeps_values():
+    g = graph()
+    assert rewrite_keeps_values(g, parse_rules(RMS_RULE)) == 1
+    assert ops(g) == ["kiln.rms_norm"]
+    assert g.nodes[0].attrs == {"eps": 1e-06}
+
+
+def test_commutative_operands_match_in_either_order():
+    g = graph(mul=("%3", "%x"))
+    assert rewrite_keeps_values(g, parse_rules(RMS_RULE)) == 1
+    assert ops(g) == ["kiln.rms_norm"]
+
+
+def test_optional_casts_match_present_or_absent():
+    bf16 = parse("""func @f(%x: bf16[3, 16], %w: bf16[16]) -> bf16[3, 16] {
+  %0 = aten._to_copy(%x, dtype=f32) : f32[3, 16]
+  %1 = aten.pow(%0, 2) : f32[3, 16]
+  %2 = aten.mean(%1, dim=[-1], keepdim=true) : f32[3, 1]
+  %3 = aten.add(%2, 1e-05) : f32[3, 1]
+  %4 = aten.rsqrt(%3) : f32[3, 1]
+  %5 = aten.mul(%0, %4) : f32[3, 16]
+  %6 = prims.convert_element_type(%5, dtype=bf16) : bf16[3, 16]
+  %7 = aten.mul(%w, %6) : bf16[3, 16]
+  return %7
+}
+""")
+    pats = parse_rules(RMS_RULE)
+    assert rewrite_keeps_values(bf16, pats, tol=1e-2) == 1
+    assert ops(bf16) == ["kiln.rms_norm"]
+    g = graph()
+    assert apply_patterns(g, pats) == 1
+
+
+def test_interior_value_used_outside_blocks_the_rewrite():
+    text = RMS_GRAPH.replace("EPS", "1e-06").replace("MUL_A", "%x").replace("MUL_B", "%3")
+    text = text.replace("-> f32[s0, 16]", "-> (f32[s0, 16], f32[s0, 1])").replace(
+        "return %5", "return %5, %3")
+    g = parse(text)
+    pats = parse_rules(RMS_RULE)
+    assert apply_patterns(g, pats) == 0
+    with pytest.raises(KilnRuleError, match=r"rule rms: matched nothing.*is a graph output"):
+        apply_patterns(g, pats, require_match=True)
+    verify(g)
+    assert "kiln.rms_norm" not in ops(g)
+    g = parse(text.replace("return %5, %3", "%6 = aten.neg(%3) : f32[s0, 1]\n  return %5, %6"))
+    with pytest.raises(KilnRuleError, match=r"interior value %3 \(aten.rsqrt\) is also used "
+                                           r"by aten.neg outside the match"):
+        apply_patterns(g, pats, require_match=True)
+    verify(g)
+
+
+def test_where_constraints_reject():
+    pats = parse_rules(RMS_RULE)
+    g = graph(eps="0.5")                      # $eps < 0.1 fails
+    assert apply_patterns(g, pats) == 0
+    with pytest.raises(KilnRuleError, match=r"where \$eps < 0.1. is false"):
+        apply_patterns(g, pats, require_match=True)
+    g = parse(RMS_GRAPH.replace("EPS", "1e-06").replace("MUL_A", "%x").replace("MUL_B", "%3")
+              .replace("%w: f32[16]", "%w: f32[1]").replace("aten.mul(%w, %4) : f32[s0, 16]",
+                                                            "aten.mul(%w, %4) : f32[s0, 16]"))
+    assert apply_patterns(g, pats) == 0      # dim(%w, 0) == dim(%x, -1) fails
+
+
+def test_attributes_must_match_unless_default_or_ellipsis():
+    text = """func @f(%x: f32[4, 8]) -> f32[4, 1] {
+  %0 = aten.mean(%x, dim=[-1], keepdim=true, dtype=f32) : f32[4, 1]
+  %1 = aten.neg(%0) : f32[4, 1]
+  return %1
+}
+"""
+    strict = """rule r { match (%x) { %0 = aten.mean(%x, dim=[-1], keepdim=true) %1 = aten.neg(%0)
+      yield %1 } replace { %r = aten.sum(%x, dim=[-1], keepdim=true) %s = aten.div(%r, -8)
+      yield %s } }"""
+    loose = strict.replace("keepdim=true)", "keepdim=true, ...)", 1)
+    g = parse(text)
+    assert apply_patterns(g, parse_rules(strict)) == 0      # the node also has dtype=
+    assert rewrite_keeps_values(g, parse_rules(loose)) == 1
+    # `default`: a node without the attribute matches as if it had the default
+    g = parse(text.replace(", keepdim=true, dtype=f32", ", keepdim=true"))
+    dflt = strict.replace("aten.mean(%x, dim=[-1], keepdim=true)",
+                          "aten.mean(%x, dim=[-1], keepdim=true, dtype=$d default none)")
+    dflt = dflt.replace("match (%x)", "match (%x, $d)")
+    assert rewrite_keeps_values(g, parse_rules(dflt)) == 1
+
+
+def test_multi_output_pattern_keeps_outside_uses_of_yielded_values():
+    g = parse("""func @f(%x: f32[3, 16], %r: f32[3, 16], %w: f32[16]) -> (f32[3, 16], f32[3, 16]) {
+  %0 = aten.add(%r, %x) : f32[3, 16]
+  %1 = kiln.rms_norm(%0, %w, eps=1e-06) : f32[3, 16]
+  %2 = aten.mul(%0, 2.0) : f32[3, 16]
+  return %1, %2
+}
+""")
+    pats = [p for p in load_rules("norm") if p.name == "fused_add_rms_norm"]
+    assert rewrite_keeps_values(g, pats) == 1
+    assert ops(g) == ["kiln.fused_add_rms_norm", "aten.mul"]
+    assert g.nodes[1].args[0] is g.nodes[0].results[1]
+
+
+def test_yielded_value_used_before_the_match_end_is_placed_before_its_user():
+    # the sum's outside user sits between the add and the norm
+    g = parse("""func @f(%x: f32[3, 16], %r: f32[3, 16], %w: f32[16]) -> (f32[3, 16], f32[3, 16]) {
+  %0 = aten.add(%r, %x) : f32[3, 16]
+  %1 = aten.mul(%0, 2.0) : f32[3, 16]
+  %2 = kiln.rms_norm(%0, %w, eps=1e-06) : f32[3, 16]
+  return %2, %1
+}
+""")
+    pats = [p for p in load_rules("norm") if p.name == "fused_add_rms_norm"]
+    assert rewrite_keeps_values(g, pats) == 1
+    assert ops(g) == ["kiln.fused_add_rms_norm", "aten.mul"]
+
+
+def test_shared_statement_may_have_other_users_and_stays():
+    g = parse("""func @f(%a: f32[4], %b: f32[4], %c: f32[4]) -> (f32[4], f32[4]) {
+  %0 = aten.exp(%c) : f32[4]
+  %1 = aten.mul(%a, %0) : f32[4]
+  %2 = aten.mul(%b, %0) : f32[4]
+  %3 = aten.neg(%1) : f32[4]
+  %4 = aten.neg(%2) : f32[4]
+  return %3, %4
+}
+""")
+    rule = """rule neg_mul_exp {
+  match (%x, %c) {
+    shared %e = aten.exp(%c)
+    %m = aten.mul(%x, %e)
+    %n = aten.neg(%m)
+    yield %n
+  }
+  replace { %e2 = aten.exp(%c) %r = aten.mul(%x, %e2) %s = aten.mul(%r, -1.0) yield %s }
+}"""
+    unshared = rule.replace("shared %e", "%e")
+    assert apply_patterns(parse(print_graph(g)), parse_rules(unshared)) == 0
+    assert rewrite_keeps_values(g, parse_rules(rule)) == 2
+
+
+def test_optional_op_and_fragment_with_guarded_constraints():
+    rules = """
+fragment scaled {
+  match (%v, $s) { %0 = aten.mul(%v, $s) yield %0 }
+  where $s > 0
+}
+rule exp_of_scaled {
+  match (%x) {
+    %a = scaled?(%x)
+    %b = aten.exp(%a)
+    %c = aten.relu?(%b)
+    yield %c
+  }
+  where not present(%c)
+  replace { %r = aten.sigmoid(%x) yield %r }
+}
+"""
+    pats = parse_rules(rules)
+
+    def after(scale):
+        g = parse(f"""func @f(%x: f32[4]) -> f32[4] {{
+  %0 = aten.mul(%x, {scale}) : f32[4]
+  %1 = aten.exp(%0) : f32[4]
+  return %1
+}}
+""")
+        assert apply_patterns(g, pats) == 1
+        verify(g)
+        return ops(g), g
+    # present: the fragment's `where $s > 0` holds and the mul is part of the match
+    assert after("2.0")[0] == ["aten.sigmoid"]
+    # -2 fails the fragment's condition: it is absent, and %x binds to the mul's result
+    got, g = after("-2.0")
+    assert got == ["aten.mul", "aten.sigmoid"] and g.nodes[1].args[0] is g.nodes[0].results[0]
+    # the optional relu: `where not present(%c)` rejects the match that covers it
+    g = parse("""func @f(%x: f32[4]) -> f32[4] {
+  %0 = aten.exp(%x) : f32[4]
+  %1 = aten.relu(%0) : f32[4]
+  return %1
+}
+""")
+    assert apply_patterns(g, pats) == 1
+    assert ops(g) == ["aten.sigmoid", "aten.relu"]
+
+
+def test_a_rule_never_rewrites_its_own_output():
+    same = parse_rules("rule same { match (%x) { %0 = aten.exp(%x) yield %0 } "
+                       "replace { %r = aten.exp(%x) yield %r } }")
+    g = parse("""func @f(%x: f32[4]) -> f32[4] {
+  %0 = aten.exp(%x) : f32[4]
+  return %0
+}
+""")
+    assert apply_patterns(g, same) == 1
+
+
+def test_python_pattern_api_ends_in_the_same_matcher():
+    p = PatternBuilder("rms_py")
+    x, w = p.inputs("x", "w")
+    eps = p.const("eps")
+    xf = p.cast(x)
+    sq = p.op("aten.pow", xf, 2)
+    mean = p.op("aten.mean", sq, dim=[-1], keepdim=True)
+    r = p.op("aten.rsqrt", p.op("aten.add", mean, eps))
+    out = p.op("aten.mul", w, p.cast(p.op("aten.mul", xf, r)))
+    p.where(lambda m: m["eps"] < 0.1, "$eps < 0.1")
+    p.replace(lambda m, b: b.op("kiln.rms_norm", m["x"], m["w"], eps=m["eps"]))
+    pattern = p.build(out)
+    a, b = graph(), graph()
+    assert apply_patterns(a, [pattern]) == 1
+    assert apply_patterns(b, parse_rules(RMS_RULE)) == 1
+    assert print_graph(a) == print_graph(b)
+
+
+def test_pass_limit_bounds_rewrites():
+    text = RMS_GRAPH.replace("EPS", "1e-06").replace("MUL_A", "%x").replace("MUL_B", "%3")
+    two = text.replace("-> f32[s0, 16]", "-> (f32[s0, 16], f32[s0, 16])").replace(
+        "  return %5\n", "  %6 = aten.mul(%x, 3.0) : f32[s0, 16]\n"
+                        "  %7 = aten.pow(%6, 2) : f32[s0, 16]\n"
+                        "  %8 = aten.mean(%7, dim=[-1], keepdim=true) : f32[s0, 1]\n"
+                        "  %9 = aten.add(%8, 1e-06) : f32[s0, 1]\n"
+                        "  %10 = aten.rsqrt(%9) : f32[s0, 1]\n"
+                        "  %11 = aten.mul(%6, %10) : f32[s0, 16]\n"
+                        "  %12 = aten.mul(%w, %11) : f32[s0, 16]\n"
+                        "  return %5, %12\n")
+    g = parse(two)
+    ctx = PassContext(rewrite_limit=1)
+    assert apply_patterns(g, parse_rules(RMS_RULE), ctx) == 1
+    verify(g)
+    assert ops(g).count("kiln.rms_norm") == 1
+    assert apply_patterns(parse(two), parse_rules(RMS_RULE)) == 2
+
+
+# ---------------------------------------------------------------- errors
+
+def test_syntax_error_names_rule_line_and_column():
+    bad = RMS_RULE.replace("%3 = aten.rsqrt(%2)", "%3 = aten.rsqrt(%2")
+    with pytest.raises(KilnRuleError) as e:
+        parse_rules(bad, "bad.kiln")
+    msg = str(e.value)
+    line = bad.splitlines().index("    %4 = aten.mul(%xf, %3)") + 1
+    assert re.match(rf"bad\.kiln:{line}:\d+: rule rms: unexpected", msg), msg
+    assert e.value.line == line and e.value.column is not None and e.value.rule == "rms"
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (("aten.rsqrt(%2)", "aten.rsqrtt(%2)"), r"rule rms: .*unknown op aten.rsqrtt"),
+    (("aten.pow(%xf, 2)", "aten.pow(%zz, 2)"), r"rule rms: %zz is used before it is defined"),
+    (("match (%x, %w, $eps)", "match (%x, %w, %u, $eps)"), r"parameter %u is never used"),
+    (("%r = kiln.rms_norm(%x, %w, eps=$eps)", "%r = kiln.rms_norm(%3, %w, eps=$eps)"),
+     r"%3 is removed by the rewrite"),
+    (("    yield %r\n", "    yield %r, %r\n"), r"yields 1 values, the replacement 2"),
+    (("where rank(%w) == 1", "where rnk(%w) == 1"), r"unknown function rnk"),
+])
+def test_semantic_errors_are_located(edit, pattern):
+    bad = RMS_RULE.replace(*edit)
+    assert bad != RMS_RULE
+    with pytest.raises(KilnRuleError, match=pattern) as e:
+        parse_rules(bad, "bad.kiln")
+    assert e.value.line is not None and str(e.value).startswith("bad.kiln:")
+
+
+def test_unreachable_statement_is_an_error():
+    bad = RMS_RULE.replace("    %5 = aten.mul", "    %9 = aten.neg(%x)\n    %5 = aten.mul")
+    with pytest.raises(KilnRuleError, match=r"rule rms: .*not reachable from the first yield"):
+        parse_rules(bad)
+
+
+def test_replacement_of_the_wrong_type_fails_cleanly():
+    bad = RMS_RULE.replace("%r = kiln.rms_norm(%x, %w, eps=$eps)\n    yield %r",
+                           "%q = kiln.rms_norm(%x, %w, eps=$eps)\n"
+                           "    %r = aten._to_copy(%q, dtype=f16)\n    yield %r")
+    g = graph()
+    before = print_graph(g)
+    with pytest.raises(KilnRuleError, match=r"rule rms: the replacement yields f16\[s0, 16\] "
+                                           r"for %5, which has type f32\[s0, 16\]"):
+        apply_patterns(g, parse_rules(bad))
+    assert print_graph(g) == before
+    verify(g)
+
+
+def test_rule_matching_nothing_says_how_far_it_got():
+    g = parse(RMS_GRAPH.replace("EPS", "1e-06").replace("MUL_A", "%x").replace("MUL_B", "%3")
+              .replace("aten.rsqrt(%2)", "aten.sqrt(%2)"))
+    with pytest.raises(KilnRuleError, match=r"rule rms: matched nothing in @f.*aten\.sqrt"):
+        apply_patterns(g, parse_rules(RMS_RULE), require_match=True)
+    verify(g)
+
+
+# ---------------------------------------------------------------- the packaged rules
+
+def test_packaged_rule_files_load_and_list():
+    files = rule_files()
+    assert {"norm", "rope", "attention", "activation", "quant"} <= set(files)
+    listed = list_rules()
+    assert len(listed) == sum(len(load_rules(f)) for f in files)
+    for file, name, doc in listed:
+        assert file.endswith(".kiln") and name and doc, (file, name)
+
+
+def test_docstring_example_is_a_valid_rule():
+    doc = rules_mod.__doc__
+    start = doc.index("    // Llama RMSNorm")
+    end = doc.index("\nReference")
+    (pat,) = parse_rules(textwrap.dedent(doc[start:end]))
+    g = graph()
+    assert rewrite_keeps_values(g, [pat]) == 1
