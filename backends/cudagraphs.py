@@ -57,6 +57,10 @@ class CudaGraphCache:
         if entry is None:
             if key in self.uncapturable or len(self.entries) >= self.max_graphs:
                 return self.fn(*args)
+            if any(isinstance(a, torch.Tensor) and not a.is_cuda for a in args):
+                # Work on host tensors would run once at capture and be baked in.
+                self.uncapturable.add(key)
+                return self.fn(*args)
             if key not in self.first_ptrs:
                 self.first_ptrs[key] = _ptrs(args)
                 return self.fn(*args)
