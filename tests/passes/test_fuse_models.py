@@ -1,0 +1,85 @@
+"""The fusion pipeline on the captured graphs of real transformers models: exact counts
+of every fused op, nothing left of what was fused, and the same logits as eager
+(prefill and StaticCache decode steps, float32, relative error < 1e-5)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from fusion import LEFTOVERS, compile_and_compare, counts, rel_err, repeat_kv_expands
+
+FUSED = ("kiln.attention", "kiln.rope", "kiln.rms_norm", "kiln.fused_add_rms_norm",
+         "kiln.silu_mul", "kiln.fused_moe")
+
+
+def expected(layers: int, qk_norm: bool = False, moe: bool = False) -> dict:
+    """Per graph (prefill and decode alike). Norms: the first layer's input norm stands
+    alone; every later norm follows a residual add and fuses with it (2 per layer: the
+    post-attention norm and the next input / final norm); q/k-norms are plain."""
+    return {
+        "kiln.attention": layers,
+        "kiln.rope": 2 * layers,                 # one per q and one per k
+        "kiln.rms_norm": 1 + (2 * layers if qk_norm else 0),
+        "kiln.fused_add_rms_norm": 2 * layers,
+        "kiln.silu_mul": 0 if moe else layers,   # MoE: inside kiln.fused_moe
+        "kiln.fused_moe": layers if moe else 0,
+    }
+
+
+TINY = {
+    "llama": expected(2),
+    "llama_gqa": expected(2),
+    "qwen3": expected(2, qk_norm=True),
+    "mixtral": expected(2, moe=True),
+    "qwen3_moe": expected(2, qk_norm=True, moe=True),
+}
+
+
+def check_graphs(graphs, want: dict):
+    assert len(graphs) >= 2, "expected a prefill and a decode graph"
+    for g in graphs:
+        c = counts(g)
+        assert {op: c[op] for op in FUSED} == want, str(g)
+        for family, ops in LEFTOVERS.items():
+            for op in ops:
+                assert c[op] == 0, f"{op} left after fuse.{family}"
+        assert repeat_kv_expands(g) == 0, "repeat_kv materialised"
+
+
+def check_numerics(outs, ref, tol=1e-5):
+    errs = [rel_err(a, b) for a, b in zip(outs, ref)]
+    print("relative error per call (prefill, decode...):", ["%.2e" % e for e in errs])
+    assert max(errs) < tol, errs
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(TINY))
+def test_tiny_model_fuses_and_matches_eager(name, attn):
+    model = models.TINY_MODELS[name](attn_implementation=attn)
+    graphs, outs, ref = compile_and_compare(model)
+    check_graphs(graphs, TINY[name])
+    check_numerics(outs, ref)
+
+
+SMOLLM2 = expected(30)   # 30 attention, 60 rope, 1 + 60 norms, 30 silu_mul
+
+
+@pytest.mark.slow
+def test_smollm2_sdpa(smollm2):
+    model, tok = smollm2
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    graphs, outs, ref = compile_and_compare(model, decode_steps=2, input_ids=ids)
+    check_graphs(graphs, SMOLLM2)
+    check_numerics(outs, ref)
+
+
+@pytest.mark.slow
+def test_smollm2_eager_attention():
+    from kiln.frontends.hf import load
+    model, tok = load("smollm2", attn_implementation="eager")
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    graphs, outs, ref = compile_and_compare(model, decode_steps=2, input_ids=ids)
+    check_graphs(graphs, SMOLLM2)
+    check_numerics(outs, ref)
+    torch._dynamo.reset()
