@@ -1,0 +1,151 @@
+"""quantize (opt-in fp8 / int8 W8A8) and fuse.quant: what gets quantised, that the ops
+in the graph implement `kiln_ref.quantize_weight` + per-token activation quantisation,
+and how close the quantised models stay to the unquantised ones."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from fusion import compile_and_compare, counts, rel_err
+from kiln.ir import kiln_ref, parse, run, verify
+from kiln.passes import PassManager
+
+LINEAR = """func @f(%x: f32[s0, 5, 32], %w: f32[48, 32], %b: f32[48], %v: f32[16, 48]) -> f32[s0, 5, 16]
+    where s0 in [1, 64] {
+  %0 = aten.reshape(%x, shape=[-1, 32]) : f32[5*s0, 32]
+  %1 = aten.permute(%w, dims=[1, 0]) : f32[32, 48]
+  %2 = aten.addmm(%b, %0, %1) : f32[5*s0, 48]
+  %3 = aten.permute(%v, dims=[1, 0]) : f32[48, 16]
+  %4 = aten.mm(%2, %3) : f32[5*s0, 16]
+  %5 = aten.reshape(%4, shape=[-1, 5, 16]) : f32[s0, 5, 16]
+  %6 = aten.neg(%5) : f32[s0, 5, 16]
+  return %6
+}
+"""
+
+
+def _quantize(text, quant):
+    g = parse(text)
+    pm = PassManager(passes=["quantize"], verify_each=True, options={"quant": quant})
+    pm.run(g)
+    return g, pm.stats[0].rewrites
+
+
+def test_off_by_default():
+    g, n = _quantize(LINEAR, None)
+    assert n == 0 and "kiln.scaled_mm" not in counts(g)
+
+
+@pytest.mark.parametrize("quant, qdtype", [("fp8", torch.float8_e4m3fn), ("int8", torch.int8)])
+def test_linear_layers_become_scaled_mm_with_reference_semantics(quant, qdtype):
+    g, n = _quantize(LINEAR, quant)
+    assert n == 2
+    c = counts(g)
+    assert c["kiln.scaled_mm"] == 2 and c["aten.mm"] == c["aten.addmm"] == 0
+    qop = "kiln.quant_int8" if quant == "int8" else "kiln.quant_fp8"
+    assert c[qop] == 4                               # 2 weights + 2 activations
+    x, w, b, v = torch.randn(3, 5, 32), torch.randn(48, 32), torch.randn(48), torch.randn(16, 48)
+    (out,) = run(g, [x, w, b, v])
+    # the same computation from the reference definitions
+    wq, ws = kiln_ref.quantize_weight(w, qdtype)
+    aq, as_ = kiln_ref.quantize(x.reshape(-1, 32), qdtype)
+    h = kiln_ref.scaled_mm(aq, as_, wq, ws, b, torch.float32)
+    vq, vs = kiln_ref.quantize_weight(v, qdtype)
+    hq, hs = kiln_ref.quantize(h, qdtype)
+    want = -kiln_ref.scaled_mm(hq, hs, vq, vs, None, torch.float32).reshape(3, 5, 16)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    exact = -(torch.nn.functional.linear(torch.nn.functional.linear(x, w, b), v))
+    print(f"{quant}: one linear pair, relative error {rel_err(out, exact):.3e}")
+    assert rel_err(out, exact) < (0.1 if quant == "fp8" else 0.03)
+
+
+def test_lm_head_is_not_quantised():
+    head = LINEAR.replace("%6 = aten.neg(%5) : f32[s0, 5, 16]\n", "").replace("return %6", "return %5")
+    g, n = _quantize(head, "int8")
+    assert n == 1                                    # the second linear only feeds the output
+    verify(g)
+
+
+def expected_tiny(layers, moe):
+    linears = layers * (4 if moe else 7)             # q k v o (+ gate up down); experts and
+    return linears                                   # the router stay, the LM head too
+
+
+@pytest.mark.parametrize("quant, bound", [("fp8", 0.2), ("int8", 0.08)])
+@pytest.mark.parametrize("name", ["llama_gqa", "mixtral"])
+def test_tiny_models_quantised(name, quant, bound):
+    moe = name == "mixtral"
+    model = models.TINY_MODELS[name]()
+    graphs, outs, ref = compile_and_compare(model, options={"quant": quant})
+    errs = [rel_err(a, b) for a, b in zip(outs, ref)]
+    print(f"{name} {quant}: logits relative error per call", ["%.3f" % e for e in errs])
+    assert max(errs) < bound
+    for g in graphs:
+        c = counts(g)
+        assert c["kiln.scaled_mm"] == expected_tiny(2, moe), str(g)
+        assert c["aten.mm"] == (3 if moe else 1)     # LM head (+ one router per layer)
+        assert c["kiln.attention"] == 2 and c["kiln.rope"] == 4
+        assert c["kiln.fused_moe"] == (2 if moe else 0)
+        # fuse.quant: every quantised activation that follows a norm or silu_mul joins it
+        assert c["kiln.rms_norm_quant"] == 1
+        assert c["kiln.fused_add_rms_norm_quant"] == (1 if moe else 3)
+        assert c["kiln.silu_mul_quant"] == (0 if moe else 2)
+        assert c["kiln.rms_norm"] == 0 and c["kiln.silu_mul"] == 0
+        assert c["kiln.fused_add_rms_norm"] == (3 if moe else 1)   # before MoE / LM head
+
+
+# A fixed text in four 64-token parts (prose, science, a recipe, code); positions are
+# teacher-forced, so every position is compared on identical inputs.
+TEXTS = [
+    "The history of the printing press begins in the fifteenth century, when Johannes "
+    "Gutenberg combined movable metal type, oil-based ink and a wooden press adapted from "
+    "wine making. Within fifty years printers had spread to more than two hundred cities "
+    "across Europe, and the price of books fell so far that reading became common among "
+    "merchants and craftsmen.",
+    "Photosynthesis is the process by which green plants, algae and some bacteria turn "
+    "light energy into chemical energy. Inside the chloroplasts, chlorophyll absorbs "
+    "sunlight, and the energy is used to split water molecules, releasing oxygen and "
+    "producing sugars from carbon dioxide taken from the air. Almost all life on Earth "
+    "depends on it, directly or indirectly, because plants form the base of nearly every "
+    "food chain.",
+    "To make a simple tomato sauce, warm two tablespoons of olive oil in a pan over medium "
+    "heat. Add a chopped onion and cook it slowly until it is soft and golden, then stir in "
+    "two cloves of garlic. Pour in a can of crushed tomatoes, season with salt and pepper, "
+    "and let the sauce simmer for twenty minutes.",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n"
+    "        return n\n    a, b = 0, 1\n    for _ in range(n - 1):\n        a, b = b, a + b\n"
+    "    return b\n\n\nfor i in range(10):\n    print(i, fibonacci(i))\n",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2):
+    model, tok = smollm2
+    ids = torch.stack([tok(t, return_tensors="pt")["input_ids"][0, :64] for t in TEXTS])
+    assert ids.shape == (4, 64)
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+    return model, ids, ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant, bound", [("fp8", 0.2), ("int8", 0.2)])
+def test_smollm2_teacher_forced_top1(smollm2_reference, quant, bound):
+    model, ids, ref = smollm2_reference
+    torch._dynamo.reset()
+    graphs = []
+    fn = torch.compile(model, backend="kiln", options={"quant": quant, "observer": graphs.append})
+    with torch.no_grad():
+        out = fn(input_ids=ids, use_cache=False).logits
+    torch._dynamo.reset()
+    c = counts(graphs[0].graph)
+    # 30 layers x 7 linears, less the first and last layer (full precision), less the head
+    assert c["kiln.scaled_mm"] == 28 * 7
+    agree = (out.argmax(-1) == ref.argmax(-1)).float()
+    err = rel_err(out, ref)
+    per_text = [f"{a:.3f}" for a in agree.mean(-1).tolist()]
+    print(f"SmolLM2 {quant}: logits relative error {err:.3f}; teacher-forced top-1 agreement "
+          f"{agree.mean().item():.3f} over {agree.numel()} positions (per part: {per_text})")
+    assert err < bound
+    assert agree.mean().item() >= 0.9
