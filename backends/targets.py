@@ -36,7 +36,8 @@ class Target:
                 f"status={self.status}")
 
 
-_CPU_KERNELS = {"attention": "kiln.backends.cpu_kernels:attention"}
+_CPU_KERNELS = {"attention": "kiln.backends.cpu_kernels:attention",
+                "paged_attention": "kiln.backends.paged_attention:paged_attention"}
 # Triton modules and the fused ops each implements (launcher named like the op).
 _TRITON_MODULES = {
     "norm": ("rms_norm", "fused_add_rms_norm"),
@@ -50,6 +51,8 @@ _TRITON_MODULES = {
 }
 _TRITON_KERNELS = {op: f"kiln.backends.triton.{module}:{op}"
                    for module, ops in _TRITON_MODULES.items() for op in ops}
+# No Triton paged attention yet: batched SDPA in torch (capture-safe on decode batches).
+_TRITON_KERNELS["paged_attention"] = "kiln.backends.paged_attention:paged_attention"
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("cpu", "cpu", kernels=_CPU_KERNELS),

@@ -19,6 +19,8 @@ class CompileOptions:
     quant: str | None = None                   # None, "fp8" or "int8"
     observer: Callable | None = None           # called with each CompiledGraph (tests, tools)
     record: bool = False                       # keep the IR text after every pass (kiln dump)
+    serving: bool = False                      # run the serving-only passes (serve.kv_cache)
+    block_size: int = 16                       # serving: tokens per KV-cache block
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -37,11 +37,18 @@ class CompiledGraph:
 
 
 def mutated_inputs(graph: Graph) -> set[int]:
-    """Indices of the graph inputs that some op writes in place."""
+    """Indices of the graph inputs that some op writes in place (an op's first operand, or
+    the operands its `mutated_operands` names, e.g. the caches of kiln.paged_attention)."""
     from kiln.ir.ops import get_op
     index = {v: i for i, v in enumerate(graph.inputs)}
-    return {index[n.args[0]] for n in graph.nodes
-            if get_op(n.op).has("mutates") and n.args and n.args[0] in index}
+    out = set()
+    for n in graph.nodes:
+        op = get_op(n.op)
+        if op.has("mutates"):
+            for k in op.extra.get("mutated_operands", (0,)):
+                if k < len(n.args) and n.args[k] in index:
+                    out.add(index[n.args[k]])
+    return out
 
 
 def compile_graph(graph: Graph, options: CompileOptions | None = None) -> CompiledGraph:
@@ -52,8 +59,8 @@ def compile_graph(graph: Graph, options: CompileOptions | None = None) -> Compil
     if opts.dump_dir:
         dump = Path(opts.dump_dir) / f"{graph.name}_{next(_graph_ids)}"
     pm = PassManager(passes=opts.passes, disabled=opts.disable_passes, verify_each=opts.verify,
-                     dump_dir=dump, rewrite_limit=opts.pass_limit,
-                     options={"target": target, "quant": opts.quant})
+                     dump_dir=dump, rewrite_limit=opts.pass_limit, serving=opts.serving,
+                     options={"target": target, "quant": opts.quant, "block_size": opts.block_size})
     pm.run(graph, record=opts.record)
     source = wrapper.generate(graph, target)
     if dump is not None:

@@ -32,9 +32,17 @@ KILN_OPS = {
     "silu_mul_quant": (("gate", "up"), ("qdtype",), kiln_ref.silu_mul_quant, (), None),
     "scaled_mm": (("a", "a_scale", "b", "b_scale", "bias"), ("out_dtype",), kiln_ref.scaled_mm,
                   (), None),
+    # Serving (serve.kv_cache): writes k/v into k_cache/v_cache (operands 3 and 4).
+    "paged_attention": (("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "block_tables",
+                         "context_lens", "query_start"), ("scale",), kiln_ref.paged_attention,
+                        ("mutates",), _like_first),   # typed without running: reads metadata on the host
 }
+# Operands a `mutates` kiln op writes in place (default: its first operand).
+MUTATED_OPERANDS = {"paged_attention": (3, 4)}
 
 for _name, (_operands, _attrs, _ref, _traits, _infer) in KILN_OPS.items():
     register(OpDef(f"kiln.{_name}", _ref, frozenset(_traits), infer=_infer,
                    doc=(_ref.__doc__ or "").strip().split("\n")[0],
-                   operands=_operands, attr_names=_attrs))
+                   operands=_operands, attr_names=_attrs,
+                   extra={"mutated_operands": MUTATED_OPERANDS.get(_name, (0,))}
+                   if "mutates" in _traits else {}))

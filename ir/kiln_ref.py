@@ -167,3 +167,36 @@ def quantize_weight(w: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor,
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, query_start: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Attention of a flattened batch of sequences over a paged KV cache (writes the cache).
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D]: the new tokens of N sequences laid end to end,
+    sequence i owning rows query_start[i] : query_start[i+1] (query_start: [N+1] int32).
+    k_cache, v_cache: [num_blocks, block_size, Hkv, D]. First, token t's k/v are written in
+    place at slot slot_mapping[t] (block slot // block_size, offset slot % block_size).
+    Then sequence i, whose context after this step is its first context_lens[i] tokens
+    (block b of it in block block_tables[i, b]), attends: its n new tokens are the last n of
+    the context, and each attends every context token up to its own position (causal,
+    bottom-right aligned), with query head h reading KV head h // (Hq // Hkv). Softmax in
+    float32; output [T, Hq, D] in q's dtype; rows no sequence owns are zero.
+    """
+    num_blocks, block_size, hkv, d = k_cache.shape
+    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    out = torch.zeros_like(q)
+    starts = query_start.tolist()
+    for i, length in enumerate(context_lens.tolist()):
+        lo, hi = starts[i], starts[i + 1]
+        blocks = block_tables[i, : -(-length // block_size)].long()
+        keys = k_cache[blocks].reshape(-1, hkv, d)[:length]
+        values = v_cache[blocks].reshape(-1, hkv, d)[:length]
+        # [n, H, D] -> [1, H, n, D]: one sequence as a batch of one for `attention`.
+        o = attention(q[lo:hi].transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                      values.transpose(0, 1)[None], None, scale, True)
+        out[lo:hi] = o[0].transpose(0, 1).to(q.dtype)
+    return out

@@ -1,0 +1,135 @@
+"""Compile a Hugging Face causal LM into the serving graph and build the engine around it.
+
+The model is captured from its own modeling code as a pure function of one flattened
+batch, `model(input_ids=[1, T], position_ids=[1, T], use_cache=False)` with T symbolic
+(dynamo + AOTAutograd, the same capture the torch.compile backend uses), then runs the
+default pipeline plus the serving-only passes (serve.kv_cache: paged attention over the
+runtime's KV-cache blocks). `PagedModelRunner` runs the result for the engine.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kiln.frontends.dynamo import decompositions, input_names
+from kiln.frontends.fx import from_fx
+from kiln.ir import Graph
+
+from .config import CompileOptions
+from .driver import CompiledGraph, compile_graph
+
+# How many serving captures this process ran (tests: loading an artifact must not capture).
+CAPTURES = 0
+EXAMPLE_TOKENS = 8
+
+
+def capture_serving(model: torch.nn.Module, example_tokens: int = EXAMPLE_TOKENS) -> Graph:
+    """The flat-batch forward of `model` as a kiln Graph (before any pass)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    global CAPTURES
+    graphs: list[Graph] = []
+
+    def backend(gm, example_inputs):
+        names = input_names(gm)
+
+        def fw_compiler(fx_gm, fw_inputs):
+            graphs.append(from_fx(fx_gm, names))
+            return fx_gm   # this one call runs eagerly; the graph is all we wanted
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler,
+                                     decompositions=decompositions(),
+                                     keep_inference_input_mutations=True)
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, example_tokens), device=device)
+    pos = torch.arange(example_tokens, device=device)[None]
+    torch._dynamo.mark_dynamic(ids, 1)
+    torch._dynamo.mark_dynamic(pos, 1)
+    # transformers wraps every model's forward in one decorator: all models share one code
+    # object and dynamo's recompile limit, so start from a clean slate.
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        fn(input_ids=ids, position_ids=pos, use_cache=False)
+    torch._dynamo.reset()
+    if len(graphs) != 1:
+        raise RuntimeError(f"serving capture produced {len(graphs)} graphs, expected 1")
+    CAPTURES += 1
+    return graphs[0]
+
+
+def retarget_devices(graph: Graph, device: str) -> int:
+    """Point device literals of a graph captured on one device (the CPU) at another."""
+    dev = torch.device(device)
+    changed = 0
+
+    def fix(a):
+        nonlocal changed
+        if isinstance(a, torch.device) and a.type != dev.type:
+            changed += 1
+            return dev
+        if isinstance(a, list):
+            return [fix(x) for x in a]
+        return a
+    for n in graph.nodes:
+        n.args = [fix(a) for a in n.args]
+        n.attrs = {k: fix(a) for k, a in n.attrs.items()}
+    return changed
+
+
+def compile_serving(model: torch.nn.Module, target: str = "cpu", block_size: int = 16,
+                    record: bool = False, **options) -> CompiledGraph:
+    """Capture + passes (serving) + wrapper: the graph a PagedModelRunner runs."""
+    graph = capture_serving(model)
+    opts = CompileOptions.make(options, target=target, serving=True, block_size=block_size,
+                               record=record, cudagraphs=False)
+    from kiln.backends.targets import get_target
+    if get_target(target).device_type != "cpu":
+        retarget_devices(graph, get_target(target).device_type)
+    return compile_graph(graph, opts)
+
+
+def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by the names the captured graph uses for its inputs."""
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
+    return out
+
+
+@dataclass
+class ServingConfig:
+    max_model_len: int | None = None      # default: the model's, capped at 4096
+    num_blocks: int | None = None         # default: from kv_cache_gib
+    kv_cache_gib: float = 1.0             # KV-cache memory when num_blocks is not given
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_waiting: int = 256
+    enable_prefix_caching: bool = True
+    cudagraphs: bool = True               # cuda target: replay decode buckets
+
+
+def default_max_model_len(config, cap: int = 4096) -> int:
+    return min(getattr(config, "max_position_embeddings", cap) or cap, cap)
+
+
+def make_runner(compiled_fn, graph: Graph, weights: dict, vocab_size: int, max_model_len: int,
+                cfg: ServingConfig, device: str = "cpu"):
+    from kiln.runtime.model_runner import PagedModelRunner, cache_bytes_per_block
+    per_block = cache_bytes_per_block(graph)
+    num_blocks = cfg.num_blocks
+    if num_blocks is None:
+        num_blocks = max(int(cfg.kv_cache_gib * 2**30 // per_block),
+                         math.ceil(max_model_len / PagedModelRunner.block_size_of(graph)))
+    return PagedModelRunner(compiled_fn, graph, weights, num_blocks=num_blocks,
+                            max_model_len=max_model_len, vocab_size=vocab_size, device=device,
+                            cudagraphs=cfg.cudagraphs and torch.device(device).type == "cuda")
+
+
+def make_engine(runner, tokenizer, cfg: ServingConfig):
+    from kiln.runtime.engine import EngineConfig, LLMEngine
+    return LLMEngine(runner, tokenizer, EngineConfig(
+        max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_waiting=cfg.max_waiting, enable_prefix_caching=cfg.enable_prefix_caching))

@@ -1,0 +1,228 @@
+"""The model runner: a compiled serving graph (serve.kv_cache) behind the ModelRunner protocol.
+
+It owns the KV cache (one K and one V tensor per layer, [num_blocks + 1, block_size, Hkv, D];
+the extra last block is scratch that padded batch rows write to), binds every graph input
+by name (batch fields, caches, weights), and returns the [N, vocab] logits of each
+sequence's last new token.
+
+On a GPU (cudagraphs=True) decode batches replay CUDA graphs: one per bucket of 1, 2, 4,
+..., 64 sequences, captured on first use over static input buffers; a batch of n sequences
+runs in the smallest bucket >= n, its rows past n padded with scratch sequences (one token,
+context 1, writing the scratch block). Block tables are padded to the width that
+max_model_len needs. Prefill and mixed batches, and decode batches past the largest
+bucket, run eagerly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from kiln.ir import Graph, TensorType
+
+from .batch import FlatBatch
+
+log = logging.getLogger("kiln.runtime")
+
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+BATCH_FIELDS = ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens",
+                "query_start")
+
+
+def is_cache_input(name: str) -> bool:
+    return name.startswith("kv_cache.")
+
+
+def cache_inputs(graph: Graph) -> list:
+    return [v for v in graph.inputs if is_cache_input(v.name)]
+
+
+def cache_bytes_per_block(graph: Graph) -> int:
+    total = 0
+    for v in cache_inputs(graph):
+        _, bs, hkv, d = v.type.shape
+        total += bs * hkv * d * v.type.dtype.itemsize
+    return total
+
+
+def pick_bucket(n: int, buckets=DECODE_BUCKETS) -> int | None:
+    """The smallest bucket that holds n sequences, or None (run eagerly)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    return None
+
+
+class DecodeBuffers:
+    """Static inputs of one decode bucket: a batch of n <= size sequences is copied in and
+    the rows past n become scratch sequences (token 0 at position 0, context 1, writing and
+    reading only `scratch_block`)."""
+
+    def __init__(self, size: int, width: int, scratch_block: int, block_size: int,
+                 device: torch.device):
+        self.size, self.width = size, width
+        self.scratch_slot = scratch_block * block_size
+        self.scratch_block = scratch_block
+        z = dict(device=device)
+        self.input_ids = torch.zeros(size, dtype=torch.int64, **z)
+        self.positions = torch.zeros(size, dtype=torch.int64, **z)
+        self.slot_mapping = torch.full((size,), self.scratch_slot, dtype=torch.int64, **z)
+        self.block_tables = torch.full((size, width), scratch_block, dtype=torch.int32, **z)
+        self.context_lens = torch.ones(size, dtype=torch.int32, **z)
+        self.query_start = torch.arange(size + 1, dtype=torch.int32, **z)
+
+    def fill(self, batch: FlatBatch) -> None:
+        n, w = batch.num_seqs, batch.block_tables.shape[1]
+        assert batch.is_decode and n <= self.size and w <= self.width
+        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
+        self.positions[:n].copy_(batch.positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(batch.slot_mapping, non_blocking=True)
+        self.context_lens[:n].copy_(batch.context_lens, non_blocking=True)
+        self.block_tables[:n, :w].copy_(batch.block_tables, non_blocking=True)
+        # Rows past n (and table entries past w) may hold an earlier batch's values: reset.
+        self.input_ids[n:] = 0
+        self.positions[n:] = 0
+        self.slot_mapping[n:] = self.scratch_slot
+        self.context_lens[n:] = 1
+        self.block_tables[:n, w:] = self.scratch_block
+        self.block_tables[n:] = self.scratch_block
+
+    def field(self, name: str) -> torch.Tensor:
+        return getattr(self, name)
+
+
+class PagedModelRunner:
+    """ModelRunner over a compiled serving graph. `fn(*inputs)` returns (logits,)."""
+
+    def __init__(self, fn, graph: Graph, weights: dict[str, torch.Tensor], num_blocks: int,
+                 max_model_len: int, vocab_size: int, device: str | torch.device = "cpu",
+                 cudagraphs: bool = False, buckets=DECODE_BUCKETS, pad_decode: bool | None = None):
+        self.fn = fn
+        self.device = torch.device(device)
+        self.block_size = self.block_size_of(graph)
+        self.num_blocks = num_blocks
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.buckets = tuple(sorted(buckets))
+        self.cudagraphs = cudagraphs
+        # Padding to buckets is what graph replay needs; tests switch it on alone on the CPU.
+        self.pad_decode = cudagraphs if pad_decode is None else pad_decode
+        self.max_blocks_per_seq = math.ceil(max_model_len / self.block_size)
+        self.scratch_block = num_blocks   # allocated past what the engine hands out
+        self.caches: dict[str, torch.Tensor] = {}
+        self._binding: list = []          # per graph input: a tensor, or a batch field name
+        missing = []
+        for v in graph.inputs:
+            if v.name in BATCH_FIELDS:
+                self._binding.append(v.name)
+            elif is_cache_input(v.name):
+                _, bs, hkv, d = v.type.shape
+                cache = torch.zeros(num_blocks + 1, bs, hkv, d, dtype=v.type.dtype, device=self.device)
+                self.caches[v.name] = cache
+                self._binding.append(cache)
+            elif v.name in weights:
+                self._binding.append(self._weight(v, weights[v.name]))
+            else:
+                missing.append(v.name)
+        if missing:
+            raise ValueError(f"no weight for graph input(s) {', '.join(missing[:8])}"
+                             f"{' ...' if len(missing) > 8 else ''}: the weights do not match "
+                             f"the compiled graph (recompile for this model)")
+        absent = [f for f in BATCH_FIELDS if f not in self._binding]
+        if absent:
+            raise ValueError(f"the graph is not a serving graph: no input(s) {', '.join(absent)} "
+                             f"(compile with serve.kv_cache)")
+        self._buffers: dict[int, DecodeBuffers] = {}
+        self._graphs: dict[int, tuple] = {}   # bucket -> (CUDAGraph, static output)
+        self._uncapturable: set[int] = set()
+        self._pool = None
+        self.steps = 0
+        self.replays = 0
+
+    @staticmethod
+    def block_size_of(graph: Graph) -> int:
+        caches = cache_inputs(graph)
+        if not caches:
+            raise ValueError("the graph has no kv_cache.* inputs: not a serving graph")
+        bs = caches[0].type.shape[1]
+        if not isinstance(bs, int):
+            raise ValueError(f"the cache block size must be a constant, got {bs}")
+        return bs
+
+    def _weight(self, v, t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(v.type, TensorType):
+            raise ValueError(f"graph input %{v.name} is {v.type}, not a tensor")
+        want = tuple(v.type.shape)
+        if tuple(t.shape) != want:
+            raise ValueError(f"weight {v.name} has shape {tuple(t.shape)}, the graph expects "
+                             f"{want} (recompile for this model)")
+        return t.detach().to(device=self.device, dtype=v.type.dtype)
+
+    # -- the ModelRunner protocol ----------------------------------------------------------------
+    def execute(self, batch: FlatBatch) -> torch.Tensor:
+        self.steps += 1
+        n = batch.num_seqs
+        bucket = pick_bucket(n, self.buckets) if self.pad_decode and batch.is_decode else None
+        if bucket is not None and batch.block_tables.shape[1] <= self.max_blocks_per_seq:
+            return self._run_bucket(batch, bucket)[:n]
+        b = batch.to(self.device, non_blocking=True)
+        (logits,) = self.fn(*self._args(lambda name: getattr(b, name)))
+        return logits
+
+    def _args(self, field) -> list:
+        return [field(x) if isinstance(x, str) else x for x in self._binding]
+
+    # -- decode buckets --------------------------------------------------------------------------
+    def buffers(self, bucket: int) -> DecodeBuffers:
+        buf = self._buffers.get(bucket)
+        if buf is None:
+            buf = DecodeBuffers(bucket, self.max_blocks_per_seq, self.scratch_block,
+                                self.block_size, self.device)
+            self._buffers[bucket] = buf
+        return buf
+
+    def _run_bucket(self, batch: FlatBatch, bucket: int) -> torch.Tensor:
+        buf = self.buffers(bucket)
+        buf.fill(batch)
+        if not self.cudagraphs:
+            (logits,) = self.fn(*self._args(buf.field))
+            return logits
+        entry = self._graphs.get(bucket)
+        if entry is None and bucket not in self._uncapturable:
+            entry = self._capture(bucket, buf)
+            if entry is None:
+                (logits,) = self.fn(*self._args(buf.field))
+                return logits
+        graph, out = entry
+        graph.replay()
+        self.replays += 1
+        return out.clone()
+
+    def _capture(self, bucket: int, buf: DecodeBuffers):
+        """Warm up on a side stream (compiles kernels), then capture one decode step. The
+        warm-up and capture runs write K/V only for the batch in the buffers (its own slots,
+        with the same values the real step writes) and the scratch block."""
+        args = self._args(buf.field)
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.fn(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                (out,) = self.fn(*args)
+        except Exception as e:  # noqa: BLE001 - a graph that cannot be captured runs eagerly
+            log.warning("kiln: CUDA graph capture failed for decode bucket %d (%s); eager", bucket, e)
+            self._uncapturable.add(bucket)
+            torch.cuda.synchronize()
+            return None
+        self._graphs[bucket] = (graph, out)
+        return graph, out
+
+    def reset_cache(self) -> None:
+        for c in self.caches.values():
+            c.zero_()
