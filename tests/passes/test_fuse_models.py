@@ -83,3 +83,16 @@ def test_smollm2_eager_attention():
     check_graphs(graphs, SMOLLM2)
     check_numerics(outs, ref)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen3_moe"])
+def test_bfloat16_model_fuses_through_its_casts(name):
+    # float32 upcasts in RMSNorm, float32 softmax and MoE routing, casts back
+    model = models.TINY_MODELS[name](attn_implementation="eager").to(torch.bfloat16)
+    graphs, outs, ref = compile_and_compare(model)
+    check_graphs(graphs, TINY[name])
+    # bf16 rounding differs slightly upstream of the MoE router; at this size a near-tie
+    # between two experts then sometimes flips a token's expert (about one run in ten),
+    # so the MoE model gets a sanity bound, the dense one the bf16 bound.
+    check_numerics([o.float() for o in outs], [r.float() for r in ref],
+                   tol=3e-2 if name == "llama_gqa" else 0.25)
