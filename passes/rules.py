@@ -55,6 +55,8 @@ Reference (what the README documents):
   `KilnRuleError` before touching the graph.
 
 Rule files live in `passes/rules/*.kiln` (package data); `list_rules()` lists them.
+`apply_rules(graph, text_or_path)` tries rules by hand: a rule that matches nothing then
+raises `KilnRuleError` with how far its closest attempt got.
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ from .pattern import (MISSING, AttrPat, Const, Constraint, KilnRuleError, ListPa
 RULES_DIR = Path(__file__).parent / "rules"
 
 __all__ = ["KilnRuleError", "parse_rules", "load_rules", "rule_files", "list_rules",
-           "FUNCTIONS", "RULES_DIR"]
+           "apply_rules", "FUNCTIONS", "RULES_DIR"]
 
 
 @lru_cache(maxsize=None)
@@ -793,3 +795,15 @@ def list_rules() -> list[tuple[str, str, str]]:
         for p in load_rules(f):
             out.append((f"{f}.kiln", p.name, p.doc))
     return out
+
+
+def apply_rules(graph, source: str, require_match: bool = True, ctx=None) -> int:
+    """Applies the rules of `source` (.kiln text, or the path of a .kiln file) to `graph`,
+    in order; for trying a rule by hand. With `require_match`, a rule that matches
+    nothing raises KilnRuleError saying where its closest attempt stopped."""
+    from .pattern import apply_patterns
+    file = "<string>"
+    if source.endswith(".kiln") and "\n" not in source:
+        file = source
+        source = Path(source).read_text()
+    return apply_patterns(graph, parse_rules(source, file), ctx, require_match=require_match)

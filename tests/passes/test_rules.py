@@ -13,7 +13,7 @@ from kiln.ir import parse, print_graph, run, verify
 from kiln.passes import PassContext
 from kiln.passes import rules as rules_mod
 from kiln.passes.pattern import KilnRuleError, PatternBuilder, apply_patterns
-from kiln.passes.rules import list_rules, load_rules, parse_rules, rule_files
+from kiln.passes.rules import apply_rules, list_rules, load_rules, parse_rules, rule_files
 
 RMS_RULE = """
 // x * rsqrt(mean(x^2) + eps) * w
@@ -382,3 +382,12 @@ def test_docstring_example_is_a_valid_rule():
     (pat,) = parse_rules(textwrap.dedent(doc[start:end]))
     g = graph()
     assert rewrite_keeps_values(g, [pat]) == 1
+
+
+def test_apply_rules_from_a_file(tmp_path):
+    path = tmp_path / "mine.kiln"
+    path.write_text(RMS_RULE)
+    g = graph()
+    assert apply_rules(g, str(path)) == 1
+    with pytest.raises(KilnRuleError, match=r"mine\.kiln:\d+: rule rms: matched nothing"):
+        apply_rules(g, str(path))
