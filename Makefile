@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(KILN) generate smollm2 --prompt "$(PROMPT)" --max-tokens 32
+	$(KILN) compile smollm2 -t cpu -o build/smollm2.kiln
+	$(KILN) generate build/smollm2.kiln --prompt "$(PROMPT)" --max-tokens 32
 
 # CPU only: Triton kernels run under the interpreter.
 test: $(STAMP)

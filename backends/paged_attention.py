@@ -1,9 +1,9 @@
-"""kiln.paged_attention in torch ops (SDPA per group of sequences), for the CPU and as the
+"""kiln.paged_attention in torch ops (batched matmuls for decodes, SDPA per prefill), for the CPU and as the
 GPU fallback until a Triton kernel exists. Must match `kiln.ir.kiln_ref.paged_attention`
 (tests check).
 
 Two paths:
-- decode (T == N: every sequence has exactly one new token): one batched SDPA over each
+- decode (T == N: every sequence has exactly one new token): batched matmuls over each
   sequence's blocks gathered to the batch's block-table width, keys past context_lens
   masked. No host synchronisation and static shapes, so a CUDA graph can capture it for a
   padded decode bucket.
@@ -24,18 +24,21 @@ def write_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 def _decode(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """q: [n, Hq, D], one token per sequence; returns [n, Hq, D]."""
+    """q: [n, Hq, D], one token per sequence; returns [n, Hq, D]. Plain batched matmuls with
+    the query heads of one KV head folded together (no repeat of K/V): at one query per
+    sequence these small ops beat SDPA's threaded kernel, which stalls on a busy CPU."""
     n, hq, d = q.shape
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    tables = block_tables.long()
-    keys = k_cache[tables].flatten(1, 2).transpose(1, 2)      # [n, Hkv, B*bs, D]
-    values = v_cache[tables].flatten(1, 2).transpose(1, 2)
-    width = keys.shape[2]
-    mask = torch.arange(width, device=q.device)[None, :] < context_lens[:, None].to(torch.long)
-    out = F.scaled_dot_product_attention(q[:, :, None].to(keys.dtype), keys, values,
-                                         attn_mask=mask[:, None, None, :], scale=scale,
-                                         enable_gqa=hq != hkv)
-    return out[:, :, 0].to(q.dtype)
+    _, bs, hkv, _ = k_cache.shape
+    width = block_tables.shape[1] * bs
+    blocks = block_tables.reshape(-1).long()
+    keys = k_cache.index_select(0, blocks).view(n, width, hkv, d).transpose(1, 2)   # [n, Hkv, L, D]
+    values = v_cache.index_select(0, blocks).view(n, width, hkv, d).transpose(1, 2)
+    qg = q.view(n, hkv, hq // hkv, d).to(keys.dtype)                                 # [n, Hkv, G, D]
+    scores = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale        # [n, Hkv, G, L]
+    past = torch.arange(width, device=q.device)[None, :] >= context_lens[:, None].to(torch.long)
+    scores = scores.masked_fill(past[:, None, None, :], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), values.float())               # [n, Hkv, G, D]
+    return out.reshape(n, hq, d).to(q.dtype)
 
 
 def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens,

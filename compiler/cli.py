@@ -14,7 +14,77 @@ def _load(spec: str, dtype: str = "float32", attn: str = "sdpa"):
     return hf.load(spec, dtype=getattr(torch, dtype), attn_implementation=attn)
 
 
+def _serving_config(args):
+    from .serving import ServingConfig
+    return ServingConfig(
+        max_model_len=getattr(args, "max_model_len", None),
+        num_blocks=getattr(args, "num_blocks", None),
+        kv_cache_gib=getattr(args, "kv_cache_gib", 1.0),
+        max_num_seqs=getattr(args, "max_num_seqs", 64),
+        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 512),
+        max_waiting=getattr(args, "max_waiting", 256),
+        enable_prefix_caching=not getattr(args, "no_prefix_caching", False),
+        cudagraphs=not getattr(args, "no_cudagraphs", False))
+
+
+def _served(args):
+    """The engine for MODEL|DIR: an artifact is loaded as is, a model compiled first."""
+    from .artifact import Steps
+    from .serving import build_served
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+    with Steps() as steps:
+        served = build_served(args.model, _serving_config(args), target=args.target,
+                              dtype=args.dtype, block_size=getattr(args, "block_size", 16),
+                              steps=steps, model_name=getattr(args, "served_model_name", None))
+    took = ", ".join(f"{k} {v:.1f} s" for k, v in steps.seconds.items())
+    print(f"kiln: {served.source} ({took})", file=sys.stderr)
+    return served
+
+
+def _run_one(engine, prompt_ids, params, on_text=None):
+    """Runs one request through the engine; returns (output, seconds to first token, total)."""
+    t0 = time.perf_counter()
+    rid = engine.add_request(prompt_ids, params)
+    first, text, tokens, last = None, "", [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id != rid:
+                continue
+            if first is None and out.token_ids:
+                first = time.perf_counter() - t0
+            tokens += out.token_ids
+            text += out.text
+            if on_text and out.text:
+                on_text(out.text)
+            last = out
+    return text, tokens, last, first or 0.0, time.perf_counter() - t0
+
+
 def cmd_generate(args) -> int:
+    if args.backend != "kiln":
+        return _generate_static(args)
+    from kiln.runtime.sequence import SamplingParams
+
+    from .generate import chat_input_ids
+    served = _served(args)
+    ids = chat_input_ids(served.tokenizer, args.prompt, chat=not args.no_chat)[0].tolist()
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            seed=args.seed, ignore_eos=args.ignore_eos)
+    text, tokens, last, ttft, total = _run_one(served.engine, ids, params)
+    print(text.strip())
+    decode = len(tokens) - 1
+    rate = decode / (total - ttft) if decode > 0 and total > ttft else 0.0
+    print(f"\n[kiln engine, {served.engine.runner.device}] prompt {len(ids)} tokens, first token {ttft:.2f} s | "
+          f"{len(tokens)} tokens ({last.finish_reason if last else '-'}) | decode {rate:.1f} tokens/s",
+          file=sys.stderr)
+    return 0
+
+
+def _generate_static(args) -> int:
+    """The StaticCache loop of `kiln.generate` over an uncompiled / inductor / kiln
+    torch.compile model: a baseline to compare the engine with."""
     import torch
 
     from .generate import chat_input_ids, compile_model, greedy
@@ -22,7 +92,8 @@ def cmd_generate(args) -> int:
     model, tok = _load(args.model, args.dtype)
     load_s = time.perf_counter() - t0
     ids = chat_input_ids(tok, args.prompt, chat=not args.no_chat)
-    fn = compile_model(model, args.backend, {"target": args.target} if args.backend == "kiln" else None)
+    backend = "kiln" if args.backend == "kiln-static" else args.backend
+    fn = compile_model(model, backend, {"target": args.target} if backend == "kiln" else None)
     torch.manual_seed(0)
     gen = greedy(fn, model, ids, args.max_tokens, eos_token_id=tok.eos_token_id)
     text = tok.decode(gen.tokens, skip_special_tokens=True)
@@ -31,6 +102,88 @@ def cmd_generate(args) -> int:
           f"first call {gen.prefill_seconds:.2f} s | {len(gen.tokens)} tokens | "
           f"decode {gen.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
     return 0
+
+
+def cmd_compile(args) -> int:
+    from .artifact import Steps, compile_artifact
+    with Steps() as steps:
+        out = compile_artifact(args.model, args.target, args.output, block_size=args.block_size,
+                               dtype=args.dtype, quant=args.quant,
+                               disable_passes=args.disable.split(",") if args.disable else None,
+                               steps=steps)
+    took = ", ".join(f"{k} {v:.1f} s" for k, v in steps.seconds.items())
+    print(f"kiln: wrote {out} ({took}); serve it with: kiln serve {out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from kiln.runtime.engine import AsyncEngine
+    from kiln.runtime.server import create_app, serve
+    served = _served(args)
+    api_key = args.api_key or os.environ.get("KILN_API_KEY") or None
+    app = create_app(AsyncEngine(served.engine), served.model_name, api_key=api_key)
+    print(f"kiln: serving {served.model_name!r} on http://{args.host}:{args.port}/v1 "
+          f"(max {served.engine.max_model_len} tokens per sequence, "
+          f"{served.engine.runner.num_blocks} KV blocks of {served.engine.runner.block_size})",
+          file=sys.stderr)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from kiln.runtime.sequence import SamplingParams
+    served = _served(args)
+    tok = served.tokenizer
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("kiln chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        text = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+        ids = tok.encode(text, add_special_tokens=False)
+        if len(ids) + args.max_tokens > served.engine.max_model_len:
+            print("kiln chat: the conversation is longer than the model's context; /reset",
+                  file=sys.stderr)
+            history.pop()
+            continue
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                seed=args.seed)
+        sys.stdout.write("kiln> ")
+        reply, tokens, last, ttft, total = _run_one(
+            served.engine, ids, params, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        rate = (len(tokens) - 1) / (total - ttft) if len(tokens) > 1 and total > ttft else 0.0
+        print(f"[{len(tokens)} tokens, {rate:.1f} tokens/s]", file=sys.stderr)
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_bench_serve(args) -> int:
+    import json
+
+    from .bench import BenchConfig, format_report, run
+    cfg = BenchConfig(url=args.url, model=args.model, concurrency=args.concurrency,
+                      num_requests=args.num_requests, seed=args.seed, input_len=args.input_len,
+                      output_len=args.output_len, range_ratio=args.range_ratio,
+                      api_key=args.api_key)
+    rep = run(cfg)
+    print(format_report(rep))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
+    return 0 if rep["failed"] == 0 else 1
 
 
 def _capture(args):
@@ -154,15 +307,82 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="kiln: a declarative graph compiler for LLM inference")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text with a model compiled by kiln")
-    g.add_argument("model", nargs="?", default="smollm2", help="smollm2, a local HF directory or a GGUF file")
+    def engine_args(q, serving=False):
+        q.add_argument("model", nargs="?", default="smollm2",
+                       help="a compiled artifact directory (kiln compile -o DIR), or a model: "
+                            "smollm2, a local HF directory or a GGUF file (compiled first)")
+        q.add_argument("-t", "--target", default="cpu", help="target when compiling a model")
+        q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        q.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block "
+                       "(when compiling a model)")
+        q.add_argument("--max-model-len", type=int, help="longest sequence (default: the "
+                       "model's, at most 4096)")
+        q.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: --kv-cache-gib)")
+        q.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV-cache memory")
+        q.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
+        q.add_argument("--max-num-batched-tokens", type=int, default=512,
+                       help="new tokens per step (prefill chunks + decodes)")
+        q.add_argument("--no-prefix-caching", action="store_true")
+        q.add_argument("--no-cudagraphs", action="store_true", help="cuda: run decode eagerly")
+        q.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+        if serving:
+            q.add_argument("--max-waiting", type=int, default=256,
+                           help="queued requests before the server answers 429")
+
+    g = sub.add_parser("generate", help="answer one prompt through the serving engine")
+    engine_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--backend", default="kiln", choices=["kiln", "eager", "inductor"])
-    g.add_argument("--target", default="cpu")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--backend", default="kiln", choices=["kiln", "kiln-static", "eager", "inductor"],
+                   help="kiln: the engine over the compiled serving graph; the others run the "
+                        "StaticCache loop (kiln-static: torch.compile with the kiln backend)")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("compile", help="compile a model into an artifact directory for kiln serve")
+    c.add_argument("model", nargs="?", default="smollm2", help="smollm2, a local HF directory or a GGUF file")
+    c.add_argument("-t", "--target", default="cpu")
+    c.add_argument("-o", "--output", required=True, help="artifact directory (replaced atomically)")
+    c.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--quant", choices=["fp8", "int8"])
+    c.add_argument("--disable", help="comma-separated passes to switch off")
+    c.set_defaults(fn=cmd_compile)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible server for an artifact or a model")
+    engine_args(sv, serving=True)
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or $KILN_API_KEY)")
+    sv.add_argument("--served-model-name", help="the model name clients send (default: the model's)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(fn=cmd_serve)
+
+    ch = sub.add_parser("chat", help="interactive chat through the serving engine")
+    engine_args(ch)
+    ch.add_argument("--max-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0)
+    ch.add_argument("--seed", type=int)
+    ch.add_argument("--system", help="system prompt")
+    ch.set_defaults(fn=cmd_chat)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bs = bsub.add_parser("serve", help="load generator for a running OpenAI-compatible server")
+    bs.add_argument("--url", default="http://127.0.0.1:8000")
+    bs.add_argument("--model", help="default: the server's first model")
+    bs.add_argument("--concurrency", type=int, default=4)
+    bs.add_argument("--num-requests", type=int, default=32)
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--input-len", type=int, default=128)
+    bs.add_argument("--output-len", type=int, default=64)
+    bs.add_argument("--range-ratio", type=float, default=0.5)
+    bs.add_argument("--api-key")
+    bs.add_argument("--json", help="also write the report as JSON here")
+    bs.set_defaults(fn=cmd_bench_serve)
 
     d = sub.add_parser("dump", help="print the IR of a model after a pass")
     d.add_argument("model", nargs="?", default="smollm2")
@@ -193,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:   # StaleArtifact is a ValueError
         print(f"kiln {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -133,3 +133,55 @@ def make_engine(runner, tokenizer, cfg: ServingConfig):
     return LLMEngine(runner, tokenizer, EngineConfig(
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
         max_waiting=cfg.max_waiting, enable_prefix_caching=cfg.enable_prefix_caching))
+
+
+# -- engines from a model or an artifact ------------------------------------------------------------
+@dataclass
+class Served:
+    engine: object          # LLMEngine
+    tokenizer: object
+    model_name: str         # what clients pass as "model"
+    source: str             # "artifact DIR" or "compiled MODEL"
+    seconds: dict           # per step (load, capture, ...)
+
+
+def device_of(target: str) -> str:
+    from kiln.backends.targets import get_target
+    return get_target(target).device_type
+
+
+def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: str = "float32",
+                 block_size: int = 16, steps=None, model_name: str | None = None) -> Served:
+    """`source` is an artifact directory (loaded, never recompiled) or a model spec (smollm2,
+    an HF directory, a GGUF file: compiled in memory first)."""
+    from pathlib import Path
+
+    from . import artifact as art
+    step = steps or art.Steps(False)
+    p = Path(source).expanduser()
+    if art.is_artifact(p):
+        with step(f"load artifact {p}"):
+            a = art.load_artifact(p)
+            device = device_of(a.target)
+            weights = a.load_weights("cpu")
+            tok = a.tokenizer()
+        max_len = cfg.max_model_len or min(a.manifest["serving"]["max_position_embeddings"] or 4096, 4096)
+        with step("allocate KV cache"):
+            runner = make_runner(a.fn, a.graph, weights, a.vocab_size, max_len, cfg, device)
+        name = model_name or Path(a.manifest["model"]["spec"]).name
+        return Served(make_engine(runner, tok, cfg), tok, name, f"artifact {a.path}", step.seconds)
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise art.StaleArtifact(f"{p} is neither a kiln artifact (no {art.MANIFEST}) nor a model "
+                                f"directory (no config.json); compile one with: kiln compile MODEL "
+                                f"-t {target} -o {p}")
+    from kiln.frontends import hf
+    with step(f"load {source}"):
+        model, tok = hf.load(source, dtype=getattr(torch, dtype))
+    with step("capture and compile"):
+        compiled = compile_serving(model, target=target, block_size=block_size)
+    max_len = cfg.max_model_len or default_max_model_len(model.config)
+    with step("allocate KV cache"):
+        runner = make_runner(compiled.fn, compiled.graph, model_weights(model),
+                             model.config.vocab_size, max_len, cfg, device_of(target))
+    name = model_name or Path(str(source)).name
+    return Served(make_engine(runner, tok, cfg), tok, name, f"compiled {source}", step.seconds)

@@ -174,3 +174,36 @@ def test_refuses_graphs_it_cannot_serve():
 """)
     with pytest.raises(NotAServingCapture, match="mask depends on more than the positions"):
         serve_kv_cache(padding_mask, _ctx())
+
+
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_cpu_kernel_matches_reference(kind):
+    """backends/paged_attention.py (the cpu/cuda kernel) against kiln_ref.paged_attention."""
+    from kiln.backends.paged_attention import paged_attention
+    from kiln.ir.kiln_ref import paged_attention as reference
+    hq, hkv, d, bs, nb = 6, 2, 8, 4, 24
+    if kind == "decode":   # (context before, new tokens) per sequence
+        seqs = [(5, 1), (0, 1), (12, 1)]
+    else:
+        seqs = [(5, 1), (0, 7), (9, 3), (2, 1), (0, 1)]
+    free = torch.randperm(nb).tolist()
+    tables, slots, qstart, ctx = [], [], [0], []
+    for past, new in seqs:
+        n_blocks = -(-(past + new) // bs)
+        table = [free.pop() for _ in range(n_blocks)]
+        tables.append(table)
+        slots += [table[p // bs] * bs + p % bs for p in range(past, past + new)]
+        qstart.append(qstart[-1] + new)
+        ctx.append(past + new)
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    T = qstart[-1]
+    q, k, v = torch.randn(T, hq, d), torch.randn(T, hkv, d), torch.randn(T, hkv, d)
+    kc, vc = torch.randn(nb, bs, hkv, d), torch.randn(nb, bs, hkv, d)
+    meta = (torch.tensor(slots), bt, torch.tensor(ctx, dtype=torch.int32),
+            torch.tensor(qstart, dtype=torch.int32))
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = reference(q, k, v, kc, vc, *meta, scale=0.3)
+    got = paged_attention(q, k, v, kc2, vc2, *meta, scale=0.3)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert rel_err(got, want) < 1e-6

@@ -1,0 +1,170 @@
+"""`kiln bench serve`: a load generator for an OpenAI-compatible server.
+
+N concurrent clients share M streaming /v1/completions requests. Prompts are random token
+ids and prompt/output lengths come from a seeded uniform distribution around
+`--input-len` / `--output-len` (± range_ratio), so two runs with the same seed send the same
+requests. Every request asks for exactly its output length (`ignore_eos`, temperature 0).
+
+Reported: request and output-token throughput, and percentiles of TTFT (request sent to
+first token), TPOT (time per output token after the first: (latency - TTFT) / (tokens - 1))
+and ITL (gaps between streamed chunks).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class BenchConfig:
+    url: str = "http://127.0.0.1:8000"
+    model: str | None = None          # default: the first model /v1/models lists
+    concurrency: int = 4
+    num_requests: int = 32
+    seed: int = 0
+    input_len: int = 128
+    output_len: int = 64
+    range_ratio: float = 0.5          # lengths uniform in [len * (1 - r), len * (1 + r)]
+    token_range: tuple[int, int] = (1000, 10000)   # prompt token ids drawn from here
+    api_key: str | None = None
+    timeout: float = 600.0
+
+
+@dataclass
+class RequestResult:
+    prompt_tokens: int
+    output_tokens: int = 0
+    ttft: float | None = None
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def make_requests(cfg: BenchConfig) -> list[tuple[list[int], int]]:
+    rng = random.Random(cfg.seed)
+
+    def length(mean: int) -> int:
+        lo, hi = max(1, int(mean * (1 - cfg.range_ratio))), max(1, int(mean * (1 + cfg.range_ratio)))
+        return rng.randint(lo, hi)
+    out = []
+    for _ in range(cfg.num_requests):
+        n_in, n_out = length(cfg.input_len), length(cfg.output_len)
+        out.append(([rng.randrange(*cfg.token_range) for _ in range(n_in)], n_out))
+    return out
+
+
+async def _one(client, cfg: BenchConfig, model: str, prompt: list[int], max_tokens: int) -> RequestResult:
+    res = RequestResult(len(prompt))
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if "error" in data:
+                    res.error = data["error"].get("message", "error")
+                    break
+                now = time.perf_counter()
+                if data.get("usage"):
+                    res.output_tokens = data["usage"]["completion_tokens"]
+                if data.get("choices") and data["choices"][0].get("text"):
+                    if res.ttft is None:
+                        res.ttft = now - t0
+                    elif last is not None:
+                        res.itl.append(now - last)
+                    last = now
+    except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash
+        res.error = f"{type(e).__name__}: {e}"
+    res.latency = time.perf_counter() - t0
+    return res
+
+
+def percentiles(xs: list[float], ps=(50, 90, 99)) -> dict:
+    if not xs:
+        return {f"p{p}": None for p in ps} | {"mean": None}
+    s = sorted(xs)
+    out = {f"p{p}": s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))] for p in ps}
+    out["mean"] = statistics.fmean(s)
+    return out
+
+
+async def run_async(cfg: BenchConfig) -> dict:
+    import httpx
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=cfg.concurrency + 2)
+    async with httpx.AsyncClient(base_url=cfg.url, headers=headers, timeout=cfg.timeout,
+                                 limits=limits) as client:
+        model = cfg.model
+        if model is None:
+            r = await client.get("/v1/models")
+            r.raise_for_status()
+            model = r.json()["data"][0]["id"]
+        requests = make_requests(cfg)
+        queue: asyncio.Queue = asyncio.Queue()
+        for item in requests:
+            queue.put_nowait(item)
+        results: list[RequestResult] = []
+
+        async def worker():
+            while True:
+                try:
+                    prompt, n = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                results.append(await _one(client, cfg, model, prompt, n))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r.error is None]
+    out_tokens = sum(r.output_tokens for r in ok)
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok
+            if r.ttft is not None and r.output_tokens > 1]
+    return {
+        "config": {k: v for k, v in asdict(cfg).items() if k != "api_key"} | {"model": model},
+        "requests": len(results), "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if r.error})[:5],
+        "duration_s": wall,
+        "request_throughput": len(ok) / wall,
+        "output_tokens": out_tokens,
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "output_throughput": out_tokens / wall,
+        "ttft_s": percentiles([r.ttft for r in ok if r.ttft is not None]),
+        "tpot_s": percentiles(tpot),
+        "itl_s": percentiles([x for r in ok for x in r.itl]),
+    }
+
+
+def run(cfg: BenchConfig) -> dict:
+    return asyncio.run(run_async(cfg))
+
+
+def format_report(rep: dict) -> str:
+    c = rep["config"]
+    ms = lambda v: "-" if v is None else f"{v * 1e3:.1f}"  # noqa: E731
+    lines = [
+        f"kiln bench serve: {c['url']} model={c['model']} concurrency={c['concurrency']} "
+        f"requests={rep['requests']} (failed {rep['failed']}) seed={c['seed']}",
+        f"  input ~{c['input_len']} / output ~{c['output_len']} tokens (±{c['range_ratio']:.0%})",
+        f"  duration            {rep['duration_s']:.2f} s",
+        f"  requests/s          {rep['request_throughput']:.2f}",
+        f"  output tokens/s     {rep['output_throughput']:.1f}  ({rep['output_tokens']} tokens)",
+    ]
+    for name in ("ttft_s", "tpot_s", "itl_s"):
+        p = rep[name]
+        lines.append(f"  {name[:-2].upper():5s} ms  mean {ms(p['mean'])}  p50 {ms(p['p50'])}  "
+                     f"p90 {ms(p['p90'])}  p99 {ms(p['p99'])}")
+    for e in rep["errors"]:
+        lines.append(f"  error: {e}")
+    return "\n".join(lines)
