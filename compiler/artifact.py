@@ -158,7 +158,9 @@ def compile_artifact(spec: str, target: str, out: str | os.PathLike, block_size:
         if not weight_files:
             raise ValueError(f"model directory {folder} has no *.safetensors weights; kiln "
                              f"artifacts reference safetensors (convert the .bin weights first)")
-        model, _ = hf.load(spec, dtype=getattr(torch, dtype))
+        from transformers import AutoModelForCausalLM   # the tokenizer is read at serve time
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
+                                                     attn_implementation="sdpa").eval()
     with step("capture and compile"):
         compiled = compile_serving(model, target=target, block_size=block_size, record=True,
                                    disable_passes=set(disable_passes or ()), quant=quant)
@@ -347,7 +349,7 @@ def load_artifact(path: str | os.PathLike, check_weights: bool = True) -> Artifa
     try:
         graph = parse((path / FINAL_IR).read_text())
     except KilnParseError as e:
-        raise stale(f"{FINAL_IR} does not parse: {e}") from None
+        raise stale(f"{FINAL_IR} does not parse ({str(e).splitlines()[0]})") from None
     if [v.name for v in graph.inputs] != manifest["serving"]["inputs"]:
         raise stale(f"{FINAL_IR} does not match the manifest's inputs")
     try:

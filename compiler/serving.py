@@ -172,7 +172,7 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
         return Served(make_engine(runner, tok, cfg), tok, name, f"artifact {a.path}", step.seconds)
     if p.is_dir() and not (p / "config.json").is_file():
         raise art.StaleArtifact(f"{p} is neither a kiln artifact (no {art.MANIFEST}) nor a model "
-                                f"directory (no config.json); compile one with: kiln compile MODEL "
+                                f"directory (no config.json); recompile with: kiln compile MODEL "
                                 f"-t {target} -o {p}")
     from kiln.frontends import hf
     with step(f"load {source}"):

@@ -226,10 +226,12 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         _unsupported(body)
         streaming = _get(body, "stream", bool, False)
         with_usage = _get(_get(body, "stream_options", dict, {}), "include_usage", bool, False)
+        # Extension (as in vLLM): each choice / chunk also carries the generated token ids.
+        with_ids = _get(body, "return_token_ids", bool, False)
         ids = _chat_ids(body, tok) if chat else _prompt_ids(body, tok, vocab)
         params = _sampling(body, _max_tokens(body, chat, len(ids), max_len))
         stream = submit(ids, params)   # nothing after this may reject the request
-        return await respond(request, stream, chat, streaming, with_usage)
+        return await respond(request, stream, chat, streaming, with_usage, with_ids)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -253,7 +255,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def metrics():
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    async def respond(request: Request, stream: RequestStream, chat: bool, streaming: bool, with_usage: bool):
+    async def respond(request: Request, stream: RequestStream, chat: bool, streaming: bool, with_usage: bool,
+                      with_ids: bool = False):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name}
@@ -269,17 +272,21 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             choice = ({"index": 0, "message": {"role": "assistant", "content": out.text}} if chat
                       else {"index": 0, "text": out.text})
             choice.update(logprobs=None, finish_reason=out.finish_reason)
+            if with_ids:
+                choice["token_ids"] = out.token_ids
             return {**head, "choices": [choice], "usage": _usage(out.usage)}
 
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(text: str | None, finish: str | None, first: bool = False, ids=None) -> str:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
                 choice = {"index": 0, "delta": delta}
             else:
                 choice = {"index": 0, "text": text or ""}
             choice.update(logprobs=None, finish_reason=finish)
+            if with_ids:
+                choice["token_ids"] = list(ids or [])
             data = {**head, "choices": [choice]}
             if with_usage:
                 data["usage"] = None
@@ -287,6 +294,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
         async def events():
             usage = None
+            pending_ids: list[int] = []   # tokens whose text the detokenizer still holds
             try:
                 if chat:
                     yield chunk(None, None, first=True)
@@ -294,8 +302,10 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                     usage = out.usage
                     if out.finish_reason == "abort":
                         return
+                    pending_ids += out.token_ids
                     if out.text or out.finished:
-                        yield chunk(out.text or (None if chat else ""), out.finish_reason)
+                        yield chunk(out.text or (None if chat else ""), out.finish_reason, ids=pending_ids)
+                        pending_ids = []
                 if with_usage and usage is not None:
                     yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(usage)})}\n\n"
                 yield "data: [DONE]\n\n"
