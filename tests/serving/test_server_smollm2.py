@@ -261,3 +261,37 @@ def test_prefix_cache_hit_in_usage(server, hf):
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= n_shared - 16 and cached % 16 == 0 and cached > 0, (cached, n_shared)
+
+
+def test_bench_serve(server):
+    from kiln.bench import BenchConfig, format_report, make_requests, run
+    cfg = BenchConfig(url=server.url, api_key=API_KEY, concurrency=2, num_requests=4, seed=3,
+                      input_len=16, output_len=4)
+    assert make_requests(cfg) == make_requests(cfg)   # seeded: the same requests every run
+    rep = run(cfg)
+    assert rep["failed"] == 0, rep["errors"]
+    assert rep["output_tokens"] == sum(n for _, n in make_requests(cfg))   # ignore_eos: all of them
+    assert rep["ttft_s"]["p50"] > 0 and rep["output_throughput"] > 0
+    assert "TTFT" in format_report(rep)
+    server.wait_metric("kiln_kv_blocks_used", 0)
+
+
+def test_generate_and_chat_cli(smollm2_artifact, hf):
+    """`kiln generate DIR` and `kiln chat DIR` answer through the engine, greedy == HF."""
+    greedy, tok = hf
+    prompt = "The capital of France is"
+    want = tok.decode(greedy(tok.encode(prompt), 8), skip_special_tokens=True).strip()
+    r = subprocess.run(KILN + ["generate", str(smollm2_artifact), "--prompt", prompt, "--no-chat",
+                               "--max-tokens", "8", "--threads", "1"],
+                       capture_output=True, text=True, timeout=300, env=kiln_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == want
+    assert "tokens/s" in r.stderr
+    question = "What is the capital of France?"
+    want = tok.decode(greedy(chat_ids(tok, [{"role": "user", "content": question}]), 12),
+                      skip_special_tokens=True)
+    r = subprocess.run(KILN + ["chat", str(smollm2_artifact), "--max-tokens", "12", "--threads", "1"],
+                       input=f"{question}\n/exit\n", capture_output=True, text=True, timeout=300,
+                       env=kiln_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"kiln> {want}" in r.stdout
