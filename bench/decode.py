@@ -13,6 +13,7 @@ import json
 import platform
 import subprocess
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -72,9 +73,12 @@ def main():
     results = []
     for name in args.model.split(","):
         results.append(bench_model(name, dtype, args))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        if args.out and args.out.endswith(".jsonl"):  # one line per model, appended
+            with open(args.out, "a") as f:
+                f.write(json.dumps(results[-1]) + "\n")
+        elif args.out:  # after every model, so a run cut short keeps what it measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 def bench_model(name, dtype, args):
@@ -87,9 +91,14 @@ def bench_model(name, dtype, args):
         opts = {"target": "cuda" if args.device == "cuda" else "cpu", "observer": compiled.append}
         fn = compile_model(model, backend, opts if backend == "kiln" else None)
         cache = make_cache(model, ids.shape[1] + args.tokens)
-        gen = greedy(fn, model, ids, args.tokens, cache=cache)
-        # A second, warm run on the same cache: steady state, no compilation or capture.
-        warm = greedy(fn, model, ids, args.tokens, cache=cache)
+        try:
+            gen = greedy(fn, model, ids, args.tokens, cache=cache)
+            # A second, warm run on the same cache: steady state, no compilation or capture.
+            warm = greedy(fn, model, ids, args.tokens, cache=cache)
+        except Exception as e:  # noqa: BLE001 - record it and measure the other backends
+            traceback.print_exc()
+            rows.append({"backend": backend, "error": f"{type(e).__name__}: {e}"[:500]})
+            continue
         if reference is None:
             reference = warm.tokens
         same = sum(a == b for a, b in zip(warm.tokens, reference)) / max(len(reference), 1)
@@ -108,6 +117,9 @@ def bench_model(name, dtype, args):
     print(f"{'backend':10s} {'first call s':>12s} {'kiln compile s':>14s} {'decode tok/s':>12s} "
           f"{'prefill s':>10s} {'same tokens':>11s}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['backend']:10s} FAILED: {r['error'][:200]}")
+            continue
         kc = "-" if r["kiln_compile_s"] is None else f"{r['kiln_compile_s']:.2f}"
         print(f"{r['backend']:10s} {r['first_call_s']:12.2f} {kc:>14s} {r['decode_tok_s']:12.1f} "
               f"{r['prefill_s_warm']:10.3f} {r['tokens_equal_to_first_backend']:11.2f}")

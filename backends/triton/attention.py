@@ -75,6 +75,9 @@ PREFILL_CONFIGS = {
     128: AttnConfig(128, 128, 8, 3),
     256: AttnConfig(64, 32, 8, 2),
 }
+# With a mask the kernel also stages mask tiles: d=128's 3 stages (224 KB) no longer fit the
+# 227 KB (a Llama-3-8B prefill with a StaticCache mask asked for 288 KB), so it keeps 2.
+PREFILL_MASKED_CONFIGS = {**PREFILL_CONFIGS, 128: AttnConfig(128, 128, 8, 2)}
 # Decode tiles: M is GROUP * Sq rows (>= 16 for tl.dot, more rows when GROUP * Sq needs
 # them); the kernel streams K/V. d=128 on an H100 (graph-replayed, bf16, 8 KV heads):
 # 64- and 128-key tiles within 5% of each other either way across batch 1-8 and 8k-32k
@@ -405,7 +408,7 @@ def attention_prefill(q, k, v, mask=None, scale=None, causal=False, *, out=None,
     if out.numel() == 0:
         return out
     block_d = max(16, triton.next_power_of_2(d))
-    cfg = config or _config(PREFILL_CONFIGS, block_d)
+    cfg = config or _config(PREFILL_MASKED_CONFIGS if kind else PREFILL_CONFIGS, block_d)
     grid = (triton.cdiv(sq, cfg.block_m), b * hq)
     _attn_prefill_kernel[grid](
         q, k, v, out, mt, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *mstr,
@@ -515,7 +518,7 @@ def _attn_types(dt: str, extra: dict) -> dict:
 
 
 def _prefill_spec(dt: str, d: int, causal: bool, kind: int):
-    cfg = PREFILL_CONFIGS[d]
+    cfg = (PREFILL_MASKED_CONFIGS if kind else PREFILL_CONFIGS)[d]
     name = f"attn_prefill_{_DT[dt]}_d{d}{'_causal' if causal else ''}{'_boolmask' if kind else ''}"
     types = _attn_types(dt, {"H": "i32", "SQ": "i32", "SKV": "i32", "GROUP": "i32",
                              "qk_scale": "fp32"})
