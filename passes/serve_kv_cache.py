@@ -30,7 +30,7 @@ import sympy
 import torch
 
 from kiln.ir import Graph, Node, SymIntType, TensorType, Value, sym
-from kiln.ir.ops import get_op, infer_types
+from kiln.ir.ops import FakeEnv, get_op, infer_types
 
 from .canonicalize import dce
 from .manager import PassContext, register_pass
@@ -53,7 +53,9 @@ def cache_input_name(layer: int, which: str) -> str:
 
 
 def _insert(g: Graph, before: Node, op: str, *args, **attrs) -> Value:
-    node = g.add_node(op, list(args), attrs, infer_types(op, list(args), attrs, g), before=before)
+    env = g.meta.get("_serve_fake_env")   # one fake-tensor env for the whole pass (cheaper)
+    node = g.add_node(op, list(args), attrs, infer_types(op, list(args), attrs, g, env),
+                      before=before)
     return node.results[0]
 
 
@@ -110,12 +112,19 @@ def serve_kv_cache(g: Graph, ctx: PassContext) -> int:
         raise NotAServingCapture("serve.kv_cache: no kiln.attention in the graph (did "
                                  "fuse.attention run?)")
     taken = set(g.sym_ranges) | g.symbols()
-    lo, hi = g.sym_ranges.get(T.name, (1, MAX_DIM))
-    g.sym_ranges[T.name] = (1, hi)   # a decode step of one sequence is one token
+    g.sym_ranges[T.name] = (1, g.sym_ranges.get(T.name, (1, MAX_DIM))[1])   # a decode step of one sequence is one token
     N = _fresh_symbol(g, taken, 1, MAX_DIM, 3)
     B = _fresh_symbol(g, taken, 1, MAX_DIM, 5)
     NB = _fresh_symbol(g, taken, 1, MAX_DIM, 7)
+    g.meta["_serve_fake_env"] = FakeEnv(g.sym_ranges, g.sym_hints)
+    try:
+        return _rewrite(g, ctx, old_ids, old_pos, T, N, B, NB, attns, block_size)
+    finally:
+        del g.meta["_serve_fake_env"]
 
+
+def _rewrite(g: Graph, ctx: PassContext, old_ids: Value, old_pos: Value, T, N, B, NB,
+             attns: list[Node], block_size: int) -> int:
     # -- batch inputs ---------------------------------------------------------------------------
     i64, i32 = torch.int64, torch.int32
     new = {
@@ -219,7 +228,7 @@ def _gather_last_tokens(g: Graph, query_start: Value, T) -> None:
         rows[1] = _insert(g, head, "aten.index_select", head.args[1], dim=0, index=last)
     for i, r in rows.items():
         head.args[i] = r
-    head.results[0].type = infer_types(head.op, head.args, head.attrs, g)[0]
+    head.results[0].type = infer_types(head.op, head.args, head.attrs, g, g.meta.get("_serve_fake_env"))[0]
     # Views put the token dim back ([T, V] -> [1, T, V]); drop them, re-type the rest.
     out = head.results[0]
     dead = []
@@ -229,7 +238,7 @@ def _gather_last_tokens(g: Graph, query_start: Value, T) -> None:
             dead.append(n)
             continue
         n.replace_uses({x: out})
-        n.results[0].type = infer_types(n.op, n.args, n.attrs, g)[0]
+        n.results[0].type = infer_types(n.op, n.args, n.attrs, g, g.meta.get("_serve_fake_env"))[0]
         out = n.results[0]
     g.remove_nodes(dead)
     g.outputs = [out]
