@@ -67,6 +67,16 @@ def test_lm_head_is_not_quantised():
     verify(g)
 
 
+def _per_token_errors(outs, ref):
+    """Relative error of each token's logits row, over every call."""
+    errs = []
+    for a, b in zip(outs, ref):
+        a = a.double().reshape(-1, a.shape[-1])
+        b = b.double().reshape(-1, b.shape[-1])
+        errs.append((a - b).norm(dim=-1) / b.norm(dim=-1))
+    return torch.cat(errs)
+
+
 def expected_tiny(layers, moe):
     linears = layers * (4 if moe else 7)             # q k v o (+ gate up down); experts and
     return linears                                   # the router stay, the LM head too
@@ -80,9 +90,16 @@ def test_tiny_models_quantised(name, quant, bound):
     graphs, outs, ref = compile_and_compare(model, options={"quant": quant})
     errs = [rel_err(a, b) for a, b in zip(outs, ref)]
     print(f"{name} {quant}: logits relative error per call", ["%.3f" % e for e in errs])
-    # MoE: quantisation noise upstream of the (unquantised) router flips near-tied expert
-    # choices of a few tokens in some runs; those tokens then differ by a whole expert.
-    assert max(errs) < (0.4 if moe else bound)
+    if moe:
+        # Quantisation noise upstream of the (unquantised) router flips near-tied expert
+        # choices of a few tokens in some runs, and those tokens then differ by a whole
+        # expert; so the bound is per token: three in four tokens must meet it.
+        per_token = _per_token_errors(outs, ref)
+        print(f"{name} {quant}: per-token error quartiles",
+              [f"{q:.3f}" for q in per_token.quantile(torch.tensor([0.25, 0.5, 0.75], dtype=per_token.dtype)).tolist()])
+        assert per_token.quantile(0.75) < bound
+    else:
+        assert max(errs) < bound
     for g in graphs:
         c = counts(g)
         assert c["kiln.scaled_mm"] == expected_tiny(2, moe), str(g)
