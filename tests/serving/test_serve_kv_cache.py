@@ -1,7 +1,7 @@
-"""serve.kv_cache on tiny models: the serving graph, run by the PagedModelRunner over real
-paged KV blocks for several interleaved sequences (chunked prefill, prefix-cache hits and
-decode in the same steps), gives HF eager's logits (fp32 rel err < 1e-5), and greedy
-through the engine gives HF eager's tokens."""
+"""serve.kv_cache on tiny models (Llama-GQA, Qwen3, Mixtral MoE): the serving graph, run by
+the PagedModelRunner over real paged KV blocks for several interleaved sequences (chunked
+prefill, prefix-cache hits and decode in the same steps), gives HF eager's logits (fp32 rel
+err < 1e-5), and greedy through the engine gives HF eager's tokens."""
 import random
 
 import pytest
@@ -29,7 +29,7 @@ def rel_err(a, b):
     return err
 
 
-@pytest.fixture(scope="module", params=["llama_gqa", "qwen3"])
+@pytest.fixture(scope="module", params=["llama_gqa", "qwen3", "mixtral"])
 def paged(request):
     model = models.TINY_MODELS[request.param]()
     compiled = compile_serving(model, block_size=BLOCK, verify=True)
