@@ -161,9 +161,8 @@ def compile_artifact(spec: str, target: str, out: str | os.PathLike, block_size:
         from transformers import AutoModelForCausalLM   # the tokenizer is read at serve time
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
                                                      attn_implementation="sdpa").eval()
-    with step("capture and compile"):
-        compiled = compile_serving(model, target=target, block_size=block_size, record=True,
-                                   disable_passes=set(disable_passes or ()), quant=quant)
+    compiled = compile_serving(model, target=target, block_size=block_size, record=True, steps=step,
+                               disable_passes=set(disable_passes or ()), quant=quant)
     with step("write artifact"):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -81,9 +81,18 @@ def retarget_devices(graph: Graph, device: str) -> int:
 
 
 def compile_serving(model: torch.nn.Module, target: str = "cpu", block_size: int = 16,
-                    record: bool = False, **options) -> CompiledGraph:
-    """Capture + passes (serving) + wrapper: the graph a PagedModelRunner runs."""
-    graph = capture_serving(model)
+                    record: bool = False, steps=None, **options) -> CompiledGraph:
+    """Capture + passes (serving) + wrapper: the graph a PagedModelRunner runs. `steps`
+    (artifact.Steps) reports the capture and the compilation as two steps."""
+    import contextlib
+    step = steps or (lambda name: contextlib.nullcontext())
+    with step("capture"):
+        graph = capture_serving(model)
+    with step("compile"):
+        return _compile_captured(graph, target, block_size, record, options)
+
+
+def _compile_captured(graph: Graph, target, block_size, record, options) -> CompiledGraph:
     opts = CompileOptions.make(options, target=target, serving=True, block_size=block_size,
                                record=record, cudagraphs=False)
     from kiln.backends.targets import get_target
@@ -177,8 +186,7 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
     from kiln.frontends import hf
     with step(f"load {source}"):
         model, tok = hf.load(source, dtype=getattr(torch, dtype))
-    with step("capture and compile"):
-        compiled = compile_serving(model, target=target, block_size=block_size)
+    compiled = compile_serving(model, target=target, block_size=block_size, steps=step)
     max_len = cfg.max_model_len or default_max_model_len(model.config)
     with step("allocate KV cache"):
         runner = make_runner(compiled.fn, compiled.graph, model_weights(model),
