@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from kiln.ir import Graph, ScalarType, SymIntType, TensorType, Value
-from kiln.ir.ops import REGISTRY, get_op, warn_opaque
+from kiln.ir.ops import REGISTRY, warn_opaque
 from kiln.ir.types import DTYPE_NAMES, make_dim, sym
 
 _SYM_FNS = {operator.add: "sym.add", operator.sub: "sym.sub", operator.mul: "sym.mul",
@@ -260,7 +260,3 @@ def from_fx(gm: torch.fx.GraphModule, input_names: Sequence[str] | None = None,
     g.sym_hints = dict(namer.hints)
     return g
 
-
-def check_registry(g: Graph) -> None:
-    for n in g.nodes:
-        get_op(n.op)

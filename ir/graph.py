@@ -10,9 +10,8 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Iterable, Iterator
 
-import torch
 
-from .types import SymIntType, TensorType, Type
+from .types import Type
 
 _ids = itertools.count()
 
@@ -192,14 +191,3 @@ class Graph:
                 dg.add_edge(src, n, value=v)
         return dg
 
-
-def is_tensor(v: Any) -> bool:
-    return isinstance(v, Value) and isinstance(v.type, TensorType)
-
-
-def is_sym(v: Any) -> bool:
-    return isinstance(v, Value) and isinstance(v.type, SymIntType)
-
-
-LITERAL_TYPES = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
-                 torch.memory_format)
