@@ -318,9 +318,42 @@ def _eval_sym(e: sympy.Expr, subs: dict):
 _CPU = torch.device("cpu")
 
 
+_INFER_CACHE: dict = {}
+
+
+def _signature(a):
+    if isinstance(a, Value):
+        return ("v", a.type)
+    if isinstance(a, (list, tuple)):
+        return ("l", tuple(_signature(x) for x in a))
+    if isinstance(a, float):
+        return ("f", repr(a))
+    return (type(a).__name__, a)
+
+
 def infer_types(name: str, args: list, attrs: dict, graph=None, env: FakeEnv | None = None
                 ) -> list[Type]:
-    """Result types of `name(*args, **attrs)`."""
+    """Result types of `name(*args, **attrs)`, memoised on the operand types, literals and
+    the graph's symbol ranges: a model's layers repeat the same signatures, and fake
+    execution (of a fused op's reference especially) is slow."""
+    sym_info = (tuple(sorted(graph.sym_ranges.items())), tuple(sorted(graph.sym_hints.items()))
+                ) if graph is not None else ()
+    try:
+        key = (name, _signature(args), tuple(sorted((k, _signature(v)) for k, v in attrs.items())),
+               sym_info)
+        hash(key)
+    except TypeError:
+        return _infer_types(name, args, attrs, graph, env)
+    out = _INFER_CACHE.get(key)
+    if out is None:
+        out = _infer_types(name, args, attrs, graph, env)
+        if len(_INFER_CACHE) > 8192:
+            _INFER_CACHE.clear()
+        _INFER_CACHE[key] = out
+    return list(out)
+
+
+def _infer_types(name: str, args: list, attrs: dict, graph, env: FakeEnv | None) -> list[Type]:
     op = get_op(name)
     if op.infer is not None:
         return op.infer(args, attrs)

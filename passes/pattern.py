@@ -664,7 +664,7 @@ class ReplaceBuilder:
         except KeyError as e:
             raise self.pattern.error(str(e.args[0])) from None
         try:
-            types = cached_infer_types(name, list(args), attrs, self.graph)
+            types = infer_types(name, list(args), attrs, self.graph)
         except KilnRuleError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -673,36 +673,6 @@ class ReplaceBuilder:
         node = Node(name, list(args), attrs, types)
         self.nodes.append(node)
         return node.results[0] if len(node.results) == 1 else list(node.results)
-
-
-_INFER_CACHE: dict = {}
-
-
-def _sig(a):
-    if isinstance(a, Value):
-        return ("v", a.type)
-    if isinstance(a, (list, tuple)):
-        return ("l", tuple(_sig(x) for x in a))
-    if isinstance(a, float):
-        return ("f", repr(a))
-    return (type(a).__name__, a)
-
-
-def cached_infer_types(name: str, args: list, attrs: dict, graph: Graph):
-    """`infer_types` memoised on the operand types and literals: a model's layers repeat
-    the same signatures, and fake execution of a fused op's reference is slow."""
-    try:
-        key = (name, _sig(args), tuple(sorted((k, _sig(v)) for k, v in attrs.items())))
-        hash(key)
-    except TypeError:
-        return infer_types(name, args, attrs, graph)
-    out = _INFER_CACHE.get(key)
-    if out is None:
-        out = infer_types(name, args, attrs, graph)
-        if len(_INFER_CACHE) > 4096:
-            _INFER_CACHE.clear()
-        _INFER_CACHE[key] = out
-    return list(out)
 
 
 def _types_match(new, old) -> bool:

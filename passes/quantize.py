@@ -32,11 +32,11 @@ import re
 import torch
 
 from kiln.ir import Graph, Node, TensorType, Value
-from kiln.ir.ops import get_op
+from kiln.ir.ops import infer_types
 
 from .canonicalize import dce
 from .manager import PassContext, register_pass
-from .pattern import cached_infer_types, is_cast
+from .pattern import is_cast
 
 _VIEWS = {"aten.reshape", "aten.slice", "aten.select", "aten.permute", "aten.unsqueeze",
           "aten.squeeze", "aten.expand"}
@@ -133,7 +133,7 @@ class _Emitter:
         self.g = g
 
     def op(self, before: Node, name: str, *args, **attrs):
-        types = cached_infer_types(name, list(args), attrs, self.g)
+        types = infer_types(name, list(args), attrs, self.g)
         node = self.g.add_node(name, list(args), attrs, types, before=before)
         return node.results[0] if len(node.results) == 1 else node.results
 
