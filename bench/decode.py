@@ -91,10 +91,12 @@ def bench_model(name, dtype, args):
         opts = {"target": "cuda" if args.device == "cuda" else "cpu", "observer": compiled.append}
         fn = compile_model(model, backend, opts if backend == "kiln" else None)
         cache = make_cache(model, ids.shape[1] + args.tokens)
+        # reduce-overhead as transformers recommends it: eager prefill, static decode shapes.
+        loop = dict(prefill_fn=model, mark_dynamic=False) if backend == "reduce-overhead" else {}
         try:
-            gen = greedy(fn, model, ids, args.tokens, cache=cache)
+            gen = greedy(fn, model, ids, args.tokens, cache=cache, **loop)
             # A second, warm run on the same cache: steady state, no compilation or capture.
-            warm = greedy(fn, model, ids, args.tokens, cache=cache)
+            warm = greedy(fn, model, ids, args.tokens, cache=cache, **loop)
         except Exception as e:  # noqa: BLE001 - record it and measure the other backends
             traceback.print_exc()
             rows.append({"backend": backend, "error": f"{type(e).__name__}: {e}"[:500]})

@@ -29,13 +29,17 @@ def make_cache(model, max_cache_len: int):
 
 @torch.no_grad()
 def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
-           eos_token_id: int | list[int] | None = None, cache=None) -> Generation:
+           eos_token_id: int | list[int] | None = None, cache=None, prefill_fn=None,
+           mark_dynamic: bool = True) -> Generation:
     """Greedy decoding: one prefill call, then one call per token, with a StaticCache.
 
     `model_fn` is the (possibly compiled) model; `config_model` the HF model it wraps (for
     its config). Batch and prompt length are marked dynamic so new sizes reuse graphs.
     Passing the `cache` of an earlier run reuses its storage (reset in place), so captured
-    CUDA graphs stay valid across runs."""
+    CUDA graphs stay valid across runs. `prefill_fn` (default `model_fn`) runs the prompt:
+    transformers' own recipe for `mode="reduce-overhead"` is an eager prefill, which also
+    allocates the StaticCache and marks its tensors static addresses, then compiled decode
+    steps of one fixed shape (`mark_dynamic=False`)."""
     batch, prompt_len = input_ids.shape
     if cache is None:
         cache = make_cache(config_model, prompt_len + max_new_tokens)
@@ -43,12 +47,13 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
         cache.reset()
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
-    torch._dynamo.maybe_mark_dynamic(input_ids, 0)
-    torch._dynamo.maybe_mark_dynamic(input_ids, 1)
+    mark = torch._dynamo.maybe_mark_dynamic if mark_dynamic else (lambda t, d: None)
+    mark(input_ids, 0)
+    mark(input_ids, 1)
     positions = torch.arange(prompt_len, device=input_ids.device)
-    torch._dynamo.maybe_mark_dynamic(positions, 0)
+    mark(positions, 0)
     t0 = time.perf_counter()
-    logits = model_fn(input_ids=input_ids, past_key_values=cache, cache_position=positions,
+    logits = (prefill_fn or model_fn)(input_ids=input_ids, past_key_values=cache, cache_position=positions,
                       use_cache=True, logits_to_keep=1).logits
     token = logits[:, -1].argmax(-1)
     sync()
@@ -62,7 +67,7 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
         if batch == 1 and int(token[0]) in eos:
             break
         ids = token[:, None]
-        torch._dynamo.maybe_mark_dynamic(ids, 0)
+        mark(ids, 0)
         pos = torch.tensor([prompt_len + step], device=input_ids.device)
         logits = model_fn(input_ids=ids, past_key_values=cache, cache_position=pos,
                           use_cache=True, logits_to_keep=1).logits

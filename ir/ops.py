@@ -130,12 +130,38 @@ def _torch_op(qualname: str):
     return getattr(packet, overload) if overload else packet
 
 
+def _constant_pad_nd_infer(args, attrs):
+    """Typed by arithmetic, not fake execution: with a symbolic pad amount (SDPA pads masks
+    by `align - size % align`) fake tensors fail (torch 2.13) or specialise the size to its
+    example (torch 2.11), and every later type in that env with it."""
+    x = args[0]
+    pad = attrs.get("pad", args[1] if len(args) > 1 else [])
+    shape = list(x.type.shape)
+    for i in range(len(pad) // 2):
+        before, after = (_sym_expr(p) for p in pad[2 * i: 2 * i + 2])
+        if before is None or after is None:
+            raise ValueError(f"aten.constant_pad_nd: pad {pad} is not made of sizes")
+        d = len(shape) - 1 - i
+        shape[d] = make_dim(sympy.sympify(shape[d]) + before + after)
+    return [TensorType(x.type.dtype, tuple(shape))]
+
+
+def _histc_infer(args, attrs):
+    """Typed by rule: `bins` counts in the input's dtype. Fake execution runs on CPU, whose
+    histc takes floats only, while the MoE capture on CUDA counts int32 expert ids."""
+    x = args[0]
+    bins = attrs.get("bins", args[1] if len(args) > 1 else 100)
+    return [TensorType(x.type.dtype, (bins,))]
+
+
+_INFER_BY_RULE = {"aten.constant_pad_nd": _constant_pad_nd_infer, "aten.histc": _histc_infer}
+
 for _name, _traits in ATEN_OPS.items():
     try:
         _impl = _torch_op(_name)
     except (AttributeError, RuntimeError):
         continue  # an op this torch build lacks
-    register(OpDef(_name, _impl, frozenset(_traits)))
+    register(OpDef(_name, _impl, frozenset(_traits), infer=_INFER_BY_RULE.get(_name)))
 
 
 # ---- sym.*: arithmetic on dynamic sizes, typed by exact symbolic expressions ----

