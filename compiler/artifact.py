@@ -16,6 +16,11 @@ An artifact is a directory:
       passes.txt            per-pass statistics
       extra_weights.safetensors   tensors the model directory does not hold (non-persistent
                             buffers such as rotary inv_freq), if any
+      aot/                  with --aot (cuda, hip): the cubin/hsaco of every AOT variant of
+                            the Triton kernels the graph uses, a C launcher for each, the
+                            header kiln_kernels.h, README.txt (how to build a library) and
+                            manifest.json (see kiln.backends.triton.launcher); listed in
+                            the artifact's manifest under "aot". Serving does not read it.
 
 Weights stay in the model directory (the safetensors files `kiln.frontends.hf.model_dir`
 names, e.g. the GGUF conversion cache); the manifest pins their content. It is written to
@@ -132,23 +137,31 @@ def recompile_hint(manifest: dict | None, path: Path) -> str:
         extra += f" --block-size {opts['block_size']}"
     if opts.get("dtype", "float32") != "float32":
         extra += f" --dtype {opts['dtype']}"
+    if opts.get("aot"):
+        extra += " --aot"
     return f"recompile with: kiln compile {spec} -t {target}{extra} -o {path}"
 
 
 # -- compile --------------------------------------------------------------------------------------
 def compile_artifact(spec: str, target: str, out: str | os.PathLike, block_size: int = 16,
                      dtype: str = "float32", disable_passes: list[str] | None = None,
-                     quant: str | None = None, steps: "Steps | None" = None) -> Path:
+                     quant: str | None = None, aot: bool = False,
+                     steps: "Steps | None" = None) -> Path:
     """Compile `spec` (smollm2, an HF directory or a GGUF file) for `target` into `out`.
-    `steps` shows progress (and keeps each step's seconds)."""
+    `aot` (GPU targets) also writes aot/: kernel binaries with C launchers. `steps` shows
+    progress (and keeps each step's seconds)."""
     import torch
 
     from kiln.frontends import hf
 
     from .serving import compile_serving, model_weights
     out = Path(out).resolve()
+    if aot:
+        check_aot_target(target)
     options = {"block_size": block_size, "dtype": dtype, "quant": quant,
                "disable_passes": sorted(disable_passes or [])}
+    if aot:   # only when set: artifacts compiled before --aot existed keep their hash
+        options["aot"] = True
     step = steps or Steps(False)
     if str(spec) != hf.DEFAULT:   # a path: record it absolute, for the recompile hint
         spec = str(Path(spec).expanduser().resolve())
@@ -163,20 +176,59 @@ def compile_artifact(spec: str, target: str, out: str | os.PathLike, block_size:
                                                      attn_implementation="sdpa").eval()
     compiled = compile_serving(model, target=target, block_size=block_size, record=True, steps=step,
                                disable_passes=set(disable_passes or ()), quant=quant)
+    binaries = None
+    if aot:
+        from kiln.backends.triton.aot import AotCompileError, compile_specs
+        with step("aot kernels"):
+            try:
+                binaries = compile_specs(aot_specs(compiled.graph, target), (target,))
+            except AotCompileError as e:   # the CLI reports ValueErrors in one message
+                raise ValueError(f"--aot: {e}") from None
     with step("write artifact"):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             _write(tmp, spec, folder, weight_files, target, options, model, compiled,
-                   model_weights(model))
+                   model_weights(model), binaries)
             _replace_dir(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
+def check_aot_target(target: str) -> None:
+    """--aot needs a target whose kernels are Triton binaries (cuda, hip)."""
+    from kiln.backends.targets import get_target
+    from kiln.backends.triton.aot import TARGETS as AOT_TARGETS
+    if get_target(target).triton_backend not in AOT_TARGETS:
+        raise ValueError(
+            f"--aot writes GPU kernel binaries with C launchers, and target {target!r} has "
+            f"none (cpu runs torch ops and CPU kernels; {', '.join(sorted(AOT_TARGETS))} run "
+            f"Triton kernels); compile with -t {' or -t '.join(sorted(AOT_TARGETS))} to get "
+            f"aot/, or drop --aot")
+
+
+def aot_specs(graph, target: str) -> list:
+    """The AOT variants (`AOT_SPECS`) of every Triton kernel module that implements one of
+    the graph's kiln ops on `target` (the targets table names each op's launcher; its
+    module is the kernel's), those meant for `target`, in the order the graph first uses
+    them."""
+    import importlib
+
+    from kiln.backends.targets import get_target
+    t = get_target(target)
+    modules = []
+    for n in graph.nodes:
+        if n.op.startswith("kiln."):
+            module = t.kernel(n.op).split(":")[0]
+            if module.startswith("kiln.backends.triton.") and module not in modules:
+                modules.append(module)
+    return [s for m in modules for s in getattr(importlib.import_module(m), "AOT_SPECS", ())
+            if target in s.targets]
+
+
 def _write(tmp: Path, spec, folder: Path, weight_files, target, options, model, compiled,
-           weights) -> dict:
+           weights, aot_binaries=None) -> dict:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -238,6 +290,14 @@ def _write(tmp: Path, spec, folder: Path, weight_files, target, options, model, 
         "ir": [f"ir/{i:03d}_{name}.kir" for i, (name, _) in enumerate(compiled.snapshots)],
         "compile_seconds": round(compiled.compile_seconds, 3),
     }
+    if aot_binaries is not None:
+        from kiln.backends.triton.launcher import write_aot
+        aot_dir = Path(write_aot(aot_binaries, str(tmp / "aot"), targets=(target,)))
+        manifest["aot"] = {
+            "dir": "aot",
+            "kernels": [b.spec_name for b in aot_binaries],
+            "files": sorted(str(f.relative_to(tmp)) for f in aot_dir.iterdir()),
+        }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     for f in tmp.rglob("*"):   # an ordinary, world-readable directory like any build output
         f.chmod(0o755 if f.is_dir() else 0o644)

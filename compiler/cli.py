@@ -110,7 +110,7 @@ def cmd_compile(args) -> int:
         out = compile_artifact(args.model, args.target, args.output, block_size=args.block_size,
                                dtype=args.dtype, quant=args.quant,
                                disable_passes=args.disable.split(",") if args.disable else None,
-                               steps=steps)
+                               aot=args.aot, steps=steps)
     took = ", ".join(f"{k} {v:.1f} s" for k, v in steps.seconds.items())
     print(f"kiln: wrote {out} ({took}); serve it with: kiln serve {out}")
     return 0
@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--quant", choices=["fp8", "int8"])
     c.add_argument("--disable", help="comma-separated passes to switch off")
+    c.add_argument("--aot", action="store_true",
+                   help="GPU targets: also write aot/, the binaries of the graph's Triton kernels "
+                        "with C launchers (for a C/C++ server; kiln serve does not need it)")
     c.set_defaults(fn=cmd_compile)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible server for an artifact or a model")

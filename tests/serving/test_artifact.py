@@ -151,3 +151,14 @@ def test_stale_artifact_is_one_clear_error(kind, artifact, tiny_dir, tmp_path, c
     assert main(["serve", str(art), "--port", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "recompile with: kiln compile" in err[0]
+
+
+def test_aot_on_cpu_is_one_clear_error(tiny_dir, tmp_path, capsys):
+    """--aot ships GPU kernel binaries: for -t cpu the CLI says so, and how to get them,
+    before loading the model. (cuda --aot artifacts: tests/gpu/test_aot_launcher_gpu.py.)"""
+    d, _ = tiny_dir
+    out = tmp_path / "tiny.kiln"
+    assert main(["compile", str(d), "-t", "cpu", "--aot", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--aot" in err[0] and "-t cuda or -t hip" in err[0]
+    assert not out.exists() and not list(tmp_path.iterdir())
