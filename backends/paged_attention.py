@@ -1,5 +1,6 @@
-"""kiln.paged_attention in torch ops (batched matmuls for decodes, SDPA per prefill), for the CPU and as the
-GPU fallback until a Triton kernel exists. Must match `kiln.ir.kiln_ref.paged_attention`
+"""kiln.paged_attention in torch ops (batched matmuls for decodes, SDPA per prefill): the cpu
+target's kernel, and the baseline the Triton kernel (backends/triton/paged_attention.py,
+used by cuda and hip) is benchmarked against. Must match `kiln.ir.kiln_ref.paged_attention`
 (tests check).
 
 Two paths:

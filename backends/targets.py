@@ -44,6 +44,7 @@ _TRITON_MODULES = {
     "rope": ("rope",),
     "activation": ("silu_mul",),
     "attention": ("attention",),
+    "paged_attention": ("paged_attention",),
     "moe": ("fused_moe",),
     "quant": ("quant_fp8", "quant_int8", "rms_norm_quant", "fused_add_rms_norm_quant",
               "silu_mul_quant"),
@@ -51,8 +52,6 @@ _TRITON_MODULES = {
 }
 _TRITON_KERNELS = {op: f"kiln.backends.triton.{module}:{op}"
                    for module, ops in _TRITON_MODULES.items() for op in ops}
-# No Triton paged attention yet: batched SDPA in torch (capture-safe on decode batches).
-_TRITON_KERNELS["paged_attention"] = "kiln.backends.paged_attention:paged_attention"
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("cpu", "cpu", kernels=_CPU_KERNELS),

@@ -4,8 +4,9 @@
 
 Memory-bound kernels are reported in GB/s and as a fraction of the measured device copy
 bandwidth (bytes read + written); attention prefill and GEMMs in TFLOP/s beside SDPA /
-cuBLAS / torch._scaled_mm; decode attention in GB/s of KV read, timed as CUDA-graph
-replays (decode runs captured). Medians of device-event timings after warm-up.
+cuBLAS / torch._scaled_mm; decode attention and paged decode attention in GB/s of KV
+read, timed as CUDA-graph replays (decode runs captured). Medians of device-event timings
+after warm-up.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import time
 import torch
 from triton.testing import do_bench
 
+from kiln.backends import paged_attention as torch_paged
 from kiln.backends.triton import activation, attention, gemm, moe, norm, quant, rope
+from kiln.backends.triton import paged_attention as triton_paged
 from kiln.ir import kiln_ref
 
 DEV = "cuda"
@@ -135,6 +138,60 @@ def bench_attention(bw, rows):
               f"  sdpa {ts*1e6:7.1f} us ({row['sdpa_frac_copy_bw']:.2f})", flush=True)
 
 
+def paged_decode_sets(b: int, ctx: int, hq: int, hkv: int, d: int, bs: int = 16):
+    """Decode batches over one shared paged KV pool: enough sets (each b sequences of ctx
+    tokens, every sequence in its own shuffled blocks) that one pass over them reads more
+    than the 50 MB L2. Returns (k_cache, v_cache, sets, KV bytes one call reads)."""
+    per = 2 * b * ctx * hkv * d * 2
+    nset = max(2, -(-256 * 2**20 // per))
+    nblk = -(-ctx // bs)
+    num_blocks = nset * b * nblk
+    k_cache = torch.randn(num_blocks, bs, hkv, d, device=DEV, dtype=BF16)
+    v_cache = torch.randn(num_blocks, bs, hkv, d, device=DEV, dtype=BF16)
+    perm = torch.randperm(num_blocks, device=DEV).to(torch.int32).view(nset, b, nblk)
+    sets = []
+    for i in range(nset):
+        tables = perm[i].contiguous()
+        last = ctx - 1   # the new token's position
+        slots = tables[:, last // bs].long() * bs + last % bs
+        sets.append((torch.randn(b, hq, d, device=DEV, dtype=BF16),
+                     torch.randn(b, hkv, d, device=DEV, dtype=BF16),
+                     torch.randn(b, hkv, d, device=DEV, dtype=BF16),
+                     slots, tables, torch.full((b,), ctx, dtype=torch.int32, device=DEV),
+                     torch.arange(b + 1, dtype=torch.int32, device=DEV)))
+    return k_cache, v_cache, sets, per
+
+
+def paged_decode_times(b: int, ctx: int, hq: int, hkv: int, d: int) -> tuple[float, float, int]:
+    """(Triton s, torch s, KV bytes) per decode call, both replayed from CUDA graphs."""
+    kc, vc, sets, per = paged_decode_sets(b, ctx, hq, hkv, d)
+    n = max(20, len(sets))   # every set once per replay: nothing stays in L2
+
+    def call(impl):
+        return lambda i: impl(*sets[i % len(sets)][:3], kc, vc, *sets[i % len(sets)][3:],
+                              scale=d ** -0.5)
+    return (graph_s(call(triton_paged.paged_attention), n),
+            graph_s(call(torch_paged.paged_attention), n), per)
+
+
+def bench_paged_decode(bw, rows):
+    """kiln.paged_attention on decode batches (one token per sequence, block size 16,
+    block tables exactly as wide as the context): the Triton kernel vs the torch
+    implementation (backends/paged_attention.py), as the runtime replays decode steps."""
+    for model, hq, hkv, d in (("smollm2-135m", 9, 3, 64), ("llama-3.2-1b", 32, 8, 64)):
+        for b in (1, 16, 64):
+            for ctx in (1024, 8192):
+                tk, tt, per = paged_decode_times(b, ctx, hq, hkv, d)
+                row = dict(kind="paged_decode_attention", model=model, batch=b, context=ctx,
+                           heads=hq, kv_heads=hkv, head_dim=d, kiln_us=tk * 1e6, torch_us=tt * 1e6,
+                           kiln_gbs=per / tk / 1e9, frac_copy_bw=per / tk / bw,
+                           torch_frac_copy_bw=per / tt / bw, speedup=tt / tk)
+                rows.append(row)
+                print(f"paged decode {model:13s} b={b:2d} ctx={ctx:5d} kiln {tk*1e6:7.1f} us "
+                      f"({row['frac_copy_bw']:.2f} of bw)  torch {tt*1e6:7.1f} us "
+                      f"({row['torch_frac_copy_bw']:.2f})  x{row['speedup']:.1f}", flush=True)
+
+
 def bench_gemm_moe(rate, rows):
     m, n, k = 4096, 8192, 4096
     for qd in (torch.int8, torch.float8_e4m3fn):
@@ -171,7 +228,7 @@ def bench_gemm_moe(rate, rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
-    ap.add_argument("--only", default="memory,attention,gemm")
+    ap.add_argument("--only", default="memory,attention,paged,gemm")
     args = ap.parse_args()
     torch.manual_seed(0)
     bw, rate = copy_bandwidth(), matmul_rate()
@@ -183,6 +240,8 @@ def main():
         bench_memory_bound(bw, rows)
     if "attention" in parts:
         bench_attention(bw, rows)
+    if "paged" in parts:
+        bench_paged_decode(bw, rows)
     if "gemm" in parts:
         bench_gemm_moe(rate, rows)
     if args.out:
