@@ -54,14 +54,70 @@ def py_literal(a, names: dict[Value, str]) -> str:
     return repr(a)
 
 
+def code_generator(target: Target):
+    """`can_generate(node)` of the target's kernel generator, for the schedule pass; None
+    when the target has none (its kiln.call functions then run as torch code)."""
+    if target.triton_backend is None:
+        return None
+    from .triton.codegen import can_generate
+    return can_generate
+
+
+def _callees(g: Graph, target: Target, used: set[str]) -> tuple[dict[str, str], list[str]]:
+    """kiln.call callee -> the Python name that runs it, and the source defining them:
+    generated Triton kernels, or (targets without a generator) straight-line torch code."""
+    names, source = {}, []
+    for fname, f in g.functions.items():
+        py = _ident(fname, used)
+        names[fname] = py
+        if target.triton_backend is not None:
+            from .triton.codegen import generate as triton_kernel
+            source.append(triton_kernel(f, py))
+        else:
+            source.append(_function(f, target, py, used, {})[0])
+    return names, source
+
+
 def generate(g: Graph, target: Target) -> str:
-    used: set[str] = {"torch", "aten", "prims", "operator"}
+    used: set[str] = {"torch", "aten", "prims", "operator", "triton", "tl"}
+    imports: dict[str, tuple[str, str]] = {}  # kiln op -> (alias, import line)
+    callees, kernels = _callees(g, target, used)
+    fn, params, names = _function(g, target, "forward", used, imports, callees)
+    head = [
+        f'"""kiln wrapper for @{g.name}, target {target.name}.',
+        "",
+        f"Generated from {len(g.nodes)} IR nodes. Inputs, in order: "
+        + ", ".join(f"{names[v]}: {v.type}" for v in g.inputs[:6])
+        + (" ..." if len(g.inputs) > 6 else "") + '"""',
+        "import operator",
+        "import torch",
+    ]
+    if kernels and target.triton_backend is not None:
+        head += ["import triton", "import triton.language as tl"]
+    head += ["", "aten = torch.ops.aten", "prims = torch.ops.prims"]
+    head += sorted(line for _, line in imports.values())
+    main = [
+        "",
+        "",
+        'if __name__ == "__main__":',
+        "    import sys",
+        "    inputs = torch.load(sys.argv[1])",
+        "    for i, out in enumerate(forward(*inputs)):",
+        "        print(i, tuple(out.shape) if isinstance(out, torch.Tensor) else out)",
+    ]
+    parts = ["\n".join(head)] + kernels + [fn]
+    return "\n\n\n".join(parts) + "\n".join(main) + "\n"
+
+
+def _function(g: Graph, target: Target, fname: str, used: set[str], imports: dict,
+              callees: dict[str, str] | None = None):
+    """`def fname(inputs): ...` running g's nodes as straight-line code."""
+    local = set(used)
     names: dict[Value, str] = {}
     params = []
     for v in g.inputs:
-        names[v] = _ident(v.name, used)
+        names[v] = _ident(v.name, local)
         params.append(names[v])
-    imports: dict[str, tuple[str, str]] = {}  # kiln op -> (alias, import line)
     body: list[str] = []
     last_use: dict[Value, int] = {}
     for i, n in enumerate(g.nodes):
@@ -70,13 +126,17 @@ def generate(g: Graph, target: Target) -> str:
     outputs = set(g.outputs)
     for i, n in enumerate(g.nodes):
         for r in n.results:
-            names[r] = _ident(f"v{len(names) - len(g.inputs)}", used)
+            names[r] = _ident(f"v{len(names) - len(g.inputs)}", local)
         args = [py_literal(a, names) for a in n.args]
         kwargs = [f"{k}={py_literal(a, names)}" for k, a in n.attrs.items()]
         if n.op in _SYM_PY:
             call = _SYM_PY[n.op].format(*args)
         elif n.op == "sym.size":
             call = f"{args[0]}.shape[{n.attrs['dim']}]"
+        elif n.op == "kiln.call":
+            call = f"{callees[n.attrs['callee']]}({', '.join(args)})"
+            if len(n.results) == 1:   # callees return tuples
+                call += "[0]"
         elif n.op.startswith("kiln."):
             if n.op not in imports:
                 module, fn = target.kernel(n.op).split(":")
@@ -96,30 +156,7 @@ def generate(g: Graph, target: Target) -> str:
             body.append(f"    del {', '.join(sorted(set(dead)))}")
     ret = ", ".join(names[v] for v in g.outputs)
     body.append(f"    return ({ret}{',' if len(g.outputs) == 1 else ''})")
-    head = [
-        f'"""kiln wrapper for @{g.name}, target {target.name}.',
-        "",
-        f"Generated from {len(g.nodes)} IR nodes. Inputs, in order: "
-        + ", ".join(f"{names[v]}: {v.type}" for v in g.inputs[:6])
-        + (" ..." if len(g.inputs) > 6 else "") + '"""',
-        "import operator",
-        "import torch",
-        "",
-        "aten = torch.ops.aten",
-        "prims = torch.ops.prims",
-    ]
-    head += sorted(line for _, line in imports.values())
-    fn = [f"def forward({', '.join(params)}):"] + body
-    main = [
-        "",
-        "",
-        'if __name__ == "__main__":',
-        "    import sys",
-        "    inputs = torch.load(sys.argv[1])",
-        "    for i, out in enumerate(forward(*inputs)):",
-        "        print(i, tuple(out.shape) if isinstance(out, torch.Tensor) else out)",
-    ]
-    return "\n".join(head) + "\n\n\n" + "\n".join(fn) + "\n".join(main) + "\n"
+    return "\n".join([f"def {fname}({', '.join(params)}):"] + body), params, names
 
 
 def load(source: str, name: str = "kiln_wrapper"):

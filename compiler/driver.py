@@ -60,7 +60,8 @@ def compile_graph(graph: Graph, options: CompileOptions | None = None) -> Compil
         dump = Path(opts.dump_dir) / f"{graph.name}_{next(_graph_ids)}"
     pm = PassManager(passes=opts.passes, disabled=opts.disable_passes, verify_each=opts.verify,
                      dump_dir=dump, rewrite_limit=opts.pass_limit, serving=opts.serving,
-                     options={"target": target, "quant": opts.quant, "block_size": opts.block_size})
+                     options={"target": target, "quant": opts.quant, "block_size": opts.block_size,
+                              "can_generate": wrapper.code_generator(target)})
     pm.run(graph, record=opts.record)
     source = wrapper.generate(graph, target)
     if dump is not None:

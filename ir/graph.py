@@ -90,6 +90,9 @@ class Graph:
         self.sym_ranges: dict[str, tuple[int, int]] = {}
         self.sym_hints: dict[str, int] = {}     # example sizes seen at capture
         self.meta: dict[str, Any] = {}
+        # Callees of `kiln.call` nodes (the kernels `schedule` outlines), by name. They share
+        # this graph's symbols and are printed after it, in the same text.
+        self.functions: dict[str, "Graph"] = {}
 
     # ---- building ----
     def add_input(self, name: str, type: Type) -> Value:
@@ -114,6 +117,9 @@ class Graph:
         return node.results[0] if len(node.results) == 1 else node.results
 
     # ---- queries ----
+    def output_types(self) -> list[Type]:
+        return [v.type for v in self.outputs]
+
     def users(self) -> dict[Value, list[Node]]:
         out: dict[Value, list[Node]] = {}
         for n in self.nodes:
@@ -155,6 +161,7 @@ class Graph:
         g.sym_ranges = dict(self.sym_ranges)
         g.sym_hints = dict(self.sym_hints)
         g.meta = dict(self.meta)
+        g.functions = dict(self.functions)   # callees are never rewritten in place
         mapping: dict[Value, Value] = {}
         for v in self.inputs:
             mapping[v] = g.add_input(v.name, v.type)

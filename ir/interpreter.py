@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .graph import Graph, Value, map_values
-from .ops import get_op
+from .ops import callee_of, get_op
 
 
 def run(g: Graph, inputs: Sequence[Any]) -> list[Any]:
@@ -14,8 +14,12 @@ def run(g: Graph, inputs: Sequence[Any]) -> list[Any]:
     env: dict[Value, Any] = dict(zip(g.inputs, inputs))
     fetch = lambda v: env[v]  # noqa: E731
     for n in g.nodes:
-        op = get_op(n.op)
-        out = op.impl(*map_values(n.args, fetch), **{k: map_values(a, fetch) for k, a in n.attrs.items()})
+        if n.op == "kiln.call":
+            out = run(callee_of(g, n.attrs), map_values(n.args, fetch))
+            out = out[0] if len(n.results) == 1 else out
+        else:
+            out = get_op(n.op).impl(*map_values(n.args, fetch),
+                                    **{k: map_values(a, fetch) for k, a in n.attrs.items()})
         if len(n.results) == 1:
             env[n.results[0]] = out
         else:

@@ -46,3 +46,14 @@ for _name, (_operands, _attrs, _ref, _traits, _infer) in KILN_OPS.items():
                    operands=_operands, attr_names=_attrs,
                    extra={"mutated_operands": MUTATED_OPERANDS.get(_name, (0,))}
                    if "mutates" in _traits else {}))
+
+
+def _unbound_call(*args, callee: str):
+    raise RuntimeError(f"kiln.call(callee={callee!r}) runs a function of its graph: run the "
+                       f"graph with kiln.ir.run or a compiled wrapper, not the op alone")
+
+
+# A call of one of the graph's own functions (`Graph.functions`): the kernels `schedule`
+# outlines. Typed by the callee's results; run by running the callee.
+register(OpDef("kiln.call", _unbound_call, frozenset({"calls"}),
+               doc="calls a function of the same graph (a kernel outlined by schedule)"))

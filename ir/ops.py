@@ -362,6 +362,8 @@ def infer_types(name: str, args: list, attrs: dict, graph=None, env: FakeEnv | N
     """Result types of `name(*args, **attrs)`, memoised on the operand types, literals and
     the graph's symbol ranges: a model's layers repeat the same signatures, and fake
     execution (of a fused op's reference especially) is slow."""
+    if name == "kiln.call":   # typed by its callee; names repeat across graphs: no memo
+        return callee_of(graph, attrs).output_types()
     sym_info = (tuple(sorted(graph.sym_ranges.items())), tuple(sorted(graph.sym_hints.items()))
                 ) if graph is not None else ()
     try:
@@ -377,6 +379,16 @@ def infer_types(name: str, args: list, attrs: dict, graph=None, env: FakeEnv | N
             _INFER_CACHE.clear()
         _INFER_CACHE[key] = out
     return list(out)
+
+
+def callee_of(graph, attrs: dict):
+    """The function a kiln.call node names, looked up in its graph."""
+    name = attrs.get("callee")
+    functions = getattr(graph, "functions", None) or {}
+    if name not in functions:
+        raise KeyError(f"kiln.call names @{name}, which is not a function of the graph "
+                       f"(functions: {', '.join(functions) or 'none'})")
+    return functions[name]
 
 
 def _infer_types(name: str, args: list, attrs: dict, graph, env: FakeEnv | None) -> list[Type]:

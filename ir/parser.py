@@ -51,8 +51,14 @@ def _expected(tokens) -> str:
 
 
 def parse(text: str) -> Graph:
-    """Parses one `func` (the first, if the text holds several; see `parse_module`)."""
-    return parse_module(text)[0]
+    """Parses a graph: the first `func`; the ones after it are its `kiln.call` callees (as
+    `print_graph` writes them). `parse_module` gives every func on its own."""
+    main, *callees = parse_module(text)
+    for f in callees:
+        if f.name in main.functions or f.name == main.name:
+            raise KilnParseError(f"func @{f.name} is defined twice")
+        main.functions[f.name] = f
+    return main
 
 
 def parse_module(text: str) -> list[Graph]:

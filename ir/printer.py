@@ -57,6 +57,14 @@ def format_types(types) -> str:
 
 
 def print_graph(g: Graph) -> str:
+    """The graph, then each of its `kiln.call` callees, in the order they were added."""
+    text = _print_func(g)
+    for f in g.functions.values():
+        text += "\n" + _print_func(f)
+    return text
+
+
+def _print_func(g: Graph) -> str:
     names = value_names(g)
     params = ", ".join(f"%{v.name}: {v.type}" for v in g.inputs)
     head = f"func @{g.name}({params}) -> {format_types([v.type for v in g.outputs])}"

@@ -44,6 +44,8 @@ def verify(g: Graph, check_types: bool = True) -> None:
             if set(n.attrs) != set(op.attr_names):
                 raise VerifyError(f"{where(i, n)}: {n.op} takes attributes "
                                   f"{sorted(op.attr_names)}, got {sorted(n.attrs)}")
+        if n.op == "kiln.call":
+            _check_call(where(i, n), g, n, check_types)
         if check_types:
             try:
                 inferred = infer_types(n.op, n.args, n.attrs, g, env)
@@ -59,6 +61,25 @@ def verify(g: Graph, check_types: bool = True) -> None:
     for v in g.outputs:
         if v not in defined:
             raise VerifyError(f"output %{names.get(v, '?')} is not defined in the graph")
+
+
+def _check_call(loc, g: Graph, n, check_types: bool) -> None:
+    from .ops import callee_of
+    try:
+        callee = callee_of(g, n.attrs)
+    except KeyError as e:
+        raise VerifyError(f"{loc}: {e.args[0]}") from None
+    if set(n.attrs) != {"callee"}:
+        raise VerifyError(f"{loc}: kiln.call takes the attribute callee only, got {sorted(n.attrs)}")
+    if len(n.args) != len(callee.inputs):
+        raise VerifyError(f"{loc}: @{callee.name} takes {len(callee.inputs)} operands, got {len(n.args)}")
+    for k, (a, p) in enumerate(zip(n.args, callee.inputs)):
+        if not hasattr(a, "type") or a.type != p.type:
+            got = a.type if hasattr(a, "type") else repr(a)
+            raise VerifyError(f"{loc}: operand {k} is {got}, @{callee.name} declares %{p.name}: {p.type}")
+    if callee.functions:
+        raise VerifyError(f"{loc}: @{callee.name} has functions of its own; callees are flat")
+    verify(callee, check_types)
 
 
 def _check_types(loc, inferred, recorded, symbols):

@@ -38,7 +38,7 @@ def test_layout(artifact, tiny_dir):
     assert m["target"] == "cpu" and m["model"]["dir"] == str(tiny_dir[0].resolve())
     assert set(m["versions"]) == {"kiln", "torch", "triton", "transformers"}
     assert m["model"]["files"]["model.safetensors"]["sha256"]
-    assert m["ir"][0] == "ir/000_input.kir" and m["ir"][-1].endswith("_serve.kv_cache.kir")
+    assert m["ir"][0] == "ir/000_input.kir" and m["ir"][-1].endswith("_schedule.kir")   # the last pass
     for f in m["ir"] + ["serving.kir", "wrapper.py", "passes.txt"]:
         assert (artifact / f).is_file(), f
     assert (artifact / "serving.kir").read_text() == (artifact / m["ir"][-1]).read_text()

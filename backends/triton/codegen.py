@@ -1,0 +1,379 @@
+"""Generated Triton kernels: a pointwise function outlined by `schedule` -> kernel + launcher.
+
+The callee is a graph of elementwise ops whose outputs share one shape S (every operand
+broadcasts to S). It becomes one `@triton.jit` kernel over the flat index of S, one
+program per BLOCK elements, and a Python launcher that allocates the outputs and passes
+each input's strides against S (0 along broadcast dimensions). The source is text in the
+wrapper module, so `KILN_DUMP_DIR` and `kiln dump` show exactly what runs.
+
+Numerics follow torch.compile's, not eager's op-by-op rounding: floating values are
+computed in float32 and rounded once, at the store, to the output dtype; an explicit cast
+in the graph (`_to_copy`, `convert_element_type`) still rounds where the graph says so.
+
+Lowering rules are data: `POINTWISE` maps an op to a function from operand expressions
+(and the node's literals) to a Triton expression, or None where this use of the op is not
+supported (the op then stays a torch call). `can_generate` is what `schedule` asks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kiln.ir import Graph, TensorType, Value
+
+TL_DTYPES = {torch.float32: "tl.float32", torch.float16: "tl.float16",
+             torch.bfloat16: "tl.bfloat16", torch.int64: "tl.int64", torch.int32: "tl.int32",
+             torch.int16: "tl.int16", torch.int8: "tl.int8", torch.uint8: "tl.uint8",
+             torch.bool: "tl.int1"}
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK = 1024
+NUM_WARPS = 4
+
+
+class Operand:
+    """A kernel-side operand: an expression and the torch dtype it stands for (None for a
+    Python literal)."""
+
+    def __init__(self, expr: str, dtype: torch.dtype | None, literal=None):
+        self.expr, self.dtype, self.literal = expr, dtype, literal
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOATS if self.dtype is not None else isinstance(self.literal, float)
+
+    def f32(self) -> str:
+        if self.dtype is None:
+            return _float_literal(float(self.literal))
+        return self.expr if self.dtype in FLOATS else f"{self.expr}.to(tl.float32)"
+
+    def pred(self) -> str:
+        """As a boolean (non-zero is true)."""
+        return self.expr if self.dtype == torch.bool else f"({self.expr} != 0)"
+
+
+def _float_literal(x: float) -> str:
+    if math.isnan(x):
+        return 'float("nan")'
+    if math.isinf(x):
+        return 'float("inf")' if x > 0 else 'float("-inf")'
+    return repr(x)
+
+
+def _literal(x) -> str:
+    if isinstance(x, bool):
+        return "True" if x else "False"
+    if isinstance(x, float):
+        return _float_literal(x)
+    return repr(x)
+
+
+def _arith(fn):
+    """Binary/unary arithmetic: float operands (or a float result) compute in float32."""
+    def lower(ops, attrs, out):
+        if out in FLOATS:
+            return fn(*[o.f32() for o in ops], attrs=attrs)
+        if any(o.dtype is not None and o.dtype in FLOATS for o in ops):
+            return None
+        return fn(*[o.expr for o in ops], attrs=attrs)
+    return lower
+
+
+def _float_only(fn):
+    def lower(ops, attrs, out):
+        return fn(*[o.f32() for o in ops], attrs=attrs) if out in FLOATS else None
+    return lower
+
+
+def _compare(sym):
+    def lower(ops, attrs, out):
+        a, b = ops
+        if a.is_float or b.is_float:
+            return f"({a.f32()} {sym} {b.f32()})"
+        return f"({a.expr} {sym} {b.expr})"
+    return lower
+
+
+def _add(a, b, attrs, sign="+"):
+    alpha = attrs.get("alpha", 1)
+    return f"({a} {sign} {b})" if alpha == 1 else f"({a} {sign} {_literal(alpha)} * {b})"
+
+
+def _div(ops, attrs, out):
+    if attrs.get("rounding_mode") is not None or out not in FLOATS:
+        return None
+    a, b = ops
+    return f"({a.f32()} / {b.f32()})"
+
+
+def _pow(ops, attrs, out):
+    a, b = ops
+    if b.dtype is not None or out not in FLOATS:
+        return None   # a tensor exponent: torch.pow's integer/negative-base rules, not here
+    x = a.f32()
+    table = {2: f"({x} * {x})", 3: f"({x} * {x} * {x})", 1: x, 0.5: f"tl.sqrt({x})",
+             -0.5: f"tl.rsqrt({x})", -1: f"(1.0 / {x})", -2: f"(1.0 / ({x} * {x}))"}
+    return table.get(b.literal)
+
+
+def _gelu(a, attrs):
+    if attrs.get("approximate", "none") == "tanh":   # 0.5 (1 + tanh z) == sigmoid(2 z)
+        return f"({a} * tl.sigmoid(1.5957691216057308 * ({a} + 0.044715 * {a} * {a} * {a})))"
+    return f"(0.5 * {a} * (1.0 + tl.erf({a} * 0.7071067811865476)))"
+
+
+def _clamp(ops, attrs, out):
+    x = ops[0]
+    lo = ops[1] if len(ops) > 1 else attrs.get("min")
+    hi = ops[2] if len(ops) > 2 else attrs.get("max")
+    if isinstance(lo, Operand):
+        lo = lo.literal if lo.dtype is None else None
+    if isinstance(hi, Operand):
+        hi = hi.literal if hi.dtype is None else None
+    e = x.f32() if out in FLOATS else x.expr
+    if lo is not None:
+        e = f"tl.maximum({e}, {_literal(float(lo) if out in FLOATS else lo)})"
+    if hi is not None:
+        e = f"tl.minimum({e}, {_literal(float(hi) if out in FLOATS else hi)})"
+    return e
+
+
+def _where(ops, attrs, out):
+    c, a, b = ops
+    if out in FLOATS:
+        return f"tl.where({c.pred()}, {a.f32()}, {b.f32()})"
+    return f"tl.where({c.pred()}, {a.expr}, {b.expr})"
+
+
+def _masked_fill(ops, attrs, out):
+    x, m, v = ops
+    if out in FLOATS:
+        return f"tl.where({m.pred()}, {v.f32()}, {x.f32()})"
+    return f"tl.where({m.pred()}, {v.expr}, {x.expr})"
+
+
+def _cast(ops, attrs, out):
+    x = ops[0]
+    if attrs.get("device") is not None and not isinstance(attrs.get("device"), torch.device):
+        return None
+    if out == torch.bool:
+        return x.pred()
+    if out in FLOATS:
+        v = x.f32()
+        return v if out == torch.float32 else f"{v}.to({TL_DTYPES[out]}).to(tl.float32)"
+    return f"{x.expr}.to({TL_DTYPES[out]})"
+
+
+def _logical(sym):
+    def lower(ops, attrs, out):
+        return f"({ops[0].pred()} {sym} {ops[1].pred()})"
+    return lower
+
+
+def _bitwise(sym):
+    def lower(ops, attrs, out):
+        if any(o.is_float for o in ops):
+            return None
+        return f"({ops[0].expr} {sym} {ops[1].expr})"
+    return lower
+
+
+# op -> lower(operands, attrs, result dtype) -> Triton expression | None
+POINTWISE = {
+    "aten.add": _arith(lambda a, b, attrs: _add(a, b, attrs)),
+    "aten.sub": _arith(lambda a, b, attrs: _add(a, b, attrs, "-")),
+    "aten.mul": _arith(lambda a, b, attrs: f"({a} * {b})"),
+    "aten.div": _div,
+    "aten.neg": _arith(lambda a, attrs: f"(-{a})"),
+    "aten.pow": _pow,
+    "aten.maximum": _arith(lambda a, b, attrs: f"tl.maximum({a}, {b})"),
+    "aten.minimum": _arith(lambda a, b, attrs: f"tl.minimum({a}, {b})"),
+    "aten.relu": _arith(lambda a, attrs: f"tl.maximum({a}, 0)"),
+    "aten.abs": _arith(lambda a, attrs: f"tl.abs({a})"),
+    "aten.exp": _float_only(lambda a, attrs: f"tl.exp({a})"),
+    "aten.log": _float_only(lambda a, attrs: f"tl.log({a})"),
+    "aten.sqrt": _float_only(lambda a, attrs: f"tl.sqrt({a})"),
+    "aten.rsqrt": _float_only(lambda a, attrs: f"tl.rsqrt({a})"),
+    "aten.reciprocal": _float_only(lambda a, attrs: f"(1.0 / {a})"),
+    "aten.sigmoid": _float_only(lambda a, attrs: f"tl.sigmoid({a})"),
+    "aten.tanh": _float_only(lambda a, attrs: f"(2.0 * tl.sigmoid(2.0 * {a}) - 1.0)"),
+    "aten.silu": _float_only(lambda a, attrs: f"({a} * tl.sigmoid({a}))"),
+    "aten.gelu": _float_only(_gelu),
+    "aten.cos": _float_only(lambda a, attrs: f"tl.cos({a})"),
+    "aten.sin": _float_only(lambda a, attrs: f"tl.sin({a})"),
+    "aten.erf": _float_only(lambda a, attrs: f"tl.erf({a})"),
+    "aten.floor": _float_only(lambda a, attrs: f"tl.floor({a})"),
+    "aten.ceil": _float_only(lambda a, attrs: f"tl.ceil({a})"),
+    "aten.clamp": _clamp,
+    "aten.clamp_min": lambda ops, attrs, out: _clamp([ops[0]], {"min": ops[1].literal}, out)
+    if ops[1].dtype is None else None,
+    "aten.clamp_max": lambda ops, attrs, out: _clamp([ops[0]], {"max": ops[1].literal}, out)
+    if ops[1].dtype is None else None,
+    "aten.where": _where,
+    "aten.masked_fill": _masked_fill,
+    "aten.eq": _compare("=="), "aten.ne": _compare("!="), "aten.lt": _compare("<"),
+    "aten.le": _compare("<="), "aten.gt": _compare(">"), "aten.ge": _compare(">="),
+    "aten.logical_and": _logical("&"), "aten.logical_or": _logical("|"),
+    "aten.logical_not": lambda ops, attrs, out: f"({ops[0].expr} == 0)",
+    "aten.bitwise_and": _bitwise("&"), "aten.bitwise_or": _bitwise("|"),
+    "aten.isnan": lambda ops, attrs, out: f"({ops[0].f32()} != {ops[0].f32()})"
+    if ops[0].is_float else None,
+    "aten._to_copy": _cast,
+    "prims.convert_element_type": _cast,
+    "aten.clone": lambda ops, attrs, out: ops[0].expr if ops[0].dtype == out else None,
+}
+# Constants folded into the kernel as literals: `aten.scalar_tensor(value, dtype=...)`.
+CONSTANTS = {"aten.scalar_tensor"}
+_OPERAND_ATTRS = {"other", "mask", "value", "self", "input", "exponent", "condition"}
+
+
+def _operands(node) -> list:
+    """The node's operands in schema order: positional args, then tensor-valued attrs."""
+    out = list(node.args)
+    for k, a in node.attrs.items():
+        if k in _OPERAND_ATTRS:
+            out.append(a)
+    return out
+
+
+def _scalar_attrs(node) -> dict:
+    return {k: a for k, a in node.attrs.items() if k not in _OPERAND_ATTRS}
+
+
+def _is_supported_tensor(t) -> bool:
+    return isinstance(t, TensorType) and t.dtype in TL_DTYPES
+
+
+def can_generate(node) -> bool:
+    """Whether the pointwise codegen lowers this node (asked by the schedule pass)."""
+    if len(node.results) != 1 or not _is_supported_tensor(node.results[0].type):
+        return False
+    if node.op in CONSTANTS:
+        value = node.args[0] if node.args else None
+        return isinstance(value, (int, float, bool)) and node.results[0].type.rank == 0
+    lower = POINTWISE.get(node.op)
+    if lower is None:
+        return False
+    ops = []
+    for a in _operands(node):
+        if isinstance(a, Value):
+            if not _is_supported_tensor(a.type):
+                return False
+            ops.append(Operand("x", a.type.dtype))
+        elif isinstance(a, (bool, int, float)) or a is None:
+            ops.append(Operand(_literal(a), None, a))
+        else:
+            return False
+    try:
+        return lower(ops, _scalar_attrs(node), node.results[0].type.dtype) is not None
+    except (KeyError, TypeError, ValueError, IndexError):
+        return False
+
+
+def generate(fn: Graph, name: str) -> str:
+    """Python source defining `<name>_kernel` (@triton.jit) and its launcher `<name>`."""
+    out_shape = fn.outputs[0].type.shape
+    rank = len(out_shape)
+    inputs = fn.inputs
+    env: dict[Value, Operand] = {}
+    body: list[str] = []
+    loads = []
+    for i, v in enumerate(inputs):
+        t = v.type
+        ptr = f"in{i}"
+        if t.rank == 0:
+            load = f"tl.load({ptr})"
+        else:
+            off = " + ".join(f"c{k} * {ptr}_s{k}" for k in range(rank)) or "0"
+            load = (f"tl.load({ptr} + (idx if {ptr.upper()}_CONTIG else {off}), mask=mask, other=0)")
+        loads.append(f"    a{i} = {load}")
+        env[v] = Operand(f"a{i}", t.dtype)
+    k = 0
+    for n in fn.nodes:
+        r = n.results[0]
+        dtype = r.type.dtype
+        if n.op in CONSTANTS:
+            value = n.args[0]
+            value = float(value) if dtype in FLOATS else (bool(value) if dtype == torch.bool
+                                                          else int(value))
+            env[r] = Operand(_literal(value), None, value)
+            continue
+        ops = [env[a] if isinstance(a, Value) else Operand(_literal(a), None, a)
+               for a in _operands(n)]
+        expr = POINTWISE[n.op](ops, _scalar_attrs(n), dtype)
+        if expr is None:
+            raise ValueError(f"codegen: {n.op} is not lowerable here (schedule asked can_generate)")
+        if dtype not in FLOATS and dtype != torch.bool:
+            expr = f"({expr}).to({TL_DTYPES[dtype]})"
+        body.append(f"    v{k} = {expr}   # {n.op}")
+        env[r] = Operand(f"v{k}", dtype)
+        k += 1
+    stores = []
+    for j, v in enumerate(fn.outputs):
+        o = env[v]
+        val = o.expr if o.dtype is not None else f"tl.full([BLOCK], {o.expr}, tl.float32)"
+        stores.append(f"    tl.store(out{j} + idx, ({val}).to({TL_DTYPES[v.type.dtype]}), mask=mask)")
+
+    strided = [i for i, v in enumerate(inputs) if v.type.rank]
+    params = ([f"in{i}" for i in range(len(inputs))] + [f"out{j}" for j in range(len(fn.outputs))]
+              + ["numel"] + [f"d{k}" for k in range(rank)]
+              + [f"in{i}_s{k}" for i in strided for k in range(rank)]
+              + ["BLOCK: tl.constexpr"] + [f"IN{i}_CONTIG: tl.constexpr" for i in strided])
+    unravel = []
+    if rank:
+        unravel.append("    rem = idx")
+        for d in reversed(range(1, rank)):
+            unravel.append(f"    c{d} = rem % d{d}")
+            unravel.append(f"    rem = rem // d{d}")
+        unravel.append("    c0 = rem")
+    ops_doc = ", ".join(n.op.split(".")[-1] for n in fn.nodes)
+    kernel = [
+        "@triton.jit",
+        f"def {name}_kernel({', '.join(params)}):",
+        f'    """{ops_doc}"""',
+        "    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
+        "    mask = idx < numel",
+        *unravel, *loads, *body, *stores,
+    ]
+    args = [f"a{i}" for i in range(len(inputs))]
+    launcher = [f"def {name}({', '.join(args)}):"]
+    launcher.append(f"    shape = torch.broadcast_shapes({''.join(a + '.shape, ' for a in args)})")
+    device = "a0.device" if args else "None"
+    outs = []
+    for j, v in enumerate(fn.outputs):
+        launcher.append(f"    out{j} = torch.empty(shape, dtype=torch.{str(v.type.dtype).split('.')[-1]}, "
+                        f"device={device})")
+        outs.append(f"out{j}")
+    ret = ", ".join(outs) + ("," if len(outs) == 1 else "")
+    launcher.append(f"    numel = out0.numel()")
+    launcher.append(f"    if numel == 0:")
+    launcher.append(f"        return ({ret})")
+    strides = [f"*a{i}.expand(shape).stride()" for i in strided]
+    contig = [f"IN{i}_CONTIG=a{i}.shape == shape and a{i}.is_contiguous()" for i in strided]
+    call = ", ".join(args + outs + ["numel", "*shape"] + strides
+                     + [f"BLOCK={BLOCK}"] + contig + [f"num_warps={NUM_WARPS}"])
+    launcher.append(f"    {name}_kernel[(triton.cdiv(numel, {BLOCK}),)]({call})")
+    launcher.append(f"    return ({ret})")
+    return "\n".join(kernel) + "\n\n\n" + "\n".join(launcher) + "\n"
+
+
+_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+                  torch.int64: "*i64", torch.int32: "*i32", torch.int16: "*i16",
+                  torch.int8: "*i8", torch.uint8: "*u8", torch.bool: "*i1"}
+
+
+def aot_spec(fn: Graph, name: str, kernel):
+    """The KernelSpec (backends/triton/aot.py) of a generated kernel for contiguous
+    inputs: what `kiln compile --aot` and CI compile for cuda and hip."""
+    from .aot import make_spec
+    types = {f"in{i}": _POINTER_TYPES[v.type.dtype] for i, v in enumerate(fn.inputs)}
+    types.update({f"out{j}": _POINTER_TYPES[v.type.dtype] for j, v in enumerate(fn.outputs)})
+    types["numel"] = "i64"
+    rank = len(fn.outputs[0].type.shape)
+    types.update({f"d{k}": "i32" for k in range(rank)})
+    strided = [i for i, v in enumerate(fn.inputs) if v.type.rank]
+    types.update({f"in{i}_s{k}": "i32" for i in strided for k in range(rank)})
+    constants = {"BLOCK": BLOCK, **{f"IN{i}_CONTIG": True for i in strided}}
+    return make_spec(name, kernel, types, constants, num_warps=NUM_WARPS,
+                     divisible_by_16=tuple(t for t in types if t.startswith(("in", "out"))
+                                           and "_s" not in t))
