@@ -7,7 +7,17 @@ requests. Every request asks for exactly its output length (`ignore_eos`, temper
 
 Reported: request and output-token throughput, and percentiles of TTFT (request sent to
 first token), TPOT (time per output token after the first: (latency - TTFT) / (tokens - 1))
-and ITL (gaps between streamed chunks).
+and ITL (gaps between streamed chunks), and the prompt tokens the server says it took from
+its prefix cache (`usage.prompt_tokens_details.cached_tokens`, from the last streamed chunk).
+
+Prefix caching (`--shared-prefix-len P`, as vLLM's `--random-prefix-len`): every prompt
+starts with a shared run of P random tokens, then its own random suffix of about
+`--input-len` tokens. With `--num-prefixes G` there are G such prefixes, each shared by a
+contiguous run of the requests, so at `--concurrency 1` the first request of each run is
+cold and the rest can reuse its prefix. The report then splits the requests into cold (no
+cached tokens in `usage`) and warm (some), with TTFT percentiles and cached-token counts for
+each. A server keeps its cache between runs: repeat a run with another `--seed` (or against
+a fresh server), or the "cold" requests are warm.
 """
 from __future__ import annotations
 
@@ -32,6 +42,8 @@ class BenchConfig:
     token_range: tuple[int, int] = (1000, 10000)   # prompt token ids drawn from here
     api_key: str | None = None
     timeout: float = 600.0
+    shared_prefix_len: int = 0        # tokens every prompt starts with (0: independent prompts)
+    num_prefixes: int = 1             # distinct shared prefixes, each for a contiguous run of requests
 
 
 @dataclass
@@ -42,18 +54,32 @@ class RequestResult:
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
     error: str | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, if reported
+    first_of_prefix: bool = False     # the first request sent with its shared prefix
+
+
+def prefix_group(cfg: BenchConfig, i: int) -> int:
+    """Which shared prefix request i starts with: contiguous runs of about equal size."""
+    return i * min(cfg.num_prefixes, cfg.num_requests) // cfg.num_requests
 
 
 def make_requests(cfg: BenchConfig) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output length) per request, the same for the same config. Without
+    a shared prefix the random draws are those of earlier versions (same seed, same requests)."""
+    if cfg.shared_prefix_len < 0 or cfg.num_prefixes < 1:
+        raise ValueError("shared_prefix_len must be >= 0 and num_prefixes >= 1")
     rng = random.Random(cfg.seed)
 
     def length(mean: int) -> int:
         lo, hi = max(1, int(mean * (1 - cfg.range_ratio))), max(1, int(mean * (1 + cfg.range_ratio)))
         return rng.randint(lo, hi)
+    prefixes = ([[rng.randrange(*cfg.token_range) for _ in range(cfg.shared_prefix_len)]
+                 for _ in range(cfg.num_prefixes)] if cfg.shared_prefix_len else [[]])
     out = []
-    for _ in range(cfg.num_requests):
+    for i in range(cfg.num_requests):
         n_in, n_out = length(cfg.input_len), length(cfg.output_len)
-        out.append(([rng.randrange(*cfg.token_range) for _ in range(n_in)], n_out))
+        prefix = prefixes[prefix_group(cfg, i)] if cfg.shared_prefix_len else []
+        out.append((prefix + [rng.randrange(*cfg.token_range) for _ in range(n_in)], n_out))
     return out
 
 
@@ -78,6 +104,9 @@ async def _one(client, cfg: BenchConfig, model: str, prompt: list[int], max_toke
                 now = time.perf_counter()
                 if data.get("usage"):
                     res.output_tokens = data["usage"]["completion_tokens"]
+                    details = data["usage"].get("prompt_tokens_details") or {}
+                    if details.get("cached_tokens") is not None:
+                        res.cached_tokens = details["cached_tokens"]
                 if data.get("choices") and data["choices"][0].get("text"):
                     if res.ttft is None:
                         res.ttft = now - t0
@@ -112,17 +141,19 @@ async def run_async(cfg: BenchConfig) -> dict:
             model = r.json()["data"][0]["id"]
         requests = make_requests(cfg)
         queue: asyncio.Queue = asyncio.Queue()
-        for item in requests:
-            queue.put_nowait(item)
+        for i, item in enumerate(requests):
+            queue.put_nowait((i, *item))
         results: list[RequestResult] = []
 
         async def worker():
             while True:
                 try:
-                    prompt, n = queue.get_nowait()
+                    i, prompt, n = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                results.append(await _one(client, cfg, model, prompt, n))
+                res = await _one(client, cfg, model, prompt, n)
+                res.first_of_prefix = i == 0 or prefix_group(cfg, i) != prefix_group(cfg, i - 1)
+                results.append(res)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
@@ -131,7 +162,7 @@ async def run_async(cfg: BenchConfig) -> dict:
     out_tokens = sum(r.output_tokens for r in ok)
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok
             if r.ttft is not None and r.output_tokens > 1]
-    return {
+    rep = {
         "config": {k: v for k, v in asdict(cfg).items() if k != "api_key"} | {"model": model},
         "requests": len(results), "failed": len(results) - len(ok),
         "errors": sorted({r.error for r in results if r.error})[:5],
@@ -143,7 +174,29 @@ async def run_async(cfg: BenchConfig) -> dict:
         "ttft_s": percentiles([r.ttft for r in ok if r.ttft is not None]),
         "tpot_s": percentiles(tpot),
         "itl_s": percentiles([x for r in ok for x in r.itl]),
+        "cached_tokens": sum(r.cached_tokens or 0 for r in ok),
     }
+    if cfg.shared_prefix_len:
+        rep["prefix_cache"] = prefix_cache_report(ok)
+    return rep
+
+
+def prefix_cache_report(ok: list[RequestResult]) -> dict:
+    """Cold vs. warm requests: by the cached tokens the server reported, or, where it reports
+    none, by whether the request was the first sent with its prefix."""
+    def warm(r: RequestResult) -> bool:
+        return r.cached_tokens > 0 if r.cached_tokens is not None else not r.first_of_prefix
+
+    def part(rs: list[RequestResult]) -> dict:
+        cached = [r.cached_tokens for r in rs if r.cached_tokens is not None]
+        return {"requests": len(rs),
+                "prompt_tokens_mean": statistics.fmean(r.prompt_tokens for r in rs) if rs else None,
+                "cached_tokens": {"min": min(cached, default=None), "max": max(cached, default=None),
+                                  "mean": statistics.fmean(cached) if cached else None},
+                "ttft_s": percentiles([r.ttft for r in rs if r.ttft is not None])}
+    cold, hot = part([r for r in ok if not warm(r)]), part([r for r in ok if warm(r)])
+    c50, w50 = cold["ttft_s"]["p50"], hot["ttft_s"]["p50"]
+    return {"cold": cold, "warm": hot, "ttft_p50_speedup": c50 / w50 if c50 and w50 else None}
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -156,7 +209,9 @@ def format_report(rep: dict) -> str:
     lines = [
         f"kiln bench serve: {c['url']} model={c['model']} concurrency={c['concurrency']} "
         f"requests={rep['requests']} (failed {rep['failed']}) seed={c['seed']}",
-        f"  input ~{c['input_len']} / output ~{c['output_len']} tokens (±{c['range_ratio']:.0%})",
+        f"  input ~{c['input_len']} / output ~{c['output_len']} tokens (±{c['range_ratio']:.0%})"
+        + (f" after a shared prefix of {c['shared_prefix_len']} tokens ({c['num_prefixes']} prefixes)"
+           if c.get("shared_prefix_len") else ""),
         f"  duration            {rep['duration_s']:.2f} s",
         f"  requests/s          {rep['request_throughput']:.2f}",
         f"  output tokens/s     {rep['output_throughput']:.1f}  ({rep['output_tokens']} tokens)",
@@ -165,6 +220,17 @@ def format_report(rep: dict) -> str:
         p = rep[name]
         lines.append(f"  {name[:-2].upper():5s} ms  mean {ms(p['mean'])}  p50 {ms(p['p50'])}  "
                      f"p90 {ms(p['p90'])}  p99 {ms(p['p99'])}")
+    lines.append(f"  cached prompt tokens {rep['cached_tokens']} of {rep['prompt_tokens']}")
+    pc = rep.get("prefix_cache")
+    for name in ("cold", "warm") if pc else ():
+        part, p = pc[name], pc[name]["ttft_s"]
+        ct = part["cached_tokens"]
+        cached = "-" if ct["mean"] is None else (f"{ct['mean']:.0f}" if ct["min"] == ct["max"]
+                                                 else f"{ct['min']}-{ct['max']} (mean {ct['mean']:.0f})")
+        lines.append(f"  {name} ({part['requests']} requests, cached tokens {cached}): TTFT ms  "
+                     f"mean {ms(p['mean'])}  p50 {ms(p['p50'])}  p90 {ms(p['p90'])}  p99 {ms(p['p99'])}")
+    if pc and pc["ttft_p50_speedup"]:
+        lines.append(f"  TTFT p50 cold / warm  {pc['ttft_p50_speedup']:.1f}x")
     for e in rep["errors"]:
         lines.append(f"  error: {e}")
     return "\n".join(lines)

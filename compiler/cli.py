@@ -178,7 +178,8 @@ def cmd_bench_serve(args) -> int:
     cfg = BenchConfig(url=args.url, model=args.model, concurrency=args.concurrency,
                       num_requests=args.num_requests, seed=args.seed, input_len=args.input_len,
                       output_len=args.output_len, range_ratio=args.range_ratio,
-                      api_key=args.api_key)
+                      api_key=args.api_key, shared_prefix_len=args.shared_prefix_len,
+                      num_prefixes=args.num_prefixes)
     rep = run(cfg)
     print(format_report(rep))
     if args.json:
@@ -383,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--input-len", type=int, default=128)
     bs.add_argument("--output-len", type=int, default=64)
     bs.add_argument("--range-ratio", type=float, default=0.5)
+    bs.add_argument("--shared-prefix-len", type=int, default=0,
+                    help="prefix caching: every prompt starts with the same N random tokens, then "
+                         "its own ~--input-len; the report splits cold from warm (cached) requests")
+    bs.add_argument("--num-prefixes", type=int, default=1,
+                    help="distinct shared prefixes, each for a contiguous run of the requests")
     bs.add_argument("--api-key")
     bs.add_argument("--json", help="also write the report as JSON here")
     bs.set_defaults(fn=cmd_bench_serve)

@@ -276,6 +276,41 @@ def test_bench_serve(server):
     server.wait_metric("kiln_kv_blocks_used", 0)
 
 
+def test_bench_shared_prefix_requests():
+    """--shared-prefix-len: seeded, one prefix per contiguous run of requests, suffixes differ;
+    without it the requests are those of earlier versions (same draws)."""
+    from kiln.bench import BenchConfig, make_requests
+    cfg = BenchConfig(num_requests=7, seed=5, input_len=24, output_len=8, shared_prefix_len=100,
+                      num_prefixes=2)
+    reqs = make_requests(cfg)
+    assert reqs == make_requests(cfg) and reqs != make_requests(BenchConfig(**{**vars(cfg), "seed": 6}))
+    groups = [reqs[:4], reqs[4:]]   # 7 requests over 2 prefixes: runs of 4 and 3
+    for g in groups:
+        assert all(p[:100] == g[0][0][:100] for p, _ in g)
+        assert all(12 <= len(p) - 100 <= 36 and 4 <= n <= 12 for p, n in g)
+        suffixes = [tuple(p[100:116]) for p, _ in g]
+        assert len(set(suffixes)) == len(suffixes)   # no two share a 16-token block past the prefix
+    assert groups[0][0][0][:100] != groups[1][0][0][:100]
+    plain = BenchConfig(num_requests=3, seed=5, input_len=24)
+    assert [len(p) for p, _ in make_requests(plain)] == [31, 17, 21]   # the draws of earlier versions
+
+
+def test_bench_serve_shared_prefix(server):
+    """Sequential requests over one shared prefix: the first is cold, the rest report the
+    prefix's full blocks as cached (counts only; nothing is timed)."""
+    from kiln.bench import BenchConfig, format_report, run
+    cfg = BenchConfig(url=server.url, api_key=API_KEY, concurrency=1, num_requests=3, seed=11,
+                      input_len=8, output_len=2, shared_prefix_len=70)
+    rep = run(cfg)
+    assert rep["failed"] == 0, rep["errors"]
+    pc = rep["prefix_cache"]
+    assert pc["cold"]["requests"] == 1 and pc["cold"]["cached_tokens"]["max"] == 0
+    assert pc["warm"]["requests"] == 2 and pc["warm"]["cached_tokens"]["min"] == 64   # 4 full blocks
+    assert rep["cached_tokens"] == 128 and pc["warm"]["ttft_s"]["p50"] > 0
+    assert "warm (2 requests, cached tokens 64)" in format_report(rep)
+    server.wait_metric("kiln_kv_blocks_used", 0)
+
+
 def test_generate_and_chat_cli(smollm2_artifact, hf):
     """`kiln generate DIR` and `kiln chat DIR` answer through the engine, greedy == HF."""
     greedy, tok = hf
