@@ -15,10 +15,26 @@ after canonicalize and fuse.activation:
     y = grouped_mm(a, w_down^T, offsets) * ws[:, None]
     inv = empty_like(perm); inv[perm] = arange; out = y[inv].view(T, k, H).sum(1)
 
-`grouped_mm` is `transformers::grouped_mm_fallback` (CPU, and any dtype but bf16) or
-`aten._grouped_mm` (torch.nn.functional.grouped_mm on GPUs).
+Two things vary, each declared as data in `FORMS` (one pattern per form, built by the one
+function below):
+
+- `grouped_mm` is `transformers::grouped_mm_fallback` or `aten._grouped_mm`
+  (`torch.nn.functional.grouped_mm`). transformers' `_can_use_grouped_mm` picks the torch op
+  unless dynamo traces a dtype other than bf16, or the weights sit on a CPU with torch <=
+  2.8 (<= 2.10 when misaligned), or on a CUDA GPU older than SM80: so bf16 on a GPU (and
+  on CPU with torch > 2.10) captures `aten._grouped_mm`, fp32 the custom op.
+- the sentinel mask of expert parallelism: transformers 5.17 always (5.23 only when the
+  experts are expert-parallel) adds `mask = (sorted_ids >= E)[:, None]` and zeroes the
+  masked rows of the first GEMM's input and of both GEMMs' outputs
+  (`masked_fill(mask, 0.0)`, captured as `where(mask, scalar_tensor(0.0), v)`). top-k ids
+  lie in [0, E), so the mask is all false and the `where`s are the identity.
+
+The histc input is a float cast of the sorted ids on CPU and an int32 cast on CUDA; the
+pattern's `cast` takes either.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -26,7 +42,27 @@ from kiln.ir import REGISTRY, Graph, TensorType, Value
 
 from .pattern import Const, Match, Pattern, PatternBuilder, dims_equal
 
-GROUPED_MM_OPS = ("torch.transformers.grouped_mm_fallback.default", "aten._grouped_mm")
+FALLBACK = "torch.transformers.grouped_mm_fallback.default"
+
+
+@dataclass(frozen=True)
+class MoeForm:
+    """One way the grouped_mm experts forward reaches kiln (see the module docstring)."""
+    grouped_mm: str           # the op of both expert GEMMs
+    sentinel_mask: bool       # where(sorted_ids >= E, 0, .) around the GEMMs
+
+    @property
+    def name(self) -> str:
+        short = "fallback" if self.grouped_mm == FALLBACK else "aten"
+        return f"moe_grouped_mm_{short}" + ("_masked" if self.sentinel_mask else "")
+
+
+FORMS = (
+    MoeForm(FALLBACK, sentinel_mask=False),            # transformers 5.23, fp32/fp16
+    MoeForm("aten._grouped_mm", sentinel_mask=False),  # transformers 5.23, bf16
+    MoeForm(FALLBACK, sentinel_mask=True),             # transformers 5.17, fp32/fp16
+    MoeForm("aten._grouped_mm", sentinel_mask=True),   # transformers 5.17, bf16 (CUDA)
+)
 
 
 def _last(d, rank) -> bool:
@@ -35,9 +71,9 @@ def _last(d, rank) -> bool:
     return isinstance(d, int) and d in (-1, rank - 1)
 
 
-def moe_pattern(grouped_mm: str) -> Pattern:
-    short = "fallback" if "fallback" in grouped_mm else "aten"
-    p = PatternBuilder(f"moe_grouped_mm_{short}",
+def moe_pattern(form: MoeForm) -> Pattern:
+    grouped_mm = form.grouped_mm
+    p = PatternBuilder(form.name,
                        "router softmax/top-k/renormalize + grouped_mm experts -> kiln.fused_moe")
     x, logits, wgu, wd, arange = p.inputs("x", "router_logits", "w_gate_up", "w_down", "arange")
     k, k2, sd, td, E, emax, split = p.const("top_k", "k2", "sd", "td", "E", "emax", "split")
@@ -54,12 +90,23 @@ def moe_pattern(grouped_mm: str) -> Pattern:
     ws = p.op("aten.index", wflat, [perm], name="ws")
     hist = p.op("aten.histc", p.cast(sorted_ids), bins=E, max=emax, name="hist")
     offs = p.op("aten.cumsum", hist, dim=0, dtype=torch.int32, name="offs")
+    if form.sentinel_mask:
+        oob = p.op("aten.ge", sorted_ids, E, name="oob")
+        mask = p.op("aten.unsqueeze", oob, dim=-1, name="mask")
+        # masked_fill's 0.0: CSE shares one scalar_tensor between the layers
+        zero = p.op("aten.scalar_tensor", Const("fill"), any_attrs=True, shared=True, name="zero")
+
+        def masked(v, name):
+            return p.op("aten.where", mask, zero, v, name=name)
+    else:
+        def masked(v, name):
+            return v
     wgu_t = p.op("aten.permute", wgu, dims=[0, 2, 1], name="wgu_t")
-    h = p.op(grouped_mm, p.cast(xs), wgu_t, offs, name="h")
+    h = masked(p.op(grouped_mm, p.cast(masked(xs, "xs_m")), wgu_t, offs, name="h"), "h_m")
     gate, up = p.op("aten.split_with_sizes", h, results=["gate", "up"], split_sizes=split, dim=-1)
     act = p.op("kiln.silu_mul", gate, up, name="act")
     wd_t = p.op("aten.permute", wd, dims=[0, 2, 1], name="wd_t")
-    y = p.op(grouped_mm, p.cast(act), wd_t, offs, name="y")
+    y = masked(p.op(grouped_mm, p.cast(act), wd_t, offs, name="y"), "y_m")
     wcol = p.op("aten.unsqueeze", ws, dim=-1, name="wcol")
     yw = p.op("aten.mul", y, wcol, name="yw")
     # torch.empty_like(perm): a kiln op once the registry knows it (pure, so CSE may share
@@ -103,6 +150,8 @@ def moe_pattern(grouped_mm: str) -> Pattern:
         return m["final"].type == m["x"].type
 
     p.where(shapes, "shapes: x [T, H], logits [T, E], w_gate_up [E, 2I, H], w_down [E, H, I]")
+    if form.sentinel_mask:
+        p.where(lambda m: m["fill"] == 0, "masked rows are filled with 0")
     p.where(inverse_permutation, "the inverse permutation scatters arange(T * top_k)")
     p.where(out_type, "the block returns x's type")
     p.replace(lambda m, b: b.op("kiln.fused_moe", m["x"], m["router_logits"], m["w_gate_up"],
@@ -110,17 +159,17 @@ def moe_pattern(grouped_mm: str) -> Pattern:
     return p.build(final)
 
 
-_PATTERNS: dict[str, Pattern] = {}
+_PATTERNS: dict[MoeForm, Pattern] = {}
 
 
 def moe_patterns(g: Graph) -> list[Pattern]:
     """The MoE patterns for the grouped-mm ops this graph actually contains (the
     transformers custom op is only known once transformers registered it)."""
-    present = {n.op for n in g.nodes} & set(GROUPED_MM_OPS)
+    present = {n.op for n in g.nodes}
     out = []
-    for op in GROUPED_MM_OPS:
-        if op in present:
-            if op not in _PATTERNS:
-                _PATTERNS[op] = moe_pattern(op)
-            out.append(_PATTERNS[op])
+    for form in FORMS:
+        if form.grouped_mm in present:
+            if form not in _PATTERNS:
+                _PATTERNS[form] = moe_pattern(form)
+            out.append(_PATTERNS[form])
     return out
