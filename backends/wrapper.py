@@ -71,15 +71,18 @@ def _callees(g: Graph, target: Target, used: set[str]) -> tuple[dict[str, str], 
         py = _ident(fname, used)
         names[fname] = py
         if target.triton_backend is not None:
+            # Values a model keeps on the host (StaticCache's lengths) run the torch version.
             from .triton.codegen import generate as triton_kernel
-            source.append(triton_kernel(f, py))
+            host = _ident(f"{fname}_host", used)
+            source.append(_function(f, target, host, used, {})[0])
+            source.append(triton_kernel(f, py, host))
         else:
             source.append(_function(f, target, py, used, {})[0])
     return names, source
 
 
 def generate(g: Graph, target: Target) -> str:
-    used: set[str] = {"torch", "aten", "prims", "operator", "triton", "tl"}
+    used: set[str] = {"torch", "aten", "prims", "operator", "triton", "tl", "os", "ON_HOST_OK"}
     imports: dict[str, tuple[str, str]] = {}  # kiln op -> (alias, import line)
     callees, kernels = _callees(g, target, used)
     fn, params, names = _function(g, target, "forward", used, imports, callees)
@@ -93,8 +96,11 @@ def generate(g: Graph, target: Target) -> str:
         "import torch",
     ]
     if kernels and target.triton_backend is not None:
-        head += ["import triton", "import triton.language as tl"]
+        head += ["import os", "import triton", "import triton.language as tl"]
     head += ["", "aten = torch.ops.aten", "prims = torch.ops.prims"]
+    if kernels and target.triton_backend is not None:
+        head += ["# Triton's interpreter (TRITON_INTERPRET=1) runs generated kernels on CPU tensors.",
+                 'ON_HOST_OK = os.environ.get("TRITON_INTERPRET") == "1"']
     head += sorted(line for _, line in imports.values())
     main = [
         "",

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 from . import kiln_ref
 from .ops import OpDef, register
+from .types import TensorType
 
 
 def _like_first(args, attrs):
     return [args[0].type]
+
+
+def _attention_type(args, attrs):
+    """[B, Hq, Sq, Dv] in q's dtype. By rule: on the H100 (torch 2.11) fake execution of the
+    reference typed a serving capture's query length as its example size."""
+    q, v = args[0].type, args[2].type
+    return [TensorType(q.dtype, tuple(q.shape[:-1]) + (v.shape[-1],))]
 
 
 # name: (operands, attributes, reference, traits, infer)
@@ -21,7 +29,8 @@ KILN_OPS = {
     "fused_add_rms_norm": (("x", "residual", "weight"), ("eps",), kiln_ref.fused_add_rms_norm, (), None),
     "rope": (("x", "cos", "sin"), (), kiln_ref.rope, (), None),
     "silu_mul": (("gate", "up"), (), kiln_ref.silu_mul, ("elementwise",), None),
-    "attention": (("q", "k", "v", "mask"), ("scale", "causal"), kiln_ref.attention, (), None),
+    "attention": (("q", "k", "v", "mask"), ("scale", "causal"), kiln_ref.attention, (),
+                  _attention_type),
     "fused_moe": (("x", "router_logits", "w_gate_up", "w_down"), ("top_k", "renormalize"),
                   kiln_ref.fused_moe, (), _like_first),
     "quant_fp8": (("x", "scale"), ("fp8_dtype",), kiln_ref.quant_fp8, (), None),

@@ -270,8 +270,10 @@ def can_generate(node) -> bool:
         return False
 
 
-def generate(fn: Graph, name: str) -> str:
-    """Python source defining `<name>_kernel` (@triton.jit) and its launcher `<name>`."""
+def generate(fn: Graph, name: str, host_fallback: str | None = None) -> str:
+    """Python source defining `<name>_kernel` (@triton.jit) and its launcher `<name>`. With
+    `host_fallback`, the launcher calls that function instead when an input is on the CPU
+    (unless the module's ON_HOST_OK says Triton's interpreter runs host tensors)."""
     out_shape = fn.outputs[0].type.shape
     rank = len(out_shape)
     inputs = fn.inputs
@@ -337,6 +339,10 @@ def generate(fn: Graph, name: str) -> str:
     ]
     args = [f"a{i}" for i in range(len(inputs))]
     launcher = [f"def {name}({', '.join(args)}):"]
+    if host_fallback:
+        on_host = " or ".join(f"{a}.device.type == 'cpu'" for a in args)
+        launcher.append(f"    if not ON_HOST_OK and ({on_host}):")
+        launcher.append(f"        return {host_fallback}({', '.join(args)})")
     launcher.append(f"    shape = torch.broadcast_shapes({''.join(a + '.shape, ' for a in args)})")
     device = "a0.device" if args else "None"
     outs = []

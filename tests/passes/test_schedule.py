@@ -217,3 +217,14 @@ def test_generated_kernels_compile_for_cuda_and_hip(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "cuda" in done.stdout and "hip" in done.stdout
+
+
+def test_host_tensors_run_the_torch_version(monkeypatch):
+    """StaticCache keeps its lengths on the host: a generated kernel cannot read them, so the
+    launcher calls the callee's torch code (seen on the H100)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    g, _ = scheduled(GLUE)
+    forward = wrapper.load(wrapper.generate(g, get_target("cuda")))
+    assert forward.__globals__["ON_HOST_OK"] is False
+    for a, b in zip(forward(*glue_inputs()), run(parse(GLUE), glue_inputs())):
+        assert torch.equal(a, b)
