@@ -12,6 +12,7 @@ mkdir -p "$out" "$work"
 port=${PORT:-18431}
 for model in ${MODELS:-smollm2 llama-3.2-1b}; do
   spec=$model
+  [ "$model" = smollm2 ] && spec=${KILN_SMOLLM2_GGUF:-smollm2}
   if [ "$model" != smollm2 ]; then
     spec=$work/$model
     [ -f "$spec/config.json" ] || python3 bench/make_shape_model.py "$model" -o "$spec" --dtype bfloat16 || continue
@@ -31,10 +32,10 @@ for model in ${MODELS:-smollm2 llama-3.2-1b}; do
   if ! curl -sf "http://127.0.0.1:$port/health" > /dev/null; then
     echo "== $model: server did not come up"; tail -30 "/tmp/serve_$model.log"; kill $server 2> /dev/null; continue
   fi
-  kiln bench serve --url "http://127.0.0.1:$port" --concurrency 1 --num-requests ${C1_REQUESTS:-4} \
+  kiln bench serve --url "http://127.0.0.1:$port" --concurrency 1 --num-requests ${C1_REQUESTS:-4} --warmup \
     --input-len 32 --output-len ${C1_OUTPUT:-256} --range-ratio 0 --json "$out/serve_${model}_c1.json" \
     | tail -12
-  kiln bench serve --url "http://127.0.0.1:$port" --concurrency 64 --num-requests ${C64_REQUESTS:-192} \
+  kiln bench serve --url "http://127.0.0.1:$port" --concurrency 64 --num-requests ${C64_REQUESTS:-192} --warmup \
     --input-len 128 --output-len 128 --json "$out/serve_${model}_c64.json" | tail -12
   kill $server; wait $server 2> /dev/null
   grep -i "warn\|error\|traceback" "/tmp/serve_$model.log" | head -5

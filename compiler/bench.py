@@ -41,6 +41,10 @@ class BenchConfig:
     range_ratio: float = 0.5          # lengths uniform in [len * (1 - r), len * (1 + r)]
     token_range: tuple[int, int] = (1000, 10000)   # prompt token ids drawn from here
     api_key: str | None = None
+    # Untimed requests first (`concurrency` of them at once, staggered lengths, so the batch
+    # shrinks through every size): a GPU server captures a CUDA graph per decode bucket on
+    # first use, and that belongs to start-up, not to the measurement.
+    warmup: bool = False
     timeout: float = 600.0
     shared_prefix_len: int = 0        # tokens every prompt starts with (0: independent prompts)
     num_prefixes: int = 1             # distinct shared prefixes, each for a contiguous run of requests
@@ -140,6 +144,11 @@ async def run_async(cfg: BenchConfig) -> dict:
             r.raise_for_status()
             model = r.json()["data"][0]["id"]
         requests = make_requests(cfg)
+        if cfg.warmup:
+            rng = random.Random(cfg.seed + 1)
+            await asyncio.gather(*(
+                _one(client, cfg, model, [rng.randrange(*cfg.token_range) for _ in range(16)], 2 + i)
+                for i in range(cfg.concurrency)))
         queue: asyncio.Queue = asyncio.Queue()
         for i, item in enumerate(requests):
             queue.put_nowait((i, *item))
