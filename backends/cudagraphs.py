@@ -37,6 +37,11 @@ class _Entry:
     pinned: tuple            # data_ptr of the inputs used in place
     outputs: tuple
 
+    def __post_init__(self):
+        self.pinned_index = [i for i, p in enumerate(self.pinned) if p is not None]
+        self.scalar_index = [i for i, a in enumerate(self.static_args)
+                             if not isinstance(a, torch.Tensor)]
+
 
 class CudaGraphCache:
     def __init__(self, fn, mutated_inputs: set[int] = frozenset(), max_graphs: int = 32,
@@ -50,8 +55,15 @@ class CudaGraphCache:
         self.uncapturable: set[tuple] = set()
         self.pool = None
         self.replays = 0
+        self._last: _Entry | None = None   # the entry the previous call replayed
 
     def __call__(self, *args):
+        # Decode calls the same graph with the same weight and cache objects every step:
+        # checking those by identity skips the signature of ~300 arguments (about 100 us
+        # of host time per step, which small models are bound by).
+        last = self._last
+        if last is not None and self._same_call(last, args):
+            return self._replay(last, args)
         key = signature(args)
         entry = self.entries.get(key)
         if entry is None:
@@ -72,7 +84,29 @@ class CudaGraphCache:
             # A weight or cache moved: this graph would read stale memory.
             del self.entries[key]
             self.first_ptrs[key] = ptrs
+            self._last = None
             return self.fn(*args)
+        self._last = entry
+        return self._replay(entry, args)
+
+    @staticmethod
+    def _same_call(entry: "_Entry", args) -> bool:
+        """Same pinned tensor objects (so the same memory), same shapes of the copied inputs,
+        same non-tensor arguments: the call `signature` would map to this entry."""
+        static = entry.static_args
+        if len(args) != len(static):
+            return False
+        for i in entry.pinned_index:
+            if args[i] is not static[i]:
+                return False
+        for i in entry.copied:
+            a, b = args[i], static[i]
+            if not isinstance(a, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype \
+                    or a.device != b.device:
+                return False
+        return all(args[i] == static[i] for i in entry.scalar_index)
+
+    def _replay(self, entry: "_Entry", args):
         for i in entry.copied:
             entry.static_args[i].copy_(args[i])
         entry.graph.replay()
