@@ -9,8 +9,11 @@ targets with one) and outlines each group into a function of the graph, called t
 `kiln.call`; the backend turns each function into one kernel.
 
 A group is legal when:
-- every value it hands out (used after it, or a graph output) has the group's shape S, and
-  every value inside broadcasts to S (so one flat index over S computes all of them);
+- every value inside broadcasts to the group's shape S, and every value it hands out (used
+  after it, or a graph output) has shape S: one flat index over S computes all of them.
+  With last-dim reductions (sum, mean, amax, amin with keepdim: what a norm or a softmax
+  the rules did not know is made of), S is the reduced tensor's shape, the kernel works
+  row by row, and outputs may also be one value per row (S[:-1] + [1]);
 - it is convex: no path leaves the group and comes back (networkx on the dataflow view),
   else the call would depend on its own output;
 - it has at least two ops (one op alone is already one kernel);
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from kiln.ir import Graph, Node, TensorType, Value, print_graph
+from kiln.ir import Graph, Node, TensorType, Value, get_op, print_graph
 
 from .canonicalize import dce
 from .manager import PassContext, register_pass
@@ -71,17 +74,24 @@ def _outputs(members: set[Node], users: dict, graph_outputs: set[Value]) -> list
 
 
 def _group_shape(members: set[Node], users, graph_outputs):
-    """The shape every output has, or None when the outputs disagree or a member does not
-    broadcast to it."""
+    """The group's domain S, or None when the group cannot be one kernel: every member
+    broadcasts to S; outputs have shape S, or with a reduction S[:-1] + [1] (one value per
+    row); every reduction reduces the last dim of an S-shaped value."""
     outs = _outputs(members, users, graph_outputs)
-    if not outs:
+    if not outs or any(o.producer.op in _CONSTANTS for o in outs):
         return None
-    shape = _shape(outs[0])
-    if shape is None or any(_shape(o) != shape for o in outs):
+    reductions = [n for n in members if get_op(n.op).has("reduction")]
+    if reductions:
+        shape = _shape(reductions[0].args[0])
+        if shape is None or any(_shape(n.args[0]) != shape for n in reductions):
+            return None
+        allowed = {tuple(shape), tuple(shape[:-1]) + (1,)}
+    else:
+        shape = _shape(outs[0])
+        allowed = {tuple(shape)} if shape is not None else set()
+    if shape is None or any(tuple(_shape(o) or ()) not in allowed for o in outs):
         return None
     if any(not _broadcasts_to(_shape(r), shape) for n in members for r in n.results):
-        return None
-    if any(o.producer.op in _CONSTANTS for o in outs):
         return None
     return shape
 

@@ -244,6 +244,28 @@ def _is_supported_tensor(t) -> bool:
     return isinstance(t, TensorType) and t.dtype in TL_DTYPES
 
 
+# Row reductions over the last dim with keepdim (what norms and softmaxes are made of):
+# op -> (Triton reduction, identity for masked lanes, divide by the row length).
+REDUCTIONS = {"aten.sum": ("tl.sum", "0.0", False), "aten.mean": ("tl.sum", "0.0", True),
+              "aten.amax": ("tl.max", 'float("-inf")', False),
+              "aten.amin": ("tl.min", 'float("inf")', False)}
+MAX_ROW = 16384   # one program holds a whole row in registers
+
+
+def _row_reduction(node) -> bool:
+    """A keepdim reduction of a float tensor over its last dim, of a static length."""
+    if node.op not in REDUCTIONS or len(node.args) != 1 or set(node.attrs) - {"dim", "keepdim"}:
+        return False
+    x = node.args[0]
+    if not isinstance(x, Value) or not _is_supported_tensor(x.type) or x.type.dtype not in FLOATS:
+        return False
+    rank = x.type.rank
+    last = x.type.shape[-1] if rank else None
+    return (node.attrs.get("keepdim") is True and node.attrs.get("dim") in ([-1], [rank - 1])
+            and isinstance(last, int) and 1 <= last <= MAX_ROW
+            and node.results[0].type.dtype in FLOATS)
+
+
 def can_generate(node) -> bool:
     """Whether the pointwise codegen lowers this node (asked by the schedule pass)."""
     if len(node.results) != 1 or not _is_supported_tensor(node.results[0].type):
@@ -251,6 +273,8 @@ def can_generate(node) -> bool:
     if node.op in CONSTANTS:
         value = node.args[0] if node.args else None
         return isinstance(value, (int, float, bool)) and node.results[0].type.rank == 0
+    if node.op in REDUCTIONS:
+        return _row_reduction(node)
     lower = POINTWISE.get(node.op)
     if lower is None:
         return False
@@ -270,24 +294,42 @@ def can_generate(node) -> bool:
         return False
 
 
+def _domain(fn: Graph):
+    """(shape every value broadcasts to, whether the kernel works row by row)."""
+    rows = [n for n in fn.nodes if n.op in REDUCTIONS]
+    if rows:
+        return rows[0].args[0].type.shape, True
+    return fn.outputs[0].type.shape, False
+
+
 def generate(fn: Graph, name: str, host_fallback: str | None = None) -> str:
     """Python source defining `<name>_kernel` (@triton.jit) and its launcher `<name>`. With
     `host_fallback`, the launcher calls that function instead when an input is on the CPU
-    (unless the module's ON_HOST_OK says Triton's interpreter runs host tensors)."""
-    out_shape = fn.outputs[0].type.shape
-    rank = len(out_shape)
+    (unless the module's ON_HOST_OK says Triton's interpreter runs host tensors).
+
+    Flat kernels (elementwise only): one program per BLOCK elements of the output shape.
+    Row kernels (with last-dim reductions): one program per row of the reduced tensor's
+    shape S = [..., C], the whole row in BLOCK_C >= C lanes; reductions mask the lanes past
+    C with their identity; outputs are either S-shaped or one value per row ([..., 1])."""
+    shape, by_row = _domain(fn)
+    rank = len(shape)
     inputs = fn.inputs
     env: dict[Value, Operand] = {}
     body: list[str] = []
     loads = []
+    lead = rank - 1 if by_row else rank        # dims unravelled from the program's index
     for i, v in enumerate(inputs):
         t = v.type
         ptr = f"in{i}"
         if t.rank == 0:
             load = f"tl.load({ptr})"
+        elif by_row:
+            off = " + ".join([f"c{k} * {ptr}_s{k}" for k in range(lead)] + [f"cols * {ptr}_s{lead}"])
+            load = (f"tl.load({ptr} + (row * C + cols if {ptr.upper()}_CONTIG else {off}), "
+                    f"mask=cmask, other=0)")
         else:
             off = " + ".join(f"c{k} * {ptr}_s{k}" for k in range(rank)) or "0"
-            load = (f"tl.load({ptr} + (idx if {ptr.upper()}_CONTIG else {off}), mask=mask, other=0)")
+            load = f"tl.load({ptr} + (idx if {ptr.upper()}_CONTIG else {off}), mask=mask, other=0)"
         loads.append(f"    a{i} = {load}")
         env[v] = Operand(f"a{i}", t.dtype)
     k = 0
@@ -300,43 +342,67 @@ def generate(fn: Graph, name: str, host_fallback: str | None = None) -> str:
                                                           else int(value))
             env[r] = Operand(_literal(value), None, value)
             continue
-        ops = [env[a] if isinstance(a, Value) else Operand(_literal(a), None, a)
-               for a in _operands(n)]
-        expr = POINTWISE[n.op](ops, _scalar_attrs(n), dtype)
-        if expr is None:
-            raise ValueError(f"codegen: {n.op} is not lowerable here (schedule asked can_generate)")
+        if n.op in REDUCTIONS:
+            fn_name, identity, mean = REDUCTIONS[n.op]
+            x = env[n.args[0]].f32()
+            expr = f"{fn_name}(tl.where(cmask, {x}, {identity}), axis=0)"
+            if mean:
+                expr = f"({expr} / C)"
+        else:
+            ops = [env[a] if isinstance(a, Value) else Operand(_literal(a), None, a)
+                   for a in _operands(n)]
+            expr = POINTWISE[n.op](ops, _scalar_attrs(n), dtype)
+            if expr is None:
+                raise ValueError(f"codegen: {n.op} is not lowerable here (schedule asked can_generate)")
         if dtype not in FLOATS and dtype != torch.bool:
             expr = f"({expr}).to({TL_DTYPES[dtype]})"
         body.append(f"    v{k} = {expr}   # {n.op}")
         env[r] = Operand(f"v{k}", dtype)
         k += 1
     stores = []
+    reduced_out = []
     for j, v in enumerate(fn.outputs):
         o = env[v]
-        val = o.expr if o.dtype is not None else f"tl.full([BLOCK], {o.expr}, tl.float32)"
-        stores.append(f"    tl.store(out{j} + idx, ({val}).to({TL_DTYPES[v.type.dtype]}), mask=mask)")
+        tl_dtype = TL_DTYPES[v.type.dtype]
+        width = "[BLOCK_C]" if by_row else "[BLOCK]"
+        val = o.expr if o.dtype is not None else f"tl.full({width}, {o.expr}, tl.float32)"
+        if by_row and tuple(v.type.shape) != tuple(shape):   # one value per row
+            reduced_out.append(j)
+            stores.append(f"    tl.store(out{j} + row + cols * 0, tl.broadcast_to({val}, [BLOCK_C])"
+                          f".to({tl_dtype}), mask=cols == 0)")
+        elif by_row:
+            stores.append(f"    tl.store(out{j} + row * C + cols, ({val}).to({tl_dtype}), mask=cmask)")
+        else:
+            stores.append(f"    tl.store(out{j} + idx, ({val}).to({tl_dtype}), mask=mask)")
 
     strided = [i for i, v in enumerate(inputs) if v.type.rank]
-    params = ([f"in{i}" for i in range(len(inputs))] + [f"out{j}" for j in range(len(fn.outputs))]
-              + ["numel"] + [f"d{k}" for k in range(rank)]
-              + [f"in{i}_s{k}" for i in strided for k in range(rank)]
-              + ["BLOCK: tl.constexpr"] + [f"IN{i}_CONTIG: tl.constexpr" for i in strided])
     unravel = []
-    if rank:
-        unravel.append("    rem = idx")
-        for d in reversed(range(1, rank)):
+    if by_row:
+        prologue = ["    row = tl.program_id(0).to(tl.int64)", "    cols = tl.arange(0, BLOCK_C)",
+                    "    cmask = cols < C"]
+        if lead:
+            unravel.append("    rem = row")
+        sizes = ["R", "C"] + [f"d{k}" for k in range(lead)]
+        consts = ["BLOCK_C: tl.constexpr"]
+    else:
+        prologue = ["    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
+                    "    mask = idx < numel"]
+        if rank:
+            unravel.append("    rem = idx")
+        sizes = ["numel"] + [f"d{k}" for k in range(rank)]
+        consts = ["BLOCK: tl.constexpr"]
+    if unravel:
+        for d in reversed(range(1, lead)):
             unravel.append(f"    c{d} = rem % d{d}")
             unravel.append(f"    rem = rem // d{d}")
         unravel.append("    c0 = rem")
+    params = ([f"in{i}" for i in range(len(inputs))] + [f"out{j}" for j in range(len(fn.outputs))]
+              + sizes + [f"in{i}_s{k}" for i in strided for k in range(rank)]
+              + consts + [f"IN{i}_CONTIG: tl.constexpr" for i in strided])
     ops_doc = ", ".join(n.op.split(".")[-1] for n in fn.nodes)
-    kernel = [
-        "@triton.jit",
-        f"def {name}_kernel({', '.join(params)}):",
-        f'    """{ops_doc}"""',
-        "    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
-        "    mask = idx < numel",
-        *unravel, *loads, *body, *stores,
-    ]
+    kernel = ["@triton.jit", f"def {name}_kernel({', '.join(params)}):", f'    """{ops_doc}"""',
+              *prologue, *unravel, *loads, *body, *stores]
+
     args = [f"a{i}" for i in range(len(inputs))]
     launcher = [f"def {name}({', '.join(args)}):"]
     if host_fallback:
@@ -347,18 +413,27 @@ def generate(fn: Graph, name: str, host_fallback: str | None = None) -> str:
     device = "a0.device" if args else "None"
     outs = []
     for j, v in enumerate(fn.outputs):
-        launcher.append(f"    out{j} = torch.empty(shape, dtype=torch.{str(v.type.dtype).split('.')[-1]}, "
+        dims = "shape[:-1] + (1,)" if j in reduced_out else "shape"
+        launcher.append(f"    out{j} = torch.empty({dims}, dtype=torch.{str(v.type.dtype).split('.')[-1]}, "
                         f"device={device})")
         outs.append(f"out{j}")
     ret = ", ".join(outs) + ("," if len(outs) == 1 else "")
-    launcher.append(f"    numel = out0.numel()")
-    launcher.append(f"    if numel == 0:")
+    launcher.append("    numel = shape.numel()")
+    launcher.append("    if numel == 0:")
     launcher.append(f"        return ({ret})")
     strides = [f"*a{i}.expand(shape).stride()" for i in strided]
     contig = [f"IN{i}_CONTIG=a{i}.shape == shape and a{i}.is_contiguous()" for i in strided]
-    call = ", ".join(args + outs + ["numel", "*shape"] + strides
-                     + [f"BLOCK={BLOCK}"] + contig + [f"num_warps={NUM_WARPS}"])
-    launcher.append(f"    {name}_kernel[(triton.cdiv(numel, {BLOCK}),)]({call})")
+    if by_row:
+        launcher.append("    C = shape[-1]")
+        launcher.append("    block_c = triton.next_power_of_2(C)")
+        call = ", ".join(args + outs + ["numel // C", "C", "*shape[:-1]"] + strides
+                         + ["BLOCK_C=block_c"] + contig
+                         + ["num_warps=4 if block_c <= 2048 else (8 if block_c <= 8192 else 16)"])
+        launcher.append(f"    {name}_kernel[(numel // C,)]({call})")
+    else:
+        call = ", ".join(args + outs + ["numel", "*shape"] + strides
+                         + [f"BLOCK={BLOCK}"] + contig + [f"num_warps={NUM_WARPS}"])
+        launcher.append(f"    {name}_kernel[(triton.cdiv(numel, {BLOCK}),)]({call})")
     launcher.append(f"    return ({ret})")
     return "\n".join(kernel) + "\n\n\n" + "\n".join(launcher) + "\n"
 
@@ -370,16 +445,22 @@ _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16
 
 def aot_spec(fn: Graph, name: str, kernel):
     """The KernelSpec (backends/triton/aot.py) of a generated kernel for contiguous
-    inputs: what `kiln compile --aot` and CI compile for cuda and hip."""
+    inputs: what CI compiles for cuda and hip."""
     from .aot import make_spec
-    types = {f"in{i}": _POINTER_TYPES[v.type.dtype] for i, v in enumerate(fn.inputs)}
-    types.update({f"out{j}": _POINTER_TYPES[v.type.dtype] for j, v in enumerate(fn.outputs)})
-    types["numel"] = "i64"
-    rank = len(fn.outputs[0].type.shape)
-    types.update({f"d{k}": "i32" for k in range(rank)})
-    strided = [i for i, v in enumerate(fn.inputs) if v.type.rank]
-    types.update({f"in{i}_s{k}": "i32" for i in strided for k in range(rank)})
-    constants = {"BLOCK": BLOCK, **{f"IN{i}_CONTIG": True for i in strided}}
-    return make_spec(name, kernel, types, constants, num_warps=NUM_WARPS,
-                     divisible_by_16=tuple(t for t in types if t.startswith(("in", "out"))
-                                           and "_s" not in t))
+    shape, by_row = _domain(fn)
+    types, constants = {}, {}
+    for p in kernel.arg_names:
+        if p.startswith("in") and p[2:].isdigit():
+            types[p] = _POINTER_TYPES[fn.inputs[int(p[2:])].type.dtype]
+        elif p.startswith("out"):
+            types[p] = _POINTER_TYPES[fn.outputs[int(p[3:])].type.dtype]
+        elif p.endswith("_CONTIG"):
+            constants[p] = True
+        elif p == "BLOCK":
+            constants[p] = BLOCK
+        elif p == "BLOCK_C":
+            constants[p] = 1 << (int(shape[-1]) - 1).bit_length()
+        else:
+            types[p] = "i64" if p in ("numel", "R") else "i32"
+    pointers = tuple(p for p, t in types.items() if t.startswith("*"))
+    return make_spec(name, kernel, types, constants, num_warps=NUM_WARPS, divisible_by_16=pointers)

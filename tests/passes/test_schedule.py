@@ -1,4 +1,5 @@
-"""schedule: leftover elementwise chains become generated Triton kernels (kiln.call).
+"""schedule: leftover elementwise chains and last-dim reductions become generated Triton
+kernels (kiln.call).
 
 Grouping is checked on IR text and on real model graphs (exact groups); the generated
 kernels run under TRITON_INTERPRET against the reference interpreter on the ungrouped
@@ -39,6 +40,32 @@ GLUE = """func @forward(%x: f32[s0, 8], %w: f16[8], %m: bool[s0, 1], %y: f32[8, 
 """
 
 
+NORM = """func @forward(%x: f32[s0, 40], %w: f32[40]) -> (f32[s0, 40], f32[s0, 1])
+    where s0 in [1, 64] example 3 {
+  %0 = aten.mul(%x, %x) : f32[s0, 40]
+  %1 = aten.mean(%0, dim=[-1], keepdim=true) : f32[s0, 1]
+  %2 = aten.add(%1, 1e-05) : f32[s0, 1]
+  %3 = aten.rsqrt(%2) : f32[s0, 1]
+  %4 = aten.mul(%x, %3) : f32[s0, 40]
+  %5 = aten.mul(%4, %w) : f32[s0, 40]
+  return %5, %3
+}
+"""
+
+SOFTMAX = """func @forward(%x: f16[2, s0, 33]) -> f16[2, s0, 33]
+    where s0 in [1, 64] example 3 {
+  %0 = aten._to_copy(%x, dtype=f32) : f32[2, s0, 33]
+  %1 = aten.amax(%0, dim=[-1], keepdim=true) : f32[2, s0, 1]
+  %2 = aten.sub(%0, %1) : f32[2, s0, 33]
+  %3 = aten.exp(%2) : f32[2, s0, 33]
+  %4 = aten.sum(%3, dim=[-1], keepdim=true) : f32[2, s0, 1]
+  %5 = aten.div(%3, %4) : f32[2, s0, 33]
+  %6 = aten._to_copy(%5, dtype=f16) : f16[2, s0, 33]
+  return %6
+}
+"""
+
+
 def scheduled(text: str):
     g = parse(text)
     n = schedule(g, PassContext({"can_generate": can_generate}))
@@ -64,6 +91,44 @@ def test_groups_a_chain_with_broadcasts_constants_and_several_outputs():
     ref = run(parse(GLUE), glue_inputs())
     for a, b in zip(run(g, glue_inputs()), ref):
         assert torch.equal(a, b)
+
+
+def test_reductions_join_their_prologue_and_epilogue():
+    g, n = scheduled(NORM)
+    assert n == 1 and [node.op for node in g.nodes] == ["kiln.call"]
+    assert [str(r.type) for r in g.nodes[0].results] == ["f32[s0, 1]", "f32[s0, 40]"]   # graph order
+    g, n = scheduled(SOFTMAX)
+    assert n == 1 and len(next(iter(g.functions.values())).nodes) == 7
+
+
+def test_reductions_over_other_dims_or_dynamic_rows_stay_torch():
+    g, n = scheduled("""func @forward(%x: f32[s0, 40]) -> f32[40, 1]
+    where s0 in [1, 64] {
+  %0 = aten.permute(%x, dims=[1, 0]) : f32[40, s0]
+  %1 = aten.exp(%0) : f32[40, s0]
+  %2 = aten.sum(%1, dim=[-1], keepdim=true) : f32[40, 1]
+  return %2
+}
+""")
+    assert n == 0   # a row of symbolic length: no single-pass row kernel
+
+
+@interpret
+@pytest.mark.parametrize("rows", [1, 7])
+def test_row_kernels_match_the_reference(rows):
+    g, _ = scheduled(NORM)
+    torch.manual_seed(rows)
+    inputs = [torch.randn(rows, 40), torch.randn(40)]
+    out = wrapper.load(wrapper.generate(g, get_target("cuda")))(*inputs)
+    ref = run(parse(NORM), inputs)
+    assert out[1].shape == (rows, 1)
+    for a, b in zip(out, ref):
+        assert rel_err(a, b) < 1e-6
+    g, _ = scheduled(SOFTMAX)
+    x = torch.randn(2, 33, rows).half().transpose(1, 2)       # strided rows
+    (out,) = wrapper.load(wrapper.generate(g, get_target("cuda")))(x)
+    (ref,) = run(parse(SOFTMAX), [x])
+    assert out.dtype == torch.float16 and rel_err(out.float(), ref.float()) < 1e-3
 
 
 def test_never_merges_across_a_path_that_leaves_the_group():
@@ -191,9 +256,10 @@ def test_model_glue_becomes_exactly_these_kernels(name):
     verify(parse(text))
 
 
-def test_generated_kernels_compile_for_cuda_and_hip(tmp_path):
+@pytest.mark.parametrize("text", [GLUE, NORM], ids=["flat", "row"])
+def test_generated_kernels_compile_for_cuda_and_hip(tmp_path, text):
     """Compiled in a child without TRITON_INTERPRET, where @triton.jit gives real kernels."""
-    g, _ = scheduled(GLUE)
+    g, _ = scheduled(text)
     (name, f), = g.functions.items()
     (tmp_path / "glue_kernels.py").write_text(
         "import torch\nimport triton\nimport triton.language as tl\n\n\n" + generate(f, "glue"))
