@@ -6,6 +6,7 @@ raises `KilnParseError` with the line and column and what was expected there.
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,7 +57,10 @@ def parse(text: str) -> Graph:
     main, *callees = parse_module(text)
     for f in callees:
         if f.name in main.functions or f.name == main.name:
-            raise KilnParseError(f"func @{f.name} is defined twice")
+            heads = [i for i, line in enumerate(text.splitlines(), 1)
+                     if re.match(rf"\s*func\s*@{re.escape(f.name)}\s*\(", line)]
+            line = heads[1] if len(heads) > 1 else None
+            raise KilnParseError(f"func @{f.name} is defined twice", line, 1 if line else None, text)
         main.functions[f.name] = f
     return main
 

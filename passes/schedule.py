@@ -190,15 +190,11 @@ def _signature(f: Graph) -> str:
 
 
 def _stable_toposort(g: Graph) -> None:
+    """Reorders the nodes topologically, keeping the old order wherever it is free."""
     order = {n: i for i, n in enumerate(g.nodes)}
-    producer = {r: n for n in g.nodes for r in n.results}
-    dg = nx.DiGraph()
-    dg.add_nodes_from(g.nodes)
-    for n in g.nodes:
-        for v in n.operands():
-            if v in producer:
-                dg.add_edge(producer[v], n)
-    g.nodes = list(nx.lexicographical_topological_sort(dg, key=order.__getitem__))
+    dg = g.to_networkx()
+    g.nodes = [n for n in nx.lexicographical_topological_sort(dg, key=lambda x: order.get(x, -1))
+               if isinstance(n, Node)]
 
 
 def schedule(g: Graph, ctx: PassContext) -> int:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from capture import fresh_dynamo, greedy_inputs, load_model, rel_err, run_steps
+from kiln.ir import parse, print_graph, verify
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs TRITON_INTERPRET=1 (set by make test)")
@@ -29,3 +30,16 @@ def test_cuda_lowering_matches_eager_through_the_triton_interpreter(name):
     expected = {"kiln.backends.triton.norm", "kiln.backends.triton.rope", "kiln.backends.triton.attention"}
     expected |= {"kiln.backends.triton.moe"} if name == "mixtral" else {"kiln.backends.triton.activation"}
     assert expected <= launched, launched
+    # schedule: the decode graph's leftovers after the rules become exactly these generated
+    # kernels: the cache length update, the rotary angles (positions x inv_freq), cos and
+    # sin of them, and the additive mask.
+    decode = compiled[-1]
+    groups = sorted(tuple(n.op.split(".")[-1] for n in f.nodes) for f in decode.graph.functions.values())
+    assert groups == [("_to_copy", "mul"), ("add", "add"), ("cos", "sin"),
+                      ("scalar_tensor", "scalar_tensor", "where")], groups
+    calls = [n for n in decode.graph.nodes if n.op == "kiln.call"]
+    assert len(calls) == 3 + model.config.num_hidden_layers - 1   # the length update per layer
+    assert "@triton.jit" in decode.source
+    text = print_graph(decode.graph)
+    assert print_graph(parse(text)) == text
+    verify(parse(text))

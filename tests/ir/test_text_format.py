@@ -161,3 +161,9 @@ def test_fuzz_malformed_text_only_raises_located_parse_errors():
         assert isinstance(g, Graph)
         assert print_graph(parse(print_graph(g))) == print_graph(g)
     assert failures > 1000  # the mutations really were malformed most of the time
+
+
+def test_a_func_defined_twice_is_a_located_error():
+    text = "func @f(%x: f32[2]) -> f32[2] {\n  return %x\n}\n" * 2
+    with pytest.raises(KilnParseError, match="line 4, column 1: func @f is defined twice"):
+        parse(text)
