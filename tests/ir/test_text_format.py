@@ -2,6 +2,7 @@
 and a fuzz test that only ever sees kiln's own parse error."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -113,6 +114,8 @@ def test_unexpected_end_of_input():
 
 def _mutations(text: str, rng: random.Random):
     alphabet = "%@()[]{},:=.-+*0123456789 \nabcdefsymi_\"$"
+    if not text:  # a truncation can leave nothing; every mutation below needs a character
+        return rng.choice(alphabet)
     lines = text.splitlines(True)
     k = rng.randrange(7)
     if k == 0:  # delete a span
@@ -139,13 +142,14 @@ def _mutations(text: str, rng: random.Random):
     return " ".join(tokens)
 
 
-def test_fuzz_malformed_text_only_raises_located_parse_errors():
+# Fixed seeds keep CI reproducible; KILN_FUZZ_SEED explores new ones locally.
+@pytest.mark.parametrize("seed", [int(os.environ.get("KILN_FUZZ_SEED", 0)), 1, 2])
+def test_fuzz_malformed_text_only_raises_located_parse_errors(seed):
     _, compiled = captured("llama")
     seeds = [RMS, compiled[1].snapshots[-1][1]]
-    seed = random.randrange(2**32)
     rng = random.Random(seed)
     failures = 0
-    for i in range(3000):
+    for i in range(1000):
         base = seeds[i % len(seeds)]
         text = _mutations(base, rng)
         if rng.random() < 0.3:
@@ -160,7 +164,7 @@ def test_fuzz_malformed_text_only_raises_located_parse_errors():
             pytest.fail(f"seed {seed}, mutation {i}: {type(e).__name__}: {e}\n---\n{text}")
         assert isinstance(g, Graph)
         assert print_graph(parse(print_graph(g))) == print_graph(g)
-    assert failures > 1000  # the mutations really were malformed most of the time
+    assert failures > 330  # the mutations really were malformed most of the time
 
 
 def test_a_func_defined_twice_is_a_located_error():
