@@ -117,7 +117,7 @@ class ServingConfig:
     max_num_batched_tokens: int = 512
     max_waiting: int = 256
     enable_prefix_caching: bool = True
-    cudagraphs: bool = True               # cuda target: replay decode buckets
+    cudagraphs: bool = True               # cuda target: replay every step from bucket graphs
 
 
 def default_max_model_len(config, cap: int = 4096) -> int:
@@ -134,7 +134,8 @@ def make_runner(compiled_fn, graph: Graph, weights: dict, vocab_size: int, max_m
                          math.ceil(max_model_len / PagedModelRunner.block_size_of(graph)))
     return PagedModelRunner(compiled_fn, graph, weights, num_blocks=num_blocks,
                             max_model_len=max_model_len, vocab_size=vocab_size, device=device,
-                            cudagraphs=cfg.cudagraphs and torch.device(device).type == "cuda")
+                            cudagraphs=cfg.cudagraphs and torch.device(device).type == "cuda",
+                            max_num_batched_tokens=cfg.max_num_batched_tokens)
 
 
 def make_engine(runner, tokenizer, cfg: ServingConfig):

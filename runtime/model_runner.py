@@ -5,12 +5,17 @@ the extra last block is scratch that padded batch rows write to), binds every gr
 by name (batch fields, caches, weights), and returns the [N, vocab] logits of each
 sequence's last new token.
 
-On a GPU (cudagraphs=True) decode batches replay CUDA graphs: one per bucket of 1, 2, 4,
-..., 64 sequences, captured on first use over static input buffers; a batch of n sequences
-runs in the smallest bucket >= n, its rows past n padded with scratch sequences (one token,
-context 1, writing the scratch block). Block tables are padded to the width that
-max_model_len needs. Prefill and mixed batches, and decode batches past the largest
-bucket, run eagerly.
+On a GPU (cudagraphs=True) every step replays a CUDA graph captured on first use over
+static input buffers, one per bucket (T tokens, N sequences). A batch of t tokens in n
+sequences runs in the smallest N >= n of 1, 2, 4, ..., 64; its sequences past n are scratch
+sequences (one token each, context 1, reading and writing only the scratch block). A decode
+batch (one token a sequence) runs in (N, N); a batch with prefill chunks in the smallest T
+of TOKEN_BUCKETS' sizes that holds its tokens and the scratch ones, the tokens past those
+belonging to no sequence (attention leaves them zero; they write the scratch block).
+Block tables are padded to the width that max_model_len needs. Batches past the largest
+buckets run eagerly. Every kernel of a serving graph on cuda/hip is launched from shapes
+alone (the Triton paged attention finds each tile's sequence on the device), so one
+captured graph serves any batch of its bucket.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from .batch import FlatBatch
 
 log = logging.getLogger("kiln.runtime")
 
-DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 BATCH_FIELDS = ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens",
                 "query_start")
 
@@ -46,47 +51,69 @@ def cache_bytes_per_block(graph: Graph) -> int:
     return total
 
 
-def pick_bucket(n: int, buckets=DECODE_BUCKETS) -> int | None:
-    """The smallest bucket that holds n sequences, or None (run eagerly)."""
+def token_buckets(max_num_batched_tokens: int, max_seqs: int = SEQ_BUCKETS[-1]) -> tuple:
+    """Token counts of the mixed-batch buckets: powers of two up to 128, then steps of 128,
+    up to the largest step (its tokens plus the scratch sequences of its bucket). Coarser
+    buckets mean fewer captures; finer ones less padding on compute-bound prefill steps."""
+    top = max_num_batched_tokens + max_seqs
+    sizes = [16, 32, 64, 128]
+    while sizes[-1] < top:
+        sizes.append(sizes[-1] + 128)
+    return tuple(sizes)
+
+
+def pick_bucket(n: int, buckets=SEQ_BUCKETS) -> int | None:
+    """The smallest bucket that holds n, or None (run eagerly)."""
     for b in buckets:
         if b >= n:
             return b
     return None
 
 
-class DecodeBuffers:
-    """Static inputs of one decode bucket: a batch of n <= size sequences is copied in and
-    the rows past n become scratch sequences (token 0 at position 0, context 1, writing and
-    reading only `scratch_block`)."""
+class StepBuffers:
+    """Static inputs of one (T tokens, N sequences) bucket. A batch of t <= T tokens in
+    n <= N sequences is copied in; sequences n..N-1 become scratch sequences that own one
+    token each (token 0 at position 0, context 1, reading and writing only
+    `scratch_block`), and tokens past t + N - n belong to no sequence. A decode bucket
+    (T == N) only ever holds decode batches, so its query_start stays 0, 1, ..., N."""
 
-    def __init__(self, size: int, width: int, scratch_block: int, block_size: int,
-                 device: torch.device):
-        self.size, self.width = size, width
+    def __init__(self, num_tokens: int, num_seqs: int, width: int, scratch_block: int,
+                 block_size: int, device: torch.device):
+        self.num_tokens, self.num_seqs, self.width = num_tokens, num_seqs, width
         self.scratch_slot = scratch_block * block_size
         self.scratch_block = scratch_block
         z = dict(device=device)
-        self.input_ids = torch.zeros(size, dtype=torch.int64, **z)
-        self.positions = torch.zeros(size, dtype=torch.int64, **z)
-        self.slot_mapping = torch.full((size,), self.scratch_slot, dtype=torch.int64, **z)
-        self.block_tables = torch.full((size, width), scratch_block, dtype=torch.int32, **z)
-        self.context_lens = torch.ones(size, dtype=torch.int32, **z)
-        self.query_start = torch.arange(size + 1, dtype=torch.int32, **z)
+        self.input_ids = torch.zeros(num_tokens, dtype=torch.int64, **z)
+        self.positions = torch.zeros(num_tokens, dtype=torch.int64, **z)
+        self.slot_mapping = torch.full((num_tokens,), self.scratch_slot, dtype=torch.int64, **z)
+        self.block_tables = torch.full((num_seqs, width), scratch_block, dtype=torch.int32, **z)
+        self.context_lens = torch.ones(num_seqs, dtype=torch.int32, **z)
+        self.query_start = torch.arange(num_seqs + 1, dtype=torch.int32, **z)
+        self._scratch_starts = torch.arange(1, num_seqs + 1, dtype=torch.int32, **z)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == self.num_seqs
 
     def fill(self, batch: FlatBatch) -> None:
-        n, w = batch.num_seqs, batch.block_tables.shape[1]
-        assert batch.is_decode and n <= self.size and w <= self.width
-        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:n].copy_(batch.positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(batch.slot_mapping, non_blocking=True)
+        t, n, w = batch.num_tokens, batch.num_seqs, batch.block_tables.shape[1]
+        assert batch.is_decode == self.is_decode and w <= self.width
+        assert n <= self.num_seqs and t + self.num_seqs - n <= self.num_tokens
+        self.input_ids[:t].copy_(batch.input_ids, non_blocking=True)
+        self.positions[:t].copy_(batch.positions, non_blocking=True)
+        self.slot_mapping[:t].copy_(batch.slot_mapping, non_blocking=True)
         self.context_lens[:n].copy_(batch.context_lens, non_blocking=True)
         self.block_tables[:n, :w].copy_(batch.block_tables, non_blocking=True)
-        # Rows past n (and table entries past w) may hold an earlier batch's values: reset.
-        self.input_ids[n:] = 0
-        self.positions[n:] = 0
-        self.slot_mapping[n:] = self.scratch_slot
+        # Entries past the batch may hold an earlier batch's values: reset them.
+        self.input_ids[t:] = 0
+        self.positions[t:] = 0
+        self.slot_mapping[t:] = self.scratch_slot
         self.context_lens[n:] = 1
         self.block_tables[:n, w:] = self.scratch_block
         self.block_tables[n:] = self.scratch_block
+        if not self.is_decode:
+            self.query_start[:n + 1].copy_(batch.query_start, non_blocking=True)
+            torch.add(self._scratch_starts[:self.num_seqs - n], t, out=self.query_start[n + 1:])
 
     def field(self, name: str) -> torch.Tensor:
         return getattr(self, name)
@@ -97,17 +124,19 @@ class PagedModelRunner:
 
     def __init__(self, fn, graph: Graph, weights: dict[str, torch.Tensor], num_blocks: int,
                  max_model_len: int, vocab_size: int, device: str | torch.device = "cpu",
-                 cudagraphs: bool = False, buckets=DECODE_BUCKETS, pad_decode: bool | None = None):
+                 cudagraphs: bool = False, seq_buckets=SEQ_BUCKETS,
+                 max_num_batched_tokens: int = 512, pad_batches: bool | None = None):
         self.fn = fn
         self.device = torch.device(device)
         self.block_size = self.block_size_of(graph)
         self.num_blocks = num_blocks
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
-        self.buckets = tuple(sorted(buckets))
+        self.seq_buckets = tuple(sorted(seq_buckets))
+        self.token_buckets = token_buckets(max_num_batched_tokens, self.seq_buckets[-1])
         self.cudagraphs = cudagraphs
         # Padding to buckets is what graph replay needs; tests switch it on alone on the CPU.
-        self.pad_decode = cudagraphs if pad_decode is None else pad_decode
+        self.pad_batches = cudagraphs if pad_batches is None else pad_batches
         self.max_blocks_per_seq = math.ceil(max_model_len / self.block_size)
         self.scratch_block = num_blocks   # allocated past what the engine hands out
         self.caches: dict[str, torch.Tensor] = {}
@@ -133,9 +162,9 @@ class PagedModelRunner:
         if absent:
             raise ValueError(f"the graph is not a serving graph: no input(s) {', '.join(absent)} "
                              f"(compile with serve.kv_cache)")
-        self._buffers: dict[int, DecodeBuffers] = {}
-        self._graphs: dict[int, tuple] = {}   # bucket -> (CUDAGraph, static output)
-        self._uncapturable: set[int] = set()
+        self._buffers: dict[tuple[int, int], StepBuffers] = {}
+        self._graphs: dict[tuple[int, int], tuple] = {}   # (T, N) -> (CUDAGraph, static output)
+        self._uncapturable: set[tuple[int, int]] = set()
         self._pool = None
         self.steps = 0
         self.replays = 0
@@ -162,10 +191,9 @@ class PagedModelRunner:
     # -- the ModelRunner protocol ----------------------------------------------------------------
     def execute(self, batch: FlatBatch) -> torch.Tensor:
         self.steps += 1
-        n = batch.num_seqs
-        bucket = pick_bucket(n, self.buckets) if self.pad_decode and batch.is_decode else None
-        if bucket is not None and batch.block_tables.shape[1] <= self.max_blocks_per_seq:
-            return self._run_bucket(batch, bucket)[:n]
+        bucket = self.bucket_of(batch) if self.pad_batches else None
+        if bucket is not None:
+            return self._run_bucket(batch, bucket)[:batch.num_seqs]
         b = batch.to(self.device, non_blocking=True)
         (logits,) = self.fn(*self._args(lambda name: getattr(b, name)))
         return logits
@@ -173,16 +201,29 @@ class PagedModelRunner:
     def _args(self, field) -> list:
         return [field(x) if isinstance(x, str) else x for x in self._binding]
 
-    # -- decode buckets --------------------------------------------------------------------------
-    def buffers(self, bucket: int) -> DecodeBuffers:
+    # -- buckets -------------------------------------------------------------------------------
+    def bucket_of(self, batch: FlatBatch) -> tuple[int, int] | None:
+        """(T, N) of the bucket the batch runs in, or None (eagerly)."""
+        if batch.block_tables.shape[1] > self.max_blocks_per_seq:
+            return None
+        n = batch.num_seqs
+        seqs = pick_bucket(n, self.seq_buckets)
+        if seqs is None:
+            return None
+        if batch.is_decode:
+            return seqs, seqs
+        tokens = pick_bucket(batch.num_tokens + seqs - n, self.token_buckets)
+        return None if tokens is None else (tokens, seqs)
+
+    def buffers(self, bucket: tuple[int, int]) -> StepBuffers:
         buf = self._buffers.get(bucket)
         if buf is None:
-            buf = DecodeBuffers(bucket, self.max_blocks_per_seq, self.scratch_block,
-                                self.block_size, self.device)
+            buf = StepBuffers(*bucket, self.max_blocks_per_seq, self.scratch_block,
+                              self.block_size, self.device)
             self._buffers[bucket] = buf
         return buf
 
-    def _run_bucket(self, batch: FlatBatch, bucket: int) -> torch.Tensor:
+    def _run_bucket(self, batch: FlatBatch, bucket: tuple[int, int]) -> torch.Tensor:
         buf = self.buffers(bucket)
         buf.fill(batch)
         if not self.cudagraphs:
@@ -199,10 +240,10 @@ class PagedModelRunner:
         self.replays += 1
         return out.clone()
 
-    def _capture(self, bucket: int, buf: DecodeBuffers):
-        """Warm up on a side stream (compiles kernels), then capture one decode step. The
-        warm-up and capture runs write K/V only for the batch in the buffers (its own slots,
-        with the same values the real step writes) and the scratch block."""
+    def _capture(self, bucket: tuple[int, int], buf: StepBuffers):
+        """Warm up on a side stream (compiles kernels), then capture one step. The warm-up
+        and capture runs write K/V only for the batch in the buffers (its own slots, with
+        the same values the real step writes) and the scratch block."""
         args = self._args(buf.field)
         try:
             stream = torch.cuda.Stream()
@@ -216,7 +257,8 @@ class PagedModelRunner:
             with torch.cuda.graph(graph, pool=self._pool):
                 (out,) = self.fn(*args)
         except Exception as e:  # noqa: BLE001 - a graph that cannot be captured runs eagerly
-            log.warning("kiln: CUDA graph capture failed for decode bucket %d (%s); eager", bucket, e)
+            log.warning("kiln: CUDA graph capture failed for the bucket of %d tokens in %d "
+                        "sequences (%s); its batches run eagerly", *bucket, e)
             self._uncapturable.add(bucket)
             torch.cuda.synchronize()
             return None

@@ -3,7 +3,7 @@
 Run under TRITON_INTERPRET=1 (as `make test` does) on CPU tensors; with a GPU and
 TRITON_INTERPRET unset the same tests run the compiled kernels (and bf16 too). Batches are
 built like the runtime builds them (runtime/batch.py): blocks handed out in random order,
-block tables padded with 0, decode buckets padded with scratch sequences as DecodeBuffers
+block tables padded with 0, decode buckets padded with scratch sequences as StepBuffers
 pads them. Inputs are fresh random values every run; errors are ‖out − ref‖ / ‖ref‖ in
 float64, and the caches must equal the reference's exactly.
 """
@@ -103,7 +103,7 @@ def test_mixed_batch_small_tiles_group_of_three(dtype):
 def test_padded_decode_bucket_like_decode_buffers():
     """A bucket of 8 rows holding 5 live sequences; rows past 5 are scratch sequences
     (context 1, slot and block table all in the scratch block), and every table is padded
-    to the runner's width with the scratch block, as DecodeBuffers.fill leaves them."""
+    to the runner's width with the scratch block, as StepBuffers.fill leaves them."""
     bs, hq, hkv, d, width, bucket = 16, 4, 2, 64, 8, 8
     live = [(10, 1), (0, 1), (47, 1), (15, 1), (33, 1)]
     q, k, v, kc, vc, slots, bt, ctx, qs = make_batch(live, hq, hkv, d, torch.float32, bs=bs)
@@ -221,7 +221,7 @@ def test_cuda_serving_graph_launches_it_through_the_interpreter():
     cuda = compile_serving(model, target="cuda", block_size=16)
     assert "kiln.backends.triton.paged_attention" in cuda.source
     runner = PagedModelRunner(cuda.fn, cuda.graph, model_weights(model), num_blocks=16,
-                              max_model_len=64, vocab_size=vocab, pad_decode=True)
+                              max_model_len=64, vocab_size=vocab, pad_batches=True)
     prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (5, 19, 3)]
     tables = [[2 * i, 2 * i + 1] for i in (2, 0, 1)]
     for step in ("prefill", "decode"):   # the decode step runs in bucket 4, one scratch row

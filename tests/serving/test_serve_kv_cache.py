@@ -129,7 +129,7 @@ def test_padded_decode_buckets_match_unpadded(paged):
     model, compiled = paged
     vocab = model.config.vocab_size
     plain = runner_for(model, compiled, num_blocks=16)
-    padded = runner_for(model, compiled, num_blocks=16, pad_decode=True, buckets=(1, 2, 4, 8))
+    padded = runner_for(model, compiled, num_blocks=16, pad_batches=True, seq_buckets=(1, 2, 4, 8))
     prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (6, 3, 9)]
     tables = [[0, 1, 6], [2, 7], [3, 4, 5]]
     for r in (plain, padded):
@@ -141,10 +141,40 @@ def test_padded_decode_buckets_match_unpadded(paged):
         batch = build_batch([(prompts[i], len(prompts[i]) - 1, 1, tables[i]) for i in live], BLOCK)
         a, b = plain.execute(batch), padded.execute(batch)
         assert b.shape == a.shape and rel_err(b, a) < 1e-6
-    assert sorted(padded._buffers) == [2, 4]
+    assert sorted(padded._buffers) == [(2, 2), (4, 4), (32, 4)]   # the prefill: 18 tokens, 3 sequences
     for name, cache in plain.caches.items():   # (a batch of 4 rounds a little differently)
         torch.testing.assert_close(padded.caches[name][:16], cache[:16], rtol=1e-5, atol=1e-5)
         assert padded.caches[name][8:16].abs().sum() == 0, "padding wrote an engine block"
+
+
+def test_padded_mixed_buckets_match_unpadded(paged):
+    """Batches with prefill chunks, padded to a (T tokens, N sequences) bucket as CUDA graph
+    replay runs them (scratch sequences, tokens owned by no sequence), give the unpadded
+    logits and write no engine block beyond the batch's own slots."""
+    model, compiled = paged
+    vocab = model.config.vocab_size
+    plain = runner_for(model, compiled, num_blocks=24)
+    padded = runner_for(model, compiled, num_blocks=24, pad_batches=True,
+                        seq_buckets=(1, 2, 4, 8), max_num_batched_tokens=24)
+    prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (6, 3, 9, 7, 5)]
+    tables = [[0, 1, 6], [2, 7], [3, 4, 5], [8, 9], [10, 11]]
+    done = [0] * len(prompts)
+    # (sequence, new tokens) per step: whole prefills, then chunks beside decodes.
+    steps = [[(0, 6), (1, 3), (2, 9)], [(0, 1), (3, 4), (1, 1)], [(2, 1), (3, 3), (4, 5)]]
+    for step in steps:
+        for i, new in step:
+            if done[i] == len(prompts[i]):
+                prompts[i].append(random.randrange(vocab))
+        batch = build_batch([(prompts[i], done[i], new, tables[i]) for i, new in step], BLOCK)
+        assert not batch.is_decode
+        a, b = plain.execute(batch), padded.execute(batch)
+        assert b.shape == a.shape and rel_err(b, a) < 1e-6
+        for i, new in step:
+            done[i] += new
+    assert sorted(padded._buffers) == [(16, 4), (32, 4)]
+    for name, cache in plain.caches.items():
+        torch.testing.assert_close(padded.caches[name][:24], cache[:24], rtol=1e-5, atol=1e-5)
+        assert padded.caches[name][12:24].abs().sum() == 0, "padding wrote an engine block"
 
 
 def _ctx():

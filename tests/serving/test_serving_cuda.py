@@ -1,6 +1,6 @@
-"""The serving graph on a GPU (target cuda): CUDA graph replay of padded decode buckets gives
-the eager runner's logits and HF eager's greedy tokens. Skipped without CUDA; not yet run on
-a GPU (written for the next person with one)."""
+"""The serving graph on a GPU (target cuda): CUDA graph replay of padded buckets (decode
+batches, and batches with prefill chunks) gives the eager runner's logits and HF eager's
+greedy tokens. Skipped without CUDA."""
 from __future__ import annotations
 
 import pytest
@@ -48,7 +48,31 @@ def test_decode_buckets_replay_match_eager(compiled):
         assert b.shape == a.shape
         err = ((b.double() - a.double()).norm() / a.double().norm()).item()
         assert err < 1e-5, err
-    assert graphs.replays > 0 and sorted(graphs._graphs) == [4, 8]
+    assert graphs.replays > 0 and sorted(graphs._graphs) == [(4, 4), (8, 8)]
+
+
+def test_mixed_buckets_replay_match_eager(compiled):
+    """Steps that mix prefill chunks and decodes replay (T tokens, N sequences) graphs;
+    steps 2, 4 and 5 share the bucket of 32 tokens in 4 sequences."""
+    model, cg = compiled
+    eager, graphs = runners(model, cg)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (5, 17, 33, 2, 9, 40)]
+    tables = [[4 * i + j for j in range(4)] for i in range(len(prompts))]
+    done = [0] * len(prompts)
+    steps = [[(0, 5), (1, 17), (2, 20)], [(0, 1), (2, 13), (3, 2)], [(1, 1), (3, 1), (4, 9)],
+             [(0, 1), (1, 1), (2, 1), (5, 24)], [(0, 1), (1, 1), (2, 1), (5, 16)]]
+    for step in steps:
+        for i, new in step:
+            if done[i] == len(prompts[i]):
+                prompts[i].append(int(torch.randint(0, vocab, ())))
+        batch = build_batch([(prompts[i], done[i], new, tables[i]) for i, new in step], BLOCK)
+        a, b = eager.execute(batch), graphs.execute(batch)
+        err = ((b.double() - a.double()).norm() / a.double().norm()).item()
+        assert b.shape == a.shape and err < 1e-5, err
+        for i, new in step:
+            done[i] += new
+    assert graphs.replays == len(steps) and sorted(graphs._graphs) == [(16, 4), (32, 4), (64, 4)]
 
 
 class IdsTokenizer:
