@@ -57,6 +57,26 @@ def test_specs_are_well_formed():
         assert any("_f16_" in n for n in mine) and any("_bf16_" in n for n in mine), kind
 
 
+def test_every_kernel_has_a_spec():
+    """A `*_kernel` added to a kernel module without an AOT spec would escape the compile
+    test above; helpers (@triton.jit functions the kernels call) need none."""
+    import importlib
+
+    import triton
+    specced = {s.fn for s in aot.all_specs()}
+    missing, kernels = [], set()
+    for mod in aot.KERNEL_MODULES:
+        module = importlib.import_module(f"kiln.backends.triton.{mod}")
+        for name, obj in vars(module).items():
+            # KernelInterface: a JITFunction, or an InterpretedFunction under TRITON_INTERPRET
+            if isinstance(obj, triton.runtime.jit.KernelInterface) and name.endswith("_kernel"):
+                kernels.add(obj)
+                if obj not in specced:
+                    missing.append(f"{mod}.{name}")
+    assert not missing, f"kernels without an AOT spec: {missing}"
+    assert kernels == specced   # (kernels imported from a sibling module count once)
+
+
 def test_make_spec_rejects_untyped_parameters():
     from kiln.backends.triton import norm
     with pytest.raises(ValueError, match="without a type"):
