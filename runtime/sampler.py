@@ -2,9 +2,13 @@
 
 Greedy rows take the argmax. Other rows: scale by temperature, keep the top-k tokens, then
 the smallest set of those whose probability mass reaches top-p (always at least one), and
-draw from what is left with the exponential-race trick (argmax of p / E, E ~ Exp(1)), which
-needs only one random vector per row: rows with a seed draw theirs from their own
-generator, so a seeded request gives the same tokens whatever else is in the batch.
+draw from what is left by inverting the row's CDF at one uniform number (a float64 cumsum,
+so a 128k vocabulary loses no tail mass to rounding). One number per row, not one per
+token: drawing a vocabulary's worth of exponentials (the exponential-race trick) or
+torch.multinomial took ~75 ms for 64 x 49152 on a 2-core CPU, the inverse CDF ~2 ms, and
+it needs no host synchronisation on a GPU either. Rows with a seed draw their number from
+their own generator, so a seeded request gives the same tokens whatever else is in the
+batch.
 """
 from __future__ import annotations
 
@@ -28,12 +32,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     top_p = torch.tensor([p.top_p for p in params], device=dev)
     if bool((top_k < vocab).any()) or bool((top_p < 1).any()):
         x = _truncate(x, top_k, top_p)
-    probs = torch.softmax(x, -1)
-    noise = torch.empty_like(probs).exponential_()
+    u = torch.rand(n, 1, device=dev, dtype=torch.float64)
     for i, g in enumerate(generators):
         if g is not None and not params[i].greedy:
-            noise[i] = torch.empty(vocab, device=g.device).exponential_(generator=g).to(dev)
-    sampled = (probs / noise.clamp_min(1e-20)).argmax(-1)
+            u[i] = torch.rand(1, generator=g, device=g.device, dtype=torch.float64).to(dev)
+    cdf = torch.softmax(x, -1).double().cumsum(-1)   # (cumsum(dtype=float64) is 10x slower on a CPU)
+    # First token whose CDF passes u: a token of zero probability never does. u * total
+    # rounding up to the total (u within 1e-16 of 1) would run past the end: argmax then.
+    sampled = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
+    sampled = torch.where(sampled < vocab, sampled, greedy)
     is_greedy = torch.tensor([p.greedy for p in params], device=dev)
     return torch.where(is_greedy, greedy, sampled).tolist()
 
