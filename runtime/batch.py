@@ -85,9 +85,8 @@ def build_batch(items: list[tuple[list[int], int, int, list[int]]], block_size: 
         qstart.append(qstart[-1] + n)
         ctx.append(end)
     width = max(len(t) for *_, t in items)
-    tables = torch.zeros(len(items), width, dtype=torch.int32)
-    for i, (*_, table) in enumerate(items):
-        tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    tables = torch.tensor([list(table) + [0] * (width - len(table)) for *_, table in items],
+                          dtype=torch.int32)
     return FlatBatch(
         input_ids=torch.tensor(ids, dtype=torch.int64),
         positions=torch.tensor(pos, dtype=torch.int64),

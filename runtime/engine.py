@@ -155,7 +155,9 @@ class LLMEngine:
         for s in seqs:
             if s.params.seed is not None and s.generator is None:
                 s.generator = make_generator(s.params.seed, logits.device)
-        tokens = sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs])
+        if len(rows) < logits.shape[0]:   # (a decode step needs every row: no gather)
+            logits = logits[rows]
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         return [self._append(seq, tok) for seq, tok in zip(seqs, tokens)]
 
     def _append(self, seq: Sequence, token: int) -> RequestOutput:
