@@ -81,11 +81,37 @@ def _callees(g: Graph, target: Target, used: set[str]) -> tuple[dict[str, str], 
     return names, source
 
 
-def generate(g: Graph, target: Target) -> str:
-    used: set[str] = {"torch", "aten", "prims", "operator", "triton", "tl", "os", "ON_HOST_OK"}
+def generate(g: Graph, target: Target, prepare: Graph | None = None,
+             positions: tuple[int, ...] = ()) -> str:
+    """The wrapper module: `forward(*inputs)` runs g. With a weight preparation
+    (passes/weight_prep.py), g is the forward graph that takes the prepared values after
+    the original inputs: the module defines `prepare_weights` and `forward_prepared`, and
+    `forward` feeds the latter from a PreparedWeights cache over the inputs at
+    `positions`."""
+    used: set[str] = {"torch", "aten", "prims", "operator", "triton", "tl", "os", "ON_HOST_OK",
+                      "PreparedWeights", "prepared_weights", "prepare_weights",
+                      "forward_prepared", "forward"}
     imports: dict[str, tuple[str, str]] = {}  # kiln op -> (alias, import line)
     callees, kernels = _callees(g, target, used)
-    fn, params, names = _function(g, target, "forward", used, imports, callees)
+    fns = []
+    if prepare is None:
+        fn, params, names = _function(g, target, "forward", used, imports, callees)
+    else:
+        fns.append(_function(prepare, target, "prepare_weights", used, imports, callees)[0])
+        fn, params, names = _function(g, target, "forward_prepared", used, imports, callees)
+        n_inputs = len(g.inputs) - len(prepare.outputs)
+        fn += "\n".join([
+            "",
+            "",
+            "",
+            "# Computed once per set of weight tensors (kiln.backends.prepared).",
+            f"prepared_weights = PreparedWeights(prepare_weights, {tuple(positions)!r})",
+            "",
+            "",
+            "def forward(*inputs):",
+            f"    assert len(inputs) == {n_inputs}, f\"forward takes {n_inputs} inputs, got {{len(inputs)}}\"",
+            "    return forward_prepared(*inputs, *prepared_weights(inputs))",
+        ])
     head = [
         f'"""kiln wrapper for @{g.name}, target {target.name}.',
         "",
@@ -101,6 +127,8 @@ def generate(g: Graph, target: Target) -> str:
     if kernels and target.triton_backend is not None:
         head += ["# Triton's interpreter (TRITON_INTERPRET=1) runs generated kernels on CPU tensors.",
                  'ON_HOST_OK = os.environ.get("TRITON_INTERPRET") == "1"']
+    if prepare is not None:
+        head.append("from kiln.backends.prepared import PreparedWeights")
     head += sorted(line for _, line in imports.values())
     main = [
         "",
@@ -111,7 +139,7 @@ def generate(g: Graph, target: Target) -> str:
         "    for i, out in enumerate(forward(*inputs)):",
         "        print(i, tuple(out.shape) if isinstance(out, torch.Tensor) else out)",
     ]
-    parts = ["\n".join(head)] + kernels + [fn]
+    parts = ["\n".join(head)] + kernels + fns + [fn]
     return "\n\n\n".join(parts) + "\n".join(main) + "\n"
 
 
@@ -166,11 +194,16 @@ def _function(g: Graph, target: Target, fname: str, used: set[str], imports: dic
 
 
 def load(source: str, name: str = "kiln_wrapper"):
-    """Compiles the generated source; tracebacks show its lines."""
+    """The generated module's `forward`."""
+    return load_module(source, name)["forward"]
+
+
+def load_module(source: str, name: str = "kiln_wrapper") -> dict:
+    """Compiles the generated source, returns its namespace; tracebacks show its lines."""
     digest = hashlib.sha1(source.encode()).hexdigest()[:12]
     filename = f"<{name}-{digest}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace: dict = {"__name__": name}
     exec(compile(source, filename, "exec"), namespace)
-    return namespace["forward"]
+    return namespace
 

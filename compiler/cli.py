@@ -232,6 +232,9 @@ def cmd_dump(args) -> int:
             for i, (name, text) in enumerate(cg.snapshots):
                 (d / f"{i:03d}_{name}.kir").write_text(text)
             (d / "wrapper.py").write_text(cg.source)
+            if cg.prepare is not None:
+                from kiln.ir import print_graph
+                (d / "prepare_weights.kir").write_text(print_graph(cg.prepare))
         print(f"wrote {len(compiled)} graphs to {out}")
         return 0
     text = _graph_text(compiled, args.graph, args.after)

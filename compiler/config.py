@@ -16,6 +16,7 @@ class CompileOptions:
     pass_limit: int | None = None
     verify: bool = False                       # verify after every pass
     cudagraphs: bool = True
+    prepare_weights: bool = True               # weight-only work once per weight set, not per call
     quant: str | None = None                   # None, "fp8" or "int8"
     observer: Callable | None = None           # called with each CompiledGraph (tests, tools)
     record: bool = False                       # keep the IR text after every pass (kiln dump)

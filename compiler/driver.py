@@ -8,8 +8,9 @@ from pathlib import Path
 
 from kiln.backends import wrapper
 from kiln.backends.targets import get_target
-from kiln.ir import Graph
+from kiln.ir import Graph, print_graph
 from kiln.passes import PassManager
+from kiln.passes.weight_prep import split_weight_preparation
 
 from .config import CompileOptions
 
@@ -20,8 +21,9 @@ class CompiledGraph:
     """A compiled kiln graph: call it with the graph's inputs, in order."""
 
     def __init__(self, graph: Graph, source: str, fn, stats: str, snapshots, seconds: float,
-                 target: str):
+                 target: str, prepare: Graph | None = None):
         self.graph = graph
+        self.prepare = prepare              # the weight preparation split off `graph`, if any
         self.source = source
         self.fn = fn
         self.stats = stats
@@ -51,6 +53,12 @@ def mutated_inputs(graph: Graph) -> set[int]:
     return out
 
 
+def _with_prepared(prepared, forward):
+    def run(*inputs):
+        return forward(*inputs, *prepared(inputs))
+    return run
+
+
 def compile_graph(graph: Graph, options: CompileOptions | None = None) -> CompiledGraph:
     opts = options or CompileOptions()
     t0 = time.perf_counter()
@@ -63,18 +71,32 @@ def compile_graph(graph: Graph, options: CompileOptions | None = None) -> Compil
                      options={"target": target, "quant": opts.quant, "block_size": opts.block_size,
                               "can_generate": wrapper.code_generator(target)})
     pm.run(graph, record=opts.record)
-    source = wrapper.generate(graph, target)
+    split = split_weight_preparation(graph) if opts.prepare_weights else None
+    if split is None:
+        source = wrapper.generate(graph, target)
+    else:
+        source = wrapper.generate(split.forward, target, split.prepare, tuple(split.positions))
     if dump is not None:
         (dump / "wrapper.py").write_text(source)
         (dump / "passes.txt").write_text(pm.summary() + "\n")
-    fn = wrapper.load(source, f"kiln_{graph.name}")
+        if split is not None:
+            (dump / "prepare_weights.kir").write_text(print_graph(split.prepare))
+    module = wrapper.load_module(source, f"kiln_{graph.name}")
+    fn = module["forward"]
     if target.graph_capture and target.device_type == "cuda" and opts.cudagraphs:
         import torch
         if torch.cuda.is_available():
             from kiln.backends.cudagraphs import CudaGraphCache
-            fn = CudaGraphCache(fn, mutated_inputs(graph))
+            # Graphs capture the forward only: prepared weights are inputs of the replay,
+            # so a weight written in place is prepared again, not baked in.
+            if split is None:
+                fn = CudaGraphCache(fn, mutated_inputs(graph))
+            else:
+                fn = _with_prepared(module["prepared_weights"],
+                                    CudaGraphCache(module["forward_prepared"], mutated_inputs(graph)))
     compiled = CompiledGraph(graph, source, fn, pm.summary(), pm.snapshots,
-                             time.perf_counter() - t0, target.name)
+                             time.perf_counter() - t0, target.name,
+                             split.prepare if split is not None else None)
     if opts.observer is not None:
         opts.observer(compiled)
     return compiled

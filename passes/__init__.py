@@ -3,7 +3,7 @@
 Importing this package registers the default pipeline in DESIGN.md order."""
 from . import canonicalize  # noqa: F401  (registers)
 from . import reinplace  # noqa: F401,E402  (registers)
-# fuse.parallel_linear registers here, between canonicalize and quantize
+from . import parallel_linear  # noqa: F401,E402  (registers fuse.parallel_linear)
 from . import quantize  # noqa: F401,E402  (registers quantize)
 from . import fuse  # noqa: F401,E402  (fuse.norm, .rope, .attention, .activation, .moe, .quant)
 from . import serve_kv_cache  # noqa: F401,E402  (serve.kv_cache, serving only)

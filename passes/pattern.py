@@ -275,6 +275,28 @@ CAST_OPS = ("aten._to_copy", "prims.convert_element_type")
 _CAST_ATTRS = {"dtype", "layout", "device", "memory_format", "non_blocking"}
 
 
+# Ops that only re-view their operand (as the linear-layer passes walk through them).
+VIEWS = {"aten.reshape", "aten.slice", "aten.select", "aten.permute", "aten.unsqueeze",
+         "aten.squeeze", "aten.expand"}
+ROUTER_USERS = {"aten._softmax", "aten.topk", "aten._log_softmax"}
+
+
+def feeds_router(v: Value, users: dict) -> bool:
+    """True when `v` (a linear's output) reaches softmax / top-k within a few views or
+    casts: an MoE router, whose pattern fuse.moe matches and which stays full precision."""
+    todo = [v]
+    for _ in range(4):
+        nxt = []
+        for x in todo:
+            for u in users.get(x, []):
+                if u.op in ROUTER_USERS:
+                    return True
+                if is_cast(u) or u.op in VIEWS:
+                    nxt.extend(u.results)
+        todo = nxt
+    return False
+
+
 def is_cast(n: Node) -> bool:
     """A cast that only changes the dtype (layout strided, device unchanged as far as
     the IR can tell)."""

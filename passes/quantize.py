@@ -36,12 +36,9 @@ from kiln.ir.ops import infer_types
 
 from .canonicalize import dce
 from .manager import PassContext, register_pass
-from .pattern import is_cast
+from .pattern import VIEWS, feeds_router, is_cast
 
-_VIEWS = {"aten.reshape", "aten.slice", "aten.select", "aten.permute", "aten.unsqueeze",
-          "aten.squeeze", "aten.expand"}
 MIN_LAYERS_TO_KEEP_ENDS = 8
-_ROUTER_USERS = {"aten._softmax", "aten.topk", "aten._log_softmax"}
 
 
 def _qdtype(ctx: PassContext) -> torch.dtype | None:
@@ -79,7 +76,7 @@ def _is_head(v: Value, users, outputs) -> bool:
         us = users.get(v, [])
         if not us:
             return v in outputs
-        if len(us) > 1 or not (us[0].op in _VIEWS or is_cast(us[0])) or len(us[0].results) != 1:
+        if len(us) > 1 or not (us[0].op in VIEWS or is_cast(us[0])) or len(us[0].results) != 1:
             return False
         v = us[0].results[0]
     return False
@@ -112,20 +109,6 @@ def _keep_policy(weights: list[Value], ctx: PassContext):
         return lambda w: False
     ends = {min(layers), max(layers)}
     return lambda w: any(_layer(n) in ends for n in _weight_names(w))
-
-
-def _is_router(v: Value, users) -> bool:
-    todo = [v]
-    for _ in range(4):
-        nxt = []
-        for x in todo:
-            for u in users.get(x, []):
-                if u.op in _ROUTER_USERS:
-                    return True
-                if is_cast(u) or u.op in _VIEWS:
-                    nxt.extend(u.results)
-        todo = nxt
-    return False
 
 
 class _Emitter:
@@ -174,7 +157,7 @@ def quantize(g: Graph, ctx: PassContext) -> int:
             continue
         if bias is not None and (not isinstance(bias, Value) or bias.type.rank != 1):
             continue
-        if _is_head(out, users, outputs) or _is_router(out, users):
+        if _is_head(out, users, outputs) or feeds_router(out, users):
             continue
         cands.append((n, a, w, bias, out))
     keep = _keep_policy([c[2] for c in cands], ctx)

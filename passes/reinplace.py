@@ -25,6 +25,7 @@ def reinplace(g: Graph, ctx: PassContext) -> int:
             readers.setdefault(v, []).append(i)
     changed = 0
     dead = []
+    replaced: dict[Value, Value] = {}
     for i, n in enumerate(g.nodes):
         if n.op != "aten.copy_" or len(n.args) != 2:
             continue
@@ -44,9 +45,10 @@ def reinplace(g: Graph, ctx: PassContext) -> int:
             break
         update.op = INPLACE[update.op]
         dead.append(n)
-        g.replace_all_uses(n.results[0], value)
+        replaced[n.results[0]] = value
         changed += 1
     g.remove_nodes(dead)
+    g.replace_uses(replaced)   # once: a walk over the graph per update is quadratic
     return changed
 
 

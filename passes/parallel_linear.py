@@ -1,0 +1,111 @@
+"""fuse.parallel_linear: linears that read the same input become one GEMM.
+
+    %q = aten.mm(%x, permute(%Wq, [1, 0]))          %w = aten.cat([%Wq, %Wk, %Wv], dim=0)
+    %k = aten.mm(%x, permute(%Wk, [1, 0]))    ->    %y = aten.mm(%x, permute(%w, [1, 0]))
+    %v = aten.mm(%x, permute(%Wv, [1, 0]))          %q = aten.slice(%y, dim=1, 0, Nq) ...
+
+(and `aten.addmm(%b, %x, ...)` with the biases concatenated too). q/k/v and gate/up of
+every decoder layer are such groups: one launch instead of two or three, which is what a
+launch-bound decode step of a small model pays for. The results are column slices of one
+[M, ΣN] tensor; every consumer of a linear's output here accepts a row stride (views,
+kiln.rope, kiln.silu_mul, cache writes).
+
+The weights W are graph inputs ([N, K], one dtype, one K); their `cat` depends on weights
+only, so the compiler computes it once per set of weight tensors (compiler/driver.py,
+weight preparation), not on every call. Left alone: MoE routers (a linear that feeds
+softmax / top-k: fuse.moe matches its output), and linears whose weight is not a graph
+input (MoE experts index a stacked weight).
+"""
+from __future__ import annotations
+
+from kiln.ir import Graph, Node, TensorType, Value
+from kiln.ir.ops import infer_types
+
+from .manager import PassContext, register_pass
+from .pattern import feeds_router
+
+
+def _weight_input(wt) -> Value | None:
+    """W when `wt` is permute(W, [1, 0]) of a rank-2 graph input."""
+    if not isinstance(wt, Value) or wt.producer is None:
+        return None
+    p = wt.producer
+    if p.op != "aten.permute" or list(p.attrs.get("dims", [])) != [1, 0]:
+        return None
+    w = p.args[0]
+    if isinstance(w, Value) and w.is_input and isinstance(w.type, TensorType) and w.type.rank == 2:
+        return w
+    return None
+
+
+def _linear(n: Node):
+    """(input, weight, bias) of `mm(x, permute(W))` / `addmm(b, x, permute(W))`, else None."""
+    if n.op == "aten.mm" and len(n.args) == 2 and not n.attrs:
+        x, wt, bias = n.args[0], n.args[1], None
+    elif (n.op == "aten.addmm" and len(n.args) == 3
+          and n.attrs.get("beta", 1) == 1 and n.attrs.get("alpha", 1) == 1):
+        bias, x, wt = n.args
+        if not (isinstance(bias, Value) and bias.is_input and bias.type.rank == 1):
+            return None
+    else:
+        return None
+    w = _weight_input(wt)
+    if w is None or not isinstance(x, Value):
+        return None
+    return x, w, bias
+
+
+@register_pass("fuse.parallel_linear", "linears reading the same input (q/k/v, gate/up) -> one "
+               "GEMM over concatenated weights, and column slices")
+def parallel_linear(g: Graph, ctx: PassContext) -> int:
+    users = g.users()
+    groups: dict[tuple, list[tuple[Node, Value, Value | None]]] = {}
+    for n in g.nodes:
+        lin = _linear(n)
+        if lin is None:
+            continue
+        x, w, bias = lin
+        if feeds_router(n.results[0], users):
+            continue
+        key = (x, w.type.dtype, w.type.shape[1], bias is not None,
+               bias.type.dtype if bias is not None else None)
+        groups.setdefault(key, []).append((n, w, bias))
+    inserted: dict[int, list[Node]] = {}   # id(first linear of a group) -> its replacement
+    mapping: dict[Value, Value] = {}
+    dead: set[int] = set()
+    for (x, *_), members in groups.items():
+        weights = [w for _, w, _ in members]
+        if len(members) < 2 or len(set(weights)) < len(weights):
+            continue
+        if not all(isinstance(w.type.shape[0], int) for w in weights) or not ctx.allow():
+            continue
+        new: list[Node] = []
+
+        def emit(op, args, **attrs):
+            node = Node(op, args, attrs, infer_types(op, args, attrs, g))
+            new.append(node)
+            return node.results[0]
+        wt = emit("aten.permute", [emit("aten.cat", [weights], dim=0)], dims=[1, 0])
+        if members[0][2] is None:
+            fused = emit("aten.mm", [x, wt])
+        else:
+            fused = emit("aten.addmm", [emit("aten.cat", [[b for _, _, b in members]], dim=0), x, wt])
+        start = 0
+        for node, w, _ in members:
+            end = start + w.type.shape[0]
+            part = emit("aten.slice", [fused], dim=1, start=start, end=end)
+            assert part.type == node.results[0].type, (part.type, node.results[0].type)
+            mapping[node.results[0]] = part
+            start = end
+            dead.add(id(node))
+        inserted[id(members[0][0])] = new
+    if not inserted:
+        return 0
+    nodes = []
+    for n in g.nodes:
+        nodes.extend(inserted.get(id(n), ()))
+        if id(n) not in dead:
+            nodes.append(n)
+    g.nodes = nodes
+    g.replace_uses(mapping)
+    return len(inserted)
