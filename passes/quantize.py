@@ -22,8 +22,9 @@ through views and casts) and MoE routers (a linear feeding softmax / top-k), as 
 and most quantised checkpoints; and, in models of 8 or more layers, the linears of the
 first and the last decoder layer (found by weight name, `...layers.N...`), the layers
 most sensitive to quantisation noise. `options["quant_keep"]` (regexes on weight names)
-replaces that last choice. Weight quantisation runs in the graph on every
-call; hoisting it to load time is the job of weight preprocessing, not of this pass.
+replaces that last choice. The weight quantisation reads only weights, so weight
+preparation (passes/weight_prep.py) moves it out of the per-call graph: it runs once per
+set of weight tensors.
 """
 from __future__ import annotations
 
