@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--backends", default="eager,inductor,kiln")
+    ap.add_argument("--kiln-options", default="{}",
+                    help='JSON compile options for the kiln backend, e.g. \'{"quant": "int8"}\'')
     ap.add_argument("--repeats", type=int, default=5,
                     help="warm runs per backend; decode tok/s is their median")
     ap.add_argument("--out")
@@ -92,7 +94,8 @@ def bench_model(name, dtype, args):
     for backend in args.backends.split(","):
         torch._dynamo.reset()
         compiled = []
-        opts = {"target": "cuda" if args.device == "cuda" else "cpu", "observer": compiled.append}
+        opts = {"target": "cuda" if args.device == "cuda" else "cpu", "observer": compiled.append,
+                **json.loads(args.kiln_options)}
         fn = compile_model(model, backend, opts if backend == "kiln" else None)
         cache = make_cache(model, ids.shape[1] + args.tokens)
         # reduce-overhead as transformers recommends it: eager prefill, static decode shapes.
@@ -135,6 +138,7 @@ def bench_model(name, dtype, args):
         print(f"{r['backend']:10s} {r['first_call_s']:12.2f} {kc:>14s} {r['decode_tok_s']:12.1f} "
               f"{r['prefill_s_warm']:10.3f} {r['tokens_equal_to_first_backend']:11.2f}")
     result = {"model": name, "device": args.device, "dtype": args.dtype,
+              "kiln_options": json.loads(args.kiln_options),
               "tokens": args.tokens, "torch": torch.__version__, "commit": commit(),
               "machine": platform.processor() or platform.machine(),
               "cpus": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "rows": rows,
