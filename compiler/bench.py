@@ -42,8 +42,9 @@ class BenchConfig:
     token_range: tuple[int, int] = (1000, 10000)   # prompt token ids drawn from here
     api_key: str | None = None
     # Untimed requests first (`concurrency` of them at once, staggered lengths, so the batch
-    # shrinks through every size): a GPU server captures a CUDA graph per batch bucket on
-    # first use, and that belongs to start-up, not to the measurement.
+    # shrinks through every size): a GPU server captures its decode buckets at start-up but
+    # the buckets of steps with prefill chunks on first use, which belongs to start-up, not
+    # to the measurement.
     warmup: bool = False
     timeout: float = 600.0
     shared_prefix_len: int = 0        # tokens every prompt starts with (0: independent prompts)

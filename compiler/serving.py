@@ -160,6 +160,12 @@ def device_of(target: str) -> str:
     return get_target(target).device_type
 
 
+def _capture_graphs(runner, step) -> None:
+    if runner.cudagraphs:
+        with step(f"capture CUDA graphs (decode buckets {', '.join(map(str, runner.seq_buckets))})"):
+            runner.capture_decode_buckets()
+
+
 def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: str = "float32",
                  block_size: int = 16, steps=None, model_name: str | None = None) -> Served:
     """`source` is an artifact directory (loaded, never recompiled) or a model spec (smollm2,
@@ -178,6 +184,7 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
         max_len = cfg.max_model_len or min(a.manifest["serving"]["max_position_embeddings"] or 4096, 4096)
         with step("allocate KV cache"):
             runner = make_runner(a.fn, a.graph, weights, a.vocab_size, max_len, cfg, device)
+        _capture_graphs(runner, step)
         name = model_name or Path(a.manifest["model"]["spec"]).name
         return Served(make_engine(runner, tok, cfg), tok, name, f"artifact {a.path}", step.seconds)
     if p.is_dir() and not (p / "config.json").is_file():
@@ -192,5 +199,6 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
     with step("allocate KV cache"):
         runner = make_runner(compiled.fn, compiled.graph, model_weights(model),
                              model.config.vocab_size, max_len, cfg, device_of(target))
+    _capture_graphs(runner, step)
     name = model_name or Path(str(source)).name
     return Served(make_engine(runner, tok, cfg), tok, name, f"compiled {source}", step.seconds)

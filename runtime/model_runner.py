@@ -5,8 +5,9 @@ the extra last block is scratch that padded batch rows write to), binds every gr
 by name (batch fields, caches, weights), and returns the [N, vocab] logits of each
 sequence's last new token.
 
-On a GPU (cudagraphs=True) every step replays a CUDA graph captured on first use over
-static input buffers, one per bucket (T tokens, N sequences). A batch of t tokens in n
+On a GPU (cudagraphs=True) every step replays a CUDA graph over static input buffers,
+one per bucket (T tokens, N sequences): `kiln serve` captures the decode buckets at
+start-up (`capture_decode_buckets`), the others are captured on first use. A batch of t tokens in n
 sequences runs in the smallest N >= n of 1, 2, 4, ..., 64; its sequences past n are scratch
 sequences (one token each, context 1, reading and writing only the scratch block). A decode
 batch (one token a sequence) runs in (N, N); a batch with prefill chunks in the smallest T
@@ -239,6 +240,19 @@ class PagedModelRunner:
         graph.replay()
         self.replays += 1
         return out.clone()
+
+    def capture_decode_buckets(self) -> int:
+        """Capture every decode bucket now (start-up), over buffers that hold only scratch
+        sequences: they write and read only the scratch block. Mixed buckets, too many to
+        capture ahead, are still captured on first use. Returns how many were captured."""
+        if not self.cudagraphs:
+            return 0
+        done = 0
+        for n in self.seq_buckets:
+            key = (n, n)
+            if key not in self._graphs and key not in self._uncapturable:
+                done += self._capture(key, self.buffers(key)) is not None
+        return done
 
     def _capture(self, bucket: tuple[int, int], buf: StepBuffers):
         """Warm up on a side stream (compiles kernels), then capture one step. The warm-up

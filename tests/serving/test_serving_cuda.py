@@ -51,6 +51,27 @@ def test_decode_buckets_replay_match_eager(compiled):
     assert graphs.replays > 0 and sorted(graphs._graphs) == [(4, 4), (8, 8)]
 
 
+def test_decode_buckets_captured_at_start_up_touch_only_the_scratch_block(compiled):
+    model, cg = compiled
+    eager, graphs = runners(model, cg)
+    assert graphs.capture_decode_buckets() == len(graphs.seq_buckets)
+    for name, cache in graphs.caches.items():
+        assert cache[:graphs.num_blocks].abs().sum() == 0, f"start-up capture wrote {name}"
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (9, 4, 21)]
+    tables = [[4 * i + j for j in range(4)] for i in range(len(prompts))]
+    for r in (eager, graphs):
+        r.execute(build_batch([(p, 0, len(p), t) for p, t in zip(prompts, tables)], BLOCK))
+    captured = len(graphs._graphs)
+    for _ in range(3):
+        for p in prompts:
+            p.append(int(torch.randint(0, vocab, ())))
+        batch = build_batch([(p, len(p) - 1, 1, t) for p, t in zip(prompts, tables)], BLOCK)
+        a, b = eager.execute(batch), graphs.execute(batch)
+        assert ((b.double() - a.double()).norm() / a.double().norm()).item() < 1e-5
+    assert len(graphs._graphs) == captured, "a decode step captured a graph"
+
+
 def test_mixed_buckets_replay_match_eager(compiled):
     """Steps that mix prefill chunks and decodes replay (T tokens, N sequences) graphs;
     steps 2, 4 and 5 share the bucket of 32 tokens in 4 sequences."""
