@@ -22,6 +22,10 @@ class Target:
     graph_capture: str | None = None           # the graph API the runtime replays
     kernels: dict[str, str] = field(default_factory=dict)
     status: str = "runs"
+    # fuse.parallel_linear: one GEMM for q/k/v and for gate/up saves launches, which a GPU
+    # decode step is bound by; a CPU's batch-1 GEMV streams the same weight bytes either
+    # way, so there it buys nothing and costs a copy of those weights.
+    merge_parallel_linears: bool = True
 
     def kernel(self, op: str) -> str:
         """"module:function" implementing kiln op `op` (e.g. "kiln.rms_norm")."""
@@ -54,7 +58,7 @@ _TRITON_KERNELS = {op: f"kiln.backends.triton.{module}:{op}"
                    for module, ops in _TRITON_MODULES.items() for op in ops}
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
-    Target("cpu", "cpu", kernels=_CPU_KERNELS),
+    Target("cpu", "cpu", kernels=_CPU_KERNELS, merge_parallel_linears=False),
     Target("cuda", "cuda", "cuda", (80, 90), 32, torch.float8_e4m3fn, "torch.cuda.CUDAGraph",
            kernels=_TRITON_KERNELS),
     Target("hip", "cuda", "hip", ("gfx942", "gfx950"), 64, torch.float8_e4m3fnuz,

@@ -10,6 +10,7 @@ launch-bound decode step of a small model pays for. The results are column slice
 [M, ΣN] tensor; every consumer of a linear's output here accepts a row stride (views,
 kiln.rope, kiln.silu_mul, cache writes).
 
+Targets say whether they want it (`Target.merge_parallel_linears`: GPUs yes, the CPU no).
 The weights W are graph inputs ([N, K], one dtype, one K); their `cat` depends on weights
 only, so the compiler computes it once per set of weight tensors (compiler/driver.py,
 weight preparation), not on every call. Left alone: MoE routers (a linear that feeds
@@ -58,6 +59,8 @@ def _linear(n: Node):
 @register_pass("fuse.parallel_linear", "linears reading the same input (q/k/v, gate/up) -> one "
                "GEMM over concatenated weights, and column slices")
 def parallel_linear(g: Graph, ctx: PassContext) -> int:
+    if not getattr(ctx.options.get("target"), "merge_parallel_linears", True):
+        return 0
     users = g.users()
     groups: dict[tuple, list[tuple[Node, Value, Value | None]]] = {}
     for n in g.nodes:
