@@ -5,8 +5,8 @@ fuse.parallel_linear writes, the weight quantisation that `quantize` inserts, a 
 weight. Their results are the same on every call, so they move to a second graph,
 `prepare_weights`, that the wrapper runs once per set of weight tensors
 (kiln.backends.prepared), and the forward graph takes its results as extra inputs
-appended after its own. Views of weights stay where they are (free); a view that only a
-moved node read moves with it.
+appended after its own. Views of weights move too: free on a device, each still costs a
+dispatch on the host (a `permute` of every linear's weight, ~200 a SmolLM2 step).
 
 A weight is a graph input named after module state (`model.layers.0.mlp.up_proj.weight`:
 the frontends name parameters and buffers by their dotted path) that no op writes.
@@ -51,37 +51,25 @@ def _weight_only(g: Graph, weights: set[Value]) -> list[Node]:
 
 
 def split_weight_preparation(g: Graph) -> WeightSplit | None:
-    """None when no node is worth preparing (only views of weights, or none at all)."""
+    """None when no node reads only weights."""
     weights = weight_inputs(g)
-    candidates = _weight_only(g, weights)
-    moved = {id(n) for n in candidates if not get_op(n.op).has("view")}
-    if not moved:
+    prep_nodes = _weight_only(g, weights)
+    if not prep_nodes:
         return None
-    # The views a moved node reads move (as copies) with it.
-    needed: set[int] = set(moved)
-    for n in reversed(candidates):
-        if id(n) in needed:
-            for v in n.operands():
-                if v.producer is not None:
-                    needed.add(id(v.producer))
-    prep_nodes = [n for n in candidates if id(n) in needed]
-    produced = {r for n in prep_nodes if id(n) in moved for r in n.results}
-    # Prepared values: results of moved nodes that stay-behind nodes or the outputs read.
-    boundary: list[Value] = []
+    moved = {id(n) for n in prep_nodes}
+    produced = {r for n in prep_nodes for r in n.results}
+    # Prepared values: results of moved nodes that the nodes left behind or the outputs read.
+    boundary: dict[Value, None] = {}     # (ordered, unique)
     for n in g.nodes:
-        if id(n) in moved:
-            continue
-        for v in n.operands():
-            if v in produced and v not in boundary:
-                boundary.append(v)
-    for v in g.outputs:
-        if v in produced and v not in boundary:
-            boundary.append(v)
+        if id(n) not in moved:
+            boundary.update((v, None) for v in n.operands() if v in produced)
+    boundary.update((v, None) for v in g.outputs if v in produced)
 
     prep = Graph("prepare_weights")
     prep.sym_ranges, prep.sym_hints = dict(g.sym_ranges), dict(g.sym_hints)
     index = {v: i for i, v in enumerate(g.inputs)}
-    used_weights = [v for v in g.inputs if any(v in n.operands() for n in prep_nodes)]
+    read = {v for n in prep_nodes for v in n.operands()}
+    used_weights = [v for v in g.inputs if v in read]
     mapping = {v: prep.add_input(v.name, v.type) for v in used_weights}
     for n in prep_nodes:
         m = prep.add_node(n.op, map_values(n.args, mapping.__getitem__),
@@ -98,10 +86,8 @@ def split_weight_preparation(g: Graph) -> WeightSplit | None:
     for v in boundary:
         name = _prepared_name(v, taken)
         remap[v] = fwd.add_input(name, v.type)
-    kept = [n for n in g.nodes if id(n) not in moved]
-    live = _live(kept, g.outputs)
-    for n in kept:
-        if id(n) not in live:
+    for n in g.nodes:
+        if id(n) in moved:
             continue
         m = fwd.add_node(n.op, map_values(n.args, remap.__getitem__),
                          {k: map_values(a, remap.__getitem__) for k, a in n.attrs.items()},
@@ -110,17 +96,6 @@ def split_weight_preparation(g: Graph) -> WeightSplit | None:
         remap.update(zip(n.results, m.results))
     fwd.outputs = [remap[v] for v in g.outputs]
     return WeightSplit(prep, fwd, [index[v] for v in used_weights])
-
-
-def _live(nodes: list[Node], outputs) -> set[int]:
-    """Nodes whose results something reads (impure nodes always run)."""
-    needed = set(outputs)
-    live: set[int] = set()
-    for n in reversed(nodes):
-        if not get_op(n.op).pure or any(r in needed for r in n.results):
-            live.add(id(n))
-            needed.update(n.operands())
-    return live
 
 
 def _prepared_name(v: Value, taken: set[str]) -> str:

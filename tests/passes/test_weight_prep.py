@@ -9,7 +9,7 @@ import torch
 import models
 from capture import captured
 from fusion import counts, rel_err, run_steps
-from kiln.ir import parse, print_graph, verify
+from kiln.ir import parse, print_graph, run, verify
 from kiln.backends.targets import get_target
 from kiln.passes import PassManager
 from kiln.passes.weight_prep import split_weight_preparation
@@ -71,11 +71,28 @@ def test_weight_quantisation_moves_to_the_preparation(target, gemms):
     verify(split.forward)
 
 
-def test_views_of_weights_alone_prepare_nothing():
-    g = parse("""func @f(%x: f32[4, 8], %layer.w: f32[6, 8]) -> f32[4, 6] {
+def test_views_of_weights_move_and_runtime_values_stay():
+    g = parse("""func @f(%x: f32[4, 8], %layer.w: f32[6, 8], %cache_len: i64[]) -> (f32[4, 6], i64[]) {
   %0 = aten.permute(%layer.w, dims=[1, 0]) : f32[8, 6]
   %1 = aten.mm(%x, %0) : f32[4, 6]
-  return %1
+  %2 = aten.add(%cache_len, 1) : i64[]
+  return %1, %2
 }
 """)
-    assert split_weight_preparation(g) is None
+    split = split_weight_preparation(g)
+    assert [n.op for n in split.prepare.nodes] == ["aten.permute"]
+    assert [v.name for v in split.forward.inputs] == ["x", "layer.w", "cache_len", "layer.w.permute"]
+    assert [n.op for n in split.forward.nodes] == ["aten.mm", "aten.add"]
+    assert split.positions == [1]
+    x, w, n = torch.randn(4, 8), torch.randn(6, 8), torch.tensor(3)
+    (wt,) = run(split.prepare, [w])
+    want = run(g, [x, w, n])
+    got = run(split.forward, [x, w, n, wt])
+    torch.testing.assert_close(got[0], want[0])
+    assert got[1] == want[1]
+    nothing = parse("""func @f(%x: f32[4, 8]) -> f32[4, 8] {
+  %0 = aten.neg(%x) : f32[4, 8]
+  return %0
+}
+""")
+    assert split_weight_preparation(nothing) is None
