@@ -98,6 +98,7 @@ def generate(g: Graph, target: Target, prepare: Graph | None = None,
         fn, params, names = _function(g, target, "forward", used, imports, callees)
     else:
         fns.append(_function(prepare, target, "prepare_weights", used, imports, callees)[0])
+        share_key = hashlib.sha1(fns[-1].encode()).hexdigest()[:16]
         fn, params, names = _function(g, target, "forward_prepared", used, imports, callees)
         n_inputs = len(g.inputs) - len(prepare.outputs)
         fn += "\n".join([
@@ -105,7 +106,9 @@ def generate(g: Graph, target: Target, prepare: Graph | None = None,
             "",
             "",
             "# Computed once per set of weight tensors (kiln.backends.prepared).",
-            f"prepared_weights = PreparedWeights(prepare_weights, {tuple(positions)!r})",
+            "# Graphs with this same preparation (share key) share its results.",
+            f"prepared_weights = PreparedWeights(prepare_weights, {tuple(positions)!r}, "
+            f"share_key={share_key!r})",
             "",
             "",
             "def forward(*inputs):",

@@ -66,10 +66,14 @@ def split_weight_preparation(g: Graph) -> WeightSplit | None:
     boundary.update((v, None) for v in g.outputs if v in produced)
 
     prep = Graph("prepare_weights")
-    prep.sym_ranges, prep.sym_hints = dict(g.sym_ranges), dict(g.sym_hints)
     index = {v: i for i, v in enumerate(g.inputs)}
     read = {v for n in prep_nodes for v in n.operands()}
     used_weights = [v for v in g.inputs if v in read]
+    # Only the symbols the weights use (none, usually): graphs of one model (prefill,
+    # decode) then print the same preparation, which lets them share its results.
+    syms = set().union(*(v.type.symbols() for v in used_weights))
+    prep.sym_ranges = {k: r for k, r in g.sym_ranges.items() if k in syms}
+    prep.sym_hints = {k: h for k, h in g.sym_hints.items() if k in syms}
     mapping = {v: prep.add_input(v.name, v.type) for v in used_weights}
     for n in prep_nodes:
         m = prep.add_node(n.op, map_values(n.args, mapping.__getitem__),
