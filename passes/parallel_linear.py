@@ -19,41 +19,21 @@ input (MoE experts index a stacked weight).
 """
 from __future__ import annotations
 
-from kiln.ir import Graph, Node, TensorType, Value
+from kiln.ir import Graph, Node, Value
 from kiln.ir.ops import infer_types
 
 from .manager import PassContext, register_pass
-from .pattern import feeds_router
-
-
-def _weight_input(wt) -> Value | None:
-    """W when `wt` is permute(W, [1, 0]) of a rank-2 graph input."""
-    if not isinstance(wt, Value) or wt.producer is None:
-        return None
-    p = wt.producer
-    if p.op != "aten.permute" or list(p.attrs.get("dims", [])) != [1, 0]:
-        return None
-    w = p.args[0]
-    if isinstance(w, Value) and w.is_input and isinstance(w.type, TensorType) and w.type.rank == 2:
-        return w
-    return None
+from .pattern import feeds_router, match_linear
 
 
 def _linear(n: Node):
-    """(input, weight, bias) of `mm(x, permute(W))` / `addmm(b, x, permute(W))`, else None."""
-    if n.op == "aten.mm" and len(n.args) == 2 and not n.attrs:
-        x, wt, bias = n.args[0], n.args[1], None
-    elif (n.op == "aten.addmm" and len(n.args) == 3
-          and n.attrs.get("beta", 1) == 1 and n.attrs.get("alpha", 1) == 1):
-        bias, x, wt = n.args
-        if not (isinstance(bias, Value) and bias.is_input and bias.type.rank == 1):
-            return None
-    else:
+    """(input, weight, bias) of a linear whose weight (and bias) are graph inputs."""
+    lin = match_linear(n)
+    if lin is None:
         return None
-    w = _weight_input(wt)
-    if w is None or not isinstance(x, Value):
-        return None
-    return x, w, bias
+    _, w, bias = lin
+    bias_ok = bias is None or (isinstance(bias, Value) and bias.is_input and bias.type.rank == 1)
+    return lin if w.is_input and bias_ok else None
 
 
 @register_pass("fuse.parallel_linear", "linears reading the same input (q/k/v, gate/up) -> one "

@@ -275,6 +275,28 @@ CAST_OPS = ("aten._to_copy", "prims.convert_element_type")
 _CAST_ATTRS = {"dtype", "layout", "device", "memory_format", "non_blocking"}
 
 
+def match_linear(n: Node) -> tuple[Value, Value, object] | None:
+    """(x, W, bias) of a linear layer as captured: `mm(x, permute(W, [1, 0]))` or
+    `addmm(bias, x, permute(W, [1, 0]))` with W a rank-2 [N, K] tensor; else None."""
+    if n.op == "aten.mm" and len(n.args) == 2:
+        bias, (x, wt) = None, n.args
+    elif n.op == "aten.addmm" and len(n.args) == 3:
+        bias, x, wt = n.args
+    else:
+        return None
+    if set(n.attrs) - {"beta", "alpha"} or any(a != 1 for a in n.attrs.values()):
+        return None
+    if not isinstance(x, Value) or not isinstance(wt, Value) or wt.producer is None:
+        return None
+    p = wt.producer
+    if p.op != "aten.permute" or list(p.attrs.get("dims", [])) != [1, 0]:
+        return None
+    w = p.args[0]
+    if not isinstance(w, Value) or not isinstance(w.type, TensorType) or w.type.rank != 2:
+        return None
+    return x, w, bias
+
+
 # Ops that only re-view their operand (as the linear-layer passes walk through them).
 VIEWS = {"aten.reshape", "aten.slice", "aten.select", "aten.permute", "aten.unsqueeze",
          "aten.squeeze", "aten.expand"}

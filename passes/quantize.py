@@ -37,7 +37,7 @@ from kiln.ir.ops import infer_types
 
 from .canonicalize import dce
 from .manager import PassContext, register_pass
-from .pattern import VIEWS, feeds_router, is_cast
+from .pattern import VIEWS, feeds_router, is_cast, match_linear
 
 MIN_LAYERS_TO_KEEP_ENDS = 8
 
@@ -54,21 +54,13 @@ def _qdtype(ctx: PassContext) -> torch.dtype | None:
     raise ValueError(f"quant must be None, 'fp8' or 'int8', got {mode!r}")
 
 
-def _weight(wt: Value) -> Value | None:
-    """W when `wt` is permute(W, [1, 0]) of a weight-like rank-2 tensor."""
-    n = wt.producer
-    if n is None or n.op != "aten.permute" or list(n.attrs.get("dims", [])) != [1, 0]:
-        return None
-    w = n.args[0]
-    if not isinstance(w, Value) or not isinstance(w.type, TensorType) or w.type.rank != 2:
-        return None
+def _quantizable(w: Value) -> bool:
+    """W is a weight: a graph input, or a `cat` of graph inputs (fuse.parallel_linear's)."""
     if w.producer is None:
-        return w
+        return True
     p = w.producer
-    if p.op == "aten.cat" and p.attrs.get("dim", 0) in (0, -2) and all(
-            isinstance(x, Value) and x.producer is None for x in p.args[0]):
-        return w
-    return None
+    return p.op == "aten.cat" and p.attrs.get("dim", 0) in (0, -2) and all(
+        isinstance(x, Value) and x.producer is None for x in p.args[0])
 
 
 def _is_head(v: Value, users, outputs) -> bool:
@@ -142,17 +134,12 @@ def quantize(g: Graph, ctx: PassContext) -> int:
     acache: dict[Value, tuple[Value, Value]] = {}
     cands = []
     for n in list(g.nodes):
-        if n.op == "aten.mm" and len(n.args) == 2 and not n.attrs:
-            bias, a, wt = None, n.args[0], n.args[1]
-        elif n.op == "aten.addmm" and len(n.args) == 3 and not n.attrs:
-            bias, a, wt = n.args
-        else:
+        lin = match_linear(n)
+        if lin is None:
             continue
-        if not isinstance(a, Value) or not isinstance(wt, Value):
-            continue
-        w = _weight(wt)
+        a, w, bias = lin
         out = n.results[0]
-        if w is None or not isinstance(a.type, TensorType) or a.type.rank != 2:
+        if not _quantizable(w) or not isinstance(a.type, TensorType) or a.type.rank != 2:
             continue
         if not a.type.dtype.is_floating_point or a.type.dtype.itemsize < 2:
             continue
