@@ -53,12 +53,6 @@ def mutated_inputs(graph: Graph) -> set[int]:
     return out
 
 
-def _with_prepared(prepared, forward):
-    def run(*inputs):
-        return forward(*inputs, *prepared(inputs))
-    return run
-
-
 def compile_graph(graph: Graph, options: CompileOptions | None = None) -> CompiledGraph:
     opts = options or CompileOptions()
     t0 = time.perf_counter()
@@ -82,18 +76,16 @@ def compile_graph(graph: Graph, options: CompileOptions | None = None) -> Compil
         if split is not None:
             (dump / "prepare_weights.kir").write_text(print_graph(split.prepare))
     module = wrapper.load_module(source, f"kiln_{graph.name}")
-    fn = module["forward"]
     if target.graph_capture and target.device_type == "cuda" and opts.cudagraphs:
         import torch
         if torch.cuda.is_available():
             from kiln.backends.cudagraphs import CudaGraphCache
-            # Graphs capture the forward only: prepared weights are inputs of the replay,
-            # so a weight written in place is prepared again, not baked in.
-            if split is None:
-                fn = CudaGraphCache(fn, mutated_inputs(graph))
-            else:
-                fn = _with_prepared(module["prepared_weights"],
-                                    CudaGraphCache(module["forward_prepared"], mutated_inputs(graph)))
+            # Graphs capture the forward only (the wrapper's `forward` looks
+            # `forward_prepared` up at call time): prepared weights are inputs of the
+            # replay, so a weight written in place is prepared again, not baked in.
+            core = "forward" if split is None else "forward_prepared"
+            module[core] = CudaGraphCache(module[core], mutated_inputs(graph))
+    fn = module["forward"]
     compiled = CompiledGraph(graph, source, fn, pm.summary(), pm.snapshots,
                              time.perf_counter() - t0, target.name,
                              split.prepare if split is not None else None)

@@ -7,11 +7,11 @@ sequence's last new token.
 
 On a GPU (cudagraphs=True) every step replays a CUDA graph over static input buffers,
 one per bucket (T tokens, N sequences): `kiln serve` captures the decode buckets at
-start-up (`capture_decode_buckets`), the others are captured on first use. A batch of t tokens in n
-sequences runs in the smallest N >= n of 1, 2, 4, ..., 64; its sequences past n are scratch
-sequences (one token each, context 1, reading and writing only the scratch block). A decode
-batch (one token a sequence) runs in (N, N); a batch with prefill chunks in the smallest T
-of TOKEN_BUCKETS' sizes that holds its tokens and the scratch ones, the tokens past those
+start-up (`capture_decode_buckets`), the others are captured on first use. A batch of t
+tokens in n sequences runs in the smallest N >= n of SEQ_BUCKETS; its sequences past n are
+scratch sequences (one token each, context 1, reading and writing only the scratch block).
+A decode batch (one token a sequence) runs in (N, N); a batch with prefill chunks in the
+smallest T of `token_buckets()` that holds its tokens and the scratch ones, the tokens past those
 belonging to no sequence (attention leaves them zero; they write the scratch block).
 Block tables are padded to the width that max_model_len needs. Batches past the largest
 buckets run eagerly. Every kernel of a serving graph on cuda/hip is launched from shapes
@@ -233,9 +233,9 @@ class PagedModelRunner:
         entry = self._graphs.get(bucket)
         if entry is None and bucket not in self._uncapturable:
             entry = self._capture(bucket, buf)
-            if entry is None:
-                (logits,) = self.fn(*self._args(buf.field))
-                return logits
+        if entry is None:   # (this bucket failed to capture, now or before: eager)
+            (logits,) = self.fn(*self._args(buf.field))
+            return logits
         graph, out = entry
         graph.replay()
         self.replays += 1

@@ -382,7 +382,7 @@ def generate(fn: Graph, name: str, host_fallback: str | None = None) -> str:
                     "    cmask = cols < C"]
         if lead:
             unravel.append("    rem = row")
-        sizes = ["R", "C"] + [f"d{k}" for k in range(lead)]
+        sizes = ["C"] + [f"d{k}" for k in range(lead)]
         consts = ["BLOCK_C: tl.constexpr"]
     else:
         prologue = ["    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
@@ -426,7 +426,7 @@ def generate(fn: Graph, name: str, host_fallback: str | None = None) -> str:
     if by_row:
         launcher.append("    C = shape[-1]")
         launcher.append("    block_c = triton.next_power_of_2(C)")
-        call = ", ".join(args + outs + ["numel // C", "C", "*shape[:-1]"] + strides
+        call = ", ".join(args + outs + ["C", "*shape[:-1]"] + strides
                          + ["BLOCK_C=block_c"] + contig
                          + ["num_warps=4 if block_c <= 2048 else (8 if block_c <= 8192 else 16)"])
         launcher.append(f"    {name}_kernel[(numel // C,)]({call})")
@@ -461,6 +461,6 @@ def aot_spec(fn: Graph, name: str, kernel):
         elif p == "BLOCK_C":
             constants[p] = 1 << (int(shape[-1]) - 1).bit_length()
         else:
-            types[p] = "i64" if p in ("numel", "R") else "i32"
+            types[p] = "i64" if p == "numel" else "i32"
     pointers = tuple(p for p, t in types.items() if t.startswith("*"))
     return make_spec(name, kernel, types, constants, num_warps=NUM_WARPS, divisible_by_16=pointers)
