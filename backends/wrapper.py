@@ -82,12 +82,12 @@ def _callees(g: Graph, target: Target, used: set[str]) -> tuple[dict[str, str], 
 
 
 def generate(g: Graph, target: Target, prepare: Graph | None = None,
-             positions: tuple[int, ...] = ()) -> str:
+             positions: tuple[int, ...] = (), copied: tuple[int, ...] = ()) -> str:
     """The wrapper module: `forward(*inputs)` runs g. With a weight preparation
     (passes/weight_prep.py), g is the forward graph that takes the prepared values after
     the original inputs: the module defines `prepare_weights` and `forward_prepared`, and
     `forward` feeds the latter from a PreparedWeights cache over the inputs at
-    `positions`."""
+    `positions` (version-checked where `copied`)."""
     used: set[str] = {"torch", "aten", "prims", "operator", "triton", "tl", "os", "ON_HOST_OK",
                       "PreparedWeights", "prepared_weights", "prepare_weights",
                       "forward_prepared", "forward"}
@@ -108,7 +108,7 @@ def generate(g: Graph, target: Target, prepare: Graph | None = None,
             "# Computed once per set of weight tensors (kiln.backends.prepared).",
             "# Graphs with this same preparation (share key) share its results.",
             f"prepared_weights = PreparedWeights(prepare_weights, {tuple(positions)!r}, "
-            f"share_key={share_key!r})",
+            f"copied={tuple(copied)!r}, share_key={share_key!r})",
             "",
             "",
             "def forward(*inputs):",

@@ -69,7 +69,8 @@ def compile_graph(graph: Graph, options: CompileOptions | None = None) -> Compil
     if split is None:
         source = wrapper.generate(graph, target)
     else:
-        source = wrapper.generate(split.forward, target, split.prepare, tuple(split.positions))
+        source = wrapper.generate(split.forward, target, split.prepare, tuple(split.positions),
+                                  tuple(split.copied))
     if dump is not None:
         (dump / "wrapper.py").write_text(source)
         (dump / "passes.txt").write_text(pm.summary() + "\n")

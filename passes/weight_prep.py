@@ -25,6 +25,7 @@ class WeightSplit:
     prepare: Graph            # inputs: some of the weights; outputs: the prepared values
     forward: Graph            # the original inputs, then one per prepared value
     positions: list[int]      # index in the original inputs of each `prepare` input
+    copied: list[int]         # `prepare` inputs some result copies (see `copied_inputs`)
 
 
 def weight_inputs(g: Graph) -> set[Value]:
@@ -99,7 +100,24 @@ def split_weight_preparation(g: Graph) -> WeightSplit | None:
         m.meta = dict(n.meta)
         remap.update(zip(n.results, m.results))
     fwd.outputs = [remap[v] for v in g.outputs]
-    return WeightSplit(prep, fwd, [index[v] for v in used_weights])
+    return WeightSplit(prep, fwd, [index[v] for v in used_weights], copied_inputs(prep))
+
+
+def copied_inputs(prep: Graph) -> list[int]:
+    """Indices of the preparation's inputs that a copying op reads (through views): an
+    in-place write to one of those must prepare again. A prepared view sees such a write
+    by itself, so the other inputs need only an identity check on each call (the version
+    counters of hundreds of weights are most of that check's host time). `reshape` may
+    copy, so it counts as copying."""
+    sources: dict[Value, set[Value]] = {v: {v} for v in prep.inputs}
+    copied: set[Value] = set()
+    for n in prep.nodes:
+        read = set().union(*(sources.get(v, set()) for v in n.operands()))
+        if get_op(n.op).has("view") and n.op != "aten.reshape":
+            sources.update((r, read) for r in n.results)
+        else:
+            copied |= read
+    return [i for i, v in enumerate(prep.inputs) if v in copied]
 
 
 def _prepared_name(v: Value, taken: set[str]) -> str:

@@ -64,6 +64,8 @@ def test_weight_quantisation_moves_to_the_preparation(target, gemms):
     prep = counts(split.prepare)
     assert prep["kiln.quant_int8"] == 2 * gemms, print_graph(split.prepare)
     assert prep["aten.cat"] == (0 if target == "cpu" else 4)
+    # quantised (copied) weights are version-checked; the LM head's weight is only viewed
+    assert len(split.copied) == 14 and len(split.prepare.inputs) == 15
     fwd = counts(split.forward)
     assert fwd["kiln.scaled_mm"] == 2 * gemms
     assert not any(n.op == "aten.cat" and all(v.is_input for v in n.args[0])
@@ -89,6 +91,7 @@ def test_views_of_weights_move_and_runtime_values_stay():
     assert [v.name for v in split.forward.inputs] == ["x", "layer.w", "cache_len", "layer.w.permute"]
     assert [n.op for n in split.forward.nodes] == ["aten.mm", "aten.add"]
     assert split.positions == [1]
+    assert split.copied == []      # a view sees writes to the weight: no version check
     x, w, n = torch.randn(4, 8), torch.randn(6, 8), torch.tensor(3)
     (wt,) = run(split.prepare, [w])
     want = run(g, [x, w, n])
