@@ -11,12 +11,12 @@ capture, run eagerly.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
-log = logging.getLogger("kiln.cudagraphs")
+from kiln.ir.fallback import report
+
 
 
 def signature(args) -> tuple:
@@ -45,8 +45,9 @@ class _Entry:
 
 class CudaGraphCache:
     def __init__(self, fn, mutated_inputs: set[int] = frozenset(), max_graphs: int = 32,
-                 copy_outputs: bool = True):
+                 copy_outputs: bool = True, fallback: str | None = None):
         self.fn = fn
+        self.fallback = fallback            # the policy for a failed capture (kiln.ir.fallback)
         self.mutated = set(mutated_inputs)
         self.max_graphs = max_graphs
         self.copy_outputs = copy_outputs
@@ -142,9 +143,10 @@ class CudaGraphCache:
             with torch.cuda.graph(graph, pool=self.pool):
                 outputs = self.fn(*static_args)
         except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
-            log.warning("kiln: CUDA graph capture failed for %s (%s); running eagerly", key, e)
             self.uncapturable.add(key)
             torch.cuda.synchronize()
+            report("cudagraph", str(key), f"kiln: CUDA graph capture failed for {key} "
+                   f"({type(e).__name__}: {e}); these shapes run eagerly", self.fallback)
             return None
         entry = _Entry(graph, static_args, copied, [i for i in copied if i in self.mutated],
                        tuple(pinned), tuple(outputs))

@@ -189,7 +189,7 @@ def compile_artifact(spec: str, target: str, out: str | os.PathLike, block_size:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             _write(tmp, spec, folder, weight_files, target, options, model, compiled,
-                   model_weights(model), binaries)
+                   model_weights(model, compiled.graph), binaries)
             _replace_dir(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -232,7 +232,8 @@ def _write(tmp: Path, spec, folder: Path, weight_files, target, options, model, 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from kiln.runtime.model_runner import BATCH_FIELDS, cache_inputs, is_cache_input
+    from kiln.ir.roles import is_weight
+    from kiln.runtime.model_runner import cache_inputs
     tmp.chmod(0o755)
     (tmp / "ir").mkdir()
     for i, (name, text) in enumerate(compiled.snapshots):
@@ -255,7 +256,7 @@ def _write(tmp: Path, spec, folder: Path, weight_files, target, options, model, 
     binding, extra = {}, {}
     g = compiled.graph
     for v in g.inputs:
-        if v.name in BATCH_FIELDS or is_cache_input(v.name):
+        if not is_weight(v):
             continue
         t = weights[v.name]
         if v.name in keys:

@@ -2,14 +2,19 @@
 `torch_dynamo_backends` entry point."""
 from __future__ import annotations
 
-from kiln.frontends.dynamo import aot_capture
+from kiln.frontends.dynamo import aot_capture, state_inputs
 
 from .config import CompileOptions
 from .driver import compile_graph
 
 
-def kiln_backend(gm, example_inputs, options: dict | None = None, mode: str | None = None):
+def kiln_backend(gm, example_inputs, options: dict | None = None, mode: str | None = None,
+                 module=None):
+    """`module` (kiln.compile passes it): the compiled nn.Module, whose parameters and
+    buffers name the graph's weight inputs by identity."""
     if mode not in (None, "default"):
         raise ValueError(f"kiln has no compile mode {mode!r}; pass options={{...}} instead")
     opts = CompileOptions.make(options)
-    return aot_capture(gm, example_inputs, lambda graph: compile_graph(graph, opts))
+    known = state_inputs(module) if module is not None else None
+    return aot_capture(gm, example_inputs, lambda graph: compile_graph(graph, opts), known,
+                       opts.fallback)

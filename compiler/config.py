@@ -22,6 +22,7 @@ class CompileOptions:
     record: bool = False                       # keep the IR text after every pass (kiln dump)
     serving: bool = False                      # run the serving-only passes (serve.kv_cache)
     block_size: int = 16                       # serving: tokens per KV-cache block
+    fallback: str = "warn"                     # "error": raise instead of running eagerly
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -51,6 +52,8 @@ class CompileOptions:
                 raise ValueError(f"KILN_PASS_LIMIT must be an integer, got {env['KILN_PASS_LIMIT']!r}") from None
         if env.get("KILN_VERIFY") == "1":
             opts.verify = True
+        from kiln.ir.fallback import policy
+        opts.fallback = policy(opts.fallback)   # KILN_FALLBACK wins; a bad value is an error
         if opts.quant not in (None, "fp8", "int8"):
             raise ValueError(f"quant must be None, 'fp8' or 'int8', got {opts.quant!r}")
         from kiln.backends.targets import get_target

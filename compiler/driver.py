@@ -85,7 +85,8 @@ def compile_graph(graph: Graph, options: CompileOptions | None = None) -> Compil
             # `forward_prepared` up at call time): prepared weights are inputs of the
             # replay, so a weight written in place is prepared again, not baked in.
             core = "forward" if split is None else "forward_prepared"
-            module[core] = CudaGraphCache(module[core], mutated_inputs(graph))
+            module[core] = CudaGraphCache(module[core], mutated_inputs(graph),
+                                          fallback=opts.fallback)
     fn = module["forward"]
     compiled = CompiledGraph(graph, source, fn, pm.summary(), pm.snapshots,
                              time.perf_counter() - t0, target.name,

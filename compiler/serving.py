@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.frontends.dynamo import decompositions, input_names
+from kiln.frontends.dynamo import InputSpec, decompositions, describe_inputs, state_inputs
 from kiln.frontends.fx import from_fx
 from kiln.ir import Graph
 
@@ -27,25 +27,27 @@ EXAMPLE_TOKENS = 8
 
 def capture_serving(model: torch.nn.Module, example_tokens: int = EXAMPLE_TOKENS) -> Graph:
     """The flat-batch forward of `model` as a kiln Graph (before any pass)."""
-    from torch._functorch.aot_autograd import aot_module_simplified
+    from kiln.frontends.torch_compat import aot_module_simplified
     global CAPTURES
     graphs: list[Graph] = []
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, example_tokens), device=device)
+    pos = torch.arange(example_tokens, device=device)[None]
+    known = state_inputs(model)
+    known[id(ids)], known[id(pos)] = InputSpec("input_ids"), InputSpec("position_ids")
 
     def backend(gm, example_inputs):
-        names = input_names(gm)
+        specs = describe_inputs(gm, example_inputs, known)
 
         def fw_compiler(fx_gm, fw_inputs):
-            graphs.append(from_fx(fx_gm, names))
+            graphs.append(from_fx(fx_gm, specs))
             return fx_gm   # this one call runs eagerly; the graph is all we wanted
 
         return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler,
                                      decompositions=decompositions(),
                                      keep_inference_input_mutations=True)
 
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (1, example_tokens), device=device)
-    pos = torch.arange(example_tokens, device=device)[None]
     torch._dynamo.mark_dynamic(ids, 1)
     torch._dynamo.mark_dynamic(pos, 1)
     # transformers wraps every model's forward in one decorator: all models share one code
@@ -101,10 +103,12 @@ def _compile_captured(graph: Graph, target, block_size, record, options) -> Comp
     return compile_graph(graph, opts)
 
 
-def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers by the names the captured graph uses for its inputs."""
+def model_weights(model: torch.nn.Module, graph: Graph) -> dict[str, torch.Tensor]:
+    """The tensors of the graph's weight inputs, by name: the model's parameters and
+    buffers, and the constants the capture lifted."""
     out = dict(model.named_parameters(remove_duplicate=False))
     out.update(model.named_buffers(remove_duplicate=False))
+    out.update(graph.meta.get("constants", {}))
     return out
 
 
@@ -197,7 +201,7 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
     compiled = compile_serving(model, target=target, block_size=block_size, steps=step)
     max_len = cfg.max_model_len or default_max_model_len(model.config)
     with step("allocate KV cache"):
-        runner = make_runner(compiled.fn, compiled.graph, model_weights(model),
+        runner = make_runner(compiled.fn, compiled.graph, model_weights(model, compiled.graph),
                              model.config.vocab_size, max_len, cfg, device_of(target))
     _capture_graphs(runner, step)
     name = model_name or Path(str(source)).name

@@ -1,50 +1,131 @@
 """Capture through dynamo + AOTAutograd: an inference graph in core ATen, with input
 mutations (HF StaticCache updates) kept as `aten.copy_` into the mutated inputs and
-SymInt inputs for dynamic sizes."""
+SymInt inputs for dynamic sizes.
+
+Graph inputs are identified by the tensor objects dynamo hands the backend, never by its
+placeholder names (which change between releases): a tensor that is a parameter or buffer
+of the captured module becomes a `weight` input named after `named_parameters()`
+(`model.layers.0.self_attn.q_proj.weight`). When the module is unknown (a plain
+`torch.compile(model, backend="kiln")`), the name comes from where dynamo read the tensor
+(kiln.frontends.torch_compat), and parameters are weights by their type.
+"""
 from __future__ import annotations
 
-import warnings
-from typing import Callable
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import torch
-from torch._decomp import core_aten_decompositions
-from torch._functorch.aot_autograd import aot_module_simplified
 
 from kiln.ir import Graph
+from kiln.ir.fallback import report
 
-from .fx import UnsupportedGraph, from_fx
+from . import torch_compat
+from .fx import UnsupportedGraph, from_fx, readable_name
 
 
 def decompositions() -> dict:
     """Core ATen decompositions, less scaled_dot_product_attention: kept whole so that
     fuse.attention sees one op instead of expand/bmm/where/softmax/bmm."""
-    table = core_aten_decompositions()
+    table = torch_compat.core_aten_decompositions()
     return {k: v for k, v in table.items() if "scaled_dot_product" not in str(k)}
 
 
-def input_names(gm: torch.fx.GraphModule) -> list[str]:
-    """Names of the AOT graph's inputs: lifted parameters and buffers, then dynamo's inputs."""
-    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
-    names += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
-    names += [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    return names
+@dataclass(frozen=True)
+class InputSpec:
+    """What one flat graph input is: its IR name, and whether it is read-only module state."""
+    name: str
+    weight: bool = False
+
+
+def state_inputs(module: torch.nn.Module) -> dict[int, InputSpec]:
+    """Parameters and buffers of `module` by tensor identity, named as `named_parameters()`
+    names them (the first name of a tied tensor)."""
+    out: dict[int, InputSpec] = {}
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        out.setdefault(id(t), InputSpec(name, True))
+    return out
+
+
+_STATE_KEYS = ("_modules", "_parameters", "_buffers")
+_SOURCE_PART = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)|(\(\))")
+
+
+def _source_parts(source: str) -> list[str] | None:
+    parts = []
+    for m in _SOURCE_PART.finditer(source):
+        if m.group(4):   # a call (`.size()`): not a plain object path
+            return None
+        parts.append(next(g for g in m.groups() if g is not None))
+    return parts
+
+
+def state_path(source: str | None) -> str | None:
+    """`L['args'][0]._modules['model']._parameters['weight']` -> `model.weight`; None when
+    the source does not read module state."""
+    parts = _source_parts(source) if source else None
+    if not parts or not any(p in _STATE_KEYS for p in parts):
+        return None
+    start = next(i for i, p in enumerate(parts) if p in _STATE_KEYS)
+    return ".".join(p for p in parts[start:] if p not in _STATE_KEYS)
+
+
+def argument_name(source: str | None) -> str | None:
+    """`L['input_ids']` / `L['kwargs']['input_ids']` -> `input_ids`, `L['args'][1]` -> `args_1`."""
+    parts = _source_parts(source) if source else None
+    if not parts:
+        return None
+    if parts[-1].isdigit() and len(parts) > 1:
+        return f"{parts[-2]}_{parts[-1]}"
+    return parts[-1] if re.fullmatch(r"[A-Za-z_]\w*", parts[-1]) else None
+
+
+def describe_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence,
+                    known: Mapping[int, InputSpec] | None = None) -> list[InputSpec]:
+    """One spec per flat input of the AOT graph: the dynamo graph's own parameters and
+    buffers (AOTAutograd lifts them first), then dynamo's placeholders. `known` names
+    tensors by identity (`state_inputs(model)`, a call's named arguments)."""
+    known = known or {}
+    specs = []
+    for name, t in (list(gm.named_parameters(remove_duplicate=False))
+                    + list(gm.named_buffers(remove_duplicate=False))):
+        specs.append(known.get(id(t)) or InputSpec(readable_name(name), True))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, example in zip(placeholders, example_inputs):
+        spec = known.get(id(example))
+        if spec is None:
+            source = torch_compat.dynamo_source(node)
+            path = state_path(source)
+            weight = path is not None or isinstance(example, torch.nn.Parameter)
+            name = path or argument_name(source) or readable_name(node.name)
+            spec = InputSpec(name, weight)
+        specs.append(spec)
+    return specs
 
 
 def aot_capture(gm: torch.fx.GraphModule, example_inputs,
-                compile_graph: Callable[[Graph], Callable]) -> Callable:
+                compile_graph: Callable[[Graph], Callable],
+                known: Mapping[int, InputSpec] | None = None,
+                fallback: str | None = None) -> Callable:
     """Runs AOTAutograd on dynamo's graph; `compile_graph` turns each kiln Graph into the
-    callable that AOTAutograd will call with the flat inputs."""
-    names = input_names(gm)
+    callable that AOTAutograd will call with the flat inputs. A graph kiln cannot represent
+    runs eagerly, reported as a fallback (`fallback`: the policy, kiln.ir.fallback)."""
+    specs = describe_inputs(gm, example_inputs, known)
 
     def fw_compiler(fx_gm: torch.fx.GraphModule, fw_inputs):
         try:
-            graph = from_fx(fx_gm, names)
+            graph = from_fx(fx_gm, specs)
         except UnsupportedGraph as e:
-            warnings.warn(f"kiln: cannot capture this graph ({e}); it runs eagerly", stacklevel=2)
+            report("graph", str(e), f"kiln: cannot capture this graph ({e}); it runs eagerly",
+                   fallback)
             return fx_gm
-        return compile_graph(graph)
+        compiled = compile_graph(graph)
+        constants = tuple(graph.meta["constants"].values())
+        if not constants:
+            return compiled
+        return lambda *args: compiled(*args, *constants)
 
-    return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler,
+    return torch_compat.aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler,
                                  decompositions=decompositions(),
                                  keep_inference_input_mutations=True)
 
@@ -57,17 +138,17 @@ def export_capture(program: "torch.export.ExportedProgram") -> tuple[Graph, list
     program = program.run_decompositions(decompositions())
     gm = program.graph_module
     sig = program.graph_signature
-    names, consts = [], []
+    specs, consts = [], []
     state = program.state_dict
     constants = getattr(program, "constants", {})
     for spec in sig.input_specs:
         target = spec.target
-        names.append(target if target is not None else spec.arg.name)
+        specs.append(InputSpec(target, True) if target is not None else InputSpec(spec.arg.name))
         if target is None:
             consts.append(None)
         elif target in state:
             consts.append(state[target])
         else:
             consts.append(constants[target])
-    graph = from_fx(gm, names)
+    graph = from_fx(gm, specs)
     return graph, consts

@@ -4,7 +4,11 @@ Every call_function becomes one node. Known ATen ops keep their overload-packet 
 (`aten.add`); their leading tensor/scalar arguments are positional and the rest named after
 the schema, with defaults dropped. Ops kiln has no schema for become opaque
 `torch.<ns>.<op>.<overload>` nodes (with a warning). `getitem` on a multi-result op is
-folded into that node's results; SymInt arithmetic becomes `sym.*` nodes.
+folded into that node's results; SymInt arithmetic becomes `sym.*` nodes. Tensors the
+graph reads as attributes (`get_attr`: constants that tracing created, such as a
+`torch.tensor(...)` in model code) become `weight` inputs after the others, and the
+converted graph's `meta["constants"]` maps their names to their values, in that order: the
+caller appends them to every call (or binds them like any weight).
 """
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ import torch.fx
 
 from kiln.ir import Graph, ScalarType, SymIntType, TensorType, Value
 from kiln.ir.ops import REGISTRY, warn_opaque
+from kiln.ir.roles import WEIGHT
 from kiln.ir.types import DTYPE_NAMES, make_dim, sym
+
+from . import torch_compat
 
 _SYM_FNS = {operator.add: "sym.add", operator.sub: "sym.sub", operator.mul: "sym.mul",
             operator.floordiv: "sym.floordiv", operator.mod: "sym.mod", operator.neg: "sym.neg"}
@@ -32,12 +39,12 @@ class UnsupportedGraph(RuntimeError):
 
 def op_name(target) -> str:
     """The kiln op name of an FX call_function target."""
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, torch_compat.OpOverload):
         ns = target.namespace
-        packet = f"{ns}.{target._schema.name.split('::')[-1]}"
+        packet = f"{ns}.{torch_compat.schema(target).name.split('::')[-1]}"
         if packet in REGISTRY:
             return packet
-        overload = target._overloadname
+        overload = torch_compat.overload_name(target)
         name = f"torch.{packet}.{overload}"
         warn_opaque(name)
         return name
@@ -49,11 +56,13 @@ def op_name(target) -> str:
 
 
 def readable_name(fx_name: str) -> str:
-    """`l_self_modules_model_modules_layers_modules_0_..._parameters_weight_` -> `model.layers.0...weight`."""
-    n = fx_name
-    n = re.sub(r"^[lL]_(self_)?", "", n)
-    n = n.replace("_modules_", ".").replace("_parameters_", ".").replace("_buffers_", ".")
-    n = re.sub(r"^modules_", "", n)
+    """A best-effort IR name from an FX node name, for inputs nothing else names:
+    `l_self_modules_model_modules_norm_parameters_weight_` -> `model.norm.weight`. Only the
+    text of the name is used, so it never decides what an input is."""
+    n = re.sub(r"^[lL]_", "", fx_name)
+    if re.search(r"_(modules|parameters|buffers)_", n):
+        n = re.sub(r"^.*?_(?=(modules|parameters|buffers)_)", "", n)
+        n = re.sub(r"_?(modules|parameters|buffers)_", ".", n)
     n = n.strip("_").strip(".")
     n = re.sub(r"[^\w.]", "_", n)
     return n or "arg"
@@ -83,25 +92,14 @@ class _SymbolNamer:
                 new = sym(f"{prefix}{k}")
                 self.map[s] = new
                 lo, hi = 1, MAX_DIM
-                if shape_env is not None and s in getattr(shape_env, "var_to_range", {}):
-                    r = shape_env.var_to_range[s]
-                    lo = _finite(r.lower, 0)
-                    hi = _finite(r.upper, MAX_DIM)
+                r = torch_compat.symbol_range(shape_env, s) if shape_env is not None else None
+                if r is not None:
+                    lo, hi = _finite(r[0], 0), _finite(r[1], MAX_DIM)
                 self.ranges[new.name] = (lo, hi)
-                hint = _capture_hint(shape_env, s)
+                hint = torch_compat.capture_hint(shape_env, s)
                 if hint is not None and getattr(hint, "is_Integer", False) and lo <= int(hint) <= hi:
                     self.hints[new.name] = int(hint)
         return make_dim(expr.xreplace(self.map))
-
-
-def _capture_hint(shape_env, s):
-    """The size a symbol had at capture (torch >= 2.13 renamed the table)."""
-    if shape_env is None:
-        return None
-    table = getattr(shape_env, "backed_var_to_val", None)
-    if table is None:
-        table = shape_env.var_to_val
-    return table.get(s)
 
 
 def _finite(x, default):
@@ -131,18 +129,17 @@ def _shape_env(gm: torch.fx.GraphModule):
     for n in gm.graph.nodes:
         v = n.meta.get("val")
         for t in (v if isinstance(v, (list, tuple)) else [v]):
-            if isinstance(t, torch.Tensor) and hasattr(t, "fake_mode") and t.fake_mode is not None:
-                return t.fake_mode.shape_env
-            if isinstance(t, torch.SymInt):
-                return t.node.shape_env
+            env = torch_compat.shape_env_of(t)
+            if env is not None:
+                return env
     return None
 
 
 def split_arguments(target, args: Sequence, kwargs: dict) -> tuple[list, dict]:
     """Positional = the schema's leading Tensor/Scalar arguments; the rest named, defaults dropped."""
-    if not isinstance(target, torch._ops.OpOverload):
+    if not isinstance(target, torch_compat.OpOverload):
         return list(args), dict(kwargs)
-    schema = target._schema
+    schema = torch_compat.schema(target)
     bound: dict[str, Any] = {}
     for a, v in zip(schema.arguments, args):
         bound[a.name] = v
@@ -182,15 +179,20 @@ def _same_default(v, default) -> bool:
         return False
 
 
-def from_fx(gm: torch.fx.GraphModule, input_names: Sequence[str] | None = None,
+def from_fx(gm: torch.fx.GraphModule, inputs: Sequence | None = None,
             name: str = "forward") -> Graph:
+    """`inputs`: one spec per placeholder (`.name`, `.weight`; kiln.frontends.dynamo's
+    InputSpec); without them inputs are named after the placeholders, none a weight."""
     g = Graph(name)
     shape_env = _shape_env(gm)
     namer = _SymbolNamer()
     env: dict[torch.fx.Node, Any] = {}
     used_names: set[str] = set()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    names = list(input_names) if input_names and len(input_names) == len(placeholders) else None
+    if inputs is not None and len(inputs) != len(placeholders):
+        raise UnsupportedGraph(f"the graph has {len(placeholders)} inputs but {len(inputs)} "
+                               f"were described (a capture kiln does not understand)")
+    constants: dict[str, torch.Tensor] = {}
 
     def unique(base: str) -> str:
         n, k = base, 1
@@ -210,9 +212,11 @@ def from_fx(gm: torch.fx.GraphModule, input_names: Sequence[str] | None = None,
 
     for i, n in enumerate(gm.graph.nodes):
         if n.op == "placeholder":
-            base = readable_name(names[placeholders.index(n)] if names else n.name)
+            spec = inputs[placeholders.index(n)] if inputs is not None else None
+            base = spec.name if spec is not None else readable_name(n.name)
             val = n.meta.get("val", n.meta.get("example_value"))
-            env[n] = g.add_input(unique(base), _type_of(val, namer, shape_env))
+            env[n] = g.add_input(unique(base), _type_of(val, namer, shape_env),
+                                 WEIGHT if spec is not None and spec.weight else "")
         elif n.op == "call_function":
             if n.target is operator.getitem:
                 src = env[n.args[0]]
@@ -251,12 +255,27 @@ def from_fx(gm: torch.fx.GraphModule, input_names: Sequence[str] | None = None,
                 flat.append(v)
             g.outputs = flat
         elif n.op == "get_attr":
-            raise UnsupportedGraph(
-                f"graph reads the attribute {n.target!r}; kiln expects weights as graph "
-                f"inputs (capture with AOTAutograd or torch.export, which lift them)")
+            value = _attribute(gm, n.target)
+            if not isinstance(value, torch.Tensor):
+                raise UnsupportedGraph(
+                    f"graph reads the attribute {n.target!r}, a {type(value).__name__}; kiln "
+                    f"lifts tensor attributes only (make it a tensor, or an argument)")
+            lifted = g.add_input(unique(f"const.{readable_name(n.target)}"),
+                                 _type_of(value, namer, shape_env), WEIGHT)
+            constants[lifted.name] = value
+            env[n] = lifted
         else:
             raise UnsupportedGraph(f"unsupported FX node kind {n.op} ({n.name})")
+    # FX lists placeholders first, so lifted constants come after the caller's inputs.
     g.sym_ranges = dict(namer.ranges)
     g.sym_hints = dict(namer.hints)
+    g.meta["constants"] = constants
     return g
+
+
+def _attribute(gm: torch.fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 

@@ -17,12 +17,13 @@ _ids = itertools.count()
 
 
 class Value:
-    __slots__ = ("type", "name", "producer", "index", "uid")
+    __slots__ = ("type", "name", "producer", "index", "uid", "role")
 
     def __init__(self, type: Type, name: str | None = None, producer: "Node | None" = None,
-                 index: int = 0):
+                 index: int = 0, role: str = ""):
         self.type = type
         self.name = name            # inputs keep their names; results are numbered on print
+        self.role = role            # inputs: what the caller binds (kiln.ir.roles)
         self.producer = producer    # None for graph inputs
         self.index = index          # which result of the producer
         self.uid = next(_ids)
@@ -95,8 +96,8 @@ class Graph:
         self.functions: dict[str, "Graph"] = {}
 
     # ---- building ----
-    def add_input(self, name: str, type: Type) -> Value:
-        v = Value(type, name)
+    def add_input(self, name: str, type: Type, role: str = "") -> Value:
+        v = Value(type, name, role=role)
         self.inputs.append(v)
         return v
 
@@ -164,7 +165,7 @@ class Graph:
         g.functions = dict(self.functions)   # callees are never rewritten in place
         mapping: dict[Value, Value] = {}
         for v in self.inputs:
-            mapping[v] = g.add_input(v.name, v.type)
+            mapping[v] = g.add_input(v.name, v.type, v.role)
         fn = lambda v: mapping[v]  # noqa: E731
         for n in self.nodes:
             m = g.add_node(n.op, map_values(n.args, fn),

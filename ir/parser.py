@@ -116,11 +116,11 @@ class _Builder:
                         raise self.error(example, f"example {example} of {sname} is outside [{lo}, {hi}]")
                     g.sym_hints[str(sname)] = int(example)
         for p in params:
-            tok, ty = p.children
+            role, tok, ty = p.children
             vname = str(tok)[1:]
             if vname in self.env:
                 raise self.error(tok, f"parameter %{vname} is declared twice")
-            self.env[vname] = g.add_input(vname, self.type(ty))
+            self.env[vname] = g.add_input(vname, self.type(ty), str(role) if role else "")
         for s in stmts:
             self.stmt(g, s)
         outs = [self.use(tok) for tok in ret.children if tok is not None]

@@ -66,7 +66,7 @@ def print_graph(g: Graph) -> str:
 
 def _print_func(g: Graph) -> str:
     names = value_names(g)
-    params = ", ".join(f"%{v.name}: {v.type}" for v in g.inputs)
+    params = ", ".join(f"{v.role + ' ' if v.role else ''}%{v.name}: {v.type}" for v in g.inputs)
     head = f"func @{g.name}({params}) -> {format_types([v.type for v in g.outputs])}"
     lines = [head]
     if g.sym_ranges:

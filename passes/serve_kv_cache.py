@@ -31,14 +31,13 @@ import torch
 
 from kiln.ir import Graph, Node, SymIntType, TensorType, Value, sym
 from kiln.ir.ops import FakeEnv, get_op, infer_types
+from kiln.ir.roles import BATCH_INPUTS, cache_input_name
 
 from .canonicalize import dce
 from .manager import PassContext, register_pass
 
 DEFAULT_BLOCK_SIZE = 16
 MAX_DIM = 2**31 - 1
-BATCH_INPUTS = ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens",
-                "query_start")
 _VIEWS = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.unsqueeze", "aten.squeeze",
           "aten.alias"}
 _HEADS = {"aten.mm": 0, "aten.matmul": 0, "aten.linear": 0, "aten.addmm": 1, "kiln.scaled_mm": 0}
@@ -46,10 +45,6 @@ _HEADS = {"aten.mm": 0, "aten.matmul": 0, "aten.linear": 0, "aten.addmm": 1, "ki
 
 class NotAServingCapture(ValueError):
     pass
-
-
-def cache_input_name(layer: int, which: str) -> str:
-    return f"kv_cache.{layer}.{which}"
 
 
 def _insert(g: Graph, before: Node, op: str, *args, **attrs) -> Value:
@@ -127,11 +122,9 @@ def _rewrite(g: Graph, ctx: PassContext, old_ids: Value, old_pos: Value, T, N, B
              attns: list[Node], block_size: int) -> int:
     # -- batch inputs ---------------------------------------------------------------------------
     i64, i32 = torch.int64, torch.int32
-    new = {
-        "input_ids": TensorType(i64, (T,)), "positions": TensorType(old_pos.type.dtype, (T,)),
-        "slot_mapping": TensorType(i64, (T,)), "block_tables": TensorType(i32, (N, B)),
-        "context_lens": TensorType(i32, (N,)), "query_start": TensorType(i32, (N + 1,)),
-    }
+    new = dict(zip(BATCH_INPUTS, (   # input_ids, positions, slot_mapping, block_tables, ...
+        TensorType(i64, (T,)), TensorType(old_pos.type.dtype, (T,)), TensorType(i64, (T,)),
+        TensorType(i32, (N, B)), TensorType(i32, (N,)), TensorType(i32, (N + 1,)))))
     for v in g.inputs:
         if v.name in new and v not in (old_ids, old_pos):
             raise NotAServingCapture(f"serve.kv_cache: the graph already has an input %{v.name}")

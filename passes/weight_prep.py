@@ -8,8 +8,8 @@ weight. Their results are the same on every call, so they move to a second graph
 appended after its own. Views of weights move too: free on a device, each still costs a
 dispatch on the host (a `permute` of every linear's weight, ~200 a SmolLM2 step).
 
-A weight is a graph input named after module state (`model.layers.0.mlp.up_proj.weight`:
-the frontends name parameters and buffers by their dotted path) that no op writes.
+A weight is a graph input with the `weight` role (kiln.ir.roles: the frontends give it to
+parameters, buffers and lifted constants, by the tensor objects) that no op writes.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from kiln.ir import Graph, Node, Value
 from kiln.ir.graph import map_values
 from kiln.ir.ops import get_op
+from kiln.ir.roles import WEIGHT, is_weight
 
 
 @dataclass
@@ -36,7 +37,7 @@ def weight_inputs(g: Graph) -> set[Value]:
             for k in op.extra.get("mutated_operands", (0,)):
                 if k < len(n.args) and isinstance(n.args[k], Value):
                     written.add(n.args[k])
-    return {v for v in g.inputs if v.name and "." in v.name and v not in written}
+    return {v for v in g.inputs if is_weight(v) and v not in written}
 
 
 def _weight_only(g: Graph, weights: set[Value]) -> list[Node]:
@@ -75,7 +76,7 @@ def split_weight_preparation(g: Graph) -> WeightSplit | None:
     syms = set().union(*(v.type.symbols() for v in used_weights))
     prep.sym_ranges = {k: r for k, r in g.sym_ranges.items() if k in syms}
     prep.sym_hints = {k: h for k, h in g.sym_hints.items() if k in syms}
-    mapping = {v: prep.add_input(v.name, v.type) for v in used_weights}
+    mapping = {v: prep.add_input(v.name, v.type, v.role) for v in used_weights}
     for n in prep_nodes:
         m = prep.add_node(n.op, map_values(n.args, mapping.__getitem__),
                           {k: map_values(a, mapping.__getitem__) for k, a in n.attrs.items()},
@@ -86,11 +87,11 @@ def split_weight_preparation(g: Graph) -> WeightSplit | None:
     fwd = Graph(g.name)
     fwd.sym_ranges, fwd.sym_hints, fwd.meta = dict(g.sym_ranges), dict(g.sym_hints), dict(g.meta)
     fwd.functions = dict(g.functions)
-    remap = {v: fwd.add_input(v.name, v.type) for v in g.inputs}
+    remap = {v: fwd.add_input(v.name, v.type, v.role) for v in g.inputs}
     taken = {v.name for v in g.inputs}
     for v in boundary:
         name = _prepared_name(v, taken)
-        remap[v] = fwd.add_input(name, v.type)
+        remap[v] = fwd.add_input(name, v.type, WEIGHT)
     for n in g.nodes:
         if id(n) in moved:
             continue

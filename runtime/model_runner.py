@@ -20,25 +20,18 @@ captured graph serves any batch of its bucket.
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 
 from kiln.ir import Graph, TensorType
+from kiln.ir.fallback import report
+from kiln.ir.roles import BATCH_INPUTS, is_cache_input
 
 from .batch import FlatBatch
 
-log = logging.getLogger("kiln.runtime")
 
 SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-BATCH_FIELDS = ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens",
-                "query_start")
-
-
-def is_cache_input(name: str) -> bool:
-    return name.startswith("kv_cache.")
-
 
 def cache_inputs(graph: Graph) -> list:
     return [v for v in graph.inputs if is_cache_input(v.name)]
@@ -144,7 +137,7 @@ class PagedModelRunner:
         self._binding: list = []          # per graph input: a tensor, or a batch field name
         missing = []
         for v in graph.inputs:
-            if v.name in BATCH_FIELDS:
+            if v.name in BATCH_INPUTS:
                 self._binding.append(v.name)
             elif is_cache_input(v.name):
                 _, bs, hkv, d = v.type.shape
@@ -159,7 +152,7 @@ class PagedModelRunner:
             raise ValueError(f"no weight for graph input(s) {', '.join(missing[:8])}"
                              f"{' ...' if len(missing) > 8 else ''}: the weights do not match "
                              f"the compiled graph (recompile for this model)")
-        absent = [f for f in BATCH_FIELDS if f not in self._binding]
+        absent = [f for f in BATCH_INPUTS if f not in self._binding]
         if absent:
             raise ValueError(f"the graph is not a serving graph: no input(s) {', '.join(absent)} "
                              f"(compile with serve.kv_cache)")
@@ -271,10 +264,11 @@ class PagedModelRunner:
             with torch.cuda.graph(graph, pool=self._pool):
                 (out,) = self.fn(*args)
         except Exception as e:  # noqa: BLE001 - a graph that cannot be captured runs eagerly
-            log.warning("kiln: CUDA graph capture failed for the bucket of %d tokens in %d "
-                        "sequences (%s); its batches run eagerly", *bucket, e)
             self._uncapturable.add(bucket)
             torch.cuda.synchronize()
+            report("cudagraph", f"bucket {bucket}", f"kiln: CUDA graph capture failed for the "
+                   f"bucket of {bucket[0]} tokens in {bucket[1]} sequences ({type(e).__name__}: "
+                   f"{e}); its batches run eagerly")
             return None
         self._graphs[bucket] = (graph, out)
         return graph, out

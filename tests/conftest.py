@@ -1,11 +1,17 @@
 """Shared test set-up: puts tests/ on sys.path, so test files anywhere below can
-`from models import tiny_llama`, and loads the default model once per session."""
+`from models import tiny_llama`, and loads the default model once per session.
+
+Every test runs with fallback as an error (KILN_FALLBACK=error): a graph that silently
+ran eagerly would pass a numerics test. Tests about fallback ask for `fallback_warns`."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+os.environ["KILN_FALLBACK"] = "error"   # before kiln reads it; subprocesses inherit it
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
@@ -18,3 +24,13 @@ def smollm2():
     converts the GGUF into the default kiln cache (about 25 s); later runs read the cache."""
     from kiln.frontends.hf import load
     return load("smollm2")
+
+
+@pytest.fixture
+def fallback_warns(monkeypatch):
+    """For tests about fallback: it warns and runs eagerly; the record starts empty."""
+    import kiln
+    monkeypatch.setenv("KILN_FALLBACK", "warn")
+    kiln.stats(reset=True)
+    yield
+    kiln.stats(reset=True)

@@ -220,7 +220,7 @@ def test_cuda_serving_graph_launches_it_through_the_interpreter():
     vocab = model.config.vocab_size
     cuda = compile_serving(model, target="cuda", block_size=16)
     assert "kiln.backends.triton.paged_attention" in cuda.source
-    runner = PagedModelRunner(cuda.fn, cuda.graph, model_weights(model), num_blocks=16,
+    runner = PagedModelRunner(cuda.fn, cuda.graph, model_weights(model, cuda.graph), num_blocks=16,
                               max_model_len=64, vocab_size=vocab, pad_batches=True)
     prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (5, 19, 3)]
     tables = [[2 * i, 2 * i + 1] for i in (2, 0, 1)]

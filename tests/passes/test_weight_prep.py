@@ -79,16 +79,17 @@ def test_weight_quantisation_moves_to_the_preparation(target, gemms):
 
 
 def test_views_of_weights_move_and_runtime_values_stay():
-    g = parse("""func @f(%x: f32[4, 8], %layer.w: f32[6, 8], %cache_len: i64[]) -> (f32[4, 6], i64[]) {
-  %0 = aten.permute(%layer.w, dims=[1, 0]) : f32[8, 6]
-  %1 = aten.mm(%x, %0) : f32[4, 6]
+    # The `weight` role decides, not the name: %w has no dot, %layer.x is no weight.
+    g = parse("""func @f(%layer.x: f32[4, 8], weight %w: f32[6, 8], %cache_len: i64[]) -> (f32[4, 6], i64[]) {
+  %0 = aten.permute(%w, dims=[1, 0]) : f32[8, 6]
+  %1 = aten.mm(%layer.x, %0) : f32[4, 6]
   %2 = aten.add(%cache_len, 1) : i64[]
   return %1, %2
 }
 """)
     split = split_weight_preparation(g)
     assert [n.op for n in split.prepare.nodes] == ["aten.permute"]
-    assert [v.name for v in split.forward.inputs] == ["x", "layer.w", "cache_len", "layer.w.permute"]
+    assert [v.name for v in split.forward.inputs] == ["layer.x", "w", "cache_len", "w.permute"]
     assert [n.op for n in split.forward.nodes] == ["aten.mm", "aten.add"]
     assert split.positions == [1]
     assert split.copied == []      # a view sees writes to the weight: no version check

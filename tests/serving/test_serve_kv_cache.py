@@ -14,7 +14,8 @@ from kiln.passes.serve_kv_cache import NotAServingCapture, serve_kv_cache
 from kiln.runtime.batch import build_batch
 from kiln.runtime.engine import EngineConfig, LLMEngine
 from kiln.runtime.kv_cache import BlockManager
-from kiln.runtime.model_runner import BATCH_FIELDS, PagedModelRunner
+from kiln.ir.roles import BATCH_INPUTS
+from kiln.runtime.model_runner import PagedModelRunner
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig
 from kiln.runtime.sequence import SamplingParams, Sequence
 from kiln.serving import compile_serving, model_weights
@@ -37,7 +38,7 @@ def paged(request):
 
 
 def runner_for(model, compiled, num_blocks=64, **kw):
-    return PagedModelRunner(compiled.fn, compiled.graph, model_weights(model), num_blocks=num_blocks,
+    return PagedModelRunner(compiled.fn, compiled.graph, model_weights(model, compiled.graph), num_blocks=num_blocks,
                             max_model_len=128, vocab_size=model.config.vocab_size, **kw)
 
 
@@ -51,7 +52,7 @@ def test_signature(paged):
     g = compiled.graph
     layers = model.config.num_hidden_layers
     names = [v.name for v in g.inputs]
-    assert names[:6] == list(BATCH_FIELDS)
+    assert names[:6] == list(BATCH_INPUTS)
     assert names[6:6 + 2 * layers] == [f"kv_cache.{i}.{kv}" for i in range(layers) for kv in "kv"]
     ops = [n.op for n in g.nodes]
     assert "kiln.attention" not in ops and ops.count("kiln.paged_attention") == layers

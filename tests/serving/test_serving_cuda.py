@@ -26,8 +26,8 @@ def compiled():
 
 def runners(model, cg):
     kw = dict(num_blocks=64, max_model_len=256, vocab_size=model.config.vocab_size, device="cuda")
-    eager = PagedModelRunner(cg.fn, cg.graph, model_weights(model), **kw)
-    graphs = PagedModelRunner(cg.fn, cg.graph, model_weights(model), cudagraphs=True, **kw)
+    eager = PagedModelRunner(cg.fn, cg.graph, model_weights(model, cg.graph), **kw)
+    graphs = PagedModelRunner(cg.fn, cg.graph, model_weights(model, cg.graph), cudagraphs=True, **kw)
     return eager, graphs
 
 

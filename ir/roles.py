@@ -1,0 +1,35 @@
+"""What each graph input is: the one contract between capture, passes, backends and the runtime.
+
+- A **weight** is read-only module state (a parameter, a buffer, a constant the capture
+  lifted) that the caller binds from a weight store. The frontends decide it from the
+  tensor objects they capture, never from names, and the IR text marks it
+  (`weight %model.norm.weight: f32[576]`), so a parsed graph knows its weights too.
+- The **serving batch** is the flattened step the runtime's model runner passes on every
+  call, by these names and in this order.
+- A **KV cache** input is one layer's K or V block pool, named `kv_cache.<layer>.<k|v>`.
+Everything else is an ordinary per-call input.
+"""
+from __future__ import annotations
+
+WEIGHT = "weight"
+ROLES = ("", WEIGHT)   # "" is an ordinary input
+
+BATCH_INPUTS = ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens",
+                "query_start")
+_CACHE_PREFIX = "kv_cache."
+
+
+def cache_input_name(layer: int, which: str) -> str:
+    return f"{_CACHE_PREFIX}{layer}.{which}"
+
+
+def is_cache_input(name: str) -> bool:
+    return name.startswith(_CACHE_PREFIX)
+
+
+def is_weight(value) -> bool:
+    return value.role == WEIGHT
+
+
+def weight_inputs(graph) -> list:
+    return [v for v in graph.inputs if v.role == WEIGHT]
