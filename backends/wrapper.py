@@ -15,12 +15,11 @@ import re
 import torch
 
 from kiln.ir import Graph, Value
-from kiln.ir.ops import get_op, is_opaque
+from kiln.ir.ops import SYM_OPS, get_op, is_opaque
 
 from .targets import Target
 
-_SYM_PY = {"sym.add": "{} + {}", "sym.sub": "{} - {}", "sym.mul": "{} * {}",
-           "sym.floordiv": "{} // {}", "sym.mod": "{} % {}", "sym.neg": "-{}"}
+_SYM_PY = {name: py for name, (_, _, py) in SYM_OPS.items()}
 
 
 def _ident(name: str, used: set[str]) -> str:

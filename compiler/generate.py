@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.frontends.hf import cache_call_kwargs
+
 
 @dataclass
 class Generation:
@@ -53,8 +55,8 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
     positions = torch.arange(prompt_len, device=input_ids.device)
     mark(positions, 0)
     t0 = time.perf_counter()
-    logits = (prefill_fn or model_fn)(input_ids=input_ids, past_key_values=cache, cache_position=positions,
-                      use_cache=True, logits_to_keep=1).logits
+    logits = (prefill_fn or model_fn)(input_ids=input_ids, logits_to_keep=1,
+                                      **cache_call_kwargs(config_model, cache, positions)).logits
     token = logits[:, -1].argmax(-1)
     sync()
     t1 = time.perf_counter()
@@ -69,8 +71,8 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
         ids = token[:, None]
         mark(ids, 0)
         pos = torch.tensor([prompt_len + step], device=input_ids.device)
-        logits = model_fn(input_ids=ids, past_key_values=cache, cache_position=pos,
-                          use_cache=True, logits_to_keep=1).logits
+        logits = model_fn(input_ids=ids, logits_to_keep=1,
+                          **cache_call_kwargs(config_model, cache, pos)).logits
         token = logits[:, -1].argmax(-1)
         out.append(token)
     sync()

@@ -27,8 +27,14 @@ from kiln.ir.types import DTYPE_NAMES, make_dim, sym
 
 from . import torch_compat
 
+# What dynamo writes for SymInt/SymBool arithmetic -> the kiln op (kiln.ir.ops.SYM_OPS).
 _SYM_FNS = {operator.add: "sym.add", operator.sub: "sym.sub", operator.mul: "sym.mul",
-            operator.floordiv: "sym.floordiv", operator.mod: "sym.mod", operator.neg: "sym.neg"}
+            operator.floordiv: "sym.floordiv", operator.mod: "sym.mod", operator.neg: "sym.neg",
+            torch.sym_max: "sym.max", torch.sym_min: "sym.min", torch.sym_sum: "sym.sum",
+            torch.sym_ite: "sym.ite", torch.sym_not: "sym.not", operator.not_: "sym.not",
+            operator.eq: "sym.eq", operator.ne: "sym.ne", operator.lt: "sym.lt",
+            operator.le: "sym.le", operator.gt: "sym.gt", operator.ge: "sym.ge",
+            operator.and_: "sym.and", operator.or_: "sym.or"}
 # Dynamo's int_oo; printed ranges stay readable with a finite cap.
 MAX_DIM = 2**31 - 1
 
@@ -116,7 +122,7 @@ def _type_of(val, namer: _SymbolNamer, shape_env):
         return TensorType(val.dtype, tuple(namer.dim(d, shape_env) for d in val.shape))
     if isinstance(val, torch.SymInt):
         return SymIntType(namer.dim(val, shape_env))
-    if isinstance(val, bool):
+    if isinstance(val, (bool, torch.SymBool)):
         return ScalarType("bool")
     if isinstance(val, int):
         return SymIntType(val)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -42,6 +43,18 @@ DEFAULT = "smollm2"
 FORMS = ("'smollm2' (the built-in SmolLM2-135M-Instruct), a path to a .gguf file, "
          "or a local Hugging Face directory with config.json and weights")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def cache_call_kwargs(model, cache, positions: torch.Tensor | None = None) -> dict:
+    """The keyword arguments that hand `model.forward` a KV cache (and the positions of the
+    tokens it writes), spelled the way the installed transformers spells them: 5.24 renamed
+    `past_key_values` to `cache` (the old name warns, and goes in 5.40), and 5.23 dropped
+    `cache_position` (a StaticCache counts its own length) that 5.17 still needs."""
+    params = inspect.signature(model.forward).parameters
+    out = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+    if positions is not None and "cache_position" in params:
+        out["cache_position"] = positions
+    return out
 
 
 def cache_root() -> Path:

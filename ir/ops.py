@@ -167,11 +167,23 @@ for _name, _traits in ATEN_OPS.items():
 # ---- sym.*: arithmetic on dynamic sizes, typed by exact symbolic expressions ----
 def _sym_infer(fn):
     def infer(args, attrs):
-        vals = [_sym_expr(a) for a in args]
-        if any(v is None for v in vals):
+        vals = [_sym_expr(a) for a in _flat(args)]
+        if fn is None or any(v is None for v in vals):
             return [ScalarType("int")]
         return [SymIntType(fn(*vals))]
     return infer
+
+
+def _bool_infer(args, attrs):
+    return [ScalarType("bool")]
+
+
+def _flat(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
 
 
 def _sym_expr(a):
@@ -193,17 +205,33 @@ def _mod(a, b):
     return Mod(a, b)
 
 
-SYM_OPS: dict[str, tuple[Callable, Callable]] = {
-    # name: (runtime function, symbolic function)
-    "sym.add": (operator.add, operator.add),
-    "sym.sub": (operator.sub, operator.sub),
-    "sym.mul": (operator.mul, operator.mul),
-    "sym.floordiv": (operator.floordiv, _floordiv),
-    "sym.mod": (operator.mod, _mod),
-    "sym.neg": (operator.neg, operator.neg),
+# The SymInt arithmetic dynamo emits (Python operators and torch.sym_*): runtime function,
+# symbolic function for the result type (None: an int the IR cannot express exactly) or
+# "bool", and the Python the wrapper writes for it.
+SYM_OPS: dict[str, tuple[Callable, Callable | str | None, str]] = {
+    "sym.add": (operator.add, operator.add, "{} + {}"),
+    "sym.sub": (operator.sub, operator.sub, "{} - {}"),
+    "sym.mul": (operator.mul, operator.mul, "{} * {}"),
+    "sym.floordiv": (operator.floordiv, _floordiv, "{} // {}"),
+    "sym.mod": (operator.mod, _mod, "{} % {}"),
+    "sym.neg": (operator.neg, operator.neg, "-{}"),
+    "sym.max": (max, sympy.Max, "max({}, {})"),
+    "sym.min": (min, sympy.Min, "min({}, {})"),
+    "sym.sum": (sum, lambda *xs: sympy.Add(*xs), "sum({})"),
+    "sym.ite": (lambda c, a, b: a if c else b, None, "({1} if {0} else {2})"),
+    "sym.not": (operator.not_, "bool", "(not {})"),
+    "sym.eq": (operator.eq, "bool", "({} == {})"),
+    "sym.ne": (operator.ne, "bool", "({} != {})"),
+    "sym.lt": (operator.lt, "bool", "({} < {})"),
+    "sym.le": (operator.le, "bool", "({} <= {})"),
+    "sym.gt": (operator.gt, "bool", "({} > {})"),
+    "sym.ge": (operator.ge, "bool", "({} >= {})"),
+    "sym.and": (operator.and_, "bool", "({} and {})"),
+    "sym.or": (operator.or_, "bool", "({} or {})"),
 }
-for _name, (_rt, _symfn) in SYM_OPS.items():
-    register(OpDef(_name, _rt, frozenset({"sym"}), infer=_sym_infer(_symfn)))
+for _name, (_rt, _symfn, _py) in SYM_OPS.items():
+    register(OpDef(_name, _rt, frozenset({"sym"}),
+                   infer=_bool_infer if _symfn == "bool" else _sym_infer(_symfn)))
 
 
 def _sym_size_infer(args, attrs):

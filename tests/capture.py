@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from kiln.frontends.hf import cache_call_kwargs
 from kiln.generate import make_cache
 
 
@@ -19,15 +20,14 @@ def run_steps(fn, model, input_ids: torch.Tensor, decode_steps: int, teacher=Non
     torch._dynamo.maybe_mark_dynamic(input_ids, 0)
     outs = []
     with torch.no_grad():
-        logits = fn(input_ids=input_ids, past_key_values=cache,
-                    cache_position=torch.arange(s, device=input_ids.device), use_cache=True).logits
+        logits = fn(input_ids=input_ids, **cache_call_kwargs(
+            model, cache, torch.arange(s, device=input_ids.device))).logits
         outs.append(logits)
         for t in range(decode_steps):
             nxt = teacher[t] if teacher is not None else logits[:, -1:].argmax(-1)
             torch._dynamo.maybe_mark_dynamic(nxt, 0)
-            logits = fn(input_ids=nxt, past_key_values=cache,
-                        cache_position=torch.tensor([s + t], device=input_ids.device),
-                        use_cache=True).logits
+            logits = fn(input_ids=nxt, **cache_call_kwargs(
+                model, cache, torch.tensor([s + t], device=input_ids.device))).logits
             outs.append(logits)
     return outs
 

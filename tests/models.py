@@ -17,11 +17,11 @@ Pass experts_implementation="eager" for the per-expert Python loop instead.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import (AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen3Config,
                           Qwen3MoeConfig, StaticCache)
+
+from kiln.frontends.hf import cache_call_kwargs
 
 SEED = 0
 
@@ -97,12 +97,6 @@ TINY_MODELS = {
 }
 
 
-def _takes_cache_position(model) -> bool:
-    # transformers 5.23 dropped `cache_position` (StaticCache now counts its own length);
-    # earlier 5.x releases, such as the 5.17 on the GPU machine, still take it.
-    return "cache_position" in inspect.signature(model.forward).parameters
-
-
 @torch.no_grad()
 def eager_greedy(model, input_ids: torch.Tensor, max_new_tokens: int,
                  max_cache_len: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -122,13 +116,11 @@ def eager_greedy(model, input_ids: torch.Tensor, max_new_tokens: int,
     # A fresh cache per call: in transformers 5.23 a StaticCache layer counts the tokens
     # written so far and appends at that count, so it cannot be rewound or reused.
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-    with_cache_position = _takes_cache_position(model)
 
     def step(ids: torch.Tensor, start: int) -> torch.Tensor:
         positions = torch.arange(start, start + ids.shape[1], device=device)
-        kwargs = {"cache_position": positions} if with_cache_position else {}
         out = model(input_ids=ids, position_ids=positions.expand(batch, -1),
-                    past_key_values=cache, use_cache=True, **kwargs)
+                    **cache_call_kwargs(model, cache, positions))
         return out.logits[:, -1].float()
 
     tokens, all_logits = [], []

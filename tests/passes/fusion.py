@@ -3,10 +3,11 @@ StaticCache decode steps, and run eager on exactly the same tokens."""
 from __future__ import annotations
 
 import collections
-import inspect
 
 import torch
 from transformers import StaticCache
+
+from kiln.frontends.hf import cache_call_kwargs
 
 # Ops the fusion passes must leave nothing of, per fused family.
 LEFTOVERS = {
@@ -37,23 +38,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return err
 
 
-def _takes_cache_position(model) -> bool:
-    return "cache_position" in inspect.signature(model.forward).parameters
-
-
 @torch.no_grad()
 def run_steps(fn, model, input_ids: torch.Tensor, decode_steps: int, teacher=None):
     """Prefill, then `decode_steps` steps; returns the logits of every call. Feeds
     `teacher` tokens when given, else the argmax (so eager can replay compiled runs)."""
     b, s = input_ids.shape
     cache = StaticCache(config=model.config, max_cache_len=s + decode_steps + 1)
-    pos_kw = _takes_cache_position(model)
 
     def call(ids, start):
         positions = torch.arange(start, start + ids.shape[1])
-        kw = {"cache_position": positions} if pos_kw else {}
-        return fn(input_ids=ids, position_ids=positions.expand(b, -1), past_key_values=cache,
-                  use_cache=True, **kw).logits
+        return fn(input_ids=ids, position_ids=positions.expand(b, -1),
+                  **cache_call_kwargs(model, cache, positions)).logits
 
     torch._dynamo.maybe_mark_dynamic(input_ids, 0)
     outs = [call(input_ids, 0)]
