@@ -28,6 +28,8 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
+from .extras import require
+
 
 @dataclass
 class BenchConfig:
@@ -134,6 +136,7 @@ def percentiles(xs: list[float], ps=(50, 90, 99)) -> dict:
 
 
 async def run_async(cfg: BenchConfig) -> dict:
+    require("bench", "kiln bench serve")
     import httpx
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=cfg.concurrency + 2)

@@ -119,6 +119,8 @@ def cmd_compile(args) -> int:
 def cmd_serve(args) -> int:
     import os
 
+    from .extras import require
+    require("serve", "kiln serve")
     from kiln.runtime.engine import AsyncEngine
     from kiln.runtime.server import create_app, serve
     served = _served(args)

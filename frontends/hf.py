@@ -130,10 +130,8 @@ def _converted(gguf: Path) -> Path:
     entry = models / f"{gguf.stem}-{sha[:16]}"
     if entry.is_dir():
         return entry
-    for package in ("gguf", "accelerate"):
-        if importlib.util.find_spec(package) is None:
-            raise ImportError(f"reading GGUF file {str(gguf)!r} needs the {package} package: "
-                              "pip install gguf accelerate")
+    from kiln.extras import require
+    require("gguf", f"reading the GGUF file {str(gguf)!r}")
     models.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=models))
     tmp.chmod(0o755)  # mkdtemp makes it private; the entry it becomes is an ordinary directory

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from functools import lru_cache
-from pathlib import Path
+from importlib.resources import files
 
 import lark
 import torch
@@ -33,7 +33,7 @@ class KilnParseError(ValueError):
 
 @lru_cache(maxsize=None)
 def _lark() -> lark.Lark:
-    grammar = (Path(__file__).parent / "kir.lark").read_text()
+    grammar = files("kiln.ir").joinpath("kir.lark").read_text(encoding="utf-8")
     return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 

@@ -63,6 +63,7 @@ from __future__ import annotations
 import math
 import re
 from functools import lru_cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,7 +78,8 @@ from kiln.ir.types import DTYPES, TensorType
 from .pattern import (MISSING, AttrPat, Const, Constraint, KilnRuleError, ListPat, Lit, Match,
                       Pattern, ReplaceBuilder, Stmt, Var, dims_equal)
 
-RULES_DIR = Path(__file__).parent / "rules"
+# Package data, read through importlib.resources (a Traversable: an installed wheel, a zip).
+RULES_DIR = files("kiln.passes").joinpath("rules")
 
 __all__ = ["KilnRuleError", "parse_rules", "load_rules", "rule_files", "list_rules",
            "apply_rules", "FUNCTIONS", "RULES_DIR"]
@@ -85,7 +87,7 @@ __all__ = ["KilnRuleError", "parse_rules", "load_rules", "rule_files", "list_rul
 
 @lru_cache(maxsize=None)
 def _lark() -> lark.Lark:
-    grammar = (Path(__file__).parent / "rules.lark").read_text()
+    grammar = files("kiln.passes").joinpath("rules.lark").read_text(encoding="utf-8")
     return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True,
                      cache=True)
 
@@ -775,17 +777,18 @@ def parse_rules(text: str, file: str = "<string>") -> list[Pattern]:
 
 def rule_files() -> list[str]:
     """The rule files shipped with kiln (names without .kiln)."""
-    return sorted(p.stem for p in RULES_DIR.glob("*.kiln"))
+    return sorted(p.name[:-len(".kiln")] for p in RULES_DIR.iterdir()
+                  if p.is_file() and p.name.endswith(".kiln"))
 
 
 @lru_cache(maxsize=None)
 def load_rules(name: str) -> tuple[Pattern, ...]:
     """The compiled rules of the packaged file `passes/rules/<name>.kiln`."""
-    path = RULES_DIR / f"{name}.kiln"
-    if not path.exists():
+    path = RULES_DIR.joinpath(f"{name}.kiln")
+    if not path.is_file():
         raise KilnRuleError(f"no rule file {name}.kiln (have: {', '.join(rule_files())})",
                             file=str(path))
-    return tuple(parse_rules(path.read_text(), f"{name}.kiln"))
+    return tuple(parse_rules(path.read_text(encoding="utf-8"), f"{name}.kiln"))
 
 
 def list_rules() -> list[tuple[str, str, str]]:

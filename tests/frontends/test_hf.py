@@ -115,7 +115,7 @@ def test_missing_packages(tmp_path, monkeypatch):
         hf.load("smollm2")
     missing.clear()
     missing.add("gguf")
-    with pytest.raises(ImportError, match="pip install gguf accelerate"):
+    with pytest.raises(ImportError, match=r"pip install 'kiln\[gguf\]'"):
         hf.load("smollm2")
 
 
