@@ -10,7 +10,15 @@ TRITON ?= triton==3.9.0
 PROMPT ?= What is the capital of France?
 LATEST ?= .venv-latest
 
-.PHONY: setup demo test test-latest lock clean
+GPU_PY ?= python3
+GPU_SITE ?= /tmp/kiln-site
+# The GPU gate: every GPU-marked test, the Triton kernel tests compiled for the device (bf16
+# too), and every architecture family with target="cuda".
+GPU_TESTS ?= tests/gpu tests/serving/test_serving_cuda.py tests/backends/test_triton_attention.py \
+	tests/backends/test_triton_paged_attention.py tests/backends/test_triton_moe_gemm.py \
+	tests/backends/test_triton_pointwise.py
+
+.PHONY: setup demo test test-gpu test-latest lock clean
 
 setup: $(STAMP)
 
@@ -31,6 +39,13 @@ demo: $(STAMP)
 # CPU only: Triton kernels run under the interpreter.
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests
+
+# On a CUDA machine with the image's own python (torch, triton, transformers there); one
+# without network needs `.ci/gpu-prepare` run first where pip works (see that script).
+test-gpu:
+	PY=$(GPU_PY) SITE=$(GPU_SITE) bash .ci/gpu-setup
+	env -u TRITON_INTERPRET PYTHONPATH=$(GPU_SITE):$$PYTHONPATH $(GPU_PY) -m pytest -p no:cacheprovider \
+	  -q -rs $$($(GPU_PY) -c "import xdist" 2>/dev/null && echo "-n 8") $(GPU_TESTS)
 
 # The newest versions pyproject.toml's ranges allow, in a scratch venv, then the suite:
 # what the next lock would be tried with.

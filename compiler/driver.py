@@ -21,8 +21,9 @@ class CompiledGraph:
     """A compiled kiln graph: call it with the graph's inputs, in order."""
 
     def __init__(self, graph: Graph, source: str, fn, stats: str, snapshots, seconds: float,
-                 target: str, prepare: Graph | None = None):
+                 target: str, prepare: Graph | None = None, cuda_graphs=None):
         self.graph = graph
+        self.cuda_graphs = cuda_graphs      # the CudaGraphCache replaying the forward, if any
         self.prepare = prepare              # the weight preparation split off `graph`, if any
         self.source = source
         self.fn = fn
@@ -33,6 +34,11 @@ class CompiledGraph:
 
     def __call__(self, *args):
         return self.fn(*args)
+
+    @property
+    def replays(self) -> int:
+        """How many calls so far replayed a captured CUDA graph (0 without graph capture)."""
+        return self.cuda_graphs.replays if self.cuda_graphs is not None else 0
 
     def __repr__(self) -> str:
         return f"CompiledGraph(@{self.graph.name}, {len(self.graph.nodes)} nodes, target={self.target})"
@@ -77,6 +83,7 @@ def compile_graph(graph: Graph, options: CompileOptions | None = None) -> Compil
         if split is not None:
             (dump / "prepare_weights.kir").write_text(print_graph(split.prepare))
     module = wrapper.load_module(source, f"kiln_{graph.name}")
+    cuda_graphs = None
     if target.graph_capture and target.device_type == "cuda" and opts.cudagraphs:
         import torch
         if torch.cuda.is_available():
@@ -85,12 +92,12 @@ def compile_graph(graph: Graph, options: CompileOptions | None = None) -> Compil
             # `forward_prepared` up at call time): prepared weights are inputs of the
             # replay, so a weight written in place is prepared again, not baked in.
             core = "forward" if split is None else "forward_prepared"
-            module[core] = CudaGraphCache(module[core], mutated_inputs(graph),
-                                          fallback=opts.fallback)
+            cuda_graphs = module[core] = CudaGraphCache(module[core], mutated_inputs(graph),
+                                                        fallback=opts.fallback)
     fn = module["forward"]
     compiled = CompiledGraph(graph, source, fn, pm.summary(), pm.snapshots,
                              time.perf_counter() - t0, target.name,
-                             split.prepare if split is not None else None)
+                             split.prepare if split is not None else None, cuda_graphs)
     if opts.observer is not None:
         opts.observer(compiled)
     return compiled
