@@ -152,3 +152,16 @@ class CudaGraphCache:
                        tuple(pinned), tuple(outputs))
         self.entries[key] = entry
         return entry
+
+
+def capture_parts(forward):
+    """(core, prepare) of a generated wrapper's `forward`: with a weight preparation,
+    `core` is `forward_prepared` and `prepare(inputs)` the prepared tensors it takes after
+    the inputs; without one, (forward, None). A graph captured over `core` with the prepared
+    tensors as arguments holds them, so a new preparation (a weight replaced or written in
+    place, another weight set) cannot free memory the graph reads; the caller compares
+    `prepare(inputs)` with what it captured and captures again when they differ."""
+    core = getattr(forward, "forward_prepared", None)
+    if core is None:
+        return forward, None
+    return core, forward.prepared_weights

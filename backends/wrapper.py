@@ -113,6 +113,12 @@ def generate(g: Graph, target: Target, prepare: Graph | None = None,
             "def forward(*inputs):",
             f"    assert len(inputs) == {n_inputs}, f\"forward takes {n_inputs} inputs, got {{len(inputs)}}\"",
             "    return forward_prepared(*inputs, *prepared_weights(inputs))",
+            "",
+            "",
+            "# For graph capture (kiln.backends.cudagraphs.capture_parts): a captured graph must",
+            "# own the prepared tensors whose addresses it bakes in.",
+            "forward.forward_prepared = forward_prepared",
+            "forward.prepared_weights = prepared_weights",
         ])
     head = [
         f'"""kiln wrapper for @{g.name}, target {target.name}.',

@@ -21,9 +21,11 @@ captured graph serves any batch of its bucket.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
+from kiln.backends.cudagraphs import capture_parts
 from kiln.ir import Graph, TensorType
 from kiln.ir.fallback import report
 from kiln.ir.roles import BATCH_INPUTS, is_cache_input
@@ -121,6 +123,7 @@ class PagedModelRunner:
                  cudagraphs: bool = False, seq_buckets=SEQ_BUCKETS,
                  max_num_batched_tokens: int = 512, pad_batches: bool | None = None):
         self.fn = fn
+        self._core, self._prepare = capture_parts(fn)
         self.device = torch.device(device)
         self.block_size = self.block_size_of(graph)
         self.num_blocks = num_blocks
@@ -157,7 +160,8 @@ class PagedModelRunner:
             raise ValueError(f"the graph is not a serving graph: no input(s) {', '.join(absent)} "
                              f"(compile with serve.kv_cache)")
         self._buffers: dict[tuple[int, int], StepBuffers] = {}
-        self._graphs: dict[tuple[int, int], tuple] = {}   # (T, N) -> (CUDAGraph, static output)
+        # (T, N) -> (CUDAGraph, static output, the prepared weights the graph reads)
+        self._graphs: dict[tuple[int, int], tuple] = {}
         self._uncapturable: set[tuple[int, int]] = set()
         self._pool = None
         self.steps = 0
@@ -224,12 +228,15 @@ class PagedModelRunner:
             (logits,) = self.fn(*self._args(buf.field))
             return logits
         entry = self._graphs.get(bucket)
+        if entry is not None and self._prepare is not None and not all(
+                map(operator.is_, self._prepare(self._binding), entry[2])):
+            entry = None   # the weights were prepared anew: the graph reads the old tensors
         if entry is None and bucket not in self._uncapturable:
             entry = self._capture(bucket, buf)
         if entry is None:   # (this bucket failed to capture, now or before: eager)
             (logits,) = self.fn(*self._args(buf.field))
             return logits
-        graph, out = entry
+        graph, out, _ = entry
         graph.replay()
         self.replays += 1
         return out.clone()
@@ -252,17 +259,19 @@ class PagedModelRunner:
         and capture runs write K/V only for the batch in the buffers (its own slots, with
         the same values the real step writes) and the scratch block."""
         args = self._args(buf.field)
+        # The prepared weights are arguments of the captured call and kept with the graph.
+        prepared = tuple(self._prepare(args)) if self._prepare is not None else ()
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self.fn(*args)
+                self._core(*args, *prepared)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
-                (out,) = self.fn(*args)
+                (out,) = self._core(*args, *prepared)
         except Exception as e:  # noqa: BLE001 - a graph that cannot be captured runs eagerly
             self._uncapturable.add(bucket)
             torch.cuda.synchronize()
@@ -270,8 +279,8 @@ class PagedModelRunner:
                    f"bucket of {bucket[0]} tokens in {bucket[1]} sequences ({type(e).__name__}: "
                    f"{e}); its batches run eagerly")
             return None
-        self._graphs[bucket] = (graph, out)
-        return graph, out
+        self._graphs[bucket] = (graph, out, prepared)
+        return self._graphs[bucket]
 
     def reset_cache(self) -> None:
         for c in self.caches.values():

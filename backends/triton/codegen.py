@@ -45,7 +45,9 @@ class Operand:
     def f32(self) -> str:
         if self.dtype is None:
             return _float_literal(float(self.literal))
-        return self.expr if self.dtype in FLOATS else f"{self.expr}.to(tl.float32)"
+        # fp16/bf16 loads too: Triton's math (exp, sigmoid, libdevice) takes fp32 only, and
+        # numerics are float32 until the store. A cast of a float32 value is free.
+        return self.expr if self.dtype == torch.float32 else f"{self.expr}.to(tl.float32)"
 
     def pred(self) -> str:
         """As a boolean (non-zero is true)."""

@@ -233,6 +233,13 @@ def test_sdpa_causal_with_unequal_lengths_is_not_fused():
     check(Sdpa("causal"), list(qkv(sq=3, skv=6)), {"kiln.attention": 0})
 
 
+@pytest.mark.parametrize("mod", [Sdpa("causal"), Eager(1)], ids=["sdpa", "hand_written"])
+def test_values_narrower_than_keys_are_not_fused(mod):
+    # Multi-head latent attention (DeepSeek): no attention kernel takes two head dims.
+    q, k, v = qkv()
+    check(mod, [q, k, v[..., :8].contiguous()], {"kiln.attention": 0})
+
+
 @pytest.mark.parametrize("n_rep", [1, 2])
 @pytest.mark.parametrize("masked", [False, True])
 def test_hand_written_attention(n_rep, masked):

@@ -233,7 +233,21 @@ def test_generated_kernels_cover_casts_int_and_bool_ops():
         assert a.dtype == b.dtype and torch.equal(a, b), (a, b)
 
 
-@pytest.mark.parametrize("text", [GLUE, NORM], ids=["flat", "row"])
+# Half-precision inputs into Triton math that takes fp32 only (sigmoid, exp): the kernel
+# must compute in float32 (the H200 run failed to compile DeepSeek-V3's sigmoid router).
+HALF_MATH = """func @forward(%x: bf16[4, 8], %y: f16[4, 8]) -> bf16[4, 8] {
+  %0 = aten.sigmoid(%x) : bf16[4, 8]
+  %1 = aten.mul(%0, %y) : f32[4, 8]
+  %2 = aten.exp(%1) : f32[4, 8]
+  %3 = aten.tanh(%y) : f16[4, 8]
+  %4 = aten.add(%2, %3) : f32[4, 8]
+  %5 = aten._to_copy(%4, dtype=bf16) : bf16[4, 8]
+  return %5
+}
+"""
+
+
+@pytest.mark.parametrize("text", [GLUE, NORM, HALF_MATH], ids=["flat", "row", "half_math"])
 def test_generated_kernels_compile_for_cuda_and_hip(tmp_path, text):
     """Compiled in a child without TRITON_INTERPRET, where @triton.jit gives real kernels."""
     g, _ = scheduled(text)
