@@ -64,7 +64,10 @@ def assert_quant_close(q, scale, ref_q, ref_scale, y_ref, in_dtype):
     assert scale.dtype == torch.float32 and scale.shape == ref_scale.shape
     assert rel_err(scale, ref_scale) < TOL[in_dtype]
     deq, ref_deq = q.double() * scale.double(), ref_q.double() * ref_scale.double()
-    assert rel_err(deq, ref_deq) < max(TOL[in_dtype], 1e-2)
+    # One code step apart wherever the kernel's scale and the reference's put a value on
+    # either side of a boundary: an fp8 e4m3 step is 1/8 relative (H200, bf16 rows: 1.6e-2).
+    step_tol = 1e-2 if q.dtype == torch.int8 else 4e-2
+    assert rel_err(deq, ref_deq) < max(TOL[in_dtype], step_tol)
     v = y_ref.double().cpu() / scale.double().cpu()
     a, b = q.cpu().double(), codes_for(v, q.dtype).double()
     up, down = codes_for(v * (1 + 2.0 ** -21), q.dtype), codes_for(v * (1 - 2.0 ** -21), q.dtype)

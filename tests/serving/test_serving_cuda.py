@@ -48,7 +48,8 @@ def test_decode_buckets_replay_match_eager(compiled):
         assert b.shape == a.shape
         err = ((b.double() - a.double()).norm() / a.double().norm()).item()
         assert err < 1e-5, err
-    assert graphs.replays > 0 and sorted(graphs._graphs) == [(4, 4), (8, 8)]
+    # The decode buckets, besides the mixed bucket the prompts' prefill step replays in.
+    assert graphs.replays > 0 and {(4, 4), (8, 8)} <= set(graphs._graphs)
 
 
 def test_decode_buckets_captured_at_start_up_touch_only_the_scratch_block(compiled):
