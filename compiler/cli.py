@@ -225,7 +225,13 @@ def cmd_dump(args) -> int:
         print(f"kiln dump: unknown pass {args.after!r}; known: input, {', '.join(pass_names())}",
               file=sys.stderr)
         return 2
+    import kiln
+    kiln.stats(reset=True)
     compiled = _capture(args)
+    fallbacks = kiln.stats()
+    # On stderr, so that stdout stays exactly the IR text.
+    print(f"kiln dump: {len(compiled)} graph(s) compiled, {fallbacks['fallbacks']} fallback(s) "
+          f"to eager" + "".join(f"\n  {m}" for m in fallbacks["events"]), file=sys.stderr)
     if args.output:
         out = Path(args.output)
         for k, cg in enumerate(compiled):
@@ -237,6 +243,7 @@ def cmd_dump(args) -> int:
             if cg.prepare is not None:
                 from kiln.ir import print_graph
                 (d / "prepare_weights.kir").write_text(print_graph(cg.prepare))
+        (out / "fallbacks.txt").write_text("".join(m + "\n" for m in fallbacks["events"]))
         print(f"wrote {len(compiled)} graphs to {out}")
         return 0
     text = _graph_text(compiled, args.graph, args.after)
