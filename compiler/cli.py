@@ -37,7 +37,8 @@ def _served(args):
     with Steps() as steps:
         served = build_served(args.model, _serving_config(args), target=args.target,
                               dtype=args.dtype, block_size=getattr(args, "block_size", 16),
-                              steps=steps, model_name=getattr(args, "served_model_name", None))
+                              steps=steps, model_name=getattr(args, "served_model_name", None),
+                              trust_artifact=getattr(args, "trust_artifact", False))
     took = ", ".join(f"{k} {v:.1f} s" for k, v in steps.seconds.items())
     print(f"kiln: {served.source} ({took})", file=sys.stderr)
     return served
@@ -329,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--no-prefix-caching", action="store_true")
         q.add_argument("--no-cudagraphs", action="store_true", help="cuda: run decode eagerly")
         q.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+        q.add_argument("--trust-artifact", action="store_true",
+                       help="load an artifact kiln did not build on this machine (or by this "
+                            "user): its wrapper.py is Python that will run, so read it first; "
+                            "file hashes are checked either way")
         if serving:
             q.add_argument("--max-waiting", type=int, default=256,
                            help="queued requests before the server answers 429")
