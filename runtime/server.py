@@ -153,7 +153,7 @@ class Tokenize:
                            param="messages") from None
 
 
-def _prompt_ids(body: dict, tok: Tokenize, vocab: int, max_len: int) -> list[int]:
+def _prompt_ids(body: dict, tok: Tokenize, vocab: int) -> list[int]:
     p = body.get("prompt")
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
         p = p[0]                                  # a batch of one
@@ -161,10 +161,6 @@ def _prompt_ids(body: dict, tok: Tokenize, vocab: int, max_len: int) -> list[int
         ids = tok.encode(p, True, "prompt")
     elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         ids = p
-        if len(ids) >= max_len:
-            raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, the "
-                                f"prompt has {len(ids)} tokens. Please reduce the prompt.",
-                           param="prompt", code="context_length_exceeded")
         if not all(0 <= t < vocab for t in ids):
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     elif isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
@@ -272,7 +268,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         with_usage = _get(_get(body, "stream_options", dict, {}), "include_usage", bool, False)
         # Extension (as in vLLM): each choice / chunk also carries the generated token ids.
         with_ids = _get(body, "return_token_ids", bool, False)
-        ids = _chat_ids(body, tok) if chat else _prompt_ids(body, tok, vocab, max_len)
+        ids = _chat_ids(body, tok) if chat else _prompt_ids(body, tok, vocab)
         params = _sampling(body, _max_tokens(body, chat, len(ids), max_len), limits)
         return _Parsed(ids, params, streaming, with_usage, with_ids)
 
