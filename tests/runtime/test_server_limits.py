@@ -193,18 +193,51 @@ HEAVY = {   # near the 4 MiB limit, each expensive in a different step; (body, m
 }
 
 
+class StreamProbe(threading.Thread):
+    """A streaming completion (one token per ~10 ms); `gaps`: seconds between its events."""
+
+    def __init__(self, srv):
+        super().__init__(daemon=True)
+        self.srv, self.gaps, self.started = srv, [], threading.Event()
+
+    def run(self):
+        body = {"model": MODEL, "prompt": "the", "max_tokens": 100, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", self.srv.url + "/v1/completions", json=body, timeout=30) as r:
+            last = None
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                now = time.perf_counter()
+                if last is not None:
+                    self.gaps.append(now - last)
+                last = now
+                self.started.set()
+
+
 @pytest.mark.parametrize("kind", sorted(HEAVY))
 def test_heavy_bodies_are_parsed_off_the_event_loop(srv, kind):
+    """While one near-limit body is parsed and refused, /health answers and a running
+    stream keeps flowing."""
     body, fragment = HEAVY[kind]
     assert len(body) <= 4 * MB
-    probe = HealthProbe(srv.port)
-    probe.start()
-    r = post(srv, body.encode())
-    latencies = probe.stop()
+    srv.runner.delay = 0.01
+    try:
+        stream = StreamProbe(srv)
+        stream.start()
+        assert stream.started.wait(10)
+        probe = HealthProbe(srv.port)
+        probe.start()
+        r = post(srv, body.encode())
+        latencies = probe.stop()
+        stream.join(30)
+    finally:
+        srv.runner.delay = 0.0
     assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text[:300]
     # Python's json parser holds the GIL while it builds a list of two million ints (about
-    # 0.1 s here); every other step yields, and /health keeps answering.
+    # 0.1 s here); every other step yields, and /health and the stream keep going.
     assert latencies and max(latencies) < 0.25, max(latencies)
+    assert len(stream.gaps) >= 90 and max(stream.gaps) < 0.25, max(stream.gaps)
 
 
 # -- malformed input: always a 4xx with an OpenAI error body --------------------------------------
