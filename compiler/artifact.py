@@ -252,7 +252,7 @@ def _check_seal(manifest: dict, trust: bool, path: Path, stale) -> None:
         raise stale(f"{MANIFEST} holds a value kiln never writes ({e})") from None
     recorded = manifest.get("manifest_sha256")
     if not isinstance(recorded, str) or not hmac.compare_digest(
-            recorded, hashlib.sha256(blob).hexdigest()):
+            recorded.encode(), hashlib.sha256(blob).hexdigest().encode()):
         raise stale(f"{MANIFEST} was edited after kiln wrote it (its content does not match "
                     f"its manifest_sha256; e.g. a weight binding or a file hash was changed)")
     if trust:
@@ -260,7 +260,7 @@ def _check_seal(manifest: dict, trust: bool, path: Path, stale) -> None:
     key = host_key(create=False)
     signature = manifest.get("signature")
     if key is not None and isinstance(signature, str) and hmac.compare_digest(
-            signature, hmac.new(key, blob, hashlib.sha256).hexdigest()):
+            signature.encode(), hmac.new(key, blob, hashlib.sha256).hexdigest().encode()):
         return
     built, here = manifest.get("build_host"), host_id(key)
     where = (f"it claims this machine's host id ({here}) but its signature does not verify: "
@@ -607,7 +607,7 @@ def _check_artifact_files(path: Path, manifest: dict, stale) -> dict[str, bytes]
         else:
             size = f.stat().st_size
             sha = _sha256_file(f) if size == rec["size"] else None
-        if size != rec["size"] or not hmac.compare_digest(sha, rec["sha256"]):
+        if size != rec["size"] or sha != rec["sha256"]:
             raise stale(f"{rel} changed since compilation (its {'size' if size != rec['size'] else 'sha256'} "
                         f"differs from the manifest's: edited, truncated or corrupt)")
     return content
