@@ -1,7 +1,7 @@
 """What one HTTP client can make the server do, bounded; and errors in OpenAI's shape.
 
 - `ServerLimits`: the request body size, the prompt's characters before tokenization, the
-  stop strings (count and length), the JSON nesting depth.
+  stop strings (count and length), the JSON nesting depth and number of arrays/objects.
 - `GuardMiddleware` (plain ASGI, outermost): answers 413 from the Content-Length header
   before any of the body is read, and keeps /docs, /redoc and /openapi.json behind the
   API key. `read_body` counts the bytes of a body streamed without a length and stops at
@@ -158,7 +158,7 @@ async def read_body(request, limit: int) -> bytes:
 
 
 # A JSON string (possibly unterminated), or one bracket.
-_TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|([\[{])|([\]}])')
+_TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|([\[{])|([\]}])', re.DOTALL)
 # An escape that may decode to a lone surrogate (only escapes can: the UTF-8 is strict).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 

@@ -234,10 +234,29 @@ def test_heavy_bodies_are_parsed_off_the_event_loop(srv, kind):
     finally:
         srv.runner.delay = 0.0
     assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text[:300]
-    # Python's json parser holds the GIL while it builds a list of two million ints (about
-    # 0.1 s here); every other step yields, and /health and the stream keep going.
-    assert latencies and max(latencies) < 0.25, max(latencies)
-    assert len(stream.gaps) >= 90 and max(stream.gaps) < 0.25, max(stream.gaps)
+    # Typically under 80 ms for both on an idle 2-core machine (the worst: json building two
+    # million ints holds the GIL); the bound leaves room for a machine busy with other tests.
+    # That the work is off the event loop at all is asserted exactly in the next test.
+    assert latencies and max(latencies) < 0.5, max(latencies)
+    assert len(stream.gaps) >= 90 and max(stream.gaps) < 0.5, max(stream.gaps)
+
+
+def test_parsing_and_tokenization_run_in_the_worker_pool(srv, monkeypatch):
+    threads = []
+
+    def recording(fn):
+        def wrapper(*args, **kw):
+            threads.append(threading.current_thread().name)
+            return fn(*args, **kw)
+        return wrapper
+    monkeypatch.setattr(server_module, "parse_body", recording(server_module.parse_body))
+    monkeypatch.setattr(server_module.Tokenize, "encode", recording(server_module.Tokenize.encode))
+    monkeypatch.setattr(server_module.Tokenize, "chat_template",
+                        recording(server_module.Tokenize.chat_template))
+    assert post(srv, {"model": MODEL, "prompt": "hello", "max_tokens": 2}).status_code == 200
+    assert post(srv, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                "/v1/chat/completions").status_code == 200
+    assert len(threads) == 5 and all(t.startswith("kiln-http") for t in threads), threads
 
 
 # -- malformed input: always a 4xx with an OpenAI error body --------------------------------------
