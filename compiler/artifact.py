@@ -27,17 +27,46 @@ names, e.g. the GGUF conversion cache); the manifest pins their content. It is w
 a temporary directory beside DIR and renamed into place, so DIR is either the old artifact
 or the complete new one, never half-written.
 
+Integrity and trust. `wrapper.py` is Python that `kiln serve` executes, so an artifact is
+code. The manifest records the size and sha256 of every file of the artifact ("files":
+wrapper.py, serving.kir, ir/*.kir, passes.txt, extra_weights.safetensors, aot/...), and
+of every safetensors file of the model directory. The manifest itself is sealed:
+
+  - `manifest_sha256`: sha256 of the manifest's canonical JSON (sorted keys, no spaces,
+    ASCII) without the two seal fields. Any edit (a swapped weight binding, a changed
+    file hash) that does not also recompute it is refused.
+  - `signature`: HMAC-SHA256 of the same bytes under this machine's host key, 32 random
+    bytes kiln creates once in `<kiln cache>/host.key` (mode 0600; the cache is
+    $KILN_CACHE_DIR or ~/.cache/kiln), and `build_host`, a public id derived from that key.
+    Only a kiln holding the key can produce it: it proves the artifact was built by kiln
+    on this machine (by this user) and not edited since.
+
+An artifact whose signature does not verify (built on another machine, by another user,
+or re-sealed by someone else) is refused unless the caller passes `trust=True`
+(`--trust-artifact` on the command line, like Hugging Face's trust_remote_code); trust
+skips only the signature: the manifest hash, every file hash, the containment of every
+path and the shape of every weight binding are still checked. Every path the manifest
+names must resolve (symlinks included) inside the artifact or the model directory, and
+each weight binding must name a hashed file and a tensor of the shape the serving graph
+declares for that input.
+
 Loading checks, in order, and stops at the first problem with one `StaleArtifact` error
 that names it and says how to recompile: the manifest (present, readable, this format),
-kiln and torch versions (and triton for GPU targets), the files, the model directory and
-its weights (size and mtime, else sha256), the config hash (the model's config.json and the
-compile options), then parses the IR and compiles the wrapper.
+its seal (`manifest_sha256`, then the signature unless trusted), kiln and torch versions
+(and triton for GPU targets), the artifact's files (paths inside it, sizes and sha256),
+the model directory and its weights (size and mtime, else sha256: the weights are data
+and hashing gigabytes on every start is too slow, the artifact's own files are always
+hashed), the config hash (the model's config.json and the compile options), then parses
+the IR, checks the weight bindings against the graph's inputs, and only then executes the
+wrapper, from the very bytes it hashed.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
+import secrets
 import os
 import shutil
 import sys
@@ -46,15 +75,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT = 1
+FORMAT = 2   # 2: file hashes, the manifest seal and the build host
 MANIFEST = "manifest.json"
 FINAL_IR = "serving.kir"
 WRAPPER = "wrapper.py"
 EXTRA_WEIGHTS = "extra_weights.safetensors"
+HOST_KEY = "host.key"
+SEAL_FIELDS = ("manifest_sha256", "signature")
 
 
 class StaleArtifact(ValueError):
     """The artifact cannot be served as is; the message says why and how to recompile."""
+
+
+class UntrustedArtifact(StaleArtifact):
+    """The artifact's signature is not this machine's: kiln did not build it here (or it was
+    re-sealed elsewhere). Loading it needs trust (`--trust-artifact`)."""
 
 
 # -- progress -------------------------------------------------------------------------------------
@@ -140,6 +176,102 @@ def recompile_hint(manifest: dict | None, path: Path) -> str:
     if opts.get("aot"):
         extra += " --aot"
     return f"recompile with: kiln compile {spec} -t {target}{extra} -o {path}"
+
+
+# -- the host key and the manifest seal ------------------------------------------------------------
+def host_key_path() -> Path:
+    from kiln.frontends.hf import cache_root
+    return cache_root() / HOST_KEY
+
+
+def host_key(create: bool = False) -> bytes | None:
+    """This machine's secret artifact key (32 bytes), from `<kiln cache>/host.key`; made
+    once (mode 0600, atomically: two processes creating it at once agree) when `create`.
+    None when there is none and `create` is false."""
+    path = host_key_path()
+    try:
+        key = bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        key = None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"the kiln host key {path} is unreadable ({e}); delete it (kiln makes "
+                         f"a new one; artifacts built with the old one then need "
+                         f"--trust-artifact or a recompile)") from None
+    if key is not None:
+        if len(key) != 32:
+            raise ValueError(f"the kiln host key {path} is not 64 hex digits; delete it (kiln "
+                             f"makes a new one; artifacts built with the old one then need "
+                             f"--trust-artifact or a recompile)")
+        return key
+    if not create:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".host.key.tmp-", dir=path.parent)
+    except OSError as e:
+        raise ValueError(f"kiln signs the artifacts it builds with a key kept in {path} and "
+                         f"cannot create it ({e}); set KILN_CACHE_DIR to a writable "
+                         f"directory") from None
+    try:
+        with os.fdopen(fd, "w") as f:   # mkstemp: mode 0600
+            f.write(secrets.token_hex(32) + "\n")
+        with contextlib.suppress(FileExistsError):   # another process won: use its key
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    return host_key(create=False)
+
+
+def host_id(key: bytes | None) -> str:
+    """The public name of a host key (recorded in manifests, shown in messages)."""
+    return "none" if key is None else hashlib.sha256(b"kiln host id\0" + key).hexdigest()[:16]
+
+
+def canonical_manifest(manifest: dict) -> bytes:
+    """The bytes the seal covers: the manifest without its seal fields, canonical JSON."""
+    body = {k: v for k, v in manifest.items() if k not in SEAL_FIELDS}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode()
+
+
+def seal(manifest: dict, key: bytes | None = None) -> dict:
+    """Records the build host and seals `manifest` in place (and returns it): its sha256 and
+    the HMAC under `key` (default: this machine's host key, made if needed)."""
+    key = key if key is not None else host_key(create=True)
+    manifest["build_host"] = host_id(key)
+    blob = canonical_manifest(manifest)
+    manifest["manifest_sha256"] = hashlib.sha256(blob).hexdigest()
+    manifest["signature"] = hmac.new(key, blob, hashlib.sha256).hexdigest()
+    return manifest
+
+
+def _check_seal(manifest: dict, trust: bool, path: Path, stale) -> None:
+    try:
+        blob = canonical_manifest(manifest)
+    except ValueError as e:   # NaN / Infinity: kiln never writes them
+        raise stale(f"{MANIFEST} holds a value kiln never writes ({e})") from None
+    recorded = manifest.get("manifest_sha256")
+    if not isinstance(recorded, str) or not hmac.compare_digest(
+            recorded.encode(), hashlib.sha256(blob).hexdigest().encode()):
+        raise stale(f"{MANIFEST} was edited after kiln wrote it (its content does not match "
+                    f"its manifest_sha256; e.g. a weight binding or a file hash was changed)")
+    if trust:
+        return
+    key = host_key(create=False)
+    signature = manifest.get("signature")
+    if key is not None and isinstance(signature, str) and hmac.compare_digest(
+            signature.encode(), hmac.new(key, blob, hashlib.sha256).hexdigest().encode()):
+        return
+    built, here = manifest.get("build_host"), host_id(key)
+    where = (f"it claims this machine's host id ({here}) but its signature does not verify: "
+             f"it was re-sealed without this machine's key" if built == here else
+             f"it was built on another machine or by another user (host {built}; this is "
+             f"{here}, key {host_key_path()})")
+    raise UntrustedArtifact(
+        f"artifact {path}: kiln did not build it here: {where}. Its wrapper.py is Python that "
+        f"serving runs: if you trust where it came from (read its wrapper.py), pass "
+        f"--trust-artifact to kiln serve / kiln generate (trust=True in Python); otherwise "
+        f"{recompile_hint(manifest, path)}")
 
 
 # -- compile --------------------------------------------------------------------------------------
@@ -299,6 +431,10 @@ def _write(tmp: Path, spec, folder: Path, weight_files, target, options, model, 
             "kernels": [b.spec_name for b in aot_binaries],
             "files": sorted(str(f.relative_to(tmp)) for f in aot_dir.iterdir()),
         }
+    manifest["files"] = {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size,
+                                                          "sha256": _sha256_file(f)}
+                         for f in sorted(tmp.rglob("*")) if f.is_file()}
+    seal(manifest)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     for f in tmp.rglob("*"):   # an ordinary, world-readable directory like any build output
         f.chmod(0o755 if f.is_dir() else 0o644)
@@ -341,16 +477,23 @@ class Artifact:
         return self.manifest["serving"]["vocab_size"]
 
     def load_weights(self, device: str = "cpu") -> dict:
-        from safetensors import safe_open
+        """The bound tensors by graph input name (the bindings were checked at load). A file
+        that became unreadable since is one StaleArtifact error, not a safetensors traceback."""
+        from safetensors import SafetensorError, safe_open
         by_file: dict[str, list[tuple[str, str]]] = {}
         for name, where in self.manifest["weights"].items():
             by_file.setdefault(where["file"], []).append((name, where["key"]))
         out = {}
         for file, pairs in by_file.items():
             folder = self.path if file == EXTRA_WEIGHTS else self.model_dir
-            with safe_open(str(folder / file), "pt", device=str(device)) as st:
-                for name, key in pairs:
-                    out[name] = st.get_tensor(key)
+            try:
+                with safe_open(str(folder / file), "pt", device=str(device)) as st:
+                    for name, key in pairs:
+                        out[name] = st.get_tensor(key)
+            except (SafetensorError, OSError) as e:
+                raise StaleArtifact(f"artifact {self.path}: {folder / file} is not a readable "
+                                    f"safetensors file ({e}); "
+                                    f"{recompile_hint(self.manifest, self.path)}") from None
         return out
 
     def tokenizer(self):
@@ -363,7 +506,11 @@ def is_artifact(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / MANIFEST).is_file()
 
 
-def load_artifact(path: str | os.PathLike, check_weights: bool = True) -> Artifact:
+def load_artifact(path: str | os.PathLike, check_weights: bool = True,
+                  trust: bool = False) -> Artifact:
+    """Verify, then load, the artifact at `path` (see the module docstring for the checks and
+    their order). `trust` accepts an artifact kiln did not build on this machine (its
+    wrapper runs); nothing in it executes before every check passed."""
     from kiln.backends import wrapper
     from kiln.ir import KilnParseError, parse
     path = Path(path).resolve()
@@ -378,7 +525,7 @@ def load_artifact(path: str | os.PathLike, check_weights: bool = True) -> Artifa
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
         raise stale(f"no {MANIFEST} (not a kiln artifact, or an interrupted write)") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         manifest = None
         raise stale(f"{MANIFEST} is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -386,37 +533,126 @@ def load_artifact(path: str | os.PathLike, check_weights: bool = True) -> Artifa
         manifest = manifest if isinstance(manifest, dict) else None
         raise stale(f"format {got!r}, this kiln reads format {FORMAT}")
     try:
+        _check_seal(manifest, trust, path, stale)
         have, want = versions(), manifest["versions"]
         hard = ["kiln", "torch"] + (["triton"] if manifest["target"] != "cpu" else [])
         for k in hard:
             if want.get(k) != have.get(k):
                 raise stale(f"compiled with {k} {want.get(k)}, this is {k} {have.get(k)}")
-        for f in [FINAL_IR, WRAPPER] + sorted({w["file"] for w in manifest["weights"].values()
-                                                if w["file"] == EXTRA_WEIGHTS}):
-            if not (path / f).is_file():
-                raise stale(f"{f} is missing")
-        model_dir = Path(manifest["model"]["dir"])
+        content = _check_artifact_files(path, manifest, stale)
+        model_dir = Path(manifest["model"]["dir"]).resolve()
         if not (model_dir / "config.json").is_file():
             raise stale(f"the model directory {model_dir} (weights, config, tokenizer) is gone")
-        if check_weights:
-            for name, rec in manifest["model"]["files"].items():
-                _check_file(model_dir / name, rec, stale)
+        for name, rec in manifest["model"]["files"].items():
+            f = _inside(model_dir, name, "the model weights file", stale)
+            if check_weights:
+                _check_file(f, rec, stale)
         if config_hash(model_dir, manifest["target"], manifest["options"]) != manifest["config_hash"]:
             raise stale(f"the config hash differs: {model_dir / 'config.json'} or the compile "
                         f"options changed since compilation")
-    except KeyError as e:
-        raise stale(f"{MANIFEST} lacks {e}") from None
+        try:
+            graph = parse(content[FINAL_IR].decode())
+        except (KilnParseError, UnicodeDecodeError) as e:
+            raise stale(f"{FINAL_IR} does not parse ({str(e).splitlines()[0]})") from None
+        if [v.name for v in graph.inputs] != manifest["serving"]["inputs"]:
+            raise stale(f"{FINAL_IR} does not match the manifest's inputs")
+        _check_bindings(path, model_dir, manifest, graph, stale)
+    except (KeyError, TypeError, AttributeError) as e:   # a field missing or of the wrong kind
+        raise stale(f"{MANIFEST} lacks {e} or holds it in a form kiln never writes") from None
+    # Every check passed: only now run the wrapper, from the bytes that were hashed.
     try:
-        graph = parse((path / FINAL_IR).read_text())
-    except KilnParseError as e:
-        raise stale(f"{FINAL_IR} does not parse ({str(e).splitlines()[0]})") from None
-    if [v.name for v in graph.inputs] != manifest["serving"]["inputs"]:
-        raise stale(f"{FINAL_IR} does not match the manifest's inputs")
-    try:
-        fn = wrapper.load((path / WRAPPER).read_text(), f"kiln_{path.name}")
+        fn = wrapper.load(content[WRAPPER].decode(), f"kiln_{path.name}")
     except Exception as e:  # noqa: BLE001 - any failure to compile the generated module
         raise stale(f"{WRAPPER} does not load ({type(e).__name__}: {e})") from None
     return Artifact(path, manifest, graph, fn, model_dir)
+
+
+def _sha256_file(f: Path) -> str:
+    from kiln.frontends.hf import file_sha256
+    return file_sha256(f)
+
+
+def _inside(root: Path, rel, what: str, stale) -> Path:
+    """root/rel, refused unless it is a relative path that resolves (symlinks followed)
+    inside root."""
+    if not isinstance(rel, str) or not rel or "\0" in rel or Path(rel).is_absolute():
+        raise stale(f"{MANIFEST} names {what} {rel!r}, which is not a relative path inside "
+                    f"{root}; refusing to read it")
+    f = (root / rel).resolve()
+    if not f.is_relative_to(root.resolve()):
+        raise stale(f"{MANIFEST} names {what} {rel!r}, which resolves to {f}, outside {root}; "
+                    f"refusing to read it")
+    return f
+
+
+def _check_artifact_files(path: Path, manifest: dict, stale) -> dict[str, bytes]:
+    """Every file the manifest records: inside the artifact, present, its size and sha256.
+    Returns the content of the files loading reads as code or text (serving.kir,
+    wrapper.py), read once: what is hashed is what runs."""
+    files = manifest["files"]
+    needed = [FINAL_IR, WRAPPER] + sorted({w["file"] for w in manifest["weights"].values()
+                                           if w["file"] == EXTRA_WEIGHTS})
+    for rel in needed:
+        if rel not in files:
+            raise stale(f"{MANIFEST} records no hash for {rel}")
+    content = {}
+    for rel, rec in files.items():
+        f = _inside(path, rel, "the artifact file", stale)
+        if not f.is_file():
+            raise stale(f"{rel} is missing")
+        if rel in (FINAL_IR, WRAPPER):
+            data = f.read_bytes()
+            size, sha = len(data), hashlib.sha256(data).hexdigest()
+            content[rel] = data
+        else:
+            size = f.stat().st_size
+            sha = _sha256_file(f) if size == rec["size"] else None
+        if size != rec["size"] or sha != rec["sha256"]:
+            raise stale(f"{rel} changed since compilation (its {'size' if size != rec['size'] else 'sha256'} "
+                        f"differs from the manifest's: edited, truncated or corrupt)")
+    return content
+
+
+def _check_bindings(path: Path, model_dir: Path, manifest: dict, graph, stale) -> None:
+    """Each weight input of the graph is bound, to a tensor of a hashed file, with the shape
+    the graph declares for it (read from the safetensors headers, no tensor data)."""
+    from safetensors import SafetensorError, safe_open
+
+    from kiln.ir.roles import is_weight
+    binding = manifest["weights"]
+    inputs = {v.name: v for v in graph.inputs}
+    for name in binding:
+        if name not in inputs or not is_weight(inputs[name]):
+            raise stale(f"{MANIFEST} binds {name!r}, which is not a weight input of {FINAL_IR}")
+    missing = [v.name for v in graph.inputs if is_weight(v) and v.name not in binding]
+    if missing:
+        raise stale(f"{MANIFEST} binds no tensor to the weight input(s) {', '.join(missing[:4])}")
+    by_file: dict[str, list[str]] = {}
+    for name, where in binding.items():
+        by_file.setdefault(where["file"], []).append(name)
+    for file, names in by_file.items():
+        if file == EXTRA_WEIGHTS:
+            f = _inside(path, file, "the weights file", stale)
+        elif file in manifest["model"]["files"]:
+            f = _inside(model_dir, file, "the weights file", stale)
+        else:
+            raise stale(f"{MANIFEST} binds weight {names[0]!r} to {file!r}, which is neither "
+                        f"{EXTRA_WEIGHTS} nor a hashed safetensors file of the model directory "
+                        f"{model_dir}; refusing to read it")
+        try:
+            with safe_open(str(f), "pt") as st:
+                keys = set(st.keys())
+                for name in names:
+                    key = binding[name]["key"]
+                    if key not in keys:
+                        raise stale(f"{file} has no tensor {key!r} (bound to weight {name!r})")
+                    shape = tuple(st.get_slice(key).get_shape())
+                    want = tuple(inputs[name].type.shape)
+                    if shape != want:
+                        raise stale(f"{MANIFEST} binds weight {name!r} to {file}:{key} of shape "
+                                    f"{list(shape)}, and {FINAL_IR} declares {list(want)}")
+        except (SafetensorError, OSError) as e:
+            raise stale(f"{f} is not a readable safetensors file ({e})") from None
 
 
 def _check_file(f: Path, rec: dict, stale) -> None:

@@ -37,7 +37,8 @@ def _served(args):
     with Steps() as steps:
         served = build_served(args.model, _serving_config(args), target=args.target,
                               dtype=args.dtype, block_size=getattr(args, "block_size", 16),
-                              steps=steps, model_name=getattr(args, "served_model_name", None))
+                              steps=steps, model_name=getattr(args, "served_model_name", None),
+                              trust_artifact=getattr(args, "trust_artifact", False))
     took = ", ".join(f"{k} {v:.1f} s" for k, v in steps.seconds.items())
     print(f"kiln: {served.source} ({took})", file=sys.stderr)
     return served
@@ -122,10 +123,13 @@ def cmd_serve(args) -> int:
     from .extras import require
     require("serve", "kiln serve")
     from kiln.runtime.engine import AsyncEngine
-    from kiln.runtime.server import create_app, serve
+    from kiln.runtime.server import ServerLimits, create_app, serve
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes,
+                          max_prompt_chars=args.max_prompt_chars).validate()
     served = _served(args)
     api_key = args.api_key or os.environ.get("KILN_API_KEY") or None
-    app = create_app(AsyncEngine(served.engine), served.model_name, api_key=api_key)
+    app = create_app(AsyncEngine(served.engine), served.model_name, api_key=api_key, limits=limits,
+                     docs=args.docs)
     print(f"kiln: serving {served.model_name!r} on http://{args.host}:{args.port}/v1 "
           f"(max {served.engine.max_model_len} tokens per sequence, "
           f"{served.engine.runner.num_blocks} KV blocks of {served.engine.runner.block_size})",
@@ -338,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--no-prefix-caching", action="store_true")
         q.add_argument("--no-cudagraphs", action="store_true", help="cuda: run decode eagerly")
         q.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+        q.add_argument("--trust-artifact", action="store_true",
+                       help="load an artifact kiln did not build on this machine (or by this "
+                            "user): its wrapper.py is Python that will run, so read it first; "
+                            "file hashes are checked either way")
         if serving:
             q.add_argument("--max-waiting", type=int, default=256,
                            help="queued requests before the server answers 429")
@@ -374,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or $KILN_API_KEY)")
     sv.add_argument("--served-model-name", help="the model name clients send (default: the model's)")
+    sv.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                    help="largest request body; larger ones get 413 before they are read "
+                         "(default 4 MiB)")
+    sv.add_argument("--max-prompt-chars", type=int,
+                    help="longest prompt (characters, chat messages together) the server "
+                         "tokenizes (default: 64 per token of --max-model-len)")
+    sv.add_argument("--docs", action="store_true",
+                    help="serve /docs, /redoc and /openapi.json (behind --api-key when set)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sv.set_defaults(fn=cmd_serve)
 

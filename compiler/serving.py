@@ -171,9 +171,11 @@ def _capture_graphs(runner, step) -> None:
 
 
 def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: str = "float32",
-                 block_size: int = 16, steps=None, model_name: str | None = None) -> Served:
+                 block_size: int = 16, steps=None, model_name: str | None = None,
+                 trust_artifact: bool = False) -> Served:
     """`source` is an artifact directory (loaded, never recompiled) or a model spec (smollm2,
-    an HF directory, a GGUF file: compiled in memory first)."""
+    an HF directory, a GGUF file: compiled in memory first). `trust_artifact` accepts an
+    artifact kiln did not build on this machine (its wrapper runs; see kiln.artifact)."""
     from pathlib import Path
 
     from . import artifact as art
@@ -181,7 +183,7 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
     p = Path(source).expanduser()
     if art.is_artifact(p):
         with step(f"load artifact {p}"):
-            a = art.load_artifact(p)
+            a = art.load_artifact(p, trust=trust_artifact)
             device = device_of(a.target)
             weights = a.load_weights("cpu")
             tok = a.tokenizer()

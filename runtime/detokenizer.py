@@ -9,11 +9,64 @@ an incomplete character (U+FFFD). The window starts a few prompt tokens back for
 Stop strings: the output is cut right before the first stop string, which is never
 emitted; text that could still turn into a stop string (a suffix of the text that is a
 prefix of some stop string) is held back until it can't, or until the request finishes.
+Of the stop strings that end in one step's new text, the one that starts first wins.
+
+Matching is linear in the output: `StopMatcher` runs one Knuth-Morris-Pratt automaton per
+stop string over the new characters only, so each character costs O(number of stop
+strings) amortized, whatever their length; its states are also the longest held-back
+suffix. Only the held-back text is kept, never the whole output.
 """
 from __future__ import annotations
 
 CONTEXT_TOKENS = 5
 REPLACEMENT = "\ufffd"
+
+
+class StopMatcher:
+    """Finds stop strings in text fed piece by piece. `feed(piece)` returns the offset (in
+    all text fed so far) where the earliest-starting stop string that ends inside `piece`
+    begins, or None; `hold` is then the length of the longest suffix of the text that is a
+    proper prefix of some stop string (text that may still become one)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.fail = [_prefix_function(s) for s in self.stops]
+        self.state = [0] * len(self.stops)   # per stop: its longest prefix ending the text
+        self.fed = 0                          # characters fed so far
+
+    @property
+    def hold(self) -> int:
+        return max(self.state, default=0)
+
+    def feed(self, piece: str) -> int | None:
+        best = None
+        for j, stop in enumerate(self.stops):
+            fail, st, n = self.fail[j], self.state[j], len(stop)
+            for i, c in enumerate(piece):
+                while st and stop[st] != c:
+                    st = fail[st - 1]
+                if stop[st] == c:
+                    st += 1
+                if st == n:
+                    start = self.fed + i + 1 - n
+                    best = start if best is None else min(best, start)
+                    break          # later matches of this stop start later
+            self.state[j] = st
+        self.fed += len(piece)
+        return best
+
+
+def _prefix_function(s: str) -> list[int]:
+    """KMP: pi[i] is the length of the longest proper prefix of s[:i+1] that is also its suffix."""
+    pi = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = pi[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        pi[i] = k
+    return pi
 
 
 class Detokenizer:
@@ -25,9 +78,8 @@ class Detokenizer:
         self.prefix = 0                # window start
         self.read = len(self.ids)      # tokens before this are already text
         self.stop = list(stop)
-        self.max_stop = max((len(s) for s in self.stop), default=0)
-        self.text = ""                 # output text so far (cut at a stop string)
-        self.sent = 0                  # characters of `text` already emitted
+        self.matcher = StopMatcher(self.stop) if self.stop else None
+        self.pending = ""              # text decoded but not emitted yet (held back)
         self.stopped = False           # a stop string was found
 
     def add(self, token_id: int) -> str:
@@ -45,8 +97,8 @@ class Detokenizer:
         if not self.stopped and self.read < len(self.ids):
             before, after = self._window()
             self.read = len(self.ids)
-            self.text += after[len(before):]
-        delta, self.sent = self.text[self.sent:], len(self.text)
+            self.pending += after[len(before):]
+        delta, self.pending = self.pending, ""
         return delta
 
     def _window(self) -> tuple[str, str]:
@@ -55,21 +107,15 @@ class Detokenizer:
                 dec(self.ids[self.prefix:], skip_special_tokens=self.skip_special))
 
     def _extend(self, new: str) -> str:
-        search_from = max(0, len(self.text) - self.max_stop + 1)
-        self.text += new
-        if not self.stop:
-            delta, self.sent = self.text[self.sent:], len(self.text)
-            return delta
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
+        if self.matcher is None:
+            return new
+        base = self.matcher.fed - len(self.pending)   # offset of pending[0] in the output
+        start = self.matcher.feed(new)
+        self.pending += new
+        if start is not None:    # the stop string began in the held-back text or in `new`
+            self.pending = self.pending[:start - base]
             self.stopped = True
             return self.flush()
-        hold = 0
-        for k in range(min(self.max_stop - 1, len(self.text)), 0, -1):
-            if any(s.startswith(self.text[-k:]) for s in self.stop):
-                hold = k
-                break
-        end = max(self.sent, len(self.text) - hold)
-        delta, self.sent = self.text[self.sent:end], end
+        keep = min(self.matcher.hold, len(self.pending))
+        delta, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
         return delta

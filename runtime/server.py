@@ -1,43 +1,47 @@
 """OpenAI-compatible HTTP server over an AsyncEngine.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream`), GET
-/v1/models, /health, /metrics. Every request is validated by hand, so that any bad input
-gets an OpenAI-style error body `{"error": {"message", "type", "param", "code"}}` with a 4xx
-status, never a 500. A watcher per request polls the connection and aborts the request
-(freeing its KV blocks) as soon as the client goes away, streaming or not.
+/v1/models, /health, /metrics; /docs, /redoc and /openapi.json only with `docs=True`
+(`kiln serve --docs`), behind the API key like /v1. Every request is validated by hand,
+so that any bad input gets an OpenAI-style error body `{"error": {"message", "type",
+"param", "code"}}` with a 4xx status, never a 500; a genuine 500 carries `Connection:
+close`. A watcher per request polls the connection and aborts the request (freeing its KV
+blocks) as soon as the client goes away, streaming or not.
+
+Bounded work per request (`ServerLimits`, see http_guard): the body size (413 from the
+Content-Length header before reading, or as soon as a streamed body passes it), the
+prompt's characters before tokenization, the stop strings, the JSON nesting depth. Reading
+the body is async; parsing it, validating it and tokenizing the prompt run in a small
+worker pool (tokenizer calls one at a time), so the event loop, and with it /health and
+every stream, keeps answering while one request carries a large prompt. API keys are
+compared in constant time.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import math
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import AsyncEngine, QueueFullError, RequestError, RequestStream
+from .http_guard import (APIError, AsciiJSONResponse, GuardMiddleware, ServerLimits, authorized, clip,
+                         parse_body, read_body, unauthorized)
 from .sequence import SamplingParams
 
+__all__ = ["APIError", "ServerLimits", "create_app", "serve"]
+
 DISCONNECT_POLL_S = 0.1
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == 429 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+WORKERS = 2   # threads that parse and tokenize request bodies
 
 
 # -- request parsing ------------------------------------------------------------------------------
@@ -51,10 +55,17 @@ def _get(body: dict, name: str, types, default=None, what: str = ""):
         return default
     types = types if isinstance(types, tuple) else (types,)
     if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
-        raise APIError(400, f"'{name}' must be {what or _kind(types)}, got {json.dumps(v)[:80]}", param=name)
+        raise APIError(400, f"'{name}' must be {what or _kind(types)}, got {_show(v)}", param=name)
     if isinstance(v, float) and not math.isfinite(v):
         raise APIError(400, f"'{name}' must be a finite number", param=name)
     return v
+
+
+def _show(v) -> str:
+    """A client value for an error message, at most 80 characters (and cheap when large)."""
+    if isinstance(v, (list, dict)) and len(v) > 8:
+        return f"{'an array' if isinstance(v, list) else 'an object'} of {len(v)} items"
+    return json.dumps(v)[:80]
 
 
 def _kind(types) -> str:
@@ -73,16 +84,21 @@ def _unsupported(body: dict) -> None:
     for name, ok in neutral.items():
         v = body.get(name)
         if not any(v == o and type(v) is type(o) for o in ok) and v is not None:
-            raise APIError(400, f"'{name}' = {json.dumps(v)[:80]} is not supported by this server", param=name)
+            raise APIError(400, f"'{name}' = {_show(v)} is not supported by this server", param=name)
 
 
-def _sampling(body: dict, max_tokens: int | None) -> SamplingParams:
+def _sampling(body: dict, max_tokens: int | None, limits: ServerLimits) -> SamplingParams:
     if _get(body, "n", int, 1) != 1:
         raise APIError(400, "only n = 1 is supported", param="n")
     stop = _get(body, "stop", (str, list), [], "a string or an array of strings")
     stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > 16 or any(not isinstance(s, str) or not s for s in stop):
-        raise APIError(400, "'stop' must be a non-empty string or up to 16 non-empty strings", param="stop")
+    n, chars = limits.max_stop_strings, limits.max_stop_chars
+    if len(stop) > n or any(not isinstance(s, str) or not s for s in stop):
+        raise APIError(400, f"'stop' must be a non-empty string or up to {n} non-empty strings", param="stop")
+    if any(len(s) > chars for s in stop):
+        longest = max(len(s) for s in stop)
+        raise APIError(400, f"'stop' strings may have at most {chars} characters, got one of {longest}; "
+                            f"shorten it", param="stop")
     params = SamplingParams(
         max_tokens=max_tokens, temperature=float(_get(body, "temperature", _NUM, 1.0)),
         top_p=float(_get(body, "top_p", _NUM, 1.0)), top_k=_get(body, "top_k", int, 0),
@@ -105,12 +121,44 @@ def _max_tokens(body: dict, chat: bool, prompt_len: int, max_model_len: int) -> 
     return v
 
 
-def _prompt_ids(body: dict, tokenizer, vocab: int) -> list[int]:
+class Tokenize:
+    """The tokenizer for request threads: one call at a time (a fast tokenizer's settings are
+    mutable state; concurrent calls can collide), prompts longer than `max_chars` refused
+    before any tokenization."""
+
+    def __init__(self, tokenizer, max_chars: int):
+        self.tokenizer, self.max_chars = tokenizer, max_chars
+        self.lock = threading.Lock()
+
+    def check_length(self, n: int, what: str, param: str) -> None:
+        if n > self.max_chars:
+            raise APIError(400, f"{what} {n} characters; this server tokenizes at most {self.max_chars} "
+                                f"(its --max-prompt-chars); shorten the prompt", param=param,
+                           code="prompt_too_long")
+
+    def encode(self, text: str, special: bool, param: str) -> list[int]:
+        self.check_length(len(text), "the prompt has", param)
+        try:
+            with self.lock:
+                return self.tokenizer.encode(text, add_special_tokens=special)
+        except Exception as e:   # e.g. a character the tokenizer cannot handle
+            raise APIError(400, f"the text cannot be tokenized: {clip(str(e), 200)}", param=param) from None
+
+    def chat_template(self, conv: list[dict]) -> str:
+        try:
+            with self.lock:
+                return self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        except Exception as e:   # template errors (e.g. raise_exception on a bad role order) are the user's
+            raise APIError(400, f"the chat template rejected the messages: {clip(str(e), 200)}",
+                           param="messages") from None
+
+
+def _prompt_ids(body: dict, tok: Tokenize, vocab: int) -> list[int]:
     p = body.get("prompt")
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
         p = p[0]                                  # a batch of one
     if isinstance(p, str):
-        ids = _encode(tokenizer, p, True)
+        ids = tok.encode(p, True, "prompt")
     elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         ids = p
         if not all(0 <= t < vocab for t in ids):
@@ -124,11 +172,11 @@ def _prompt_ids(body: dict, tokenizer, vocab: int) -> list[int]:
     return ids
 
 
-def _chat_ids(body: dict, tokenizer) -> list[int]:
+def _chat_ids(body: dict, tok: Tokenize) -> list[int]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise APIError(400, "'messages' must be a non-empty array", param="messages")
-    conv = []
+    conv, chars = [], 0
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
             raise APIError(400, f"messages[{i}] must be an object with a valid 'role'", param=f"messages[{i}]")
@@ -144,36 +192,51 @@ def _chat_ids(body: dict, tokenizer) -> list[int]:
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string or an array of text parts",
                            param=f"messages[{i}].content")
+        chars += len(content)
         conv.append({"role": m["role"], "content": content})
-    try:
-        text = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-    except Exception as e:   # template errors (e.g. raise_exception on a bad role order) are the user's
-        raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-    return _encode(tokenizer, text, False)
+    tok.check_length(chars, "the messages have", "messages")
+    text = tok.chat_template(conv)
+    tok.check_length(len(text), "the messages, rendered by the chat template, have", "messages")
+    return tok.encode(text, False, "messages")
 
 
-def _encode(tokenizer, text: str, special: bool) -> list[int]:
-    try:
-        return tokenizer.encode(text, add_special_tokens=special)
-    except Exception as e:   # e.g. lone surrogates from a "\\ud800" escape
-        raise APIError(400, f"the text cannot be tokenized: {e}", param="prompt") from None
+@dataclass
+class _Parsed:
+    """A validated request, ready for the engine."""
+    ids: list[int]
+    params: SamplingParams
+    streaming: bool
+    with_usage: bool
+    with_ids: bool
 
 
 # -- the app --------------------------------------------------------------------------------------
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-               max_model_len: int | None = None) -> FastAPI:
+               max_model_len: int | None = None, limits: ServerLimits | None = None,
+               docs: bool = False) -> FastAPI:
+    """The app. `limits` bounds each request (ServerLimits' defaults otherwise); `docs`
+    serves /docs, /redoc and /openapi.json (behind `api_key` when there is one)."""
+    limits = (limits or ServerLimits()).validate()
     max_len = min(max_model_len or engine.max_model_len, engine.max_model_len)
-    tok = engine.tokenizer
+    tok = Tokenize(engine.tokenizer, limits.prompt_chars(max_len))
     vocab = engine.engine.runner.vocab_size
     created = int(time.time())
+    expected_auth = f"Bearer {api_key}".encode() if api_key is not None else None
+    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="kiln-http")
 
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
-        yield
-        engine.shutdown()
+        try:
+            yield
+        finally:
+            engine.shutdown()
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="kiln", lifespan=lifespan)
+    app = FastAPI(title="kiln", lifespan=lifespan, default_response_class=AsciiJSONResponse,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
+    app.add_middleware(GuardMiddleware, max_body_bytes=limits.max_body_bytes, expected_auth=expected_auth)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -188,25 +251,26 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return APIError(500, f"internal error: {exc!r}", "server_error").response()
 
     def auth(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
-                           "authentication_error", code="invalid_api_key")
+        if not authorized(request.scope["headers"], expected_auth):
+            raise unauthorized()
 
-    async def parse(request: Request) -> dict:
-        auth(request)
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
+    def build(raw: bytes, chat: bool) -> _Parsed:
+        """Everything between the body's bytes and the engine; runs in the worker pool."""
+        body = parse_body(raw, limits.max_json_depth, limits.max_json_containers)
         model = body.get("model")
         if not isinstance(model, str):
             raise APIError(400, "'model' is required (a string)", param="model")
         if model != model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{model_name}'",
-                           param="model", code="model_not_found")
-        return body
+            raise APIError(404, f"the model '{clip(model)}' does not exist; this server serves "
+                                f"'{model_name}'", param="model", code="model_not_found")
+        _unsupported(body)
+        streaming = _get(body, "stream", bool, False)
+        with_usage = _get(_get(body, "stream_options", dict, {}), "include_usage", bool, False)
+        # Extension (as in vLLM): each choice / chunk also carries the generated token ids.
+        with_ids = _get(body, "return_token_ids", bool, False)
+        ids = _chat_ids(body, tok) if chat else _prompt_ids(body, tok, vocab)
+        params = _sampling(body, _max_tokens(body, chat, len(ids), max_len), limits)
+        return _Parsed(ids, params, streaming, with_usage, with_ids)
 
     def submit(prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         if len(prompt_ids) + params.max_tokens > max_len:
@@ -222,16 +286,11 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
 
     async def generate(request: Request, chat: bool):
-        body = await parse(request)
-        _unsupported(body)
-        streaming = _get(body, "stream", bool, False)
-        with_usage = _get(_get(body, "stream_options", dict, {}), "include_usage", bool, False)
-        # Extension (as in vLLM): each choice / chunk also carries the generated token ids.
-        with_ids = _get(body, "return_token_ids", bool, False)
-        ids = _chat_ids(body, tok) if chat else _prompt_ids(body, tok, vocab)
-        params = _sampling(body, _max_tokens(body, chat, len(ids), max_len))
-        stream = submit(ids, params)   # nothing after this may reject the request
-        return await respond(request, stream, chat, streaming, with_usage, with_ids)
+        auth(request)
+        raw = await read_body(request, limits.max_body_bytes)
+        r = await asyncio.get_running_loop().run_in_executor(pool, build, raw, chat)
+        stream = submit(r.ids, r.params)   # nothing after this may reject the request
+        return await respond(request, stream, chat, r.streaming, r.with_usage, r.with_ids)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -3,66 +3,14 @@ official `openai` client (and httpx for raw error cases), answers checked agains
 model's closed form."""
 import asyncio
 import json
-import re
-import socket
 import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from kiln.runtime.engine import AsyncEngine, EngineConfig, LLMEngine
-from kiln.runtime.server import create_app
-from toy import ToyRunner, reference, toy_tokenizer, word_tokens
-
-MODEL = "toy"
-
-
-class Server:
-    def __init__(self, api_key=None, num_blocks=128, **cfg):
-        self.tok = toy_tokenizer() if not hasattr(Server, "_tok") else Server._tok
-        Server._tok = self.tok
-        self.runner = ToyRunner(len(self.tok), word_tokens(self.tok), num_blocks=num_blocks, block_size=4,
-                                max_model_len=128)
-        self.engine = AsyncEngine(LLMEngine(self.runner, self.tok, EngineConfig(**cfg)))
-        app = create_app(self.engine, MODEL, api_key=api_key)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "none", max_retries=0)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-    def expected(self, prompt_ids, n):
-        ids = reference(prompt_ids, n, self.runner.allowed)
-        return ids, self.tok.decode(ids)
-
-    def chat_ids(self, messages):
-        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def metric(self, name):
-        text = httpx.get(self.url + "/metrics").text
-        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-        return float(m.group(1)) if m else 0.0
-
-    def wait_metric(self, name, value, timeout=5.0):
-        deadline = time.monotonic() + timeout
-        while self.metric(name) != value:
-            assert time.monotonic() < deadline, f"{name} stayed at {self.metric(name)}, wanted {value}"
-            time.sleep(0.05)
+from toy_server import MODEL, Server
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +134,7 @@ BAD = [  # (body changes, status, param or None, message fragment)
     ({"prompt": {"a": 1}}, 400, "prompt", "prompt"),
     ({"prompt": [1, 10 ** 9]}, 400, "prompt", "token ids"),
     ({"prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
-    ({"prompt": "bad \ud800 text"}, 400, "prompt", "cannot be tokenized"),
+    ({"prompt": "bad \ud800 text"}, 400, "prompt", "lone UTF-16 surrogate"),
     ({"logprobs": 5}, 400, "logprobs", "not supported"),
     ({"seed": 2 ** 80}, 400, "seed", "64-bit"),
     ({"stream": "yes"}, 400, "stream", "boolean"),

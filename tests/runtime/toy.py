@@ -53,11 +53,14 @@ class ToyRunner:
         self.gate.set()
         self.entered = threading.Event()     # set whenever execute starts
         self.delay = 0.0                     # seconds each step takes (to keep requests in flight)
+        self.fail: Exception | None = None   # raised by the next steps while set
 
     def execute(self, batch: FlatBatch) -> torch.Tensor:
         self.entered.set()
         self.gate.wait()
         time.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
         self.calls += 1
         if self.record:
             self.batches.append(batch)

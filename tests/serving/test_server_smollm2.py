@@ -22,6 +22,7 @@ from serving_helpers import KILN, kiln_env
 API_KEY = "test-key"
 MODEL = "smollm2"
 MAX_MODEL_LEN = 512
+MAX_BODY = 2**20
 
 
 def free_port() -> int:
@@ -38,7 +39,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             KILN + ["serve", str(artifact), "--port", str(self.port), "--api-key", API_KEY,
                     "--max-model-len", str(MAX_MODEL_LEN), "--num-blocks", "256", "--threads", "1",
-                    "--log-level", "warning"],
+                    "--max-body-bytes", str(MAX_BODY), "--log-level", "warning"],
             stdout=self.log, stderr=subprocess.STDOUT, env=kiln_env())
         deadline = time.monotonic() + 180
         while True:
@@ -220,6 +221,20 @@ def test_errors(server):
     with pytest.raises(openai.BadRequestError):
         server.client.completions.create(model=MODEL, prompt="x", max_tokens=0)
     assert server.post("/v1/completions", ok).status_code == 200   # still serving
+
+
+def test_cli_limits(server):
+    """`kiln serve --max-body-bytes`, the default prompt limit (64 characters per token of
+    --max-model-len) and the documentation off by default, through the real CLI."""
+    r = server.post("/v1/completions", b'{"model": "smollm2", "prompt": "' + b"a" * (MAX_BODY + 10) + b'"}',
+                    raw=True)
+    assert r.status_code == 413 and r.headers["connection"] == "close"
+    assert f"limit of {MAX_BODY} bytes" in r.json()["error"]["message"]
+    r = server.post("/v1/completions", {"model": MODEL, "prompt": "a" * (64 * MAX_MODEL_LEN + 1)})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(server.url + path, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 404
+    assert httpx.get(server.url + "/health").status_code == 200   # open, no key
 
 
 def test_killed_client_frees_its_blocks(server):
