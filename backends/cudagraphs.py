@@ -7,7 +7,8 @@ second time it is seen, then replayed. Inputs whose storage is the same on both 
 each replay, and copied back afterwards if the graph mutates them. Outputs are cloned out
 of the graph's memory pool, so a later replay never overwrites what a caller holds
 (`copy_outputs=False` opts out). Signatures past `max_graphs`, and graphs that fail to
-capture, run eagerly, reported once as a `cudagraph` fallback (kiln.ir.fallback).
+capture, run eagerly; so do non-tensor inputs that change on every call, reported once as
+a `cudagraph` fallback (kiln.ir.fallback).
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ import torch
 
 from kiln.ir.fallback import report
 
+
+
+# Different non-tensor values for the same tensor shapes before a graph stops capturing them.
+SCALAR_VARIANTS = 8
 
 
 def signature(args) -> tuple:
@@ -56,23 +61,32 @@ class CudaGraphCache:
         self.uncapturable: set[tuple] = set()
         self.pool = None
         self.replays = 0
-        self.gave_up = False                # more signatures than max_graphs: no more captures
         self._last: _Entry | None = None   # the entry the previous call replayed
-        self._last_key: tuple | None = None
+        # tensor shapes -> the non-tensor values seen with them (first sightings)
+        self._scalar_variants: dict[tuple, list] = {}
+        self.gave_up: set[tuple] = set()    # shapes whose non-tensor inputs never repeat
 
-    def _give_up(self, key) -> None:
-        """Signatures that never repeat (a size or a Python int that changes every call, such
-        as a sliding-window cache's length) would capture a graph per call: stop capturing,
-        and say which non-tensor inputs changed."""
-        self.gave_up = True
-        prev = self._last_key or ()
-        changed = [i for i, (a, b) in enumerate(zip(key, prev))
-                   if a != b and not isinstance(a, tuple)]
-        report("cudagraph", f"changing inputs {changed}", f"kiln: this graph saw more than "
-               f"{self.max_graphs} input signatures; the non-tensor input(s) at {changed or '?'} "
-               f"change between calls and a CUDA graph would bake them in, so calls with new "
-               f"signatures run without graphs (make them tensors or mark the sizes dynamic)",
-               self.fallback)
+    def _new_scalars_ok(self, key) -> bool:
+        """False once the same tensor shapes came with more than SCALAR_VARIANTS different
+        non-tensor values (a Python int that changes every call, like a sliding-window
+        cache's length): each would be a graph used once. Reported once per shapes."""
+        shapes = tuple(k for k in key if isinstance(k, tuple))
+        if shapes in self.gave_up:
+            return False
+        seen = self._scalar_variants.setdefault(shapes, [])
+        seen.append(key)
+        if len(seen) <= SCALAR_VARIANTS:
+            return True
+        self.gave_up.add(shapes)
+        changed = sorted({i for other in seen[:-1] for i, (a, b) in enumerate(zip(key, other))
+                          if a != b and not isinstance(a, tuple)})
+        for k in seen:
+            self.first_ptrs.pop(k, None)
+        report("cudagraph", f"changing inputs {changed}", f"kiln: the non-tensor input(s) at "
+               f"{changed} of this graph change on every call ({len(seen)} values for the same "
+               f"shapes) and a CUDA graph would bake them in, so these calls run without "
+               f"graphs (pass them as tensors)", self.fallback)
+        return False
 
     def __call__(self, *args):
         # Decode calls the same graph with the same weight and cache objects every step:
@@ -84,22 +98,18 @@ class CudaGraphCache:
         key = signature(args)
         entry = self.entries.get(key)
         if entry is None:
-            if key in self.uncapturable or self.gave_up:
+            if key in self.uncapturable or len(self.entries) >= self.max_graphs:
                 return self.fn(*args)
-            host = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and not a.is_cuda]
-            if host:
-                # Work on host tensors would run once at capture and be baked in.
+            if any(isinstance(a, torch.Tensor) and not a.is_cuda for a in args):
+                # Work on host tensors would run once at capture and be baked in. (A
+                # StaticCache prefill on transformers 5.17 reads its lengths on the host:
+                # prefill runs without graphs by design, so this is no fallback.)
                 self.uncapturable.add(key)
-                report("cudagraph", f"host inputs {host}", f"kiln: input(s) {host} of this graph "
-                       f"are host tensors, which a CUDA graph would bake in; calls with them run "
-                       f"without graphs (move them to the GPU)", self.fallback)
                 return self.fn(*args)
             if key not in self.first_ptrs:
-                if len(self.first_ptrs) >= self.max_graphs:
-                    self._give_up(key)
+                if not self._new_scalars_ok(key):
                     return self.fn(*args)
                 self.first_ptrs[key] = _ptrs(args)
-                self._last_key = key
                 return self.fn(*args)
             entry = self._capture(key, args)
             if entry is None:
