@@ -126,8 +126,8 @@ def aot_capture(gm: torch.fx.GraphModule, example_inputs,
         return lambda *args: compiled(*args, *constants)
 
     return torch_compat.aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler,
-                                 decompositions=decompositions(),
-                                 keep_inference_input_mutations=True)
+                                              decompositions=decompositions(),
+                                              keep_inference_input_mutations=True)
 
 
 def export_capture(program: "torch.export.ExportedProgram") -> tuple[Graph, list]:

@@ -132,3 +132,23 @@ def eager_greedy(model, input_ids: torch.Tensor, max_new_tokens: int,
         if i + 1 < max_new_tokens:
             logits = step(token[:, None], prompt_len + i)
     return torch.stack(tokens, dim=1), all_logits
+
+
+def tiny_llama_dir(path):
+    """A tiny Llama saved as an HF directory with a tokenizer (trained in memory,
+    tests/runtime/toy.py): what the CLI (`kiln compile`, `generate`, `dump`) loads."""
+    import sys
+    from pathlib import Path
+    runtime_tests = str(Path(__file__).resolve().parent / "runtime")
+    if runtime_tests not in sys.path:
+        sys.path.insert(0, runtime_tests)
+    from toy import toy_tokenizer
+    tok = toy_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        config = LlamaConfig(**{**COMMON, "vocab_size": len(tok)})
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    path = Path(path)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

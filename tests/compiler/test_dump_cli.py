@@ -2,34 +2,15 @@
 eager (zero here, on stderr, so stdout stays IR text), and writes the fallbacks beside a dump."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-import models
 from kiln.cli import main
 from kiln.ir import parse
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from toy import toy_tokenizer  # noqa: E402  (a tokenizer trained in memory)
-
-
-def tiny_model_dir(tmp_path) -> Path:
-    tok = toy_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(models.SEED)
-        config = LlamaConfig(**{**models.COMMON, "vocab_size": len(tok)})
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    d = tmp_path / "tiny"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+from models import tiny_llama_dir
 
 
 def test_dump_counts_fallbacks(tmp_path, capsys):
-    d = tiny_model_dir(tmp_path)
+    d = tiny_llama_dir(tmp_path / "tiny")
     torch._dynamo.reset()
     assert main(["dump", str(d), "-o", str(tmp_path / "dump")]) == 0
     out, err = capsys.readouterr()

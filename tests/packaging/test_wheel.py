@@ -237,20 +237,8 @@ def scratch_venv(wheel, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_installed_wheel_compiles_and_generates(scratch_venv, tmp_path, monkeypatch):
-    import torch
-    monkeypatch.syspath_prepend(str(REPO / "tests" / "runtime"))
-    from toy import toy_tokenizer   # a tokenizer trained in memory, for kiln generate
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     import models
-    tok = toy_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(models.SEED)
-        config = LlamaConfig(**{**models.COMMON, "vocab_size": len(tok)})
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model_dir = tmp_path / "tiny-llama"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = models.tiny_llama_dir(tmp_path / "tiny-llama")
 
     work = tmp_path / "work"   # outside the repository
     work.mkdir()
