@@ -236,7 +236,7 @@ def scratch_venv(wheel, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_installed_wheel_compiles_and_generates(scratch_venv, tmp_path, monkeypatch):
+def test_installed_wheel_compiles_and_generates(scratch_venv, tmp_path):
     import models
     model_dir = models.tiny_llama_dir(tmp_path / "tiny-llama")
 
