@@ -13,7 +13,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from kiln.generate import chat_input_ids, compile_model, greedy, make_cache
+from provenance import code_version
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -52,14 +52,6 @@ def load(name: str, dtype, device):
     model, tok = hf_load(name, dtype=dtype)
     model = model.to(device)
     return model, chat_input_ids(tok, PROMPT).to(device)
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main():
@@ -127,7 +119,7 @@ def bench_model(name, dtype, args):
         }
         rows.append(row)
     print(f"\nmodel={name} device={args.device} dtype={args.dtype} tokens={args.tokens} "
-          f"torch={torch.__version__} commit={commit()}")
+          f"torch={torch.__version__} commit={code_version()}")
     print(f"{'backend':10s} {'first call s':>12s} {'kiln compile s':>14s} {'decode tok/s':>12s} "
           f"{'prefill s':>10s} {'same tokens':>11s}")
     for r in rows:
@@ -139,7 +131,7 @@ def bench_model(name, dtype, args):
               f"{r['prefill_s_warm']:10.3f} {r['tokens_equal_to_first_backend']:11.2f}")
     result = {"model": name, "device": args.device, "dtype": args.dtype,
               "kiln_options": json.loads(args.kiln_options),
-              "tokens": args.tokens, "torch": torch.__version__, "commit": commit(),
+              "tokens": args.tokens, "torch": torch.__version__, "commit": code_version(),
               "machine": platform.processor() or platform.machine(),
               "cpus": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "rows": rows,
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}

@@ -2,6 +2,8 @@
 # Decode benchmark on a GPU, one process per (model, backend), so that one backend's crash
 # cannot take the others' numbers with it. Results append to $OUT/decode.jsonl.
 set -u
+# The device's .git is stale; .ci/gpu-prepare wrote this checkout's describe (bench/provenance.py).
+[ -f .carry/code-version ] && export KILN_CODE_VERSION=${KILN_CODE_VERSION:-$(cat .carry/code-version)}
 out=${OUT:-bench/results}/decode.jsonl
 for model in ${MODELS:-smollm2-shape llama-3.2-1b llama-3-8b}; do
   for backend in ${BACKENDS:-eager kiln reduce-overhead}; do

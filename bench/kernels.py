@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -21,6 +22,7 @@ from kiln.backends import paged_attention as torch_paged
 from kiln.backends.triton import activation, attention, gemm, moe, norm, quant, rope
 from kiln.backends.triton import paged_attention as triton_paged
 from kiln.ir import kiln_ref
+from provenance import code_version
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -259,6 +261,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           commit=code_version(), command=" ".join(sys.argv),
                            date=time.strftime("%Y-%m-%d"), copy_bw=bw, matmul_rate=rate,
                            rows=rows), f, indent=2)
 

