@@ -11,8 +11,7 @@ Everything else is an ordinary per-call input.
 """
 from __future__ import annotations
 
-WEIGHT = "weight"
-ROLES = ("", WEIGHT)   # "" is an ordinary input
+WEIGHT = "weight"   # the one role the text format spells; "" is an ordinary input
 
 BATCH_INPUTS = ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens",
                 "query_start")
@@ -29,7 +28,3 @@ def is_cache_input(name: str) -> bool:
 
 def is_weight(value) -> bool:
     return value.role == WEIGHT
-
-
-def weight_inputs(graph) -> list:
-    return [v for v in graph.inputs if v.role == WEIGHT]
