@@ -29,7 +29,7 @@ KILN_OPS = {
     "fused_add_rms_norm": (("x", "residual", "weight"), ("eps",), kiln_ref.fused_add_rms_norm, (), None),
     "rope": (("x", "cos", "sin"), (), kiln_ref.rope, (), None),
     "silu_mul": (("gate", "up"), (), kiln_ref.silu_mul, ("elementwise",), None),
-    "attention": (("q", "k", "v", "mask"), ("scale", "causal"), kiln_ref.attention, (),
+    "attention": (("q", "k", "v", "mask"), ("scale", "causal", "window"), kiln_ref.attention, (),
                   _attention_type),
     "fused_moe": (("x", "router_logits", "w_gate_up", "w_down"), ("top_k", "renormalize"),
                   kiln_ref.fused_moe, (), _like_first),
@@ -43,16 +43,21 @@ KILN_OPS = {
                   (), None),
     # Serving (serve.kv_cache): writes k/v into k_cache/v_cache (operands 3 and 4).
     "paged_attention": (("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "block_tables",
-                         "context_lens", "query_start"), ("scale",), kiln_ref.paged_attention,
+                         "context_lens", "query_start"), ("scale", "window"), kiln_ref.paged_attention,
                         ("mutates",), _like_first),   # typed without running: reads metadata on the host
 }
 # Operands a `mutates` kiln op writes in place (default: its first operand).
 MUTATED_OPERANDS = {"paged_attention": (3, 4)}
+# Attributes that may be left out, and the value they then have (the reference's default).
+# Like ATen's schema defaults, an attribute equal to its default is absent from the node, so
+# the IR text names a sliding window only where there is one.
+ATTR_DEFAULTS = {"attention": {"window": None}, "paged_attention": {"window": None}}
 
 for _name, (_operands, _attrs, _ref, _traits, _infer) in KILN_OPS.items():
     register(OpDef(f"kiln.{_name}", _ref, frozenset(_traits), infer=_infer,
                    doc=(_ref.__doc__ or "").strip().split("\n")[0],
                    operands=_operands, attr_names=_attrs,
+                   attr_defaults=ATTR_DEFAULTS.get(_name, {}),
                    extra={"mutated_operands": MUTATED_OPERANDS.get(_name, (0,))}
                    if "mutates" in _traits else {}))
 

@@ -46,22 +46,39 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def visible_keys(sq: int, skv: int, causal: bool, window: int | None,
+                 device=None) -> torch.Tensor | None:
+    """[Sq, Skv] bool: which keys each query sees under `causal` and `window` (see
+    `attention`); None when it sees all of them."""
+    if not causal and window is None:
+        return None
+    keep = torch.ones(sq, skv, dtype=torch.bool, device=device)
+    if causal:
+        keep = keep.tril(skv - sq)
+    if window is not None:
+        keep = keep.triu(skv - sq - window + 1)
+    return keep
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              scale: float, causal: bool) -> torch.Tensor:
+              scale: float, causal: bool, window: int | None = None) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads.
 
     q: [B, Hq, Sq, D]; k, v: [B, Hkv, Skv, D] with Hq % Hkv == 0 (query head h reads KV
     head h // (Hq // Hkv)). `mask` broadcasts to [B, Hq, Sq, Skv]: bool (True = attend) or
-    additive float. `causal` aligns the causal diagonal to the bottom right: query i
-    attends key j when j <= i + Skv - Sq. Softmax in float32; output in q's dtype.
+    additive float. Query i sits at position p_i = i + Skv - Sq (the queries are the last
+    Sq of the keys' positions). `causal`: query i attends key j only when j <= p_i (the
+    diagonal aligned bottom right). `window` (sliding-window attention): only when
+    p_i - j < window, i.e. the `window` most recent keys up to its own position. Softmax
+    in float32; output in q's dtype.
     """
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     sq, skv = q.shape[-2], k.shape[-2]
-    if causal:
-        keep = torch.ones(sq, skv, dtype=torch.bool, device=q.device).tril(skv - sq)
+    keep = visible_keys(sq, skv, causal, window, q.device)
+    if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -172,7 +189,7 @@ def default_scale(head_dim: int) -> float:
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, query_start: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+                    scale: float, window: int | None = None) -> torch.Tensor:
     """Attention of a flattened batch of sequences over a paged KV cache (writes the cache).
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]: the new tokens of N sequences laid end to end,
@@ -182,7 +199,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     Then sequence i, whose context after this step is its first context_lens[i] tokens
     (block b of it in block block_tables[i, b]), attends: its n new tokens are the last n of
     the context, and each attends every context token up to its own position (causal,
-    bottom-right aligned), with query head h reading KV head h // (Hq // Hkv). Softmax in
+    bottom-right aligned), with query head h reading KV head h // (Hq // Hkv); with a
+    `window`, only the `window` most recent of those (`attention`'s window). Softmax in
     float32; output [T, Hq, D] in q's dtype; rows no sequence owns are zero.
     """
     num_blocks, block_size, hkv, d = k_cache.shape
@@ -197,6 +215,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         values = v_cache[blocks].reshape(-1, hkv, d)[:length]
         # [n, H, D] -> [1, H, n, D]: one sequence as a batch of one for `attention`.
         o = attention(q[lo:hi].transpose(0, 1)[None], keys.transpose(0, 1)[None],
-                      values.transpose(0, 1)[None], None, scale, True)
+                      values.transpose(0, 1)[None], None, scale, True, window)
         out[lo:hi] = o[0].transpose(0, 1).to(q.dtype)
     return out

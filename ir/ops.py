@@ -35,6 +35,7 @@ class OpDef:
     # kiln ops: declared operand and attribute names, checked by the verifier
     operands: tuple[str, ...] | None = None
     attr_names: tuple[str, ...] | None = None
+    attr_defaults: dict[str, Any] = field(default_factory=dict)   # optional attributes
     num_results: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -41,9 +41,15 @@ def verify(g: Graph, check_types: bool = True) -> None:
             if len(n.args) != len(op.operands):
                 raise VerifyError(f"{where(i, n)}: {n.op} takes {len(op.operands)} operands "
                                   f"({', '.join(op.operands)}), got {len(n.args)}")
-            if set(n.attrs) != set(op.attr_names):
+            required = set(op.attr_names) - set(op.attr_defaults)
+            if not required <= set(n.attrs) <= set(op.attr_names):
+                optional = "".join(f", optionally {a}" for a in sorted(op.attr_defaults))
                 raise VerifyError(f"{where(i, n)}: {n.op} takes attributes "
-                                  f"{sorted(op.attr_names)}, got {sorted(n.attrs)}")
+                                  f"{sorted(required)}{optional}, got {sorted(n.attrs)}")
+            defaulted = [a for a, d in op.attr_defaults.items() if a in n.attrs and n.attrs[a] == d]
+            if defaulted:
+                raise VerifyError(f"{where(i, n)}: {n.op} attribute {defaulted[0]}= equals its "
+                                  f"default; leave it out")
         if n.op == "kiln.call":
             _check_call(where(i, n), g, n, check_types)
         if check_types:

@@ -704,9 +704,12 @@ class ReplaceBuilder:
 
     def op(self, name: str, *args, **attrs) -> Value | list[Value]:
         try:
-            get_op(name)
+            opdef = get_op(name)
         except KeyError as e:
             raise self.pattern.error(str(e.args[0])) from None
+        # An attribute equal to its default is absent (the IR's convention).
+        attrs = {k: a for k, a in attrs.items()
+                 if not (k in opdef.attr_defaults and a == opdef.attr_defaults[k])}
         try:
             types = infer_types(name, list(args), attrs, self.graph)
         except KilnRuleError:
