@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kiln.ir.kiln_ref import visible_keys
 
-def attention(q, k, v, mask, scale, causal):
+
+def attention(q, k, v, mask, scale, causal, window=None):
     """kiln.attention via torch's fused SDPA (GQA without materialising repeat_kv)."""
     sq, skv = q.shape[-2], k.shape[-2]
-    if causal and (sq != skv or mask is not None):
-        # SDPA's is_causal is top-left aligned and excludes a mask: fold it into the mask.
-        keep = torch.ones(sq, skv, dtype=torch.bool, device=q.device).tril(skv - sq)
+    if window is not None or (causal and (sq != skv or mask is not None)):
+        # SDPA's is_causal is top-left aligned, excludes a mask and knows no window: fold
+        # them into the mask.
+        keep = visible_keys(sq, skv, causal, window, q.device)
         if mask is None:
             mask = keep
         elif mask.dtype == torch.bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 from kiln.backends import wrapper
 from kiln.backends.targets import get_target
 from kiln.ir import Graph, print_graph
+from kiln.ir.roles import SCALAR
 from kiln.passes import PassManager
 from kiln.passes.weight_prep import split_weight_preparation
 
@@ -59,6 +60,50 @@ def mutated_inputs(graph: Graph) -> set[int]:
     return out
 
 
+class ScalarInputs:
+    """Calls `fn` with the ints at `positions` written into 0-d int64 tensors it owns, on the
+    device of the call's first tensor (capture.scalar_inputs): the same buffers every call,
+    so a captured CUDA graph reads each call's value from them. The int outputs the pass
+    took out of the graph (`host_outputs` meta) are computed here, from the ints."""
+
+    def __init__(self, fn, graph: Graph):
+        import sympy
+        self.fn = fn
+        self.positions = [i for i, v in enumerate(graph.inputs) if v.role == SCALAR]
+        self.buffers: dict = {}   # device -> [buffer per position]
+        host = graph.meta.get("host_outputs")
+        self.num_outputs = host["outputs"] if host else None
+        self.host_values = []     # (output index, f, input positions of f's arguments)
+        if host:
+            index = {v.name: i for i, v in enumerate(graph.inputs)}
+            names = sorted(host["symbols"])
+            args = [index[host["symbols"][n]] for n in names]
+            for out, expr in host["values"]:
+                f = sympy.lambdify([sympy.Symbol(n) for n in names], sympy.sympify(expr),
+                                   modules="math")
+                self.host_values.append((out, f, args))
+
+    def __call__(self, *args):
+        import torch
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        bufs = self.buffers.get(device)
+        if bufs is None:
+            bufs = self.buffers[device] = [torch.zeros((), dtype=torch.int64, device=device)
+                                           for _ in self.positions]
+        ints = list(args)
+        args = list(args)
+        for i, buf in zip(self.positions, bufs):
+            if not isinstance(args[i], torch.Tensor):
+                buf.fill_(int(args[i]))
+                args[i] = buf
+        outputs = self.fn(*args)
+        if self.num_outputs is None:
+            return outputs
+        device_outputs = iter(outputs)
+        host = {out: int(f(*(ints[a] for a in fa))) for out, f, fa in self.host_values}
+        return tuple(host[i] if i in host else next(device_outputs) for i in range(self.num_outputs))
+
+
 def compile_graph(graph: Graph, options: CompileOptions | None = None) -> CompiledGraph:
     opts = options or CompileOptions()
     t0 = time.perf_counter()
@@ -69,7 +114,8 @@ def compile_graph(graph: Graph, options: CompileOptions | None = None) -> Compil
     pm = PassManager(passes=opts.passes, disabled=opts.disable_passes, verify_each=opts.verify,
                      dump_dir=dump, rewrite_limit=opts.pass_limit, serving=opts.serving,
                      options={"target": target, "quant": opts.quant, "block_size": opts.block_size,
-                              "can_generate": wrapper.code_generator(target)})
+                              "can_generate": wrapper.code_generator(target),
+                              "cudagraphs": opts.cudagraphs and not opts.serving})
     pm.run(graph, record=opts.record)
     split = split_weight_preparation(graph) if opts.prepare_weights else None
     if split is None:
@@ -95,6 +141,8 @@ def compile_graph(graph: Graph, options: CompileOptions | None = None) -> Compil
             cuda_graphs = module[core] = CudaGraphCache(module[core], mutated_inputs(graph),
                                                         fallback=opts.fallback)
     fn = module["forward"]
+    if any(v.role == SCALAR for v in graph.inputs):
+        fn = ScalarInputs(fn, graph)
     compiled = CompiledGraph(graph, source, fn, pm.summary(), pm.snapshots,
                              time.perf_counter() - t0, target.name,
                              split.prepare if split is not None else None, cuda_graphs)

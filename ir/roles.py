@@ -7,11 +7,15 @@
 - The **serving batch** is the flattened step the runtime's model runner passes on every
   call, by these names and in this order.
 - A **KV cache** input is one layer's K or V block pool, named `kv_cache.<layer>.<k|v>`.
+- A **scalar** is a Python int the caller passes, held in a 0-d int64 device tensor
+  (capture.scalar_inputs): the compiled function writes the int into a buffer it owns,
+  so replayed CUDA graphs read each call's value.
 Everything else is an ordinary per-call input.
 """
 from __future__ import annotations
 
-WEIGHT = "weight"   # the one role the text format spells; "" is an ordinary input
+WEIGHT = "weight"   # roles the text format spells; "" is an ordinary input
+SCALAR = "scalar"
 
 BATCH_INPUTS = ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens",
                 "query_start")

@@ -7,6 +7,7 @@ from . import parallel_linear  # noqa: F401,E402  (registers fuse.parallel_linea
 from . import quantize  # noqa: F401,E402  (registers quantize)
 from . import fuse  # noqa: F401,E402  (fuse.norm, .rope, .attention, .activation, .moe, .quant)
 from . import serve_kv_cache  # noqa: F401,E402  (serve.kv_cache, serving only)
+from . import scalar_inputs  # noqa: F401,E402  (capture.scalar_inputs, with CUDA graphs)
 from . import schedule  # noqa: F401,E402  (schedule: last)
 from .manager import PIPELINE, Pass, PassContext, PassManager, pass_names, register_pass
 

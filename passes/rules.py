@@ -46,7 +46,9 @@ Reference (what the README documents):
   dim(%x, i), shape(%x), numel(%x), last_dim(%x, $d), is_float(x), is_int(x),
   is_none(x), is_input(%x), present(%x), coalesce(a, b, ...), sqrt(x), len(x),
   promote(dtype, dtype), float(x), int(x), floordiv(a, b),
-  divisible(a, b). Symbolic sizes compare exactly (`dim(%q, 2) ==
+  divisible(a, b), and for attention masks (kiln.ir.masks) index_mask(%mask, %q, %k)
+  (the mask only says causal and/or sliding window, in query/key indices),
+  mask_causal(...) and mask_window(...). Symbolic sizes compare exactly (`dim(%q, 2) ==
   dim(%k, 2)` holds for `s0 == s0`).
 - `replace { %r = op(args) ... yield %r[, ...] }`: argument slots take the same
   expressions (`scale=coalesce($s, 1.0 / sqrt(dim(%q, -1)))`). It may read the match's
@@ -72,6 +74,7 @@ import sympy
 import torch
 
 from kiln.ir import Value
+from kiln.ir.masks import mask_form
 from kiln.ir.ops import get_op
 from kiln.ir.types import DTYPES, TensorType
 
@@ -161,6 +164,15 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _index_mask(mask, q, k):
+    """The causal/window form of an attention mask that compares query and key indices
+    and nothing else (kiln.ir.masks), or None."""
+    if not isinstance(mask, Value):
+        return None
+    form = mask_form(mask, _tensor_type(q).shape[2], _tensor_type(k).shape[2])
+    return form if form is not None and form.positions is None and not form.opaque else None
+
+
 def _sqrt(x):
     return sympy.sqrt(x) if isinstance(x, sympy.Basic) else math.sqrt(x)
 
@@ -184,6 +196,9 @@ FUNCTIONS: dict[str, Callable] = {
     "int": int,
     "floordiv": lambda a, b: _arith("//", a, b),
     "divisible": lambda a, b: b != 0 and dims_equal(_arith("//", a, b) * b, a),
+    "index_mask": lambda m, q, k: _index_mask(m, q, k) is not None,
+    "mask_causal": lambda m, q, k: _index_mask(m, q, k).causal,
+    "mask_window": lambda m, q, k: _index_mask(m, q, k).window,
 }
 # present(%x) needs the match itself, not the value
 _MATCH_FUNCTIONS = {"present"}

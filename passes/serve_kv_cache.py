@@ -5,7 +5,8 @@ batch, `model(input_ids=[1, T], position_ids=[1, T], use_cache=False)` with T sy
 after the fusion passes: every token-wise op already works on the T tokens of all
 sequences at once and RoPE reads the positions; only attention mixes tokens, as
 `kiln.attention` over the T tokens (causal, or with a mask built from position_ids alone,
-which is how transformers spells causal attention over packed sequences).
+which is how transformers spells causal attention over packed sequences; either may have
+a sliding window).
 
 Output: the graph the runtime's ModelRunner calls once per step (runtime/batch.py):
 
@@ -16,7 +17,9 @@ Output: the graph the runtime's ModelRunner calls once per step (runtime/batch.p
 
 - each `kiln.attention` becomes `kiln.paged_attention` (ir/kiln_ref.py has the semantics):
   q/k/v are viewed as [T, H, D], the new K/V are written to the cache at `slot_mapping`, and
-  each sequence attends its own blocks; the mask and everything that only fed it die;
+  each sequence attends its own blocks, over the model's sliding window if it has one
+  (read from the mask by kiln.ir.masks, checked on probe sequences); the mask and
+  everything that only fed it die;
 - the LM head runs only on each sequence's last new token (rows query_start[1:] - 1), so a
   prefill of T tokens costs N x vocab logits, not T x vocab;
 - dynamo's size inputs (SymInt T) become `sym.size(input_ids, 0)`: the runner passes
@@ -30,6 +33,9 @@ import sympy
 import torch
 
 from kiln.ir import Graph, Node, SymIntType, TensorType, Value, sym
+from kiln.ir.graph import map_values
+from kiln.ir.kiln_ref import visible_keys
+from kiln.ir.masks import mask_form
 from kiln.ir.ops import FakeEnv, get_op, infer_types
 from kiln.ir.roles import BATCH_INPUTS, cache_input_name
 
@@ -37,6 +43,10 @@ from .canonicalize import dce
 from .manager import PassContext, register_pass
 
 DEFAULT_BLOCK_SIZE = 16
+# Probe sequences for a mask's unread terms: at least this long, and longer than any
+# constant in the mask's producers (a window), up to the most a probe may take.
+PROBE_MIN_TOKENS = 16
+PROBE_MAX_TOKENS = 4096
 MAX_DIM = 2**31 - 1
 _VIEWS = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.unsqueeze", "aten.squeeze",
           "aten.alias"}
@@ -154,14 +164,7 @@ def _rewrite(g: Graph, ctx: PassContext, old_ids: Value, old_pos: Value, T, N, B
             if x.type.rank != 4 or s[0] != 1 or s[2] != T:
                 raise NotAServingCapture(f"serve.kv_cache: attention {layer}: {name} is {x.type}, "
                                          f"expected [1, heads, T, head_dim] over the flat batch")
-        if mask is None and not n.attrs["causal"]:
-            raise NotAServingCapture(f"serve.kv_cache: attention {layer} is not causal; paged "
-                                     f"attention serves causal decoders only")
-        if mask is not None and not _cone_inputs(mask) <= {batch["positions"], batch["input_ids"]}:
-            raise NotAServingCapture(
-                f"serve.kv_cache: attention {layer}'s mask depends on more than the positions "
-                f"(a padding mask, a sliding window or a bidirectional prefix?); only causal "
-                f"attention over each sequence can be paged")
+        window = _causal_window(g, n, layer, batch)
         hkv, d = k.type.shape[1], k.type.shape[3]
         cache_t = TensorType(k.type.dtype, (NB, block_size, hkv, d))
         kc = Value(cache_t, cache_input_name(layer, "k"))
@@ -173,7 +176,8 @@ def _rewrite(g: Graph, ctx: PassContext, old_ids: Value, old_pos: Value, T, N, B
                            dims=[1, 0, 2])
         args = [flat(q), flat(k), flat(v), kc, vc, batch["slot_mapping"], batch["block_tables"],
                 batch["context_lens"], batch["query_start"]]
-        out = g.add_node("kiln.paged_attention", args, {"scale": n.attrs["scale"]},
+        attrs = {"scale": n.attrs["scale"], **({"window": window} if window is not None else {})}
+        out = g.add_node("kiln.paged_attention", args, attrs,
                          [TensorType(q.type.dtype, (T, q.type.shape[1], d))], before=n).results[0]
         back = _insert(g, n, "aten.unsqueeze", _insert(g, n, "aten.permute", out, dims=[1, 0, 2]),
                        dim=0)
@@ -188,6 +192,73 @@ def _rewrite(g: Graph, ctx: PassContext, old_ids: Value, old_pos: Value, T, N, B
     g.inputs = list(batch.values()) + caches + weights
     dce(g)
     return len(attns)
+
+
+def _causal_window(g: Graph, n: Node, layer: int, batch: dict[str, Value]) -> int | None:
+    """The sliding window of a causal attention over the flat batch (None: no window).
+    Paged attention attends each sequence causally, and that is what the model does when its
+    mask (if any) says causal (and maybe a window) in positions (kiln.ir.masks), ANDed
+    with terms of the positions alone that keep each packed sequence to itself. Those terms
+    are not read, so the mask is also run on probe sequences and must agree."""
+    q, k, _, mask = n.args
+    causal, window = n.attrs["causal"], n.attrs.get("window")
+    if mask is None:
+        if not causal:
+            raise NotAServingCapture(f"serve.kv_cache: attention {layer} is not causal; paged "
+                                     f"attention serves causal decoders only")
+        return window
+    if not _cone_inputs(mask) <= {batch["positions"], batch["input_ids"]}:
+        raise NotAServingCapture(
+            f"serve.kv_cache: attention {layer}'s mask depends on more than the positions (a "
+            f"padding mask?); only causal attention over each sequence can be paged")
+    form = mask_form(mask, q.type.shape[2], k.type.shape[2])
+    what = (f"serve.kv_cache: attention {layer}'s mask is not causal attention over each "
+            f"sequence's positions")
+    if form is None or form.positions not in (None, batch["positions"]) or not (form.causal or causal):
+        raise NotAServingCapture(f"{what} (a bidirectional prefix?); only causal attention, "
+                                 f"with or without a sliding window, can be paged")
+    windows = [w for w in (window, form.window) if w is not None]
+    window = min(windows) if windows else None
+    _probe_mask(g, mask, layer, window, batch, what)
+    return window
+
+
+def _probe_mask(g: Graph, mask: Value, layer: int, window: int | None, batch: dict[str, Value],
+                what: str) -> None:
+    """Run the mask's producers on one sequence's positions, from 0 and from a cached prefix
+    on, long enough to show any window its constants could make, and compare with causal
+    attention over that window."""
+    cone = _cone_nodes(g, mask)
+    literals = [a for nd in cone for a in nd.args + list(nd.attrs.values())
+                if isinstance(a, int) and not isinstance(a, bool) and 0 < a < PROBE_MAX_TOKENS]
+    length = max([PROBE_MIN_TOKENS, *(x + 2 for x in literals)])
+    for start in (0, 5):
+        pos = torch.arange(start, start + length, dtype=batch["positions"].type.dtype)
+        env = {batch["positions"]: pos, batch["input_ids"]: torch.zeros(length, dtype=torch.int64)}
+        for nd in cone:
+            out = get_op(nd.op).impl(*map_values(nd.args, env.__getitem__),
+                                     **{a: map_values(x, env.__getitem__) for a, x in nd.attrs.items()})
+            env.update(zip(nd.results, out if len(nd.results) > 1 else [out]))
+        m = env[mask]
+        seen = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        seen = seen.expand(*seen.shape[:-2], length, length).reshape(-1, length, length)
+        want = visible_keys(length, length, True, window)
+        if not all(torch.equal(s, want) for s in seen):
+            raise NotAServingCapture(f"{what}: on one sequence of {length} tokens from position "
+                                     f"{start} it is not causal"
+                                     + (f" with a window of {window}" if window else ""))
+
+
+def _cone_nodes(g: Graph, v: Value) -> list[Node]:
+    """The nodes `v` depends on, in graph order."""
+    seen, todo = set(), [v]
+    while todo:
+        x = todo.pop()
+        if not isinstance(x, Value) or x.is_input or x.producer in seen:
+            continue
+        seen.add(x.producer)
+        todo.extend(x.producer.operands())
+    return [nd for nd in g.nodes if nd in seen]
 
 
 def _gather_last_tokens(g: Graph, query_start: Value, T) -> None:

@@ -4,14 +4,16 @@ ops kiln fuses in each family's prefill graph (two decoder layers).
 
 What each family brings, and why some fusions do not happen (yet):
 - llama: the baseline (untied embeddings, GQA, SwiGLU).
-- mistral_sw: sliding-window attention (a window of 4 over a 7-token prompt). The window
-  is part of the attention mask, so attention fuses with an explicit mask.
+- mistral_sw: sliding-window attention (a window of 4 over a 7-token prompt). Where the
+  mask compares indices (no cache, or a DynamicCache's first step) it becomes
+  kiln.attention's causal and window attributes; over a StaticCache's cache_position it
+  stays an explicit mask (tests/passes/test_attention_masks.py).
 - qwen2: q/k/v biases, tied embeddings.
 - qwen3: QK-norm (two extra RMSNorms a layer).
 - gemma: tied embeddings, GeGLU (gelu-tanh gate: no kiln.silu_mul), (1 + w) RMSNorm.
-- gemma2: logit soft-capping on attention scores and on the LM head, sliding window. Its
-  attention is the eager softmax(tanh(qk/c)*c) form, which no attention rule matches, so
-  only norms and RoPE fuse.
+- gemma2: logit soft-capping on attention scores and on the LM head, sliding window on
+  alternate layers. Its attention is the eager softmax(tanh(qk/c)*c) form, which no
+  attention rule matches, so only norms and RoPE fuse.
 - phi: parallel attention + MLP, LayerNorm with biases, dense biases, partial rotary, GELU
   MLP: kiln has no LayerNorm or GELU fusion, so RoPE and attention fuse.
 - gpt_neox: parallel residual, LayerNorm with biases, attention and MLP biases: as phi.

@@ -18,8 +18,8 @@ Pass experts_implementation="eager" for the per-expert Python loop instead.
 from __future__ import annotations
 
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen3Config,
-                          Qwen3MoeConfig, StaticCache)
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig,
+                          Qwen3Config, Qwen3MoeConfig, StaticCache)
 
 from kiln.frontends.hf import cache_call_kwargs
 
@@ -70,6 +70,13 @@ def tiny_qwen3(attn_implementation: str = "sdpa") -> torch.nn.Module:
     return _build(Qwen3Config(**{**COMMON, "num_key_value_heads": 2}), attn_implementation)
 
 
+def tiny_mistral_sw(attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """Mistral with sliding-window attention: each token sees the 5 most recent tokens up
+    to itself, so a prompt of a dozen tokens already reads past the window."""
+    return _build(MistralConfig(**{**COMMON, "num_key_value_heads": 2}, sliding_window=5),
+                  attn_implementation)
+
+
 def tiny_mixtral(attn_implementation: str = "sdpa",
                  experts_implementation: str | None = None) -> torch.nn.Module:
     """Mixtral: every layer is a sparse MoE of 4 experts, top-2, softmax-then-top-k."""
@@ -92,6 +99,7 @@ TINY_MODELS = {
     "llama": tiny_llama,
     "llama_gqa": tiny_llama_gqa,
     "qwen3": tiny_qwen3,
+    "mistral_sw": tiny_mistral_sw,
     "mixtral": tiny_mixtral,
     "qwen3_moe": tiny_qwen3_moe,
 }

@@ -285,3 +285,24 @@ def test_host_tensors_run_the_torch_version(monkeypatch):
     assert forward.__globals__["ON_HOST_OK"] is False
     for a, b in zip(forward(*glue_inputs()), run(parse(GLUE), glue_inputs())):
         assert torch.equal(a, b)
+
+
+@interpret
+def test_generated_kernels_read_0d_tensor_inputs():
+    """A device scalar (capture.scalar_inputs turns a changing Python int into one) is an
+    ordinary operand of a generated kernel: broadcast, and its arithmetic fused."""
+    text = """func @forward(%pos: i64[1, 5], scalar %n: i64[]) -> bool[1, 5]
+ {
+  %0 = aten.sub(%n, 4) : i64[]
+  %1 = aten.clamp_min(%0, 0) : i64[]
+  %2 = aten.add(%pos, %1) : i64[1, 5]
+  %3 = aten.gt(%2, %n) : bool[1, 5]
+  return %3
+}
+"""
+    g, _ = scheduled(text)
+    fn = wrapper.load(wrapper.generate(g, get_target("cuda")))
+    pos = torch.arange(5)[None]
+    for n in (2, 6, 9):
+        (out,) = fn(pos, torch.tensor(n))
+        assert torch.equal(out, (pos + max(n - 4, 0)) > n)

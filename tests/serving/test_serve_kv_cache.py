@@ -1,6 +1,6 @@
-"""serve.kv_cache on tiny models (Llama-GQA, Qwen3, Mixtral MoE): the serving graph, run by
-the PagedModelRunner over real paged KV blocks for several interleaved sequences (chunked
-prefill, prefix-cache hits and decode in the same steps), gives HF eager's logits (fp32 rel
+"""serve.kv_cache on tiny models (Llama-GQA, Qwen3, Mistral with a sliding window, Mixtral
+MoE): the serving graph, run by the PagedModelRunner over real paged KV blocks for several
+interleaved sequences (chunked prefill, prefix-cache hits and decode in the same steps), gives HF eager's logits (fp32 rel
 err < 1e-5), and greedy through the engine gives HF eager's tokens."""
 import random
 
@@ -30,7 +30,7 @@ def rel_err(a, b):
     return err
 
 
-@pytest.fixture(scope="module", params=["llama_gqa", "qwen3", "mixtral"])
+@pytest.fixture(scope="module", params=["llama_gqa", "qwen3", "mistral_sw", "mixtral"])
 def paged(request):
     model = models.TINY_MODELS[request.param]()
     compiled = compile_serving(model, block_size=BLOCK, verify=True)
@@ -207,8 +207,59 @@ def test_refuses_graphs_it_cannot_serve():
         serve_kv_cache(padding_mask, _ctx())
 
 
+def _positions_mask_graph(mask_body: str) -> str:
+    """A flat-batch capture whose one attention's mask is built from position_ids by
+    `mask_body` (which defines %m: bool[1, 1, s0, s0] from %position_ids)."""
+    return f"""func @forward(%s9: sym(s0), %input_ids: i64[1, s0], %position_ids: i64[1, s0], %w: f32[10, 16]) -> f32[1, s0, 10]
+    where s0 in [2, 100] {{
+{mask_body}
+  %0 = aten.embedding(%w, %input_ids) : f32[1, s0, 16]
+  %1 = aten.reshape(%0, shape=[1, %s9, 1, 16]) : f32[1, s0, 1, 16]
+  %2 = aten.permute(%1, dims=[0, 2, 1, 3]) : f32[1, 1, s0, 16]
+  %3 = kiln.attention(%2, %2, %2, %m, scale=0.25, causal=false) : f32[1, 1, s0, 16]
+  %4 = aten.permute(%3, dims=[0, 2, 1, 3]) : f32[1, s0, 1, 16]
+  %5 = aten.reshape(%4, shape=[%s9, 16]) : f32[s0, 16]
+  %6 = aten.permute(%w, dims=[1, 0]) : f32[16, 10]
+  %7 = aten.mm(%5, %6) : f32[s0, 10]
+  %8 = aten.reshape(%7, shape=[1, %s9, 10]) : f32[1, s0, 10]
+  return %8
+}}
+"""
+
+
+_QK_POSITIONS = """  %q = aten.unsqueeze(%position_ids, dim=2) : i64[1, s0, 1]
+  %qp = aten.unsqueeze(%q, dim=1) : i64[1, 1, s0, 1]
+  %k = aten.unsqueeze(%position_ids, dim=1) : i64[1, 1, s0]
+  %kp = aten.unsqueeze(%k, dim=1) : i64[1, 1, 1, s0]
+  %causal = aten.le(%kp, %qp) : bool[1, 1, s0, s0]"""
+
+
+def test_sliding_window_read_from_the_mask():
+    """A window written over positions (kv > q - W) becomes paged attention's window."""
+    g = parse(_positions_mask_graph(_QK_POSITIONS + """
+  %lo = aten.sub(%qp, 6) : i64[1, 1, s0, 1]
+  %win = aten.gt(%kp, %lo) : bool[1, 1, s0, s0]
+  %m = aten.bitwise_and(%win, %causal) : bool[1, 1, s0, s0]"""))
+    serve_kv_cache(g, _ctx())
+    (paged,) = [n for n in g.nodes if n.op == "kiln.paged_attention"]
+    assert paged.attrs.get("window") == 6
+
+
+def test_refuses_a_window_it_cannot_read():
+    """A window kiln.ir.masks does not read (|q - kv| < W: abs is opaque to it) shows on the
+    probe sequences and is refused, not served as plain causal attention."""
+    g = parse(_positions_mask_graph(_QK_POSITIONS + """
+  %d = aten.sub(%qp, %kp) : i64[1, 1, s0, s0]
+  %a = aten.abs(%d) : i64[1, 1, s0, s0]
+  %win = aten.lt(%a, 6) : bool[1, 1, s0, s0]
+  %m = aten.bitwise_and(%causal, %win) : bool[1, 1, s0, s0]"""))
+    with pytest.raises(NotAServingCapture, match="not causal"):
+        serve_kv_cache(g, _ctx())
+
+
+@pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("kind", ["decode", "mixed"])
-def test_cpu_kernel_matches_reference(kind):
+def test_cpu_kernel_matches_reference(kind, window):
     """backends/paged_attention.py (the cpu/cuda kernel) against kiln_ref.paged_attention."""
     from kiln.backends.paged_attention import paged_attention
     from kiln.ir.kiln_ref import paged_attention as reference
@@ -234,8 +285,8 @@ def test_cpu_kernel_matches_reference(kind):
     meta = (torch.tensor(slots), bt, torch.tensor(ctx, dtype=torch.int32),
             torch.tensor(qstart, dtype=torch.int32))
     kc2, vc2 = kc.clone(), vc.clone()
-    want = reference(q, k, v, kc, vc, *meta, scale=0.3)
-    got = paged_attention(q, k, v, kc2, vc2, *meta, scale=0.3)
+    want = reference(q, k, v, kc, vc, *meta, scale=0.3, window=window)
+    got = paged_attention(q, k, v, kc2, vc2, *meta, scale=0.3, window=window)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
     assert rel_err(got, want) < 1e-6
 
