@@ -21,6 +21,10 @@ _graph_ids = itertools.count()
 class CompiledGraph:
     """A compiled kiln graph: call it with the graph's inputs, in order."""
 
+    # Callables (compiled graph, args, outputs) told of every call while present: how a loop
+    # that kiln owns (kiln.generate) learns which tensors a step passes.
+    watchers: list = []
+
     def __init__(self, graph: Graph, source: str, fn, stats: str, snapshots, seconds: float,
                  target: str, prepare: Graph | None = None, cuda_graphs=None):
         self.graph = graph
@@ -34,7 +38,10 @@ class CompiledGraph:
         self.target = target
 
     def __call__(self, *args):
-        return self.fn(*args)
+        out = self.fn(*args)
+        for watch in CompiledGraph.watchers:
+            watch(self, args, out)
+        return out
 
     @property
     def replays(self) -> int:

@@ -1,13 +1,24 @@
 """Greedy/sampled generation with an HF model and a StaticCache in a plain loop: the
-loop `kiln generate` runs and the benchmarks time (same loop for every backend)."""
+loop `kiln generate` runs and the benchmarks time (same loop for every backend).
+
+The loop is kiln's, so with a kiln-compiled model it need not pay for the model's Python
+forward, dynamo's frame and AOTAutograd's wrappers on every token (several hundred us of
+host time a step, more than a small model's whole step on a GPU): `DirectDecode` watches
+two decode steps go through `torch.compile`, learns which of the compiled graph's
+arguments stay the same objects (weights, the StaticCache's tensors) and which are the
+step's token and position, and from then on calls the compiled graph with just those.
+"""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
 import torch
 
 from kiln.frontends.hf import cache_call_kwargs
+
+from .driver import CompiledGraph
 
 
 @dataclass
@@ -18,10 +29,74 @@ class Generation:
     first_decode_seconds: float  # the first decode step (compiles the decode graph)
     decode_seconds: float      # the remaining steps: steady-state decode
     decode_steps: int
+    direct: str = "off"        # DirectDecode's state at the end: "bound", or why not
 
     @property
     def decode_tokens_per_second(self) -> float:
         return self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else 0.0
+
+
+class DirectDecode:
+    """Decode steps straight into the kiln graph that `torch.compile` built for them.
+
+    `watch(ids, pos)` wraps a step run the ordinary way and records the kiln graph call it
+    made. After two such steps that called the same graph, each argument must be either
+    the same object both times (bound) or the step's `ids` (or `pos`) tensor; the graph must
+    return one tensor, the logits the model returned (an int output is Python state, such
+    as a sliding-window cache's length, that dynamo sets after the call: such models stay
+    on the ordinary path). Anything else leaves `bound` None and says why in `reason`.
+    """
+
+    def __init__(self):
+        self.seen: list = []      # per watched step: (graph, args, outputs, ids, pos, logits)
+        self.bound = None         # (graph, args template, ids index, pos index)
+        self.reason = "not watched yet"
+
+    @contextlib.contextmanager
+    def watch(self, ids, pos):
+        calls = []
+        CompiledGraph.watchers.append(lambda g, args, out: calls.append((g, args, out)))
+        try:
+            yield calls
+        finally:
+            CompiledGraph.watchers.pop()
+        self._calls, self._ids, self._pos = calls, ids, pos
+
+    def saw(self, logits) -> None:
+        """The logits the watched step returned; binds after the second step."""
+        if len(self._calls) != 1:
+            self.reason = f"a step made {len(self._calls)} kiln graph calls, not 1"
+            self.seen.clear()
+            return
+        self.seen = (self.seen + [(*self._calls[0], self._ids, self._pos, logits)])[-2:]
+        if len(self.seen) == 2:
+            self.bound, self.reason = self._bind()
+
+    def _bind(self):
+        (g0, a0, _, _, _, _), (g1, a1, out, ids, pos, logits) = self.seen
+        if g0 is not g1 or len(a0) != len(a1):
+            return None, "consecutive steps called different graphs"
+        if len(out) != 1 or out[0] is not logits:
+            return None, (f"the graph returns {len(out)} values (Python state it updates, "
+                          f"or not the logits the model returned)")
+        template, where = list(a1), {}
+        for i, (x, y) in enumerate(zip(a0, a1)):
+            if y is ids or y is pos:
+                where["ids" if y is ids else "pos"] = i
+            elif x is not y:
+                return None, f"argument {i} changes between steps and is not the token or position"
+        if "ids" not in where:
+            return None, "the token is not an argument of the graph"
+        # No position argument: the cache keeps its own (transformers 5.24's StaticCache
+        # counts its length in a tensor the graph updates).
+        return (g1, template, where["ids"], where.get("pos")), "bound"
+
+    def __call__(self, ids, pos):
+        graph, args, i_ids, i_pos = self.bound
+        args[i_ids] = ids
+        if i_pos is not None:
+            args[i_pos] = pos
+        return graph(*args)[0]
 
 
 def make_cache(model, max_cache_len: int):
@@ -32,7 +107,7 @@ def make_cache(model, max_cache_len: int):
 @torch.no_grad()
 def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
            eos_token_id: int | list[int] | None = None, cache=None, prefill_fn=None,
-           mark_dynamic: bool = True) -> Generation:
+           mark_dynamic: bool = True, direct: bool = True) -> Generation:
     """Greedy decoding: one prefill call, then one call per token, with a StaticCache.
 
     `model_fn` is the (possibly compiled) model; `config_model` the HF model it wraps (for
@@ -41,7 +116,8 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
     CUDA graphs stay valid across runs. `prefill_fn` (default `model_fn`) runs the prompt:
     transformers' own recipe for `mode="reduce-overhead"` is an eager prefill, which also
     allocates the StaticCache and marks its tensors static addresses, then compiled decode
-    steps of one fixed shape (`mark_dynamic=False`)."""
+    steps of one fixed shape (`mark_dynamic=False`). `direct`: once two decode steps show
+    how, call a kiln-compiled graph directly (`DirectDecode`; other backends never bind)."""
     batch, prompt_len = input_ids.shape
     if cache is None:
         cache = make_cache(config_model, prompt_len + max_new_tokens)
@@ -62,25 +138,37 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
     t1 = time.perf_counter()
     out = [token]
     t_first = None
+    # The position stays on the device and steps there: a host tensor would be copied in
+    # on every step, and a copy from pageable memory waits for the GPU to drain.
+    pos = positions[-1:].clone()
+    direct = DirectDecode() if direct else None
     for step in range(max_new_tokens - 1):
         if step == 1:
             sync()
             t_first = time.perf_counter()
-        if batch == 1 and int(token[0]) in eos:
+        if eos and batch == 1 and int(token[0]) in eos:   # reads the token: a sync, so only with eos
             break
         ids = token[:, None]
         mark(ids, 0)
-        pos = torch.tensor([prompt_len + step], device=input_ids.device)
-        logits = model_fn(input_ids=ids, logits_to_keep=1,
-                          **cache_call_kwargs(config_model, cache, pos)).logits
+        pos = pos + 1
+        if direct is not None and direct.bound is not None:
+            logits = direct(ids, pos)
+        else:
+            with direct.watch(ids, pos) if direct is not None else contextlib.nullcontext():
+                logits = model_fn(input_ids=ids, logits_to_keep=1,
+                                  **cache_call_kwargs(config_model, cache, pos)).logits
+            if direct is not None:
+                direct.saw(logits)
         token = logits[:, -1].argmax(-1)
         out.append(token)
     sync()
     t2 = time.perf_counter()
     tokens = torch.stack(out, dim=1)[0].tolist()
+    bound = direct.reason if direct is not None else "off"
     if t_first is None:
-        return Generation(tokens, prompt_len, t1 - t0, t2 - t1, 0.0, 0)
-    return Generation(tokens, prompt_len, t1 - t0, t_first - t1, t2 - t_first, len(out) - 2)
+        return Generation(tokens, prompt_len, t1 - t0, t2 - t1, 0.0, 0, bound)
+    return Generation(tokens, prompt_len, t1 - t0, t_first - t1, t2 - t_first, len(out) - 2,
+                      bound)
 
 
 def chat_input_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
