@@ -6,7 +6,11 @@ Two paths, picked by the launcher:
   rows, batch * query head); it walks the KV range in BLOCK_N tiles with an online
   softmax (running max `m`, running sum `l`, fp32 accumulator). With `causal` the tiles
   above the diagonal are never visited, and the tiles wholly below it run without any
-  per-element masking; only the diagonal band and the ragged tail are masked.
+  per-element masking; only the diagonal band and the ragged tail are masked. With a
+  `window` the loop starts at the first tile the block's first row can see, the tiles
+  its last row sees in full (up to the diagonal) again run unmasked, and the band at the
+  window's edge is masked like the diagonal one: a block visits about
+  (window + BLOCK_M) / BLOCK_N tiles however long the keys.
 * decode (Sq <= DECODE_MAX_SQ): flash-decoding. The KV range is cut into partitions of
   `split` keys; one program per (partition, batch * KV head, row block) computes partial
   (m, l, acc) for *all* the query rows that read that KV head (GROUP query heads x Sq
@@ -16,14 +20,19 @@ Two paths, picked by the launcher:
   output itself. (Letting the last partition to finish do the combining, through an
   atomic counter, saves that launch but measured slower on an H100 at batch 1: 21 vs
   19 us at 8k keys, 59 vs 52 us at 32k, as one program then combines a whole tile's
-  rows serially.)
+  rows serially.) With a `window` the partitions cover only the keys from the tile
+  holding the first key any query sees (`window_start`, known from shapes), so neither
+  the grid nor the split grows with the keys left of the window.
 
 Shared details:
 * GQA: query head h reads KV head h // GROUP; repeat_kv is never materialised.
 * Any strides for q/k/v (the launcher only copies when the last dim is not contiguous).
 * `mask` broadcasts to [B, Hq, Sq, Skv]: broadcast dims get stride 0, nothing is expanded
   in memory. Bool masks are read as int8 (a free view); additive masks in their own dtype.
-* Causal is aligned bottom-right: query i sees key j iff j <= i + Skv - Sq.
+* Causal is aligned bottom-right: query i sees key j iff j <= i + Skv - Sq. A window
+  is aligned the same way: query i sees key j only if i + Skv - Sq - j < window, causal
+  or not. The window is a runtime argument behind the HAS_WINDOW constexpr, so kernels
+  without one compile as they did before windows existed.
 * Softmax runs in base 2 (scale * log2 e folded into the QK scale), except with an
   additive mask, where it runs in base e so that a mask of finfo(float32).min (what HF
   uses) stays finite exactly as in the reference instead of overflowing when multiplied
@@ -120,15 +129,17 @@ def _exp(x, USE_EXP2: tl.constexpr):
 
 @triton.jit
 def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, q_idx, row_ok, offs_n, offs_d,
-                stride_ks, stride_vs, stride_mn, lo, hi, SKV, diag, qk_scale,
+                stride_ks, stride_vs, stride_mn, lo, hi, SKV, diag, WINDOW, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASKED: tl.constexpr,
-                FP32_DOT: tl.constexpr):
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
+                MASKED: tl.constexpr, FP32_DOT: tl.constexpr):
     """Online softmax over the keys [lo, hi) in BLOCK_N steps.
 
-    q_idx: per tile row, the query index i (for the causal test j <= i + diag).
-    MASKED: apply the key bound and the causal test (the diagonal band and the tail);
-    tiles known to be fully visible skip both. The user mask applies everywhere.
+    q_idx: per tile row, the query index i, at position i + diag (for the causal test
+    j <= i + diag and the window test i + diag - j < WINDOW).
+    MASKED: apply the key bound, the causal and the window test (the bands at the edges
+    of the visible range and the tail); tiles known to be fully visible skip all three.
+    The user mask applies everywhere.
     """
     USE_EXP2: tl.constexpr = MASK_KIND != 2
     d_ok = offs_d < HEAD_DIM
@@ -156,6 +167,8 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, q_idx, row_ok, offs
             keep = (cols < SKV)[None, :]
             if CAUSAL:
                 keep = keep & (cols[None, :] <= q_idx[:, None] + diag)
+            if HAS_WINDOW:
+                keep = keep & (cols[None, :] > q_idx[:, None] + diag - WINDOW)
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with nothing visible yet keep m = -inf: subtract 0 instead (no inf - inf).
@@ -182,10 +195,10 @@ def _attn_prefill_kernel(
         stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os,
         stride_mb, stride_mh, stride_mm, stride_mn,
-        H, SQ, SKV, GROUP, qk_scale,
+        H, SQ, SKV, GROUP, WINDOW, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-        FP32_DOT: tl.constexpr):
+        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr):
     """O[b, h, rows] for one BLOCK_M block of query rows of one (batch, query head)."""
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -222,15 +235,30 @@ def _attn_prefill_kernel(
         hi = SKV
         full_hi = SKV
     full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:
+        # Tiles left of what the block's first row sees are skipped; from the first tile
+        # its last row sees in full, every row sees them all (up to full_hi). The band
+        # in between is masked; when the window is narrower than the span of the block's
+        # rows, that band reaches full_hi and no tile runs unmasked.
+        lo = (tl.maximum(pid_m * BLOCK_M + diag - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+        last_row = tl.minimum((pid_m + 1) * BLOCK_M, SQ) - 1
+        full_lo = tl.cdiv(tl.maximum(last_row + diag - WINDOW + 1, 0), BLOCK_N) * BLOCK_N
+        full_lo = tl.minimum(full_lo, full_hi)
+        acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, offs_m, row_ok,
+                                    offs_n, offs_d, stride_ks, stride_vs, stride_mn, lo, full_lo,
+                                    SKV, diag, WINDOW, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                    CAUSAL, HAS_WINDOW, MASK_KIND, True, FP32_DOT)
+    else:
+        full_lo = 0
 
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, offs_m, row_ok,
-                                offs_n, offs_d, stride_ks, stride_vs, stride_mn, 0, full_hi,
-                                SKV, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
-                                MASK_KIND, False, FP32_DOT)
+                                offs_n, offs_d, stride_ks, stride_vs, stride_mn, full_lo, full_hi,
+                                SKV, diag, WINDOW, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
+                                HAS_WINDOW, MASK_KIND, False, FP32_DOT)
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, offs_m, row_ok,
                                 offs_n, offs_d, stride_ks, stride_vs, stride_mn, full_hi, hi,
-                                SKV, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
-                                MASK_KIND, True, FP32_DOT)
+                                SKV, diag, WINDOW, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
+                                HAS_WINDOW, MASK_KIND, True, FP32_DOT)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -246,12 +274,14 @@ def _attn_decode_kernel(
         stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os,
         stride_mb, stride_mh, stride_mm, stride_mn,
-        HKV, SQ, SKV, GROUP, qk_scale, SPLIT, NUM_SPLITS,
+        HKV, SQ, SKV, GROUP, WINDOW, qk_scale, SPLIT, NUM_SPLITS,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-        FP32_DOT: tl.constexpr, DIRECT: tl.constexpr):
+        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, DIRECT: tl.constexpr):
     """One KV partition of one (batch, KV head) for BLOCK_M of its GROUP * SQ query rows.
 
+    Partition s holds the keys [start + s * SPLIT, start + (s + 1) * SPLIT): start is 0,
+    or with a window the tile holding the first key query 0 sees (`window_start`).
     Row r of the tile is query head hk * GROUP + r // SQ, query r % SQ. DIRECT (a single
     partition): write the normalised output to O. Otherwise write the partial results,
     PACC[row, split, :] = acc and PML[row, split, 0:2] = (m, l), row = (b*H + h)*SQ + i,
@@ -282,11 +312,13 @@ def _attn_decode_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo = split * SPLIT
+    if HAS_WINDOW:
+        lo += (tl.maximum(SKV - SQ - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
     hi = tl.minimum(lo + SPLIT, SKV)
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, qi, row_ok,
                                 offs_n, offs_d, stride_ks, stride_vs, stride_mn, lo, hi,
-                                SKV, SKV - SQ, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
-                                MASK_KIND, True, FP32_DOT)
+                                SKV, SKV - SQ, WINDOW, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                CAUSAL, HAS_WINDOW, MASK_KIND, True, FP32_DOT)
     o_ptrs = O + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_os + offs_d[None, :]
     if DIRECT:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -379,8 +411,21 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _prepare(q, k, v, mask, scale, out):
+def check_window(window, op: str) -> None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise ValueError(f"{op}: window {window!r}; expected a positive int or None")
+
+
+def window_start(skv: int, sq: int, window: int, block_n: int) -> int:
+    """The first key any of `sq` queries at the last sq of `skv` positions sees under
+    `window`, rounded down to a BLOCK_N tile: decode partitions start there."""
+    return max(skv - sq - window + 1, 0) // block_n * block_n
+
+
+def _prepare(q, k, v, mask, scale, window, out):
     _check(q, k, v)
+    check_window(window, "attention")
     b, hq, sq, d = q.shape
     skv = k.shape[2]
     if scale is None:
@@ -399,10 +444,10 @@ def _strides3(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def attention_prefill(q, k, v, mask=None, scale=None, causal=False, *, out=None,
+def attention_prefill(q, k, v, mask=None, scale=None, causal=False, window=None, *, out=None,
                       config: AttnConfig | None = None):
     """Flash-attention path (any Sq). `config` overrides the tile table (tests use it)."""
-    q, k, v, out, mt, kind, mstr, qk_scale = _prepare(q, k, v, mask, scale, out)
+    q, k, v, out, mt, kind, mstr, qk_scale = _prepare(q, k, v, mask, scale, window, out)
     b, hq, sq, d = q.shape
     skv = k.shape[2]
     if out.numel() == 0:
@@ -412,10 +457,10 @@ def attention_prefill(q, k, v, mask=None, scale=None, causal=False, *, out=None,
     grid = (triton.cdiv(sq, cfg.block_m), b * hq)
     _attn_prefill_kernel[grid](
         q, k, v, out, mt, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *mstr,
-        hq, sq, skv, hq // k.shape[1], qk_scale,
+        hq, sq, skv, hq // k.shape[1], window or 0, qk_scale,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=bool(causal), MASK_KIND=kind, FP32_DOT=q.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        CAUSAL=bool(causal), HAS_WINDOW=window is not None, MASK_KIND=kind,
+        FP32_DOT=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -445,11 +490,12 @@ def decode_split(b: int, hkv: int, row_blocks: int, skv: int, block_n: int, num_
     return -(-split // block_n) * block_n
 
 
-def attention_decode(q, k, v, mask=None, scale=None, causal=False, *, out=None,
+def attention_decode(q, k, v, mask=None, scale=None, causal=False, window=None, *, out=None,
                      config: AttnConfig | None = None, split: int | None = None):
     """Flash-decoding path (meant for small Sq). `split`: keys per partition (a multiple of
-    the tile's BLOCK_N), chosen from the machine's SM count when None."""
-    q, k, v, out, mt, kind, mstr, qk_scale = _prepare(q, k, v, mask, scale, out)
+    the tile's BLOCK_N), chosen from the machine's SM count when None. With a window the
+    partitions cover only the keys from `window_start` on."""
+    q, k, v, out, mt, kind, mstr, qk_scale = _prepare(q, k, v, mask, scale, window, out)
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     if out.numel() == 0:
@@ -460,12 +506,13 @@ def attention_decode(q, k, v, mask=None, scale=None, causal=False, *, out=None,
     rows = group * sq
     block_m = config.block_m if config else min(64, max(base.block_m, triton.next_power_of_2(rows)))
     row_blocks = triton.cdiv(rows, block_m)
+    keys = skv - window_start(skv, sq, window, base.block_n) if window is not None else skv
     if split is None:
-        split = decode_split(b, hkv, row_blocks, max(skv, 1), base.block_n, _num_sms(q.device))
+        split = decode_split(b, hkv, row_blocks, max(keys, 1), base.block_n, _num_sms(q.device))
     elif split % base.block_n:
         raise ValueError(f"attention_decode: split {split} is not a multiple of BLOCK_N "
                          f"{base.block_n}")
-    num_splits = max(1, triton.cdiv(skv, split))
+    num_splits = max(1, triton.cdiv(keys, split))
     direct = num_splits == 1
     if direct:
         pacc = pml = torch.empty(1, dtype=torch.float32, device=q.device)
@@ -476,9 +523,10 @@ def attention_decode(q, k, v, mask=None, scale=None, causal=False, *, out=None,
     _attn_decode_kernel[grid](
         q, k, v, out, mt, pacc, pml,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *mstr,
-        hkv, sq, skv, group, qk_scale, split, num_splits,
+        hkv, sq, skv, group, window or 0, qk_scale, split, num_splits,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=base.block_n,
-        CAUSAL=bool(causal), MASK_KIND=kind, FP32_DOT=q.dtype == torch.float32, DIRECT=direct,
+        CAUSAL=bool(causal), HAS_WINDOW=window is not None, MASK_KIND=kind,
+        FP32_DOT=q.dtype == torch.float32, DIRECT=direct,
         num_warps=base.num_warps, num_stages=base.num_stages)
     if not direct:
         _attn_reduce_kernel[(b * hq * sq,)](
@@ -489,14 +537,16 @@ def attention_decode(q, k, v, mask=None, scale=None, causal=False, *, out=None,
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              scale: float | None = None, causal: bool = False, *,
+              scale: float | None = None, causal: bool = False, window: int | None = None, *,
               out: torch.Tensor | None = None) -> torch.Tensor:
     """kiln_ref.attention: q [B,Hq,Sq,D], k/v [B,Hkv,Skv,D] (any strides), optional mask
     broadcastable to [B,Hq,Sq,Skv] (bool: True attends; float: added), causal aligned
-    bottom-right; returns [B,Hq,Sq,D] in q's dtype (written into `out` when given)."""
+    bottom-right, optional sliding `window` (query i sees key j only when
+    i + Skv - Sq - j < window); returns [B,Hq,Sq,D] in q's dtype (written into `out` when
+    given)."""
     if q.dim() == 4 and q.shape[2] <= DECODE_MAX_SQ:
-        return attention_decode(q, k, v, mask, scale, causal, out=out)
-    return attention_prefill(q, k, v, mask, scale, causal, out=out)
+        return attention_decode(q, k, v, mask, scale, causal, window, out=out)
+    return attention_prefill(q, k, v, mask, scale, causal, window, out=out)
 
 
 # --------------------------------------------------------------------------- AOT variants
@@ -505,39 +555,47 @@ _DT = {"fp16": "f16", "bf16": "bf16"}
 _STRIDES = ["stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks",
             "stride_vb", "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_os"]
 _MASK_STRIDES = ["stride_mb", "stride_mh", "stride_mm", "stride_mn"]
-# What the models need: causal prefill without a mask, or a (StaticCache-style) bool mask.
-_AOT_VARIANTS = ((True, MASK_NONE), (False, MASK_BOOL))
+# What the models need, as (causal, mask kind, window): causal prefill without a mask,
+# the same with a sliding window, or a (StaticCache-style) bool mask.
+_AOT_VARIANTS = ((True, MASK_NONE, False), (True, MASK_NONE, True), (False, MASK_BOOL, False))
+
+
+def _variant_name(causal: bool, kind: int, window: bool) -> str:
+    return "".join(suffix for suffix, on in (("_causal", causal), ("_boolmask", kind),
+                                             ("_window", window)) if on)
 
 
 def _attn_types(dt: str, extra: dict) -> dict:
     p = "*" + dt
-    types = {"Q": p, "K": p, "V": p, "O": p, "MASK": "*i8"}
+    types = {"Q": p, "K": p, "V": p, "O": p, "MASK": "*i8", "WINDOW": "i32"}
     types.update({s: "i32" for s in _STRIDES + _MASK_STRIDES})
     types.update(extra)
     return types
 
 
-def _prefill_spec(dt: str, d: int, causal: bool, kind: int):
+def _prefill_spec(dt: str, d: int, causal: bool, kind: int, window: bool):
     cfg = (PREFILL_MASKED_CONFIGS if kind else PREFILL_CONFIGS)[d]
-    name = f"attn_prefill_{_DT[dt]}_d{d}{'_causal' if causal else ''}{'_boolmask' if kind else ''}"
+    name = f"attn_prefill_{_DT[dt]}_d{d}{_variant_name(causal, kind, window)}"
     types = _attn_types(dt, {"H": "i32", "SQ": "i32", "SKV": "i32", "GROUP": "i32",
                              "qk_scale": "fp32"})
     return make_spec(name, _attn_prefill_kernel, types,
                      {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                      "CAUSAL": causal, "MASK_KIND": kind, "FP32_DOT": False},
+                      "CAUSAL": causal, "HAS_WINDOW": window, "MASK_KIND": kind,
+                      "FP32_DOT": False},
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                      divisible_by_16=("Q", "K", "V", "O", *_STRIDES))
 
 
-def _decode_spec(dt: str, d: int, causal: bool, kind: int):
+def _decode_spec(dt: str, d: int, causal: bool, kind: int, window: bool):
     cfg = DECODE_CONFIGS[d]
-    name = f"attn_decode_{_DT[dt]}_d{d}{'_causal' if causal else ''}{'_boolmask' if kind else ''}"
+    name = f"attn_decode_{_DT[dt]}_d{d}{_variant_name(causal, kind, window)}"
     types = _attn_types(dt, {"PACC": "*fp32", "PML": "*fp32", "HKV": "i32", "SQ": "i32",
                              "SKV": "i32", "GROUP": "i32", "qk_scale": "fp32", "SPLIT": "i32",
                              "NUM_SPLITS": "i32"})
     return make_spec(name, _attn_decode_kernel, types,
                      {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                      "CAUSAL": causal, "MASK_KIND": kind, "FP32_DOT": False, "DIRECT": False},
+                      "CAUSAL": causal, "HAS_WINDOW": window, "MASK_KIND": kind,
+                      "FP32_DOT": False, "DIRECT": False},
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                      divisible_by_16=("Q", "K", "V", "O", "PACC", "PML", *_STRIDES))
 
@@ -551,7 +609,7 @@ def _reduce_spec(dt: str, d: int):
 
 
 AOT_SPECS = (
-    [_prefill_spec(dt, d, c, m) for dt in _DT for d in (64, 128) for c, m in _AOT_VARIANTS]
-    + [_decode_spec(dt, d, c, m) for dt in _DT for d in (64, 128) for c, m in _AOT_VARIANTS]
+    [_prefill_spec(dt, d, *variant) for dt in _DT for d in (64, 128) for variant in _AOT_VARIANTS]
+    + [_decode_spec(dt, d, *variant) for dt in _DT for d in (64, 128) for variant in _AOT_VARIANTS]
     + [_reduce_spec(dt, d) for dt in _DT for d in (64, 128)]
 )

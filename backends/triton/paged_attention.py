@@ -26,12 +26,20 @@ Why it is shaped the way it is:
 * Causal limits per tile: keys past the tile's last token are never visited, keys that
   every row of the tile may see run without masks, and only the band in between (and the
   last, ragged tile) is masked. Online softmax in base 2 in fp32, as in attention.py.
+* A sliding `window` (a runtime argument behind the HAS_WINDOW constexpr: kernels
+  without one compile as before) limits each tile from the left the same way: tiles
+  left of what its first token sees are never visited, and the band at the window's
+  edge is masked like the causal one, so a long context costs a windowed tile only the
+  keys near it. The window is an attribute of the graph, not data, so it may shape the
+  launch.
 * Split-KV (flash-decoding) for decode batches with too few (sequence, KV head) programs
   to fill the machine: the context is cut into NUM_SPLITS slices of SPLIT keys, each
   program writes a partial (m, l, acc), and attention.py's reduction kernel combines them.
   The split is chosen from the block table's width (the padded maximum context), N and
   Hkv, never from context_lens, so it is fixed per captured bucket; slices past a
   sequence's real context write an empty partial and cost a launch slot, nothing more.
+  With a window the slices start at the tile holding a sequence's first visible key, not
+  at key 0, so they need only cover window + BLOCK_N - 1 keys, however wide the table.
 * The cache write is its own tiny kernel launched first: every attention program reads
   keys that other programs' tokens wrote (a prefill chunk reads its own new tokens), and
   there is no grid-wide barrier inside one launch.
@@ -49,7 +57,7 @@ import triton.language as tl
 
 from .aot import make_spec
 from .attention import (DECODE_CONFIGS, LOG2E, REDUCE_BLOCK_S, AttnConfig, _attn_reduce_kernel,
-                        _config, _mma, _num_sms, decode_split)
+                        _config, _mma, _num_sms, check_window, decode_split)
 
 # Prefill / mixed-batch tiles per head dim (BLOCK_M rows = tokens x folded query heads).
 # Shared memory at d=128, 3 stages: Q 32 KB + 3 x (K 16 KB + V 16 KB) = 128 KB. Not swept.
@@ -89,12 +97,14 @@ def _cache_write_kernel(K, V, KC, VC, SLOT,
 
 @triton.jit
 def _paged_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, qpos, offs_n, offs_d,
-                 stride_kb, stride_ks, stride_vb, stride_vs, lo, hi, qk_scale,
+                 stride_kb, stride_ks, stride_vb, stride_vs, lo, hi, WINDOW, qk_scale,
                  BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FP32_DOT: tl.constexpr):
+                 BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+                 FP32_DOT: tl.constexpr):
     """Online softmax over context keys [lo, hi) in BLOCK_N steps, read through the block
-    table row `bt_row`. MASKED: apply the key bound and the causal test (key <= qpos of
-    the row); tiles every row may see in full skip both."""
+    table row `bt_row`. MASKED: apply the key bound, the causal test (key <= qpos of the
+    row) and the window test (qpos - key < WINDOW); tiles every row may see in full skip
+    all three."""
     d_ok = offs_d < HEAD_DIM
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
@@ -115,6 +125,8 @@ def _paged_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, qpos, offs_n, offs_d,
         s = _mma(q, k.to(q.dtype), FP32_DOT) * qk_scale
         if MASKED:
             keep = pos_ok[None, :] & (pos[None, :] <= qpos[:, None])
+            if HAS_WINDOW:
+                keep = keep & (pos[None, :] > qpos[:, None] - WINDOW)
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with nothing visible yet keep m = -inf: subtract 0 instead (no inf - inf).
@@ -138,12 +150,15 @@ def _paged_attn_kernel(
         Q, KC, VC, O, BT, CTX, QS, PACC, PML,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        N, GROUP, BLOCK_Q, qk_scale, SPLIT, NUM_SPLITS,
+        N, GROUP, BLOCK_Q, WINDOW, qk_scale, SPLIT, NUM_SPLITS,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_DECODE: tl.constexpr,
-        DIRECT: tl.constexpr, FP32_DOT: tl.constexpr):
+        HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr, FP32_DOT: tl.constexpr):
     """One query tile (BLOCK_Q tokens x GROUP query heads) of one sequence, for KV head
     program_id(1), over KV slice program_id(2).
+
+    Keys are visited from 0, or with a window from the tile holding the first key the
+    tile's first token sees; slice s holds the SPLIT keys from SPLIT * s past that.
 
     DIRECT: one slice; normalise and write O. Otherwise write the slice's partials
     PACC[slot, :] = acc, PML[slot, 0:2] = (m, l) with slot = (token * Hq + head) *
@@ -194,22 +209,39 @@ def _paged_attn_kernel(
     # Keys the tile's last token sees (end) and keys all its tokens see (full).
     end = ctx - n + tl.minimum(q0 + BLOCK_Q, n)
     full = ctx - n + q0 + 1
-    if DIRECT:
-        lo_k = 0
-    else:
-        lo_k = split * SPLIT
+    lo_k = 0
+    if HAS_WINDOW:
+        # The tile's first token sees keys from full - WINDOW on, its last from
+        # end - WINDOW on: tiles left of the first are skipped, and every token sees
+        # those from the last (rounded up to a tile) to `full`.
+        lo_k = (tl.maximum(full - WINDOW, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(end - WINDOW, 0), BLOCK_N) * BLOCK_N
+    if not DIRECT:
+        lo_k += split * SPLIT
         end = tl.minimum(end, lo_k + SPLIT)
     full_end = tl.maximum(tl.minimum(end, (full // BLOCK_N) * BLOCK_N), lo_k)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_WINDOW:
+        # The band at the window's edge; it reaches full_end when the window is narrower
+        # than the span of the tile's tokens, and then no tile runs unmasked.
+        full_lo = tl.minimum(tl.maximum(full_lo, lo_k), full_end)
+        acc, l_i, m_i = _paged_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, qpos, offs_n,
+                                     offs_d, stride_kb, stride_ks, stride_vb, stride_vs, lo_k,
+                                     full_lo, WINDOW, qk_scale, BLOCK_SIZE, HEAD_DIM, BLOCK_D,
+                                     BLOCK_N, HAS_WINDOW, True, FP32_DOT)
+    else:
+        full_lo = lo_k
     acc, l_i, m_i = _paged_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, qpos, offs_n, offs_d,
-                                 stride_kb, stride_ks, stride_vb, stride_vs, lo_k, full_end,
-                                 qk_scale, BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, False, FP32_DOT)
+                                 stride_kb, stride_ks, stride_vb, stride_vs, full_lo, full_end,
+                                 WINDOW, qk_scale, BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                 HAS_WINDOW, False, FP32_DOT)
     acc, l_i, m_i = _paged_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, qpos, offs_n, offs_d,
                                  stride_kb, stride_ks, stride_vb, stride_vs, full_end, end,
-                                 qk_scale, BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, True, FP32_DOT)
+                                 WINDOW, qk_scale, BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                 HAS_WINDOW, True, FP32_DOT)
     if DIRECT:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -281,13 +313,14 @@ def decode_splits(n: int, hkv: int, max_keys: int, block_n: int, num_sms: int) -
 
 
 def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens,
-                    query_start, scale, *, config: AttnConfig | None = None,
+                    query_start, scale, window=None, *, config: AttnConfig | None = None,
                     split: int | None = None):
-    """kiln_ref.paged_attention on a GPU (or under TRITON_INTERPRET). Only shapes decide the
-    launch, so a decode step can be captured into a CUDA graph. `config` overrides the tile
-    table and `split` (keys per slice, a multiple of BLOCK_N; decode batches only) the
-    split-KV choice; tests use both."""
+    """kiln_ref.paged_attention on a GPU (or under TRITON_INTERPRET). Only shapes (and the
+    `window` attribute) decide the launch, so a decode step can be captured into a CUDA
+    graph. `config` overrides the tile table and `split` (keys per slice, a multiple of
+    BLOCK_N; decode batches only) the split-KV choice; tests use both."""
     _check(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, query_start)
+    check_window(window, "paged_attention")
     write_cache(k, v, k_cache, v_cache, slot_mapping)
     t, hq, d = q.shape
     _, bs, hkv, _ = k_cache.shape
@@ -302,14 +335,19 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
     block_m = max(cfg.block_m, triton.next_power_of_2(group))
     if decode:
         block_q, grid0 = 1, n
-        max_keys = block_tables.shape[1] * bs
+        # Keys the slices must cover: the table's width, or, as with a window they start
+        # at the tile holding the token's first visible key, at most the window plus
+        # that tile's keys before it.
+        span = block_tables.shape[1] * bs
+        if window is not None:
+            span = min(span, window + cfg.block_n - 1)
         if split is None:
-            split, num_splits = decode_splits(n, hkv, max_keys, cfg.block_n, _num_sms(q.device))
+            split, num_splits = decode_splits(n, hkv, span, cfg.block_n, _num_sms(q.device))
         elif split % cfg.block_n:
             raise ValueError(f"paged_attention: split {split} is not a multiple of BLOCK_N "
                              f"{cfg.block_n}")
         else:
-            num_splits = max(1, triton.cdiv(max_keys, split))
+            num_splits = max(1, triton.cdiv(span, split))
     else:
         block_q = block_m // group
         grid0 = t // block_q + n
@@ -327,10 +365,10 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
         q, k_cache, v_cache, out, block_tables, context_lens, query_start, pacc, pml,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        n, group, block_q, float(scale) * LOG2E, split, num_splits,
+        n, group, block_q, window or 0, float(scale) * LOG2E, split, num_splits,
         BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        IS_DECODE=decode, DIRECT=direct, FP32_DOT=q.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        IS_DECODE=decode, HAS_WINDOW=window is not None, DIRECT=direct,
+        FP32_DOT=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if not direct:
         _attn_reduce_kernel[(t * hq,)](
             pacc, pml, out, out.stride(0), out.stride(1), 0, hq, 1, num_splits,
@@ -358,19 +396,21 @@ def _write_spec(dt: str, d: int):
                      num_warps=1, divisible_by_16=("K", "V", "KC", "VC", *_WRITE_STRIDES))
 
 
-def _attn_spec(dt: str, d: int, decode: bool, direct: bool):
+def _attn_spec(dt: str, d: int, decode: bool, direct: bool, window: bool):
     cfg = (DECODE_CONFIGS if decode else PREFILL_CONFIGS)[d]
     p = "*" + dt
     types = {"Q": p, "KC": p, "VC": p, "O": p, "BT": "*i32", "CTX": "*i32", "QS": "*i32",
              "PACC": "*fp32", "PML": "*fp32", "stride_bt": "i32", "N": "i32", "GROUP": "i32",
-             "BLOCK_Q": "i32", "qk_scale": "fp32", "SPLIT": "i32", "NUM_SPLITS": "i32"}
+             "BLOCK_Q": "i32", "WINDOW": "i32", "qk_scale": "fp32", "SPLIT": "i32",
+             "NUM_SPLITS": "i32"}
     types.update({s: "i32" for s in _ATTN_STRIDES})
     kind = ("decode" if direct else "decode_split") if decode else "mixed"
+    name = f"paged_attn_{kind}_{_DT[dt]}_d{d}_bs{AOT_BLOCK_SIZE}{'_window' if window else ''}"
     # Decode tiles hold GROUP <= 16 rows: BLOCK_M 16 covers GQA groups 1..16.
-    return make_spec(f"paged_attn_{kind}_{_DT[dt]}_d{d}_bs{AOT_BLOCK_SIZE}", _paged_attn_kernel,
+    return make_spec(name, _paged_attn_kernel,
                      types, {"BLOCK_SIZE": AOT_BLOCK_SIZE, "HEAD_DIM": d, "BLOCK_D": d,
                              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "IS_DECODE": decode,
-                             "DIRECT": direct, "FP32_DOT": False},
+                             "HAS_WINDOW": window, "DIRECT": direct, "FP32_DOT": False},
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                      divisible_by_16=("Q", "KC", "VC", "O", "PACC", "PML", *_ATTN_STRIDES))
 
@@ -378,6 +418,6 @@ def _attn_spec(dt: str, d: int, decode: bool, direct: bool):
 # The split-KV reduction is attention.py's `attn_decode_reduce_*` spec.
 AOT_SPECS = (
     [_write_spec(dt, d) for dt in _DT for d in (64, 128)]
-    + [_attn_spec(dt, d, dec, direct) for dt in _DT for d in (64, 128)
-       for dec, direct in ((True, True), (True, False), (False, True))]
+    + [_attn_spec(dt, d, dec, direct, window) for dt in _DT for d in (64, 128)
+       for dec, direct in ((True, True), (True, False), (False, True)) for window in (False, True)]
 )

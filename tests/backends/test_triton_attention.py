@@ -56,11 +56,25 @@ def qkv(b, hq, hkv, sq, skv, d, dtype, layout="bshd"):
     return make(hq, sq), make(hkv, skv), make(hkv, skv)
 
 
-def check(q, k, v, mask=None, causal=False, scale=None, path="prefill", **kw):
+def poison_left_of_window(k, v, sq, window, block_n):
+    """Copies of k/v with NaN in every key before the tile holding the first key any query
+    sees: a kernel that visits such a tile at all (even masked: 0 * NaN) outputs NaN."""
+    start = attn.window_start(k.shape[2], sq, window, block_n)
+    k, v = k.clone(), v.clone()
+    k[:, :, :start] = float("nan")
+    v[:, :, :start] = float("nan")
+    return k, v
+
+
+def check(q, k, v, mask=None, causal=False, scale=None, path="prefill", window=None, **kw):
+    """With a window and an explicit tile config, the kernel runs on k/v poisoned left of
+    the window (the reference on the clean ones), so skipping those tiles is checked too."""
     fn = {"prefill": attn.attention_prefill, "decode": attn.attention_decode,
           "auto": attn.attention}[path]
-    out = fn(q, k, v, mask, scale, causal, **kw)
-    ref = kiln_ref.attention(q, k, v, mask, scale or 1 / math.sqrt(q.shape[-1]), causal)
+    ref = kiln_ref.attention(q, k, v, mask, scale or 1 / math.sqrt(q.shape[-1]), causal, window)
+    if window is not None and "config" in kw:
+        k, v = poison_left_of_window(k, v, q.shape[2], window, kw["config"].block_n)
+    out = fn(q, k, v, mask, scale, causal, window, **kw)
     assert_close(out, ref, q.dtype)
     return out, ref
 
@@ -191,6 +205,82 @@ def test_decode_split_sizes():
     assert s % 64 == 0 and -(-10**6 // s) <= attn.DECODE_MAX_SPLITS
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [5, 16, 37, 90, 120])
+def test_prefill_window_gqa(dtype, causal, window):
+    """37 queries over 90 keys (a chunk after 53 cached ones), 16 x 16 tiles: three query
+    blocks, each with a left band, unmasked tiles and (causal) a diagonal band; without
+    causal the window only bounds the keys from the left. Windows narrower than a tile,
+    one tile, wider than a query block, all the keys, more than there are."""
+    q, k, v = qkv(1, 4, 2, 37, 90, 64, dtype)
+    check(q, k, v, causal=causal, window=window, config=SMALL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_window_wide_tiles_and_more_queries_than_keys(dtype):
+    """A 32-row block under a 16-key window (the band spans the whole visible range: no
+    tile runs unmasked), the launcher's own tiles, and Sq > Skv where the first queries
+    see nothing."""
+    q, k, v = qkv(2, 2, 1, 70, 130, 64, dtype)
+    check(q, k, v, causal=True, window=16, config=AttnConfig(32, 16, 4, 1))
+    check(q, k, v, causal=True, window=16, path="auto")
+    q, k, v = qkv(1, 2, 2, 40, 24, 64, dtype)
+    out, _ = check(q, k, v, causal=True, window=8, config=SMALL)
+    assert out[:, :, :16].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [1, 20, 40, 83, 100])
+def test_decode_window_split_kv(dtype, causal, window):
+    """Sq = 1 and Sq = 3 over 83 keys in 16-key partitions: the partitions start at the
+    window's first tile (the keys before it are poisoned), so a narrow window leaves a
+    single partition and a wide one several, the last ragged."""
+    q, k, v = qkv(1, 8, 2, 3, 83, 64, dtype)
+    check(q[:, :, -1:], k, v, causal=causal, window=window, path="decode", split=16,
+          config=SMALL)
+    check(q, k, v, causal=causal, window=window, path="decode", split=16,
+          config=AttnConfig(8, 16, 4, 1))
+
+
+def test_decode_window_partitions_cover_only_the_window(monkeypatch):
+    """83 keys in 16-key partitions: 6 without a window; under a 20-key window the first
+    key seen is 63, in the tile from 48, so 3 partitions cover keys 48..82. The default
+    split is chosen from those keys too."""
+    grids = []
+    kernel_class = type(attn._attn_decode_kernel)
+    launch = kernel_class.__getitem__
+
+    def recording_launch(self, grid):
+        if self is attn._attn_decode_kernel:
+            grids.append(grid)
+        return launch(self, grid)
+    monkeypatch.setattr(kernel_class, "__getitem__", recording_launch)
+    assert attn.window_start(83, 1, 20, 16) == 48
+    assert attn.window_start(83, 3, 100, 16) == 0
+    q, k, v = qkv(1, 4, 1, 1, 83, 64, torch.float32)
+    check(q, k, v, causal=True, path="decode", split=16, config=SMALL)
+    check(q, k, v, causal=True, window=20, path="decode", split=16, config=SMALL)
+    assert [g[0] for g in grids] == [6, 3]
+    check(q, k, v, causal=True, window=20, path="auto")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_window_with_bool_mask(dtype, path):
+    """A StaticCache-style bool mask (per-batch fill lengths) and a window together: each
+    query sees the keys both allow."""
+    b, sq, skv = 2, (19 if path == "prefill" else 2), 48
+    q, k, v = qkv(b, 4, 2, sq, skv, 64, dtype)
+    j = torch.arange(skv, device=DEVICE)[None, :]
+    mask = torch.stack([(j < skv - extra) & (j % 7 != 3) for extra in (0, 5)])[:, None]
+    mask = mask.expand(b, 1, sq, skv)
+    kw = {"split": 16} if path == "decode" else {}
+    for causal in (False, True):
+        check(q, k, v, mask=mask, causal=causal, window=21, path=path, config=SMALL, **kw)
+
+
 def test_out_argument_and_errors():
     q, k, v = qkv(1, 4, 2, 20, 20, 64, torch.float32)
     out = torch.empty(q.shape, device=DEVICE)
@@ -202,6 +292,9 @@ def test_out_argument_and_errors():
         attn.attention(q, k, v, torch.ones(2, 20, 20, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="dtype"):
         attn.attention(q, k.half(), v)
+    for window in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="window"):
+            attn.attention(q, k, v, None, None, True, window)
 
 
 def test_aot_specs_are_well_formed():
@@ -210,3 +303,8 @@ def test_aot_specs_are_well_formed():
     for spec in attn.AOT_SPECS:
         assert set(spec.signature) == set(spec.fn.arg_names)
         assert all(spec.signature[c] == "constexpr" for c in spec.constants)
+        if "HAS_WINDOW" in spec.constants:
+            assert spec.constants["HAS_WINDOW"] == spec.name.endswith("_window"), spec.name
+    for dt in ("f16", "bf16"):
+        for path in ("prefill", "decode"):
+            assert f"attn_{path}_{dt}_d128_causal_window" in names

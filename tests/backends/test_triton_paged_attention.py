@@ -59,17 +59,38 @@ def make_batch(seqs, hq, hkv, d, dtype, bs=16, spare_blocks=3, extra_width=0, qk
     return [q, k, v, kc, vc] + [m.to(DEVICE) for m in meta]
 
 
-def check(args, scale=0.3, **kw):
-    """Run the kernel and the reference on copies of the caches; compare both."""
+def poison_left_of_window(caches, meta, window, block_n):
+    """NaN in each sequence's cached keys and values before the tile holding the first key
+    its first new token sees: a kernel that visits such a tile at all (even masked:
+    0 * NaN) outputs NaN. Those are old tokens, which this step does not write."""
+    _, bt, ctx, qs = meta
+    starts = qs.tolist()
+    for i, length in enumerate(ctx.tolist()):
+        n = starts[i + 1] - starts[i]
+        for cache in caches:
+            bs = cache.shape[1]
+            for pos in range(max(length - n - window + 1, 0) // block_n * block_n):
+                cache[bt[i, pos // bs], pos % bs] = float("nan")
+
+
+def check(args, scale=0.3, window=None, **kw):
+    """Run the kernel and the reference on copies of the caches; compare both. With a
+    window and an explicit tile config, the kernel's copies and the reference's written
+    caches are then poisoned left of the window (the same slots in both), so skipping
+    those tiles is checked too."""
     q, k, v, kc, vc, *meta = args
     kc_ref, vc_ref = kc.clone(), vc.clone()
-    want = kiln_ref.paged_attention(q, k, v, kc_ref, vc_ref, *meta, scale=scale)
-    got = pa.paged_attention(q, k, v, kc, vc, *meta, scale=scale, **kw)
+    want = kiln_ref.paged_attention(q, k, v, kc_ref, vc_ref, *meta, scale=scale, window=window)
+    if window is not None and "config" in kw:
+        kc, vc = kc.clone(), vc.clone()
+        poison_left_of_window((kc, vc, kc_ref, vc_ref), meta, window, kw["config"].block_n)
+    got = pa.paged_attention(q, k, v, kc, vc, *meta, scale=scale, window=window, **kw)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert torch.isfinite(got).all(), "non-finite values in kernel output"
     err = ((got.double() - want.double()).norm() / want.double().norm()).item()
     assert err < TOL[q.dtype], f"relative error {err:.3g} >= {TOL[q.dtype]}"
-    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), "caches differ from the reference"
+    assert torch.equal(kc.nan_to_num(), kc_ref.nan_to_num()), "k cache differs from the reference"
+    assert torch.equal(vc.nan_to_num(), vc_ref.nan_to_num()), "v cache differs from the reference"
     return got
 
 
@@ -148,6 +169,62 @@ def test_split_kv_chosen_from_shapes():
     check(args)
 
 
+# Windows of one key, part of a 16-key tile, a tile and a bit, two tiles, and more than
+# any context below.
+WINDOWS = [1, 7, 17, 32, 120]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", WINDOWS)
+def test_decode_window_split_kv(dtype, window):
+    """Decode under a window in 16-key slices over blocks of 8 (half a tile), 4 query heads
+    a KV head: the slices start at each sequence's first visible tile, so the short
+    sequences leave slices empty and a long context costs only the window."""
+    args = make_batch([(100, 1), (3, 1), (40, 1), (0, 1), (63, 1)], 8, 2, 64, dtype, bs=8,
+                      extra_width=1)
+    check(args, window=window, config=SMALL, split=16)
+    check(args, window=window, config=SMALL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", WINDOWS)
+def test_mixed_batch_window(dtype, window):
+    """Chunked prefill under a window: chunks after long cached contexts (n < ctx), a fresh
+    prompt and decodes, 5-token query tiles x 3 heads over 16-key tiles in blocks of 4; a
+    window narrower than a query tile leaves no tile unmasked."""
+    check(make_batch([(3, 1), (9, 41), (0, 1), (60, 12), (30, 2), (47, 20)], 6, 2, 64, dtype,
+                     bs=4), window=window, config=SMALL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_window_default_tiles_and_split(dtype, monkeypatch):
+    """The launcher's own tiles and split under a window, for a decode bucket (a 700-key
+    context over a table padded to 1024 keys: 2 slices of 512 without a window, while the
+    slices need only cover a 100-key window and the tile before it) and a mixed batch with
+    chunks longer than the window."""
+    grids = []
+    kernel_class = type(pa._paged_attn_kernel)
+    launch = kernel_class.__getitem__
+
+    def recording_launch(self, grid):
+        if self is pa._paged_attn_kernel:
+            grids.append(grid)
+        return launch(self, grid)
+    monkeypatch.setattr(kernel_class, "__getitem__", recording_launch)
+    decode = make_batch([(700, 1), (5, 1), (90, 1)], 4, 2, 64, dtype, extra_width=20)
+    check(decode)
+    check(decode, window=100)
+    assert [g[2] for g in grids] == [2, 1]
+    check(make_batch([(5, 1), (120, 30), (0, 90), (2, 1)], 4, 2, 64, dtype), window=40)
+
+
+def test_window_errors():
+    args = make_batch([(4, 1)], 4, 2, 64, torch.float32)
+    for window in (0, -1, 3.0):
+        with pytest.raises(ValueError, match="window"):
+            pa.paged_attention(*args, 0.3, window)
+
+
 @pytest.mark.parametrize("d", [8, 80])
 def test_head_dims_below_16_and_not_powers_of_two(d):
     # Tiny test models use d=8 (padded to a 16-wide tile); 80 pads to 128.
@@ -200,12 +277,13 @@ def test_launch_reads_no_metadata_on_the_host(monkeypatch):
         return run
 
     for seqs in ([(30, 1), (3, 1)], [(30, 4), (3, 1)]):   # decode, mixed
-        q, k, v, kc, vc, *meta = make_batch(seqs, 4, 2, 64, torch.float32)
-        forbid()
-        try:
-            pa.paged_attention(q, k, v, kc, vc, *meta, scale=0.3)
-        finally:
-            monkeypatch.undo()
+        for window in (None, 8):
+            q, k, v, kc, vc, *meta = make_batch(seqs, 4, 2, 64, torch.float32)
+            forbid()
+            try:
+                pa.paged_attention(q, k, v, kc, vc, *meta, scale=0.3, window=window)
+            finally:
+                monkeypatch.undo()
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="tests/serving/test_serving_cuda.py covers a GPU")
