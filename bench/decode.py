@@ -5,7 +5,13 @@
 Prints a table and writes JSON. Each backend gets a fresh dynamo state; "first call" is
 the prefill call including capture/compilation (cold), "decode" the steady-state steps
 after the first decode step (which compiles the decode graph), the median of `--repeats`
-warm runs.
+warm runs. `kiln` runs the loop's DirectDecode (the compiled graph called directly once two
+steps showed how); `kiln-hf` calls the compiled model through torch.compile on every step.
+
+Per backend it also reports host us per decode step (p50 of the call's wall time started
+from an idle GPU) and, on a GPU, kernels per decode step (torch.profiler: the kernels of a
+longer run minus those of a shorter one, per extra step; kernels inside replayed CUDA
+graphs included).
 """
 from __future__ import annotations
 
@@ -79,6 +85,24 @@ def main():
             Path(args.out).write_text(json.dumps(results, indent=2))
 
 
+def kernels_per_step(fn, model, ids, cache, loop, short: int = 8, long: int = 24) -> float | None:
+    """GPU kernels a decode step launches: profile a short and a long run, count kernel
+    events (not copies or fills) and divide the difference by the extra steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def count(tokens):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            greedy(fn, model, ids, tokens, cache=cache, **loop)
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not any(w in e.name.lower() for w in ("memcpy", "memset")))
+    try:
+        return round((count(long) - count(short)) / (long - short), 1)
+    except Exception:  # noqa: BLE001 - a profiler that cannot trace here: say so in the row
+        traceback.print_exc()
+        return None
+
+
 def bench_model(name, dtype, args):
     model, ids = load(name, dtype, args.device)
     rows = []
@@ -88,10 +112,12 @@ def bench_model(name, dtype, args):
         compiled = []
         opts = {"target": "cuda" if args.device == "cuda" else "cpu", "observer": compiled.append,
                 **json.loads(args.kiln_options)}
-        fn = compile_model(model, backend, opts if backend == "kiln" else None)
+        kind = backend.split("-hf")[0]
+        fn = compile_model(model, kind, opts if kind == "kiln" else None)
         cache = make_cache(model, ids.shape[1] + args.tokens)
         # reduce-overhead as transformers recommends it: eager prefill, static decode shapes.
         loop = dict(prefill_fn=model, mark_dynamic=False) if backend == "reduce-overhead" else {}
+        loop["direct"] = backend == "kiln"
         try:
             gen = greedy(fn, model, ids, args.tokens, cache=cache, **loop)
             # Warm runs on the same cache: steady state, no compilation or capture. Batch-1
@@ -102,6 +128,9 @@ def bench_model(name, dtype, args):
             traceback.print_exc()
             rows.append({"backend": backend, "error": f"{type(e).__name__}: {e}"[:500]})
             continue
+        host = []
+        greedy(fn, model, ids, args.tokens, cache=cache, host_us=host, **loop)
+        kernels = kernels_per_step(fn, model, ids, cache, loop) if args.device == "cuda" else None
         rates = sorted(w.decode_tokens_per_second for w in warms)
         warm = warms[-1]
         if reference is None:
@@ -116,19 +145,23 @@ def bench_model(name, dtype, args):
             "decode_tok_s_runs": [round(r, 2) for r in rates],
             "prefill_s_warm": round(warm.prefill_seconds, 4),
             "tokens_equal_to_first_backend": round(same, 3),
+            "host_us_per_step_p50": round(statistics.median(host[3:]), 1),
+            "kernels_per_step": kernels,
+            "direct": warm.direct,
         }
         rows.append(row)
     print(f"\nmodel={name} device={args.device} dtype={args.dtype} tokens={args.tokens} "
           f"torch={torch.__version__} commit={code_version()}")
     print(f"{'backend':10s} {'first call s':>12s} {'kiln compile s':>14s} {'decode tok/s':>12s} "
-          f"{'prefill s':>10s} {'same tokens':>11s}")
+          f"{'prefill s':>10s} {'same tokens':>11s} {'host us/step':>12s} {'kernels/step':>12s}")
     for r in rows:
         if "error" in r:
             print(f"{r['backend']:10s} FAILED: {r['error'][:200]}")
             continue
         kc = "-" if r["kiln_compile_s"] is None else f"{r['kiln_compile_s']:.2f}"
         print(f"{r['backend']:10s} {r['first_call_s']:12.2f} {kc:>14s} {r['decode_tok_s']:12.1f} "
-              f"{r['prefill_s_warm']:10.3f} {r['tokens_equal_to_first_backend']:11.2f}")
+              f"{r['prefill_s_warm']:10.3f} {r['tokens_equal_to_first_backend']:11.2f} "
+              f"{r['host_us_per_step_p50']:12.1f} {str(r['kernels_per_step']):>12s}")
     result = {"model": name, "device": args.device, "dtype": args.dtype,
               "kiln_options": json.loads(args.kiln_options),
               "tokens": args.tokens, "torch": torch.__version__, "commit": code_version(),

@@ -30,6 +30,7 @@ class Generation:
     decode_seconds: float      # the remaining steps: steady-state decode
     decode_steps: int
     direct: str = "off"        # DirectDecode's state at the end: "bound", or why not
+    direct_steps: int = 0      # decode steps that called the kiln graph directly
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -51,6 +52,7 @@ class DirectDecode:
         self.seen: list = []      # per watched step: (graph, args, outputs, ids, pos, logits)
         self.bound = None         # (graph, args template, ids index, pos index)
         self.reason = "not watched yet"
+        self.steps = 0            # steps run directly
 
     @contextlib.contextmanager
     def watch(self, ids, pos):
@@ -89,9 +91,13 @@ class DirectDecode:
             return None, "the token is not an argument of the graph"
         # No position argument: the cache keeps its own (transformers 5.24's StaticCache
         # counts its length in a tensor the graph updates).
-        return (g1, template, where["ids"], where.get("pos")), "bound"
+        # With dynamo's frame hook off, as when a compiled frame calls the graph: run as a
+        # script, `python bench/decode.py`, the hook was still on here and looked at every
+        # Python frame the CPU wrapper entered (61 vs 42 ms a SmolLM2-shape step).
+        return (torch.compiler.disable(g1), template, where["ids"], where.get("pos")), "bound"
 
     def __call__(self, ids, pos):
+        self.steps += 1
         graph, args, i_ids, i_pos = self.bound
         args[i_ids] = ids
         if i_pos is not None:
@@ -107,7 +113,8 @@ def make_cache(model, max_cache_len: int):
 @torch.no_grad()
 def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
            eos_token_id: int | list[int] | None = None, cache=None, prefill_fn=None,
-           mark_dynamic: bool = True, direct: bool = True) -> Generation:
+           mark_dynamic: bool = True, direct: bool = True,
+           host_us: list | None = None) -> Generation:
     """Greedy decoding: one prefill call, then one call per token, with a StaticCache.
 
     `model_fn` is the (possibly compiled) model; `config_model` the HF model it wraps (for
@@ -151,6 +158,9 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
         ids = token[:, None]
         mark(ids, 0)
         pos = pos + 1
+        if host_us is not None:
+            sync()
+            t_call = time.perf_counter()
         if direct is not None and direct.bound is not None:
             logits = direct(ids, pos)
         else:
@@ -159,16 +169,17 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
                                   **cache_call_kwargs(config_model, cache, pos)).logits
             if direct is not None:
                 direct.saw(logits)
+        if host_us is not None:
+            host_us.append((time.perf_counter() - t_call) * 1e6)
         token = logits[:, -1].argmax(-1)
         out.append(token)
     sync()
     t2 = time.perf_counter()
     tokens = torch.stack(out, dim=1)[0].tolist()
-    bound = direct.reason if direct is not None else "off"
+    how = (direct.reason, direct.steps) if direct is not None else ("off", 0)
     if t_first is None:
-        return Generation(tokens, prompt_len, t1 - t0, t2 - t1, 0.0, 0, bound)
-    return Generation(tokens, prompt_len, t1 - t0, t_first - t1, t2 - t_first, len(out) - 2,
-                      bound)
+        return Generation(tokens, prompt_len, t1 - t0, t2 - t1, 0.0, 0, *how)
+    return Generation(tokens, prompt_len, t1 - t0, t_first - t1, t2 - t_first, len(out) - 2, *how)
 
 
 def chat_input_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
