@@ -236,8 +236,9 @@ def _probe_mask(g: Graph, mask: Value, layer: int, window: int | None, batch: di
         pos = torch.arange(start, start + length, dtype=batch["positions"].type.dtype)
         env = {batch["positions"]: pos, batch["input_ids"]: torch.zeros(length, dtype=torch.int64)}
         for nd in cone:
-            out = get_op(nd.op).impl(*map_values(nd.args, env.__getitem__),
-                                     **{a: map_values(x, env.__getitem__) for a, x in nd.attrs.items()})
+            out = get_op(nd.op).impl(*_on_cpu(map_values(nd.args, env.__getitem__)),
+                                     **{a: _on_cpu(map_values(x, env.__getitem__))
+                                        for a, x in nd.attrs.items()})
             env.update(zip(nd.results, out if len(nd.results) > 1 else [out]))
         m = env[mask]
         seen = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
@@ -247,6 +248,15 @@ def _probe_mask(g: Graph, mask: Value, layer: int, window: int | None, batch: di
             raise NotAServingCapture(f"{what}: on one sequence of {length} tokens from position "
                                      f"{start} it is not causal"
                                      + (f" with a window of {window}" if window else ""))
+
+
+def _on_cpu(a):
+    """The probe runs on the host whatever device the graph was captured for."""
+    if isinstance(a, torch.device):
+        return torch.device("cpu")
+    if isinstance(a, list):
+        return [_on_cpu(x) for x in a]
+    return a
 
 
 def _cone_nodes(g: Graph, v: Value) -> list[Node]:

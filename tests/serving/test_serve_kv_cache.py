@@ -245,6 +245,20 @@ def test_sliding_window_read_from_the_mask():
     assert paged.attrs.get("window") == 6
 
 
+def test_probes_a_mask_captured_for_another_device():
+    """The probe runs the mask's producers on the host, even when the capture put its
+    aranges on a GPU (serving on CUDA captures there)."""
+    g = parse(_positions_mask_graph(_QK_POSITIONS + """
+  %n = sym.size(%position_ids, dim=1) : sym(s0)
+  %r = aten.arange(0, %n, device=device("cuda")) : i64[s0]
+  %z = aten.mul(%r, 0) : i64[s0]
+  %kz = aten.add(%kp, %z) : i64[1, 1, 1, s0]
+  %m = aten.le(%kz, %qp) : bool[1, 1, s0, s0]"""))
+    serve_kv_cache(g, _ctx())
+    (paged,) = [n for n in g.nodes if n.op == "kiln.paged_attention"]
+    assert "window" not in paged.attrs
+
+
 def test_refuses_a_window_it_cannot_read():
     """A window kiln.ir.masks does not read (|q - kv| < W: abs is opaque to it) shows on the
     probe sequences and is refused, not served as plain causal attention."""
