@@ -28,6 +28,7 @@ KILN_OPS = {
     "rms_norm": (("x", "weight"), ("eps",), kiln_ref.rms_norm, (), None),
     "fused_add_rms_norm": (("x", "residual", "weight"), ("eps",), kiln_ref.fused_add_rms_norm, (), None),
     "rope": (("x", "cos", "sin"), (), kiln_ref.rope, (), None),
+    "rope_pair": (("q", "k", "cos", "sin"), (), kiln_ref.rope_pair, (), None),
     "silu_mul": (("gate", "up"), (), kiln_ref.silu_mul, ("elementwise",), None),
     "attention": (("q", "k", "v", "mask"), ("scale", "causal", "window"), kiln_ref.attention, (),
                   _attention_type),

@@ -3,7 +3,8 @@
 x is [B, H, S, D] with any strides over B, H, S (typically the transpose of a [B, S, H, D]
 projection) and a unit stride over D; cos and sin are [B or 1, S, D]. The output is a
 new contiguous [B, H, S, D]. One program handles one token (b, s) for a block of heads,
-so cos/sin are read once per token and shared by the heads. Products and the sum are
+so cos/sin are read once per token and shared by the heads. `rope_pair` rotates q and k
+in one launch (fuse.rope_pair). Products and the sum are
 rounded where torch rounds them (the promoted dtype of x and cos/sin).
 """
 from __future__ import annotations
@@ -19,12 +20,9 @@ TILE = 4096  # elements per program: heads per program = TILE // head_dim
 
 
 @triton.jit
-def _rope_kernel(X, C, Sn, Y, H, S, sxb, sxh, sxs, scb, scs, ssb, sss,
-                 HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    tok = tl.program_id(0)
-    b = (tok // S).to(tl.int64)
-    s = (tok % S).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+def _rope_heads(X, C, Sn, Y, b, s, heads, H, S, sxb, sxh, sxs, scb, scs, ssb, sss,
+                HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotates token (b, s) of the given heads of X into Y (contiguous [B, H, S, D])."""
     HALF: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, BLOCK_HALF)
     d_mask = d < HALF
@@ -42,10 +40,39 @@ def _rope_kernel(X, C, Sn, Y, H, S, sxb, sxh, sxs, scb, scs, ssb, sss,
     # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
     y1 = (x1 * c1).to(ODT).to(tl.float32) + (-x2 * s1).to(ODT).to(tl.float32)
     y2 = (x2 * c2).to(ODT).to(tl.float32) + (x1 * s2).to(ODT).to(tl.float32)
-    # Output is contiguous [B, H, S, D].
     y_ptr = Y + ((b * H + heads.to(tl.int64)[:, None]) * S + s) * HEAD_DIM + d[None, :]
     tl.store(y_ptr, y1, mask=mask)
     tl.store(y_ptr + HALF, y2, mask=mask)
+
+
+@triton.jit
+def _rope_kernel(X, C, Sn, Y, H, S, sxb, sxh, sxs, scb, scs, ssb, sss,
+                 HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    tok = tl.program_id(0)
+    b = (tok // S).to(tl.int64)
+    s = (tok % S).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    _rope_heads(X, C, Sn, Y, b, s, heads, H, S, sxb, sxh, sxs, scb, scs, ssb, sss,
+                HEAD_DIM, BLOCK_HALF)
+
+
+@triton.jit
+def _rope_pair_kernel(Q, K, C, Sn, YQ, YK, HQ, HK, S, sqb, sqh, sqs, skb, skh, sks,
+                      scb, scs, ssb, sss, Q_BLOCKS,
+                      HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """q's head blocks are programs [0, Q_BLOCKS) of axis 1, k's the rest: one launch."""
+    tok = tl.program_id(0)
+    b = (tok // S).to(tl.int64)
+    s = (tok % S).to(tl.int64)
+    blk = tl.program_id(1)
+    if blk < Q_BLOCKS:
+        heads = blk * BLOCK_H + tl.arange(0, BLOCK_H)
+        _rope_heads(Q, C, Sn, YQ, b, s, heads, HQ, S, sqb, sqh, sqs, scb, scs, ssb, sss,
+                    HEAD_DIM, BLOCK_HALF)
+    else:
+        heads = (blk - Q_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+        _rope_heads(K, C, Sn, YK, b, s, heads, HK, S, skb, skh, sks, scb, scs, ssb, sss,
+                    HEAD_DIM, BLOCK_HALF)
 
 
 def _config(heads: int, head_dim: int) -> tuple[int, int, int]:
@@ -55,31 +82,62 @@ def _config(heads: int, head_dim: int) -> tuple[int, int, int]:
     return block_half, block_h, warps
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """kiln_ref.rope: x [B, H, S, D] (strided views allowed), cos/sin [B or 1, S, D]."""
+def _prepare(x, cos, sin, name="x"):
+    """(x with a unit last stride, cos and sin expanded to [B, S, D], the new output)."""
     if x.dim() != 4:
-        raise ValueError(f"rope: x must be [B, H, S, D], got shape {tuple(x.shape)}")
+        raise ValueError(f"rope: {name} must be [B, H, S, D], got shape {tuple(x.shape)}")
     B, H, S, D = x.shape
     if D % 2:
         raise ValueError(f"rope: head dim {D} must be even")
-    for name, t in (("cos", cos), ("sin", sin)):
+    for what, t in (("cos", cos), ("sin", sin)):
         if t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1:] != (S, D):
-            raise ValueError(f"rope: {name} must be [B or 1, S, D] = [{B}, {S}, {D}], "
+            raise ValueError(f"rope: {what} must be [B or 1, S, D] = [{B}, {S}, {D}], "
                              f"got {tuple(t.shape)}")
     out_dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
     y = torch.empty((B, H, S, D), dtype=out_dtype, device=x.device)
-    if y.numel() == 0:
-        return y
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos = (cos if cos.stride(-1) == 1 else cos.contiguous()).expand(B, S, D)
     sin = (sin if sin.stride(-1) == 1 else sin.contiguous()).expand(B, S, D)
+    return x, cos, sin, y
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """kiln_ref.rope: x [B, H, S, D] (strided views allowed), cos/sin [B or 1, S, D]."""
+    x, cos, sin, y = _prepare(x, cos, sin)
+    if y.numel() == 0:
+        return y
+    B, H, S, D = x.shape
     block_half, block_h, warps = _config(H, D)
     grid = (B * S, triton.cdiv(H, block_h))
     _rope_kernel[grid](x, cos, sin, y, H, S, x.stride(0), x.stride(1), x.stride(2),
                        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
                        HEAD_DIM=D, BLOCK_HALF=block_half, BLOCK_H=block_h, num_warps=warps)
     return y
+
+
+def rope_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """kiln_ref.rope_pair: q and k rotated by the same cos/sin in one launch (a decode step
+    is bound by launches, not by these few bytes)."""
+    q, cos, sin, yq = _prepare(q, cos, sin, "q")
+    k, _, _, yk = _prepare(k, cos, sin, "k")
+    B, HQ, S, D = q.shape
+    HK = k.shape[1]
+    if k.shape[0] != B or k.shape[2:] != (S, D):
+        raise ValueError(f"rope_pair: q {tuple(q.shape)} and k {tuple(k.shape)} must share "
+                         f"batch, length and head dim")
+    if yq.numel() == 0:
+        return yq, yk
+    block_half, block_h, warps = _config(max(HQ, HK), D)
+    q_blocks = triton.cdiv(HQ, block_h)
+    grid = (B * S, q_blocks + triton.cdiv(HK, block_h))
+    _rope_pair_kernel[grid](q, k, cos, sin, yq, yk, HQ, HK, S, q.stride(0), q.stride(1),
+                            q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                            cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+                            q_blocks, HEAD_DIM=D, BLOCK_HALF=block_half, BLOCK_H=block_h,
+                            num_warps=warps)
+    return yq, yk
 
 
 # --------------------------------------------------------------------------- AOT variants
@@ -98,4 +156,16 @@ def _spec(dt: str, heads: int, head_dim: int):
                      num_warps=warps, divisible_by_16=("X", "C", "Sn", "Y") + strides)
 
 
-AOT_SPECS = [_spec(dt, h, d) for dt in ("fp16", "bf16") for h, d in AOT_SHAPES]
+def _pair_spec(dt: str, q_heads: int, k_heads: int, head_dim: int):
+    block_half, block_h, warps = _config(max(q_heads, k_heads), head_dim)
+    p = "*" + dt
+    strides = ("sqb", "sqh", "sqs", "skb", "skh", "sks", "scb", "scs", "ssb", "sss")
+    return make_spec(f"rope_pair_{SHORT[dt]}_h{q_heads}_{k_heads}_d{head_dim}", _rope_pair_kernel,
+                     {"Q": p, "K": p, "C": p, "Sn": p, "YQ": p, "YK": p, "HQ": "i32",
+                      "HK": "i32", "S": "i32", "Q_BLOCKS": "i32", **{k: "i32" for k in strides}},
+                     {"HEAD_DIM": head_dim, "BLOCK_HALF": block_half, "BLOCK_H": block_h},
+                     num_warps=warps, divisible_by_16=("Q", "K", "C", "Sn", "YQ", "YK") + strides)
+
+
+AOT_SPECS = ([_spec(dt, h, d) for dt in ("fp16", "bf16") for h, d in AOT_SHAPES]
+             + [_pair_spec(dt, 32, 8, 128) for dt in ("fp16", "bf16")])

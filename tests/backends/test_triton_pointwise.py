@@ -152,6 +152,28 @@ def test_rope_broadcast_cos_sin(dtype):
     assert_close(rope.rope(k, cos, sin), kiln_ref.rope(k, cos, sin), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(4, 2), (9, 3), (2, 6)])
+def test_rope_pair_one_launch(dtype, heads, monkeypatch):
+    """q and k (GQA head counts either way round, strided views of one q/k/v projection)
+    rotated in one launch, each equal to its own rope."""
+    (hq, hk), B, S, D = heads, 2, 5, 32
+    qkv = randn(B, S, hq + 2 * hk, D, dtype=dtype)
+    q, k = qkv[:, :, :hq].transpose(1, 2), qkv[:, :, hq:hq + hk].transpose(1, 2)
+    cos, sin = randn(1, S, D, dtype=dtype), randn(1, S, D, dtype=dtype)
+    launches = []
+    launch = type(rope._rope_pair_kernel).__getitem__
+
+    def recording(kernel, grid):
+        launches.append(grid)
+        return launch(kernel, grid)
+    monkeypatch.setattr(type(rope._rope_pair_kernel), "__getitem__", recording)
+    out_q, out_k = rope.rope_pair(q, k, cos, sin)
+    assert len(launches) == 1
+    assert_close(out_q, kiln_ref.rope(q, cos, sin), dtype)
+    assert_close(out_k, kiln_ref.rope(k, cos, sin), dtype)
+
+
 # ----------------------------------------------------------------------------- activation
 
 @pytest.mark.parametrize("dtype", DTYPES)
