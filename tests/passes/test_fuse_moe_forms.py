@@ -51,8 +51,14 @@ def capture(name: str, form: str):
     if masked:
         mask_sentinels(model)
     compiled = []
+    # bf16: a router near-tie that rounding flips moves a token to other experts (a CI run
+    # saw 0.258 against the 0.25 bound on fresh inputs), so these forms take fixed inputs:
+    # the test is about the fusion, not about rounding luck. fp32 stays fresh random.
+    ids = (torch.randint(3, model.config.vocab_size, (2, 7),
+                         generator=torch.Generator().manual_seed(0))
+           if dtype == torch.bfloat16 else None)
     _, outs, ref = compile_and_compare(model, options={"observer": compiled.append,
-                                                       "record": True})
+                                                       "record": True}, input_ids=ids)
     assert len(compiled) >= 2, "expected a prefill and a decode graph"
     gemm = FALLBACK if form.startswith("fallback") else "aten._grouped_mm"
     other = "aten._grouped_mm" if gemm == FALLBACK else FALLBACK
@@ -76,8 +82,8 @@ def test_moe_form_fuses_and_matches_eager(name, form):
             assert c[op] == 0, f"{op} left after fuse.moe"
     if FORMS[form][0] == torch.float32:
         check_numerics(outs, ref)
-    else:   # as test_fuse_models' bf16 MoE: near-tie router flips at this size
-        check_numerics([o.float() for o in outs], [r.float() for r in ref], tol=0.25)
+    else:   # bf16 rounding on fixed inputs that route the same (see `capture`)
+        check_numerics([o.float() for o in outs], [r.float() for r in ref], tol=0.05)
 
 
 def test_int32_histc_of_cuda_fuses():
