@@ -89,10 +89,11 @@ def test_smollm2_eager_attention():
 def test_bfloat16_model_fuses_through_its_casts(name):
     # float32 upcasts in RMSNorm, float32 softmax and MoE routing, casts back
     model = models.TINY_MODELS[name](attn_implementation="eager").to(torch.bfloat16)
-    graphs, outs, ref = compile_and_compare(model)
-    check_graphs(graphs, TINY[name])
     # bf16 rounding differs slightly upstream of the MoE router; at this size a near-tie
-    # between two experts then sometimes flips a token's expert (about one run in ten),
-    # so the MoE model gets a sanity bound, the dense one the bf16 bound.
-    check_numerics([o.float() for o in outs], [r.float() for r in ref],
-                   tol=3e-2 if name == "llama_gqa" else 0.25)
+    # between two experts then sometimes flips a token's expert (about one run in ten, and
+    # then the error is anything), so the MoE model takes fixed inputs that route alike.
+    ids = (torch.randint(3, model.config.vocab_size, (2, 7),
+                         generator=torch.Generator().manual_seed(0)) if "moe" in name else None)
+    graphs, outs, ref = compile_and_compare(model, input_ids=ids)
+    check_graphs(graphs, TINY[name])
+    check_numerics([o.float() for o in outs], [r.float() for r in ref], tol=3e-2)
