@@ -24,15 +24,13 @@ key j on axis -1, either as indices or as positions read from one input.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sympy
 import torch
 
 from .graph import Value
 from .types import SymIntType, TensorType
-
-INT_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
