@@ -17,6 +17,7 @@ import torch
 from kiln.ir import kiln_ref
 from kiln.backends.triton import attention as attn
 from kiln.backends.triton.attention import AttnConfig
+from launches import record_launches
 
 DEVICE = "cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") else "cpu"
 if DEVICE == "cpu" and not os.environ.get("TRITON_INTERPRET"):
@@ -248,15 +249,7 @@ def test_decode_window_partitions_cover_only_the_window(monkeypatch):
     """83 keys in 16-key partitions: 6 without a window; under a 20-key window the first
     key seen is 63, in the tile from 48, so 3 partitions cover keys 48..82. The default
     split is chosen from those keys too."""
-    grids = []
-    kernel_class = type(attn._attn_decode_kernel)
-    launch = kernel_class.__getitem__
-
-    def recording_launch(self, grid):
-        if self is attn._attn_decode_kernel:
-            grids.append(grid)
-        return launch(self, grid)
-    monkeypatch.setattr(kernel_class, "__getitem__", recording_launch)
+    grids = record_launches(monkeypatch, attn._attn_decode_kernel)
     assert attn.window_start(83, 1, 20, 16) == 48
     assert attn.window_start(83, 3, 100, 16) == 0
     q, k, v = qkv(1, 4, 1, 1, 83, 64, torch.float32)

@@ -17,6 +17,7 @@ import torch
 from kiln.backends.triton import paged_attention as pa
 from kiln.backends.triton.attention import AttnConfig
 from kiln.ir import kiln_ref
+from launches import record_launches
 
 DEVICE = "cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") else "cpu"
 if DEVICE == "cpu" and not os.environ.get("TRITON_INTERPRET"):
@@ -202,15 +203,7 @@ def test_window_default_tiles_and_split(dtype, monkeypatch):
     context over a table padded to 1024 keys: 2 slices of 512 without a window, while the
     slices need only cover a 100-key window and the tile before it) and a mixed batch with
     chunks longer than the window."""
-    grids = []
-    kernel_class = type(pa._paged_attn_kernel)
-    launch = kernel_class.__getitem__
-
-    def recording_launch(self, grid):
-        if self is pa._paged_attn_kernel:
-            grids.append(grid)
-        return launch(self, grid)
-    monkeypatch.setattr(kernel_class, "__getitem__", recording_launch)
+    grids = record_launches(monkeypatch, pa._paged_attn_kernel)
     decode = make_batch([(700, 1), (5, 1), (90, 1)], 4, 2, 64, dtype, extra_width=20)
     check(decode)
     check(decode, window=100)

@@ -13,6 +13,7 @@ import torch
 
 from kiln.ir import kiln_ref
 from kiln.backends.triton import activation, norm, quant, rope
+from launches import record_launches
 
 DEVICE = "cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") else "cpu"
 if DEVICE == "cpu" and not os.environ.get("TRITON_INTERPRET"):
@@ -161,13 +162,7 @@ def test_rope_pair_one_launch(dtype, heads, monkeypatch):
     qkv = randn(B, S, hq + 2 * hk, D, dtype=dtype)
     q, k = qkv[:, :, :hq].transpose(1, 2), qkv[:, :, hq:hq + hk].transpose(1, 2)
     cos, sin = randn(1, S, D, dtype=dtype), randn(1, S, D, dtype=dtype)
-    launches = []
-    launch = type(rope._rope_pair_kernel).__getitem__
-
-    def recording(kernel, grid):
-        launches.append(grid)
-        return launch(kernel, grid)
-    monkeypatch.setattr(type(rope._rope_pair_kernel), "__getitem__", recording)
+    launches = record_launches(monkeypatch, rope._rope_pair_kernel)
     out_q, out_k = rope.rope_pair(q, k, cos, sin)
     assert len(launches) == 1
     assert_close(out_q, kiln_ref.rope(q, cos, sin), dtype)
