@@ -6,6 +6,8 @@ import itertools
 import time
 from pathlib import Path
 
+import torch
+
 from kiln.backends import wrapper
 from kiln.backends.targets import get_target
 from kiln.ir import Graph, print_graph
@@ -91,23 +93,21 @@ class ScalarInputs:
                 self.host_values.append((out, f, args))
 
     def __call__(self, *args):
-        import torch
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         bufs = self.buffers.get(device)
         if bufs is None:
             bufs = self.buffers[device] = [torch.zeros((), dtype=torch.int64, device=device)
                                            for _ in self.positions]
-        ints = list(args)
-        args = list(args)
+        call = list(args)
         for i, buf in zip(self.positions, bufs):
-            if not isinstance(args[i], torch.Tensor):
-                buf.fill_(int(args[i]))
-                args[i] = buf
-        outputs = self.fn(*args)
+            if not isinstance(call[i], torch.Tensor):
+                buf.fill_(int(call[i]))
+                call[i] = buf
+        outputs = self.fn(*call)
         if self.num_outputs is None:
             return outputs
         device_outputs = iter(outputs)
-        host = {out: int(f(*(ints[a] for a in fa))) for out, f, fa in self.host_values}
+        host = {out: int(f(*(args[a] for a in fa))) for out, f, fa in self.host_values}
         return tuple(host[i] if i in host else next(device_outputs) for i in range(self.num_outputs))
 
 
@@ -138,7 +138,6 @@ def compile_graph(graph: Graph, options: CompileOptions | None = None) -> Compil
     module = wrapper.load_module(source, f"kiln_{graph.name}")
     cuda_graphs = None
     if target.graph_capture and target.device_type == "cuda" and opts.cudagraphs:
-        import torch
         if torch.cuda.is_available():
             from kiln.backends.cudagraphs import CudaGraphCache
             # Graphs capture the forward only (the wrapper's `forward` looks

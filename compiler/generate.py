@@ -89,11 +89,11 @@ class DirectDecode:
                 return None, f"argument {i} changes between steps and is not the token or position"
         if "ids" not in where:
             return None, "the token is not an argument of the graph"
-        # No position argument: the cache keeps its own (transformers 5.24's StaticCache
-        # counts its length in a tensor the graph updates).
-        # With dynamo's frame hook off, as when a compiled frame calls the graph: run as a
-        # script, `python bench/decode.py`, the hook was still on here and looked at every
-        # Python frame the CPU wrapper entered (61 vs 42 ms a SmolLM2-shape step).
+        # No position argument is fine: the cache may keep its own (transformers 5.24's
+        # StaticCache counts its length in a tensor the graph updates). The graph runs with
+        # dynamo's frame hook off, as when a compiled frame calls it: run as a script,
+        # `python bench/decode.py`, the hook was still on here and looked at every Python
+        # frame the CPU wrapper entered (61 vs 42 ms a SmolLM2-shape step).
         return (torch.compiler.disable(g1), template, where["ids"], where.get("pos")), "bound"
 
     def __call__(self, ids, pos):

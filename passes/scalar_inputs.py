@@ -27,14 +27,12 @@ from kiln.ir.roles import SCALAR
 from .canonicalize import dce
 from .manager import PassContext, register_pass
 
-# sym op -> (aten op on 0-d tensors, aten op when the other operand is a literal)
-_TENSOR_FORM = {
-    "sym.add": ("aten.add", "aten.add"), "sym.sub": ("aten.sub", "aten.sub"),
-    "sym.mul": ("aten.mul", "aten.mul"), "sym.neg": ("aten.neg", "aten.neg"),
-    "sym.floordiv": ("aten.floor_divide", "aten.floor_divide"),
-    "sym.mod": ("aten.remainder", "aten.remainder"),
-    "sym.max": ("aten.maximum", "aten.clamp_min"), "sym.min": ("aten.minimum", "aten.clamp_max"),
-}
+# sym op -> the aten op on 0-d tensors
+_TENSOR_FORM = {"sym.add": "aten.add", "sym.sub": "aten.sub", "sym.mul": "aten.mul",
+                "sym.neg": "aten.neg", "sym.floordiv": "aten.floor_divide",
+                "sym.mod": "aten.remainder", "sym.max": "aten.maximum", "sym.min": "aten.minimum"}
+# maximum/minimum take two tensors; against a literal they are clamps
+_WITH_LITERAL = {"aten.maximum": "aten.clamp_min", "aten.minimum": "aten.clamp_max"}
 I64 = TensorType(torch.int64, ())
 
 
@@ -65,7 +63,7 @@ def _derived(g: Graph, root: Value, users) -> list[Node] | None:
 
 
 def _shapes_use(g: Graph, symbols: set) -> bool:
-    """Whether any tensor type (or an input other than the candidates) mentions a symbol."""
+    """Whether any tensor type in the graph (a shape) mentions one of `symbols`."""
     for v in list(g.inputs) + [r for n in g.nodes for r in n.results]:
         t = v.type
         if isinstance(t, TensorType) and any(getattr(d, "free_symbols", set()) & symbols
@@ -116,9 +114,9 @@ def scalar_inputs(g: Graph, ctx: PassContext) -> int:
     for v, nodes in candidates.items():
         v.type, v.role = I64, SCALAR
         for n in nodes:
-            tensors = [a for a in n.args if isinstance(a, Value)]
-            op = _TENSOR_FORM[n.op][0 if len(tensors) == len(n.args) else 1]
-            args = list(n.args)
+            op, args = _TENSOR_FORM[n.op], list(n.args)
+            if not all(isinstance(a, Value) for a in args):
+                op = _WITH_LITERAL.get(op, op)
             if op in ("aten.clamp_min", "aten.clamp_max", "aten.add", "aten.mul") \
                     and not isinstance(args[0], Value):
                 args.reverse()                      # max(0, x) -> clamp_min(x, 0)
