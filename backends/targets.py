@@ -45,7 +45,7 @@ _CPU_KERNELS = {"attention": "kiln.backends.cpu_kernels:attention",
 # Triton modules and the fused ops each implements (launcher named like the op).
 _TRITON_MODULES = {
     "norm": ("rms_norm", "fused_add_rms_norm"),
-    "rope": ("rope", "rope_pair"),
+    "rope": ("rope", "rope_pair", "rope_pair_store"),
     "activation": ("silu_mul",),
     "attention": ("attention",),
     "paged_attention": ("paged_attention",),

@@ -57,16 +57,9 @@ class CompiledGraph:
 def mutated_inputs(graph: Graph) -> set[int]:
     """Indices of the graph inputs that some op writes in place (an op's first operand, or
     the operands its `mutated_operands` names, e.g. the caches of kiln.paged_attention)."""
-    from kiln.ir.ops import get_op
+    from kiln.ir.ops import written_values
     index = {v: i for i, v in enumerate(graph.inputs)}
-    out = set()
-    for n in graph.nodes:
-        op = get_op(n.op)
-        if op.has("mutates"):
-            for k in op.extra.get("mutated_operands", (0,)):
-                if k < len(n.args) and n.args[k] in index:
-                    out.add(index[n.args[k]])
-    return out
+    return {index[v] for n in graph.nodes for v in written_values(n) if v in index}
 
 
 class ScalarInputs:

@@ -7,6 +7,8 @@ reference is data-dependent.
 """
 from __future__ import annotations
 
+import torch
+
 from . import kiln_ref
 from .ops import OpDef, register
 from .types import TensorType
@@ -23,12 +25,22 @@ def _attention_type(args, attrs):
     return [TensorType(q.dtype, tuple(q.shape[:-1]) + (v.shape[-1],))]
 
 
+def _rope_store_type(args, attrs):
+    """(rotated q, k_cache, v_cache): q's rope type, the caches' own types."""
+    q, cos, sin = (a.type for a in (args[0], args[3], args[4]))
+    dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
+    return [TensorType(dtype, q.shape), args[5].type, args[6].type]
+
+
 # name: (operands, attributes, reference, traits, infer)
 KILN_OPS = {
     "rms_norm": (("x", "weight"), ("eps",), kiln_ref.rms_norm, (), None),
     "fused_add_rms_norm": (("x", "residual", "weight"), ("eps",), kiln_ref.fused_add_rms_norm, (), None),
     "rope": (("x", "cos", "sin"), (), kiln_ref.rope, (), None),
     "rope_pair": (("q", "k", "cos", "sin"), (), kiln_ref.rope_pair, (), None),
+    # fuse.rope_store: writes rotated k and v into k_cache/v_cache (operands 5 and 6).
+    "rope_pair_store": (("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "index"), (),
+                        kiln_ref.rope_pair_store, ("mutates",), _rope_store_type),
     "silu_mul": (("gate", "up"), (), kiln_ref.silu_mul, ("elementwise",), None),
     "attention": (("q", "k", "v", "mask"), ("scale", "causal", "window"), kiln_ref.attention, (),
                   _attention_type),
@@ -48,7 +60,7 @@ KILN_OPS = {
                         ("mutates",), _like_first),   # typed without running: reads metadata on the host
 }
 # Operands a `mutates` kiln op writes in place (default: its first operand).
-MUTATED_OPERANDS = {"paged_attention": (3, 4)}
+MUTATED_OPERANDS = {"paged_attention": (3, 4), "rope_pair_store": (5, 6)}
 # Attributes that may be left out, and the value they then have (the reference's default).
 # Like ATen's schema defaults, an attribute equal to its default is absent from the node, so
 # the IR text names a sliding window only where there is one.

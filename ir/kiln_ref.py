@@ -48,6 +48,19 @@ def rope_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return rope(q, cos, sin), rope(k, cos, sin)
 
 
+def rope_pair_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`rope_pair` of q and k, with rotated k and v written into the KV cache in place:
+    `k_cache[:, :, index[s]] = rope(k)[:, :, s]`, likewise v (a StaticCache's update).
+    q, k, v: [B, H, S, D]; caches [B, H, L, D]; index: [S] cache rows. Returns (rotated q,
+    k_cache, v_cache), the caches being the updated operands themselves."""
+    q_rot, k_rot = rope_pair(q, k, cos, sin)
+    k_cache.index_copy_(2, index, k_rot.to(k_cache.dtype))
+    v_cache.index_copy_(2, index, v.to(v_cache.dtype))
+    return q_rot, k_cache, v_cache
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 

@@ -251,6 +251,25 @@ def is_opaque(name: str) -> bool:
     return name.startswith("torch.")
 
 
+def written_values(node) -> list[Value]:
+    """The values `node` writes in place: none for pure ops; for a `mutates` op its first
+    operand, or the operands its `mutated_operands` names (a kernel that updates caches)."""
+    op = get_op(node.op)
+    if not op.has("mutates"):
+        return []
+    return [node.args[k] for k in op.extra.get("mutated_operands", (0,))
+            if k < len(node.args) and isinstance(node.args[k], Value)]
+
+
+def aliases(g, root: Value) -> set[Value]:
+    """`root` and every value of graph `g` that may share its storage through view ops."""
+    out = {root}
+    for n in g.nodes:
+        if get_op(n.op).has("view") and n.args and n.args[0] in out:
+            out.update(n.results)
+    return out
+
+
 def get_op(name: str) -> OpDef:
     op = REGISTRY.get(name)
     if op is not None:

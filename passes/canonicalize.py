@@ -7,7 +7,7 @@ import sys
 import torch
 
 from kiln.ir import Graph, Node, SymIntType, TensorType, Value
-from kiln.ir.ops import get_op
+from kiln.ir.ops import get_op, written_values
 
 from .manager import PassContext, register_pass
 
@@ -103,8 +103,7 @@ def _key(n: Node):
 @register_pass("canonicalize", "no-op views/reshapes/clones/casts, identities, size arithmetic, CSE, DCE")
 def canonicalize(g: Graph, ctx: PassContext) -> int:
     changed = 0
-    mutated = {n.args[0] for n in g.nodes if get_op(n.op).has("mutates") and n.args
-               and isinstance(n.args[0], Value)}
+    mutated = {v for n in g.nodes for v in written_values(n)}
     # 1. no-ops and folding, one forward sweep (replacements chain naturally)
     replace: dict[Value, Value] = {}
     kept: list[Node] = []

@@ -42,7 +42,7 @@ import torch
 
 from kiln.ir import Graph, Node, ScalarType, SymIntType, TensorType, Value
 from kiln.ir.graph import walk_values
-from kiln.ir.ops import get_op, infer_types
+from kiln.ir.ops import get_op, infer_types, written_values
 from kiln.ir.printer import format_literal, value_names
 from kiln.ir.types import DTYPES, dtype_name
 
@@ -794,8 +794,7 @@ def rewrite(m: Match, index: "_Index", allow: Callable[[], bool] | None = None) 
     reads = {v for n in b.nodes for v in n.operands()}
     first = min((pos[id(n)] for n in removed), default=at)
     for n in g.nodes[min(first, at):max(first, at)]:
-        if id(n) not in removed_ids and get_op(n.op).has("mutates") and n.args and \
-                n.args[0] in reads:
+        if id(n) not in removed_ids and any(v in reads for v in written_values(n)):
             return "skip"
     if allow is not None and not allow():
         return "stop"

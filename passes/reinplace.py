@@ -8,7 +8,7 @@ in place and the final copy disappears.
 from __future__ import annotations
 
 from kiln.ir import Graph, Value
-from kiln.ir.ops import get_op
+from kiln.ir.ops import aliases
 
 from .manager import PassContext, register_pass
 
@@ -39,7 +39,7 @@ def reinplace(g: Graph, ctx: PassContext) -> int:
         at = position[id(update)]
         # The old value, or a view of it (which would alias the updated storage), must
         # not be read after the update.
-        if any(r > at and r != i for v in _aliases(g, target) for r in readers.get(v, [])):
+        if any(r > at and r != i for v in aliases(g, target) for r in readers.get(v, [])):
             continue
         if not ctx.allow():
             break
@@ -50,12 +50,3 @@ def reinplace(g: Graph, ctx: PassContext) -> int:
     g.remove_nodes(dead)
     g.replace_uses(replaced)   # once: a walk over the graph per update is quadratic
     return changed
-
-
-def _aliases(g: Graph, root: Value) -> set[Value]:
-    """`root` and every value that may share its storage through view ops."""
-    out = {root}
-    for n in g.nodes:
-        if get_op(n.op).has("view") and n.args and n.args[0] in out:
-            out.update(n.results)
-    return out

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from kiln.ir import Graph, Node, Value
 from kiln.ir.graph import map_values
-from kiln.ir.ops import get_op
+from kiln.ir.ops import get_op, written_values
 from kiln.ir.roles import WEIGHT, is_weight
 
 
@@ -30,13 +30,7 @@ class WeightSplit:
 
 
 def weight_inputs(g: Graph) -> set[Value]:
-    written = set()
-    for n in g.nodes:
-        op = get_op(n.op)
-        if op.has("mutates"):
-            for k in op.extra.get("mutated_operands", (0,)):
-                if k < len(n.args) and isinstance(n.args[k], Value):
-                    written.add(n.args[k])
+    written = {v for n in g.nodes for v in written_values(n)}
     return {v for v in g.inputs if is_weight(v) and v not in written}
 
 

@@ -169,6 +169,40 @@ def test_rope_pair_one_launch(dtype, heads, monkeypatch):
     assert_close(out_k, kiln_ref.rope(k, cos, sin), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(4, 2), (3, 3)])
+def test_rope_pair_store_writes_the_cache_rows_in_one_launch(dtype, heads, monkeypatch):
+    """q rotated, rotated k and v written into cache rows `index` (not consecutive, not in
+    order) of caches with a padded row stride; every other cache row keeps its value."""
+    (hq, hk), B, S, D, L = heads, 2, 3, 32, 9
+    qkv = randn(B, S, hq + 2 * hk, D, dtype=dtype)
+    q, k, v = (qkv[:, :, a:b].transpose(1, 2)
+               for a, b in ((0, hq), (hq, hq + hk), (hq + hk, hq + 2 * hk)))
+    cos, sin = randn(1, S, D, dtype=dtype), randn(1, S, D, dtype=dtype)
+    k_cache = randn(B, hk, L, D + 8, dtype=dtype)[..., :D]
+    v_cache = randn(B, hk, L, D, dtype=dtype)
+    index = torch.tensor([6, 1, 4], device=DEVICE)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_q, _, _ = kiln_ref.rope_pair_store(q, k, v, cos, sin, want_k, want_v, index)
+    launches = record_launches(monkeypatch, rope._rope_pair_store_kernel)
+    out_q, out_k, out_v = rope.rope_pair_store(q, k, v, cos, sin, k_cache, v_cache, index)
+    assert len(launches) == 1
+    assert out_k is k_cache and out_v is v_cache
+    assert_close(out_q, want_q, dtype)
+    assert_close(k_cache, want_k, dtype)
+    assert torch.equal(v_cache, want_v)
+    untouched = [r for r in range(L) if r not in index.tolist()]
+    assert torch.equal(k_cache[:, :, untouched], want_k[:, :, untouched])
+
+
+def test_rope_pair_store_rejects_a_cache_of_other_heads():
+    q, k = randn(1, 4, 1, 16), randn(1, 2, 1, 16)
+    cos = randn(1, 1, 16)
+    with pytest.raises(ValueError, match="k_cache must be"):
+        rope.rope_pair_store(q, k, k, cos, cos, randn(1, 4, 8, 16), randn(1, 2, 8, 16),
+                             torch.tensor([0], device=DEVICE))
+
+
 # ----------------------------------------------------------------------------- activation
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -40,10 +40,11 @@ def test_cuda_lowering_matches_eager_through_the_triton_interpreter(name):
     calls = [n for n in decode.graph.nodes if n.op == "kiln.call"]
     assert len(calls) == 3 + model.config.num_hidden_layers - 1   # the length update per layer
     assert "@triton.jit" in decode.source
-    # fuse.rope_pair: q and k of a layer rotated in one launch
+    # fuse.rope_pair + fuse.rope_store: q and k of a layer rotated and the layer's k and v
+    # written into the StaticCache in one launch
     ops = [n.op for n in decode.graph.nodes]
-    assert ops.count("kiln.rope_pair") == model.config.num_hidden_layers
-    assert "kiln.rope" not in ops
+    assert ops.count("kiln.rope_pair_store") == model.config.num_hidden_layers
+    assert not {"kiln.rope", "kiln.rope_pair", "aten.index_put_", "aten.index_copy_"} & set(ops)
     text = print_graph(decode.graph)
     assert print_graph(parse(text)) == text
     verify(parse(text))
