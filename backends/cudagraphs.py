@@ -124,6 +124,26 @@ class CudaGraphCache:
         self._last = entry
         return self._replay(entry, args)
 
+    def bind(self, args, varying: list[int]):
+        """A replay for calls that pass `args` again except new tensors of the same shapes at
+        `varying` (a decode step's token and position), or None when `args` is not the call
+        the last replay served or a varying input is used in place. The caller vouches that
+        the other arguments stay the same objects and that only the graph writes them (a
+        loop that owns them: kiln.generate); each call then costs the copies of the
+        varying inputs, the replay and the output clones, with no check of the ~300
+        arguments a decode graph takes."""
+        entry = self._last
+        if entry is None or not self._same_call(entry, args) \
+                or not set(varying) <= set(entry.copied):
+            return None
+        call = list(args)
+
+        def replay(*tensors):
+            for i, t in zip(varying, tensors):
+                call[i] = t
+            return self._replay(entry, call)
+        return replay
+
     @staticmethod
     def _same_call(entry: "_Entry", args) -> bool:
         """Same pinned tensor objects (so the same memory), same shapes of the copied inputs,

@@ -45,6 +45,17 @@ class CompiledGraph:
             watch(self, args, out)
         return out
 
+    def bind(self, args, varying: list[int]):
+        """A replay of this graph's captured CUDA graph for calls like `args` whose only new
+        tensors are at `varying` (CudaGraphCache.bind), with the weight preparation taken
+        as it is now; None without a replayable graph. For a loop that owns every other
+        argument and writes no weight while bound (kiln.generate's DirectDecode)."""
+        if self.cuda_graphs is None or isinstance(self.fn, ScalarInputs):
+            return None
+        prepared = getattr(self.fn, "prepared_weights", None)
+        full = list(args) + (list(prepared(args)) if prepared is not None else [])
+        return self.cuda_graphs.bind(full, varying)
+
     @property
     def replays(self) -> int:
         """How many calls so far replayed a captured CUDA graph (0 without graph capture)."""

@@ -7,6 +7,8 @@ host time a step, more than a small model's whole step on a GPU): `DirectDecode`
 two decode steps go through `torch.compile`, learns which of the compiled graph's
 arguments stay the same objects (weights, the StaticCache's tensors) and which are the
 step's token and position, and from then on calls the compiled graph with just those.
+Where that graph replays a captured CUDA graph, a step is then only the copies of the
+token and position into the graph's buffers and the replay (`CompiledGraph.bind`).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ class Generation:
     first_decode_seconds: float  # the first decode step (compiles the decode graph)
     decode_seconds: float      # the remaining steps: steady-state decode
     decode_steps: int
-    direct: str = "off"        # DirectDecode's state at the end: "bound", or why not
+    direct: str = "off"        # DirectDecode's state at the end: "bound..." or why not
     direct_steps: int = 0      # decode steps that called the kiln graph directly
 
     @property
@@ -51,6 +53,7 @@ class DirectDecode:
     def __init__(self):
         self.seen: list = []      # per watched step: (graph, args, outputs, ids, pos, logits)
         self.bound = None         # (graph, args template, ids index, pos index)
+        self.replay = None        # the graph's CUDA-graph replay bound to the template
         self.reason = "not watched yet"
         self.steps = 0            # steps run directly
 
@@ -94,10 +97,15 @@ class DirectDecode:
         # dynamo's frame hook off, as when a compiled frame calls it: run as a script,
         # `python bench/decode.py`, the hook was still on here and looked at every Python
         # frame the CPU wrapper entered (61 vs 42 ms a SmolLM2-shape step).
-        return (torch.compiler.disable(g1), template, where["ids"], where.get("pos")), "bound"
+        varying = [where["ids"]] + ([where["pos"]] if "pos" in where else [])
+        self.replay = g1.bind(template, varying)
+        how = "bound" if self.replay is None else "bound (CUDA graph replay)"
+        return (torch.compiler.disable(g1), template, where["ids"], where.get("pos")), how
 
     def __call__(self, ids, pos):
         self.steps += 1
+        if self.replay is not None:   # a captured CUDA graph: copy the step's tensors, replay
+            return self.replay(ids, pos)[0] if self.bound[3] is not None else self.replay(ids)[0]
         graph, args, i_ids, i_pos = self.bound
         args[i_ids] = ids
         if i_pos is not None:

@@ -83,3 +83,26 @@ def test_smollm2_greedy_tokens_identical_over_32_steps(real):
     assert compiled[-1].replays >= 30, "the decode graph was not replayed"
     if real:
         assert kiln_tokens == eager_tokens
+
+
+def test_direct_decode_replays_the_bound_cuda_graph_with_the_same_tokens():
+    """kiln.generate binds the decode graph's CUDA-graph replay after two watched steps
+    (CompiledGraph.bind): every later step is a replay, the tokens those of the ordinary
+    path and of eager bf16 (tiny model: no near ties)."""
+    from kiln.generate import greedy, make_cache
+    model, _ = bf16_pair(load_model("llama_gqa"))
+    ids = torch.randint(0, model.config.vocab_size, (1, 7), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(1))
+    steps = 16
+    eager = greedy(model, model, ids, steps, cache=make_cache(model, 7 + steps))
+    runs = {}
+    for direct in (False, True):
+        compiled = []
+        fn = _kiln(model, compiled)
+        runs[direct] = greedy(fn, model, ids, steps, cache=make_cache(model, 7 + steps),
+                              direct=direct), compiled
+    (slow, _), (fast, compiled) = runs[False], runs[True]
+    assert fast.direct == "bound (CUDA graph replay)", fast.direct
+    assert fast.direct_steps == steps - 1 - 2
+    assert compiled[-1].replays >= fast.direct_steps
+    assert fast.tokens == slow.tokens == eager.tokens
