@@ -42,6 +42,11 @@ KILN_OPS = {
     "rope_pair_store": (("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "index"), (),
                         kiln_ref.rope_pair_store, ("mutates",), _rope_store_type),
     "silu_mul": (("gate", "up"), (), kiln_ref.silu_mul, ("elementwise",), None),
+    # fuse.prologue: the norm or activation computed in the prologue of the GEMM it feeds
+    "rms_norm_mm": (("x", "weight", "b"), ("eps",), kiln_ref.rms_norm_mm, (), None),
+    "fused_add_rms_norm_mm": (("x", "residual", "weight", "b"), ("eps",),
+                              kiln_ref.fused_add_rms_norm_mm, (), None),
+    "silu_mul_mm": (("gate", "up", "b"), (), kiln_ref.silu_mul_mm, (), None),
     "attention": (("q", "k", "v", "mask"), ("scale", "causal", "window"), kiln_ref.attention, (),
                   _attention_type),
     "fused_moe": (("x", "router_logits", "w_gate_up", "w_down"), ("top_k", "renormalize"),

@@ -65,6 +65,24 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def rms_norm_mm(x: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm(x) @ b` with x's leading dims flattened: x [..., K], b [K, N] -> [M, N]
+    (a decode step's norm as the prologue of the GEMM that reads it)."""
+    return rms_norm(x, weight, eps).reshape(-1, x.shape[-1]) @ b
+
+
+def fused_add_rms_norm_mm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused_add_rms_norm` whose normalised value feeds `@ b`: returns ([M, N], the sum)."""
+    normed, summed = fused_add_rms_norm(x, residual, weight, eps)
+    return normed.reshape(-1, x.shape[-1]) @ b, summed
+
+
+def silu_mul_mm(gate: torch.Tensor, up: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`silu_mul(gate, up) @ b` with leading dims flattened: [..., I], b [I, N] -> [M, N]."""
+    return silu_mul(gate, up).reshape(-1, gate.shape[-1]) @ b
+
+
 def visible_keys(sq: int, skv: int, causal: bool, window: int | None,
                  device=None) -> torch.Tensor | None:
     """[Sq, Skv] bool: which keys each query sees under `causal` and `window` (see

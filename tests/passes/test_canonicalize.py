@@ -109,3 +109,16 @@ def test_dump_dir_gets_one_file_per_pass(tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["000_input.kir", "001_canonicalize.kir"]
     assert parse((tmp_path / "001_canonicalize.kir").read_text()) is not None
+
+
+def test_a_slice_as_long_as_its_dim_is_the_whole_dim():
+    # `hidden[:, -1:]` of a one-token decode step (logits_to_keep=1) selects everything
+    g = parse("""func @f(%x: f32[1, 1, 8], %y: f32[1, 3, 8]) -> (f32[1, 1, 8], f32[1, 1, 8]) {
+  %0 = aten.slice(%x, dim=1, start=-1, end=9223372036854775807) : f32[1, 1, 8]
+  %1 = aten.slice(%y, dim=1, start=-1, end=9223372036854775807) : f32[1, 1, 8]
+  return %0, %1
+}
+""")
+    PassManager(passes=["canonicalize"]).run(g)
+    assert [n.op for n in g.nodes] == ["aten.slice"] and g.nodes[0].args[0].name == "y"
+    assert g.outputs[0] is g.inputs[0]
