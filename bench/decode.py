@@ -9,9 +9,15 @@ warm runs. `kiln` runs the loop's DirectDecode (the compiled graph called direct
 steps showed how); `kiln-hf` calls the compiled model through torch.compile on every step.
 
 Per backend it also reports host us per decode step (p50 of the call's wall time started
-from an idle GPU) and, on a GPU, kernels per decode step (torch.profiler: the kernels of a
-longer run minus those of a shorter one, per extra step; kernels inside replayed CUDA
-graphs included).
+from an idle GPU) and, on a GPU, where a decode step's time goes, from torch.profiler: the
+device events (kernels inside replayed CUDA graphs included) of a longer run minus those of
+a shorter one, per extra step. That gives kernels per step (copies and fills not counted),
+the GPU's busy time per step (the union of all device events, copies and fills included)
+beside the step's wall time (from the decode tok/s; the rest is the GPU idle between
+kernels), and a breakdown by kernel name (count and device us per step, names shortened
+to a readable group: no return type, namespaces, template arguments or parameters). On the
+CPU, or where the profiler cannot trace, these fields are null and `gpu_profile_error`
+says why.
 """
 from __future__ import annotations
 
@@ -85,22 +91,100 @@ def main():
             Path(args.out).write_text(json.dumps(results, indent=2))
 
 
-def kernels_per_step(fn, model, ids, cache, loop, short: int = 8, long: int = 24) -> float | None:
-    """GPU kernels a decode step launches: profile a short and a long run, count kernel
-    events (not copies or fills) and divide the difference by the extra steps."""
+# Kernels that only wrap another, named by their first template argument.
+WRAPPER_KERNELS = {"Kernel", "Kernel2", "device_kernel"}
+
+
+def short_kernel_name(name: str) -> str:
+    """A readable group name for a device event: "void at::native::index_elementwise_kernel<128,
+    4, ...>(long, ...)" -> "index_elementwise_kernel", "cutlass::Kernel2<cutlass_80_..._tn>(...)"
+    -> "cutlass_80_..._tn", "Memcpy HtoD (Pageable -> Device)" -> "Memcpy HtoD"; Triton's and
+    cuBLAS's flat names (triton_poi_fused_..., _rms_norm_kernel, nvjet_...) stay as they are."""
+    name = name.strip().removeprefix("void ").replace("(anonymous namespace)::", "")
+    cut = min((i for i in (name.find("<"), name.find("(")) if i >= 0), default=len(name))
+    base = name[:cut].strip().split("::")[-1]
+    if base in WRAPPER_KERNELS and name[cut:cut + 1] == "<":
+        depth = 0
+        for i, ch in enumerate(name[cut + 1:], cut + 1):
+            if ch in "<(":
+                depth += 1
+            elif ch in ">)" and depth:
+                depth -= 1
+            elif ch in ",>" and not depth:
+                return short_kernel_name(name[cut + 1:i])
+    return base or name
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: time the GPU ran anything."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def device_events(fn, model, ids, cache, loop, tokens: int) -> list[tuple[str, float, float]]:
+    """(name, start us, end us) of every GPU event of one profiled greedy run: kernels,
+    copies and fills, not the GPU-side spans of annotated regions (record_function), which
+    cover other events and the gaps between them."""
     from torch.profiler import ProfilerActivity, profile
 
-    def count(tokens):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            greedy(fn, model, ids, tokens, cache=cache, **loop)
-            torch.cuda.synchronize()
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and not any(w in e.name.lower() for w in ("memcpy", "memset")))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        greedy(fn, model, ids, tokens, cache=cache, **loop)
+        torch.cuda.synchronize()
+    return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+
+
+def step_profile(fn, model, ids, cache, loop, short: int = 8, long: int = 24) -> dict:
+    """What a decode step runs on the GPU: profile a short and a long run and divide the
+    differences by the extra steps. kernels_per_step counts kernels (not copies or fills);
+    gpu_us_per_step is the union of all device events; kernel_breakdown the 15 groups of
+    `short_kernel_name` with the most device time (count and us per step; copies and fills
+    are groups too, "Memcpy HtoD" and the like)."""
     try:
-        return round((count(long) - count(short)) / (long - short), 1)
-    except Exception:  # noqa: BLE001 - a profiler that cannot trace here: say so in the row
+        runs = [device_events(fn, model, ids, cache, loop, n) for n in (short, long)]
+        if not runs[1]:
+            raise RuntimeError("the profiler recorded no GPU events")
+    except Exception as e:  # noqa: BLE001 - a profiler that cannot trace here: say so in the row
         traceback.print_exc()
-        return None
+        return dict(kernels_per_step=None, gpu_us_per_step=None, kernel_breakdown=None,
+                    gpu_profile_error=f"{type(e).__name__}: {e}"[:500])
+    steps = long - short
+    kernels = [sum(1 for n, _, _ in run if not any(w in n.lower() for w in ("memcpy", "memset")))
+               for run in runs]
+    groups = {}   # short name -> [count, us] of the long run minus the short one
+    for sign, run in ((-1, runs[0]), (1, runs[1])):
+        for n, a, b in run:
+            g = groups.setdefault(short_kernel_name(n), [0, 0.0])
+            g[0] += sign
+            g[1] += sign * (b - a)
+    per_step = sorted(((n, round(c / steps, 2), round(us / steps, 2))
+                       for n, (c, us) in groups.items() if c > 0), key=lambda g: -g[2])
+    return dict(kernels_per_step=round((kernels[1] - kernels[0]) / steps, 1),
+                gpu_us_per_step=round((busy_us([(a, b) for _, a, b in runs[1]])
+                                       - busy_us([(a, b) for _, a, b in runs[0]])) / steps, 1),
+                kernel_breakdown=[dict(name=n, count_per_step=c, us_per_step=us)
+                                  for n, c, us in per_step[:15]],
+                gpu_profile_error=None)
+
+
+def print_breakdown(row: dict) -> None:
+    """A backend's step: wall time, GPU busy time and gaps, then the kernel groups."""
+    if "error" in row:
+        return
+    if row["gpu_us_per_step"] is None:
+        print(f"\n{row['backend']}: no GPU breakdown ({row['gpu_profile_error']})")
+        return
+    step, busy = row["step_us"], row["gpu_us_per_step"]
+    split = (f"{busy:.1f} us GPU busy" if step is None else
+             f"a step is {step:.1f} us, of which {busy:.1f} us GPU busy and {step - busy:.1f} us gaps")
+    print(f"\n{row['backend']}: {split} ({row['kernels_per_step']} kernels)")
+    print(f"  {'kernel':60s} {'per step':>8s} {'us/step':>9s}")
+    for k in row["kernel_breakdown"]:
+        print(f"  {k['name'][:60]:60s} {k['count_per_step']:8.2f} {k['us_per_step']:9.1f}")
 
 
 def bench_model(name, dtype, args):
@@ -130,8 +214,13 @@ def bench_model(name, dtype, args):
             continue
         host = []
         greedy(fn, model, ids, args.tokens, cache=cache, host_us=host, **loop)
-        kernels = kernels_per_step(fn, model, ids, cache, loop) if args.device == "cuda" else None
+        if args.device == "cuda":
+            profiled = step_profile(fn, model, ids, cache, loop)
+        else:
+            profiled = dict(kernels_per_step=None, gpu_us_per_step=None, kernel_breakdown=None,
+                            gpu_profile_error=f"device {args.device}: no GPU to profile")
         rates = sorted(w.decode_tokens_per_second for w in warms)
+        rate = statistics.median(rates)
         warm = warms[-1]
         if reference is None:
             reference = warm.tokens
@@ -141,12 +230,13 @@ def bench_model(name, dtype, args):
             "first_call_s": round(gen.prefill_seconds, 3),
             "first_decode_s": round(gen.first_decode_seconds, 3),
             "kiln_compile_s": round(sum(c.compile_seconds for c in compiled), 3) if compiled else None,
-            "decode_tok_s": round(statistics.median(rates), 2),
+            "decode_tok_s": round(rate, 2),
             "decode_tok_s_runs": [round(r, 2) for r in rates],
             "prefill_s_warm": round(warm.prefill_seconds, 4),
             "tokens_equal_to_first_backend": round(same, 3),
             "host_us_per_step_p50": round(statistics.median(host[3:]), 1),
-            "kernels_per_step": kernels,
+            "step_us": round(1e6 / rate, 1) if rate else None,  # decode wall time per step
+            **profiled,
             "direct": warm.direct,
         }
         rows.append(row)
@@ -162,6 +252,8 @@ def bench_model(name, dtype, args):
         print(f"{r['backend']:10s} {r['first_call_s']:12.2f} {kc:>14s} {r['decode_tok_s']:12.1f} "
               f"{r['prefill_s_warm']:10.3f} {r['tokens_equal_to_first_backend']:11.2f} "
               f"{r['host_us_per_step_p50']:12.1f} {str(r['kernels_per_step']):>12s}")
+    for r in rows:
+        print_breakdown(r)
     result = {"model": name, "device": args.device, "dtype": args.dtype,
               "kiln_options": json.loads(args.kiln_options),
               "tokens": args.tokens, "torch": torch.__version__, "commit": code_version(),

@@ -3,10 +3,17 @@
     python bench/kernels.py --out $OUT/kernels.json
 
 Memory-bound kernels are reported in GB/s and as a fraction of the measured device copy
-bandwidth (bytes read + written); attention prefill and GEMMs in TFLOP/s beside SDPA /
-cuBLAS / torch._scaled_mm; decode attention and paged decode attention in GB/s of KV
-read, timed as CUDA-graph replays (decode runs captured). Medians of device-event timings
-after warm-up.
+bandwidth (bytes read + written). Their eager and torch.compile baselines run the PyTorch
+code a model runs for the op, transformers' Llama modeling code (LlamaRMSNorm,
+LlamaDecoderLayer's residual add, LlamaMLP's activation, apply_rotary_pos_emb on q and k,
+which kiln's rope_pair kernel rotates in one launch), not kiln's reference functions: that
+is the code torch.compile compiles in a model. The fp8 quantisation ops have no transformers
+module, so their baselines run kiln_ref; every row names its baseline ("baseline"). Each
+baseline is first checked against kiln_ref on the kiln kernel's own inputs.
+
+Attention prefill and GEMMs in TFLOP/s beside SDPA / cuBLAS / torch._scaled_mm; decode
+attention and paged decode attention in GB/s of KV read, timed as CUDA-graph replays
+(decode runs captured). Medians of device-event timings after warm-up.
 """
 from __future__ import annotations
 
@@ -14,6 +21,9 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Callable
 
 import torch
 from triton.testing import do_bench
@@ -61,62 +71,139 @@ def matmul_rate() -> float:
     return 2 * 8192**3 / median_s(lambda: a @ b)
 
 
-def memory_bound_cases(tokens: int, hidden: int):
-    """(name, kiln fn, reference fn, args, bytes moved)."""
+class ResidualRMSNorm(torch.nn.Module):
+    """LlamaDecoderLayer's residual add and the norm that follows it (its LlamaRMSNorm):
+    returns (normed sum, sum), what kiln's fused_add_rms_norm computes."""
+
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, residual):
+        h = residual + x
+        return self.norm(h), h
+
+
+class SiluMul(torch.nn.Module):
+    """LlamaMLP's activation, `act_fn(gate_proj(x)) * up_proj(x)`, on the projections'
+    outputs."""
+
+    def __init__(self, act_fn: torch.nn.Module):
+        super().__init__()
+        self.act_fn = act_fn
+
+    def forward(self, gate, up):
+        return self.act_fn(gate) * up
+
+
+@dataclass
+class Case:
+    """One memory-bound op at one size: kiln's kernel on `args`, kiln_ref's definition of the
+    op on the same args, and the baseline (eager and torch.compile) on `model_args`, the
+    same tensors as a model's code takes them."""
+    name: str
+    kiln: Callable
+    args: tuple
+    ref: Callable
+    baseline: str
+    model: Callable
+    model_args: tuple
+    nbytes: int
+
+
+def memory_bound_cases(tokens: int, hidden: int) -> list[Case]:
+    """The memory-bound ops on fresh random bf16 inputs of `tokens` x `hidden`."""
+    # Imported here, not at the top: transformers looks for the Hugging Face `kernels`
+    # package by importing `kernels`, which is this file wherever bench/ is on sys.path
+    # (bench/decode.py too), and a module-level import would make that import circular.
+    from transformers.activations import ACT2FN
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
     x = torch.randn(tokens, hidden, device=DEV, dtype=BF16)
     r = torch.randn(tokens, hidden, device=DEV, dtype=BF16)
     w = torch.randn(hidden, device=DEV, dtype=BF16)
     gu = torch.randn(tokens, 2 * hidden, device=DEV, dtype=BF16)
     gate, up = gu[:, :hidden], gu[:, hidden:]
     e = tokens * hidden * 2  # one bf16 activation tensor
-    heads, hd = hidden // 128, 128
+    # q and k as the attention layer hands them to RoPE: [B, H, S, D] transposes of the
+    # projections, 8 KV heads as in Llama-3-8B/70B; cos/sin [B, S, D].
+    heads, kv_heads, hd = hidden // 128, 8, 128
     q = torch.randn(1, tokens, heads, hd, device=DEV, dtype=BF16).transpose(1, 2)
+    k = torch.randn(1, tokens, kv_heads, hd, device=DEV, dtype=BF16).transpose(1, 2)
     cos = torch.randn(1, tokens, hd, device=DEV, dtype=BF16)
     sin = torch.randn(1, tokens, hd, device=DEV, dtype=BF16)
     f8 = torch.float8_e4m3fn
+    eps = 1e-6
+
+    def llama_rms_norm():
+        """transformers' LlamaRMSNorm with `w` as its weight (frozen, as in inference)."""
+        norm = LlamaRMSNorm(hidden, eps)
+        norm.weight = torch.nn.Parameter(w, requires_grad=False)
+        return norm
+
+    def ref_baseline(name, kfn, ref_name, rfn, args, nbytes):
+        """A quantisation op: transformers has no module for it, so kiln_ref is the baseline."""
+        return Case(name, kfn, args, rfn, f"kiln_ref.{ref_name} (no transformers module)",
+                    rfn, args, nbytes)
     return [
-        ("rms_norm", norm.rms_norm, kiln_ref.rms_norm, (x, w, 1e-6), 2 * e),
-        ("fused_add_rms_norm", norm.fused_add_rms_norm, kiln_ref.fused_add_rms_norm,
-         (x, r, w, 1e-6), 4 * e),
-        ("silu_mul", activation.silu_mul, kiln_ref.silu_mul, (gate, up), 3 * e),
-        ("rope", rope.rope, kiln_ref.rope, (q, cos, sin), 2 * e + 4 * tokens * hd),
-        ("quant_fp8", lambda t: quant.quant_fp8(t, None, f8), lambda t: kiln_ref.quant_fp8(t, None, f8),
-         (x,), e + e // 2 + tokens * 4),
-        ("rms_norm_quant_fp8", lambda t, ww: quant.rms_norm_quant(t, ww, 1e-6, f8),
-         lambda t, ww: kiln_ref.rms_norm_quant(t, ww, 1e-6, f8), (x, w), e + e // 2 + tokens * 4),
-        ("silu_mul_quant_fp8", lambda g, u: quant.silu_mul_quant(g, u, f8),
-         lambda g, u: kiln_ref.silu_mul_quant(g, u, f8), (gate, up), 2 * e + e // 2 + tokens * 4),
+        Case("rms_norm", norm.rms_norm, (x, w, eps), kiln_ref.rms_norm,
+             "transformers LlamaRMSNorm", llama_rms_norm(), (x,), 2 * e),
+        Case("fused_add_rms_norm", norm.fused_add_rms_norm, (x, r, w, eps),
+             kiln_ref.fused_add_rms_norm, "transformers LlamaDecoderLayer's add + LlamaRMSNorm",
+             ResidualRMSNorm(llama_rms_norm()), (x, r), 4 * e),
+        Case("silu_mul", activation.silu_mul, (gate, up), kiln_ref.silu_mul,
+             'transformers LlamaMLP ACT2FN["silu"](gate) * up', SiluMul(ACT2FN["silu"]),
+             (gate, up), 3 * e),
+        Case("rope_pair", rope.rope_pair, (q, k, cos, sin), kiln_ref.rope_pair,
+             "transformers apply_rotary_pos_emb", apply_rotary_pos_emb, (q, k, cos, sin),
+             2 * (q.numel() + k.numel()) * 2 + 4 * tokens * hd),
+        ref_baseline("quant_fp8", lambda t: quant.quant_fp8(t, None, f8), "quant_fp8",
+                     lambda t: kiln_ref.quant_fp8(t, None, f8), (x,), e + e // 2 + tokens * 4),
+        ref_baseline("rms_norm_quant_fp8", lambda t, ww: quant.rms_norm_quant(t, ww, eps, f8),
+                     "rms_norm_quant", lambda t, ww: kiln_ref.rms_norm_quant(t, ww, eps, f8),
+                     (x, w), e + e // 2 + tokens * 4),
+        ref_baseline("silu_mul_quant_fp8", lambda g, u: quant.silu_mul_quant(g, u, f8),
+                     "silu_mul_quant", lambda g, u: kiln_ref.silu_mul_quant(g, u, f8), (gate, up),
+                     2 * e + e // 2 + tokens * 4),
     ]
+
+
+def check_baseline(case: Case) -> None:
+    """The baseline computes kiln_ref's op from the kiln kernel's inputs (same layouts)."""
+    if case.model is not case.ref:
+        torch.testing.assert_close(case.model(*case.model_args), case.ref(*case.args),
+                                   msg=lambda m: f"{case.name}: {case.baseline} differs from "
+                                                 f"kiln_ref.{case.ref.__name__}: {m}")
 
 
 def bench_memory_bound(bw, rows):
     """Each kernel timed twice: launched eagerly back to back on one input (host launch
     cost included, the input partly L2-resident at 4096 tokens), and replayed from a CUDA
     graph over rotating inputs that together exceed the 50 MB L2 (device time only, as
-    decode runs it)."""
-    compiled = {}
+    decode runs it). Baselines are launched eagerly on the one input."""
     for tokens in (4096, 32768):
         for hidden in (4096, 8192):
             cases = memory_bound_cases(tokens, hidden)
-            nset = max(2, -(-256 * 2**20 // min(c[4] for c in cases)))
+            nset = max(2, -(-256 * 2**20 // min(c.nbytes for c in cases)))
             rotating = [cases] + [memory_bound_cases(tokens, hidden) for _ in range(nset - 1)]
-            for idx, (name, kfn, rfn, args, nbytes) in enumerate(cases):
-                if name not in compiled:
-                    compiled[name] = torch.compile(rfn, dynamic=True)
-                tk = median_s(lambda: kfn(*args))
-                tg = graph_s(lambda i: kfn(*rotating[i % nset][idx][3]), n=max(20, nset))
-                te = median_s(lambda: rfn(*args))
-                tc = median_s(lambda: compiled[name](*args))
-                row = dict(kind="memory", op=name, tokens=tokens, hidden=hidden,
-                           kiln_us=tk * 1e6, kiln_graph_us=tg * 1e6, eager_us=te * 1e6,
-                           compile_us=tc * 1e6, kiln_gbs=nbytes / tk / 1e9,
-                           frac_copy_bw=nbytes / tk / bw, graph_frac_copy_bw=nbytes / tg / bw,
-                           compile_frac_copy_bw=nbytes / tc / bw)
+            for idx, c in enumerate(cases):
+                check_baseline(c)
+                compiled = torch.compile(c.model, dynamic=True)
+                tk = median_s(lambda: c.kiln(*c.args))
+                tg = graph_s(lambda i: c.kiln(*rotating[i % nset][idx].args), n=max(20, nset))
+                te = median_s(lambda: c.model(*c.model_args))
+                tc = median_s(lambda: compiled(*c.model_args))
+                row = dict(kind="memory", op=c.name, tokens=tokens, hidden=hidden,
+                           baseline=c.baseline, kiln_us=tk * 1e6, kiln_graph_us=tg * 1e6,
+                           eager_us=te * 1e6, compile_us=tc * 1e6, kiln_gbs=c.nbytes / tk / 1e9,
+                           frac_copy_bw=c.nbytes / tk / bw, graph_frac_copy_bw=c.nbytes / tg / bw,
+                           compile_frac_copy_bw=c.nbytes / tc / bw)
                 rows.append(row)
-                print(f"{name:20s} {tokens:6d}x{hidden:<5d} kiln {tk*1e6:8.1f} us "
+                print(f"{c.name:20s} {tokens:6d}x{hidden:<5d} kiln {tk*1e6:8.1f} us "
                       f"{row['frac_copy_bw']:5.2f} of copy bw, graph-replayed {tg*1e6:8.1f} us "
                       f"{row['graph_frac_copy_bw']:5.2f} | eager {te*1e6:8.1f} | "
-                      f"torch.compile {tc*1e6:8.1f} ({row['compile_frac_copy_bw']:.2f})", flush=True)
+                      f"torch.compile {tc*1e6:8.1f} ({row['compile_frac_copy_bw']:.2f}) "
+                      f"[{c.baseline}]", flush=True)
             del rotating, cases
             torch.cuda.empty_cache()
 
@@ -261,9 +348,9 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           commit=code_version(), command=" ".join(sys.argv),
-                           date=time.strftime("%Y-%m-%d"), copy_bw=bw, matmul_rate=rate,
-                           rows=rows), f, indent=2)
+                           transformers=version("transformers"), commit=code_version(),
+                           command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d"),
+                           copy_bw=bw, matmul_rate=rate, rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":
