@@ -49,7 +49,8 @@ from triton.backends.compiler import GPUTarget
 
 TARGETS = {"cuda": GPUTarget("cuda", 90, 32), "hip": GPUTarget("hip", "gfx942", 64)}
 BINARY_KIND = {"cuda": "cubin", "hip": "hsaco"}
-KERNEL_MODULES = ("norm", "rope", "activation", "quant", "attention", "paged_attention", "moe", "gemm")
+KERNEL_MODULES = ("norm", "rope", "activation", "quant", "attention", "paged_attention", "moe", "gemm",
+                  "gemv")
 _PACKAGE = "kiln.backends.triton"
 ELF_MAGIC = b"\x7fELF"
 
