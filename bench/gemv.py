@@ -42,13 +42,16 @@ SHAPES = (
     ("smollm2-135m", "o", 576, 576, "rms_norm_mm"),
     ("smollm2-135m", "gate_up", 576, 3072, "fused_add_rms_norm_mm"),
     ("smollm2-135m", "down", 1536, 576, "silu_mul_mm"),
+    ("smollm2-135m", "lm_head", 576, 49152, "fused_add_rms_norm_mm"),
     ("llama-3.2-1b", "qkv", 2048, 3072, "fused_add_rms_norm_mm"),
     ("llama-3.2-1b", "gate_up", 2048, 16384, "fused_add_rms_norm_mm"),
     ("llama-3.2-1b", "down", 8192, 2048, "silu_mul_mm"),
+    ("llama-3.2-1b", "lm_head", 2048, 128256, "fused_add_rms_norm_mm"),
     ("llama-3-8b", "qkv", 4096, 6144, "fused_add_rms_norm_mm"),
     ("llama-3-8b", "o", 4096, 4096, "rms_norm_mm"),
     ("llama-3-8b", "gate_up", 4096, 28672, "fused_add_rms_norm_mm"),
     ("llama-3-8b", "down", 14336, 4096, "silu_mul_mm"),
+    ("llama-3-8b", "lm_head", 4096, 128256, "fused_add_rms_norm_mm"),
 )
 TOKENS = (1, 8)
 

@@ -8,6 +8,7 @@ from . import quantize  # noqa: F401,E402  (registers quantize)
 from . import fuse  # noqa: F401,E402  (fuse.norm, .rope, .attention, .activation, .moe, .quant)
 from . import rope_pair  # noqa: F401,E402  (fuse.rope_pair, Triton targets)
 from . import serve_kv_cache  # noqa: F401,E402  (serve.kv_cache, serving only)
+from . import prologue  # noqa: F401,E402  (fuse.prologue, Triton targets)
 from . import scalar_inputs  # noqa: F401,E402  (capture.scalar_inputs, with CUDA graphs)
 from . import schedule  # noqa: F401,E402  (schedule: last)
 from .manager import PIPELINE, Pass, PassContext, PassManager, pass_names, register_pass

@@ -48,12 +48,3 @@ fuse_quant = _rule_pass("fuse.quant", "quant", "norm + quant -> kiln.rms_norm_qu
                         "kiln.fused_add_rms_norm_quant, silu_mul + quant -> "
                         "kiln.silu_mul_quant (rules/quant.kiln)")
 
-
-@register_pass("fuse.prologue", "rms_norm / residual add + rms_norm / silu_mul feeding a "
-               "decode-sized GEMM -> one kiln.*_mm launch with the op as its prologue "
-               "(Triton targets; rules/prologue.kiln)")
-def fuse_prologue(g: Graph, ctx: PassContext) -> int:
-    target = ctx.options.get("target")
-    if target is None or target.triton_backend is None:
-        return 0
-    return run_rules(g, ctx, load_rules("prologue"))

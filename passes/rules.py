@@ -46,7 +46,8 @@ Reference (what the README documents):
   dim(%x, i), shape(%x), numel(%x), last_dim(%x, $d), is_float(x), is_int(x),
   is_none(x), is_input(%x), present(%x), coalesce(a, b, ...), sqrt(x), len(x),
   promote(dtype, dtype), float(x), int(x), floordiv(a, b),
-  divisible(a, b), and for attention masks (kiln.ir.masks) index_mask(%mask, %q, %k)
+  divisible(a, b), may_be_at_most(a, b) (a <= b, or a size not known until run time),
+  and for attention masks (kiln.ir.masks) index_mask(%mask, %q, %k)
   (the mask only says causal and/or sliding window, in query/key indices),
   mask_causal(...) and mask_window(...). Symbolic sizes compare exactly (`dim(%q, 2) ==
   dim(%k, 2)` holds for `s0 == s0`).
@@ -173,6 +174,14 @@ def _index_mask(mask, q, k):
     return form if form is not None and form.positions is None and not form.opaque else None
 
 
+def _may_be_at_most(a, b) -> bool:
+    """a <= b, or not known until run time (a symbolic size that may be that small)."""
+    r = a <= b
+    if isinstance(r, sympy.Basic):
+        return r is not sympy.false
+    return bool(r)
+
+
 def _sqrt(x):
     return sympy.sqrt(x) if isinstance(x, sympy.Basic) else math.sqrt(x)
 
@@ -196,6 +205,7 @@ FUNCTIONS: dict[str, Callable] = {
     "int": int,
     "floordiv": lambda a, b: _arith("//", a, b),
     "divisible": lambda a, b: b != 0 and dims_equal(_arith("//", a, b) * b, a),
+    "may_be_at_most": _may_be_at_most,
     "index_mask": lambda m, q, k: _index_mask(m, q, k) is not None,
     "mask_causal": lambda m, q, k: _index_mask(m, q, k).causal,
     "mask_window": lambda m, q, k: _index_mask(m, q, k).window,

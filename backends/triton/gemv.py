@@ -42,7 +42,9 @@ Why these choices:
   accumulates in fp32 like torch.mm. fp32 dots use input_precision="ieee" (no tf32).
 
 Configs: GEMV_CONFIGS, keyed by (M, N, K); every launcher takes `config=` to override it
-(tests and bench/gemv.py's sweep use that). Callers take the unfused ops above MAX_M.
+(tests and bench/gemv.py's sweep use that). Above MAX_M rows the launchers run the
+unfused pair (kiln's norm or activation kernel, then torch.mm), so each implements its
+kiln op for any M; fuse.prologue only fuses GEMMs of at most 16 static tokens.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import activation, norm
 from .activation import _silu_mul
 from .aot import make_spec
 from .norm import SHORT, _apply_weight, _inv_rms, as_rows
@@ -237,6 +240,12 @@ def _rows(name: str, x: torch.Tensor) -> torch.Tensor:
     return x2
 
 
+def _many_rows(x: torch.Tensor) -> bool:
+    """More rows than the kernel takes: the launchers then run the unfused pair, kiln's
+    norm or activation kernel and torch.mm (a GEMM that size is tensor-core work)."""
+    return x.numel() // max(x.shape[-1], 1) > MAX_M
+
+
 def _check_config(cfg: GemvConfig, m: int) -> None:
     if cfg.block_m < m:
         raise ValueError(f"gemv: config block_m {cfg.block_m} < M = {m}")
@@ -286,6 +295,8 @@ def rms_norm_mm(x: torch.Tensor, norm_weight: torch.Tensor, b: torch.Tensor, eps
     strides; all of one dtype (fp32, fp16, bf16). Returns a new contiguous [M, N]."""
     _check("rms_norm_mm", x, b, {"norm_weight": norm_weight})
     nw = _norm_weight("rms_norm_mm", x, norm_weight)
+    if _many_rows(x):
+        return torch.mm(norm.rms_norm(x, nw, eps).reshape(-1, x.shape[-1]), b)
     return _launch(RMS.value, _rows("rms_norm_mm", x), None, nw, b, None, eps, config)
 
 
@@ -299,6 +310,9 @@ def fused_add_rms_norm_mm(x: torch.Tensor, residual: torch.Tensor, norm_weight: 
         raise ValueError(f"fused_add_rms_norm_mm: residual shape {tuple(residual.shape)} != "
                          f"x shape {tuple(x.shape)}")
     nw = _norm_weight("fused_add_rms_norm_mm", x, norm_weight)
+    if _many_rows(x):
+        normed, h = norm.fused_add_rms_norm(x, residual, nw, eps)
+        return torch.mm(normed.reshape(-1, x.shape[-1]), b), h
     x2 = _rows("fused_add_rms_norm_mm", x)
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y = _launch(ADD_RMS.value, x2, as_rows(residual), nw, b, h.view(-1, x.shape[-1]), eps,
@@ -318,6 +332,8 @@ def silu_mul_mm(gate: torch.Tensor, up: torch.Tensor, b: torch.Tensor, *,
     if gate.shape != up.shape:
         raise ValueError(f"silu_mul_mm: gate shape {tuple(gate.shape)} != up shape "
                          f"{tuple(up.shape)}")
+    if _many_rows(gate):
+        return torch.mm(activation.silu_mul(gate, up).reshape(-1, gate.shape[-1]), b)
     return _launch(SILU.value, _rows("silu_mul_mm", gate), as_rows(up), None, b, None, 0.0,
                    config)
 

@@ -292,8 +292,6 @@ def test_errors():
         gemv.rms_norm_mm(x, w[:64], b, EPS)
     with pytest.raises(ValueError, match="not supported"):
         gemv.rms_norm_mm(x.double(), w.double(), b.double(), EPS)
-    with pytest.raises(ValueError, match="M = 65 rows exceeds MAX_M = 64"):
-        gemv.rms_norm_mm(randn(65, 96), w, b, EPS)
     with pytest.raises(ValueError, match="at least one dimension"):
         gemv.rms_norm_mm(x[0, 0], w, b, EPS)
     with pytest.raises(ValueError, match="residual shape"):
@@ -312,3 +310,20 @@ def test_errors():
         gemv.rms_norm_mm(x, w, b, EPS, config=G(16, 8, 32, 4, 2))
     with pytest.raises(ValueError, match="powers of two"):
         gemv.rms_norm_mm(x, w, b, EPS, config=G(16, 24, 32, 4, 2))
+
+
+def test_more_rows_than_the_kernel_takes_run_the_unfused_pair(monkeypatch):
+    """Each launcher implements its kiln op for any M: above MAX_M, kiln's norm or
+    activation kernel and torch.mm, never the gemv kernel."""
+    launches = record_launches(monkeypatch, gemv._gemv_kernel)
+    m = gemv.MAX_M + 3
+    x, r, w, b = randn(m, 96), randn(m, 96), randn(96), weight(96, 40, torch.float32, "permuted")
+    torch.testing.assert_close(gemv.rms_norm_mm(x, w, b, EPS),
+                               kiln_ref.rms_norm_mm(x, w, b, EPS), rtol=1e-5, atol=1e-5)
+    y, h = gemv.fused_add_rms_norm_mm(x, r, w, b, EPS)
+    want_y, want_h = kiln_ref.fused_add_rms_norm_mm(x, r, w, b, EPS)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    assert torch.equal(h, want_h)
+    torch.testing.assert_close(gemv.silu_mul_mm(x, r, b), kiln_ref.silu_mul_mm(x, r, b),
+                               rtol=1e-5, atol=1e-5)
+    assert launches == []

@@ -1,6 +1,7 @@
-"""fuse.prologue: on Triton targets a norm or SiLU·mul feeding a decode-sized GEMM becomes
+"""fuse.prologue: on Triton targets a norm or SiLU·mul feeding a GEMM of at most 64 tokens,
+or of a token count known only at run time (the launcher then decides per call), becomes
 that GEMM's prologue (kiln.rms_norm_mm, kiln.fused_add_rms_norm_mm, kiln.silu_mul_mm);
-GEMMs of many or of a dynamic number of tokens, and the CPU target, keep the ops apart.
+GEMMs of more static tokens, and the CPU target, keep the ops apart.
 The fused graph computes what the unfused one does (reference interpreter)."""
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ FUSED = ["kiln.rms_norm_mm", "kiln.fused_add_rms_norm_mm", "kiln.silu_mul_mm"]
 
 
 def _layer(m):
-    where = "where s0 in [1, 64]" if m == "s0" else ""
+    where = "where s0 in [1, 4096]" if m == "s0" else ""
     return LAYER.replace("M", str(m)).replace("WHERE", where)
 
 
@@ -46,7 +47,7 @@ def _fuse(text, target="cuda"):
     return g, pm.stats[0].rewrites
 
 
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 64, "s0"])
 def test_decode_sized_gemms_take_their_norm_or_activation_as_prologue(m):
     text = _layer(m)
     g, n = _fuse(text)
@@ -56,12 +57,13 @@ def test_decode_sized_gemms_take_their_norm_or_activation_as_prologue(m):
     assert print_graph(parse(print_graph(g))) == print_graph(g)
     verify(parse(print_graph(g)))
     torch.manual_seed(0)
-    args = [torch.randn([int(d) for d in v.type.shape]) for v in g.inputs]
+    args = [torch.randn([3 if not isinstance(d, int) else d for d in v.type.shape])
+            for v in g.inputs]
     for got, want in zip(run(g, args), run(parse(text), args)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("m, target", [(17, "cuda"), ("s0", "cuda"), (1, "cpu")])
+@pytest.mark.parametrize("m, target", [(65, "cuda"), (1, "cpu")])
 def test_large_or_dynamic_gemms_and_the_cpu_keep_their_ops(m, target):
     g, n = _fuse(_layer(m), target)
     assert n == 0 and not set(FUSED) & {node.op for node in g.nodes}
