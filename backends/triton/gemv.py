@@ -42,9 +42,9 @@ Why these choices:
   accumulates in fp32 like torch.mm. fp32 dots use input_precision="ieee" (no tf32).
 
 Configs: GEMV_CONFIGS, keyed by (M, N, K); every launcher takes `config=` to override it
-(tests and bench/gemv.py's sweep use that). Above MAX_M rows the launchers run the
-unfused pair (kiln's norm or activation kernel, then torch.mm), so each implements its
-kiln op for any M; fuse.prologue only fuses GEMMs of at most 16 static tokens.
+(tests and bench/gemv.py's sweep use that). Above FUSED_MAX_M rows (1: the tl.dot path
+measured slower than the unfused pair) the launchers run the unfused pair, kiln's norm or
+activation kernel then torch.mm, so each implements its kiln op for any M.
 """
 from __future__ import annotations
 
@@ -82,20 +82,24 @@ class GemvConfig:
 
 
 # (largest M, largest N, largest K, config); the first row that fits wins, None = any.
-# Not yet measured on a GPU (bench/gemv.py --sweep times alternatives); the reasoning:
-# - M = 1, small weights (SmolLM2, N and K <= 2048: < 8 MB): latency-bound, so K is
-#   covered in one or two chunks and BLOCK_N = 8 gives 72-384 programs.
-# - M = 1, large weights: 16 x 512 tiles (16 KB bf16, a 64-register fp32 accumulator per
-#   thread at 4 warps), 3 stages in flight; N = 4096 gives 256 programs, two per SM.
-# - M <= 16: 16 x 16 x 256 dot tiles (8 KB of weight per stage, 4 stages); 16-column
-#   programs for the same reason as above. Larger M: more rows, shorter K tiles.
+# M = 1 rows from `bench/gemv.py --sweep` on an H200 (bench/results/h200-2026-11-30b):
+# - K <= 2048 with N <= 4096, or K <= 1024 (SmolLM2's projections and LM head, Llama-3.2-1B's
+#   q/k/v): 8 columns x 1024 of K per program, 2 stages: 2.7-4.9 us, where the unfused pair
+#   takes 5.7-9.2 us (a norm kernel, then cuBLAS);
+# - larger weights: 16 x 512 tiles, 4 stages (256 programs at N = 4096), 0.63-0.92 of copy
+#   bandwidth on Llama-3-8B's projections and 1.0 on the LM heads, as cuBLAS alone.
+# M > 1 (tl.dot) is correct but measured slower than the unfused pair (Llama-3-8B gate/up at
+# M = 8: 169 vs 60 us), so the launchers take it only up to FUSED_MAX_M rows.
 GEMV_CONFIGS = (
-    (1, 2048, 2048, GemvConfig(1, 8, 1024, 4, 2)),
-    (1, None, None, GemvConfig(1, 16, 512, 4, 3)),
+    (1, 4096, 2048, GemvConfig(1, 8, 1024, 4, 2)),
+    (1, None, 1024, GemvConfig(1, 8, 1024, 4, 2)),
+    (1, None, None, GemvConfig(1, 16, 512, 4, 4)),
     (16, None, None, GemvConfig(16, 16, 256, 4, 4)),
     (32, None, None, GemvConfig(32, 16, 128, 4, 4)),
     (64, None, None, GemvConfig(64, 32, 128, 4, 3)),
 )
+# Rows up to which the launchers run the fused kernel; above it, the unfused pair.
+FUSED_MAX_M = 1
 
 
 def gemv_config(m: int, n: int, k: int) -> GemvConfig:
@@ -241,9 +245,9 @@ def _rows(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _many_rows(x: torch.Tensor) -> bool:
-    """More rows than the kernel takes: the launchers then run the unfused pair, kiln's
-    norm or activation kernel and torch.mm (a GEMM that size is tensor-core work)."""
-    return x.numel() // max(x.shape[-1], 1) > MAX_M
+    """More rows than the fused kernel pays for (FUSED_MAX_M, at most MAX_M): the launchers
+    then run the unfused pair, kiln's norm or activation kernel and torch.mm."""
+    return x.numel() // max(x.shape[-1], 1) > min(FUSED_MAX_M, MAX_M)
 
 
 def _check_config(cfg: GemvConfig, m: int) -> None:

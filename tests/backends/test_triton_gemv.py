@@ -20,6 +20,13 @@ from kiln.ir import kiln_ref
 from kiln.backends.triton import gemv
 from launches import record_launches
 
+@pytest.fixture(autouse=True)
+def fused_at_every_m(monkeypatch):
+    """The kernel at every M it takes (the launchers' own choice for M > 1 is the unfused
+    pair: see the last test)."""
+    monkeypatch.setattr(gemv, "FUSED_MAX_M", gemv.MAX_M)
+
+
 DEVICE = "cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") else "cpu"
 if DEVICE == "cpu" and not os.environ.get("TRITON_INTERPRET"):
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -312,11 +319,12 @@ def test_errors():
         gemv.rms_norm_mm(x, w, b, EPS, config=G(16, 24, 32, 4, 2))
 
 
-def test_more_rows_than_the_kernel_takes_run_the_unfused_pair(monkeypatch):
-    """Each launcher implements its kiln op for any M: above MAX_M, kiln's norm or
-    activation kernel and torch.mm, never the gemv kernel."""
+@pytest.mark.parametrize("m", [2, gemv.MAX_M + 3])
+def test_more_rows_than_the_kernel_pays_for_run_the_unfused_pair(monkeypatch, m):
+    """Each launcher implements its kiln op for any M: above FUSED_MAX_M (1) rows, kiln's
+    norm or activation kernel and torch.mm, never the gemv kernel."""
+    monkeypatch.setattr(gemv, "FUSED_MAX_M", 1)
     launches = record_launches(monkeypatch, gemv._gemv_kernel)
-    m = gemv.MAX_M + 3
     x, r, w, b = randn(m, 96), randn(m, 96), randn(96), weight(96, 40, torch.float32, "permuted")
     torch.testing.assert_close(gemv.rms_norm_mm(x, w, b, EPS),
                                kiln_ref.rms_norm_mm(x, w, b, EPS), rtol=1e-5, atol=1e-5)
