@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.frontends.hf import cache_call_kwargs
+from kiln.runtime.sampler import argmax
 
 from .driver import CompiledGraph
 
@@ -148,7 +149,7 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
     t0 = time.perf_counter()
     logits = (prefill_fn or model_fn)(input_ids=input_ids, logits_to_keep=1,
                                       **cache_call_kwargs(config_model, cache, positions)).logits
-    token = logits[:, -1].argmax(-1)
+    token = argmax(logits[:, -1])
     sync()
     t1 = time.perf_counter()
     out = [token]
@@ -179,7 +180,7 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
                 direct.saw(logits)
         if host_us is not None:
             host_us.append((time.perf_counter() - t_call) * 1e6)
-        token = logits[:, -1].argmax(-1)
+        token = argmax(logits[:, -1])
         out.append(token)
     sync()
     t2 = time.perf_counter()

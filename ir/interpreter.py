@@ -22,7 +22,7 @@ def run(g: Graph, inputs: Sequence[Any]) -> list[Any]:
                                     **{k: map_values(a, fetch) for k, a in n.attrs.items()})
         if len(n.results) == 1:
             env[n.results[0]] = out
-        else:
+        elif n.results:
             for r, o in zip(n.results, out):
                 env[r] = o
     return [env[v] for v in g.outputs]

@@ -113,7 +113,8 @@ ATEN_OPS: dict[str, tuple[str, ...]] = {
     "aten.new_full": (), "aten.new_empty": (), "aten.new_empty_strided": (),
     # in-place writes into graph inputs (kept by keep_inference_input_mutations)
     "aten.copy_": ("mutates",), "aten.copy": (), "aten.index_put_": ("mutates",),
-    "aten.index_copy_": ("mutates",), "aten.fill_": ("mutates",),
+    "aten.index_copy_": ("mutates",), "aten.fill_": ("mutates",), "aten.add_": ("mutates",),
+    "aten._foreach_add_": ("mutates",),   # its first operand is a list of tensors
     "aten._assert_tensor_metadata": ("mutates",),
     "aten.sym_constrain_range_for_size": ("mutates",),
     # random
@@ -257,8 +258,11 @@ def written_values(node) -> list[Value]:
     op = get_op(node.op)
     if not op.has("mutates"):
         return []
-    return [node.args[k] for k in op.extra.get("mutated_operands", (0,))
-            if k < len(node.args) and isinstance(node.args[k], Value)]
+    out = []
+    for k in op.extra.get("mutated_operands", (0,)):
+        arg = node.args[k] if k < len(node.args) else None
+        out += [a for a in (arg if isinstance(arg, (list, tuple)) else [arg]) if isinstance(a, Value)]
+    return out
 
 
 def aliases(g, root: Value) -> set[Value]:
@@ -458,6 +462,8 @@ def _infer_types(name: str, args: list, attrs: dict, graph, env: FakeEnv | None)
     fattrs = {k: _devices_to_cpu(a) for k, a in fattrs.items()}
     with env.mode:
         out = op.impl(*fargs, **fattrs)
+    if out is None:   # an in-place op with no result (`_foreach_add_`)
+        return []
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     return [env.to_type(o) for o in outs]
 

@@ -1,6 +1,8 @@
 """Sampler: greedy is argmax, seeds reproduce, top-k / top-p never leave their allowed set."""
+import pytest
 import torch
 
+from kiln.runtime import sampler
 from kiln.runtime.sampler import make_generator, sample
 from kiln.runtime.sequence import SamplingParams
 
@@ -76,3 +78,19 @@ def test_top_k_and_top_p_per_row():
     x = logits(1, seed=11).repeat(3, 1)
     params = [SamplingParams(top_k=1), SamplingParams(top_p=1e-6), SamplingParams(temperature=0)]
     assert sample(x, params, [None] * 3) == [int(x[0].argmax())] * 3
+
+
+@pytest.mark.parametrize("shape", [(3, 49152), (2, 128256), (2, 1000), (1, 8192 + 256)])
+def test_two_stage_argmax_is_argmax_ties_included(shape):
+    """The first index of the maximum, as torch.argmax: a row whose maximum appears in two
+    chunks and twice in one, rows of equal values, fp16 and fp32."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(shape).to(dtype)
+        top = x.max() + 1
+        x[0, shape[1] - 5] = top
+        x[0, shape[1] // 2 + 7] = top
+        x[0, shape[1] // 2 + 3] = top
+        if shape[0] > 1:
+            x[1] = 0.5
+        assert torch.equal(sampler.argmax(x), x.argmax(-1))
