@@ -57,7 +57,7 @@ import triton.language as tl
 from . import activation, norm
 from .activation import _silu_mul
 from .aot import make_spec
-from .norm import SHORT, _apply_weight, _inv_rms, as_rows
+from .norm import SHORT, _apply_weight, _inv_rms, _load_sum, as_rows
 
 MAX_M = 64  # the largest M the kernels take; callers fall back to the unfused ops above it
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -118,22 +118,6 @@ def fit_config(cfg: GemvConfig, k: int) -> GemvConfig:
 
 
 @triton.jit
-def _load_rows(X, X2, H, rows, ks, mask, h_mask, stride_x, stride_x2, stride_h,
-               PROLOGUE: tl.constexpr, STORE_H: tl.constexpr):
-    """The [BLOCK_M, BLOCK_K] chunk of x as float32 (rms prologues), or of
-    h = residual + x rounded to x's dtype (ADD_RMS), stored to H where h_mask if STORE_H."""
-    x = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    if PROLOGUE == ADD_RMS:
-        r = tl.load(X2 + rows[:, None] * stride_x2 + ks[None, :], mask=mask, other=0.0)
-        h = (r.to(tl.float32) + x).to(X.dtype.element_ty)
-        if STORE_H:
-            tl.store(H + rows[:, None] * stride_h + ks[None, :], h, mask=h_mask)
-        x = h.to(tl.float32)
-    return x
-
-
-@triton.jit
 def _gemv_kernel(X, X2, NW, B, Y, H, M, N, stride_x, stride_x2, stride_h, stride_bk,
                  stride_bn, stride_y, eps, K: tl.constexpr, PROLOGUE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -157,16 +141,18 @@ def _gemv_kernel(X, X2, NW, B, Y, H, M, N, stride_x, stride_x2, stride_h, stride
     cols = tl.where(n_ok, offs_n, 0).to(tl.int64)
 
     # Pass 1 (rms prologues): each row's inverse RMS; program 0 also stores h.
+    ADD: tl.constexpr = PROLOGUE == ADD_RMS
     inv = tl.zeros([BLOCK_M], dtype=tl.float32)
     if PROLOGUE != SILU:
-        h_row_ok = tl.arange(0, BLOCK_M) < tl.where(pid_n == 0, M, 0)
         sum_sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + offs_k
             k_ok = ks < K
             mask = row_ok[:, None] & k_ok[None, :]
-            s = _load_rows(X, X2, H, rows, ks, mask, h_row_ok[:, None] & k_ok[None, :],
-                           stride_x, stride_x2, stride_h, PROLOGUE, True)
+            if pid_n == 0:
+                s = _load_sum(X, X2, H, rows, ks, mask, stride_x, stride_x2, stride_h, ADD, True)
+            else:
+                s = _load_sum(X, X2, H, rows, ks, mask, stride_x, stride_x2, stride_h, ADD, False)
             sum_sq += s * s
         inv = _inv_rms(tl.sum(sum_sq, axis=1), K, eps)
 
@@ -187,8 +173,7 @@ def _gemv_kernel(X, X2, NW, B, Y, H, M, N, stride_x, stride_x2, stride_h, stride
             u = tl.load(X2 + rows[:, None] * stride_x2 + ks[None, :], mask=mask, other=0.0)
             a = _silu_mul(g, u, XDT, XDT)
         else:
-            s = _load_rows(X, X2, H, rows, ks, mask, mask, stride_x, stride_x2, stride_h,
-                           PROLOGUE, False)
+            s = _load_sum(X, X2, H, rows, ks, mask, stride_x, stride_x2, stride_h, ADD, False)
             a = _apply_weight(s, inv, NW, ks, k_ok, XDT)
         # `a` holds values of x's dtype (in fp32): exactly what the unfused mm is fed.
         if USE_DOT:
