@@ -9,7 +9,6 @@ several query blocks, KV tiles and decode partitions.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -18,30 +17,14 @@ from kiln.ir import kiln_ref
 from kiln.backends.triton import attention as attn
 from kiln.backends.triton.attention import AttnConfig
 from launches import record_launches
+from kernel_checks import DEVICE, DTYPES, assert_close, require_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") else "cpu"
-if DEVICE == "cpu" and not os.environ.get("TRITON_INTERPRET"):
-    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+require_triton()
 
-# fp32: the kernel and the reference both accumulate in fp32 over at most ~100 keys and
-# 128 dims; the differences are summation order and exp2 vs exp, well under 1e-5.
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+# The shared bounds (kernel_checks.TOL) hold: in fp32 the kernel and the reference both
+# accumulate in fp32 over at most ~100 keys and 128 dims; the differences are summation
+# order and exp2 vs exp, well under 1e-5.
 SMALL = AttnConfig(16, 16, 4, 1)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "non-finite values in kernel output"
-    assert torch.isfinite(ref).all()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def assert_close(out, ref, dtype):
-    assert out.dtype == ref.dtype, (out.dtype, ref.dtype)
-    err = rel_err(out, ref)
-    assert err < TOL[dtype], f"relative error {err:.3g} >= {TOL[dtype]}"
 
 
 def qkv(b, hq, hkv, sq, skv, d, dtype, layout="bshd"):

@@ -11,14 +11,16 @@ the identity, and checks that its check rejects the unrounded alternatives.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from kiln.ir import kiln_ref
 from kiln.backends.triton import gemv
 from launches import record_launches
+from kernel_checks import DEVICE, DTYPES, assert_close, randn, require_triton
+
+require_triton()
+
 
 @pytest.fixture(autouse=True)
 def fused_at_every_m(monkeypatch):
@@ -27,34 +29,9 @@ def fused_at_every_m(monkeypatch):
     monkeypatch.setattr(gemv, "FUSED_MAX_M", gemv.MAX_M)
 
 
-DEVICE = "cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") else "cpu"
-if DEVICE == "cpu" and not os.environ.get("TRITON_INTERPRET"):
-    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
-
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-# The interpreter has no bf16 arithmetic; bf16 runs only on a GPU.
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 HALF_DTYPES = [d for d in DTYPES if d != torch.float32]
 EPS = 1e-6
 G = gemv.GemvConfig
-
-
-def randn(*shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float32) * scale).to(dtype).to(DEVICE)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "non-finite values in kernel output"
-    assert torch.isfinite(ref).all()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def assert_close(out, ref, dtype):
-    assert out.dtype == ref.dtype, (out.dtype, ref.dtype)
-    err = rel_err(out, ref)
-    assert err < TOL[dtype], f"relative error {err:.3g} >= {TOL[dtype]}"
 
 
 def weight(k: int, n: int, dtype, layout: str) -> torch.Tensor:

@@ -8,8 +8,6 @@ the fp8 GEMM path runs for real here, numerics included.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -17,13 +15,10 @@ from kiln.ir import kiln_ref
 from kiln.backends.triton import gemm, moe
 from kiln.backends.triton.gemm import GemmConfig
 from kiln.backends.triton.moe import MoeConfig
+from kernel_checks import DEVICE, DTYPES, assert_close, require_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") else "cpu"
-if DEVICE == "cpu" and not os.environ.get("TRITON_INTERPRET"):
-    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+require_triton()
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # fp8 e4m3fnuz is the AMD flavour: the interpreter runs it; NVIDIA GPUs have no such type.
 FP8 = [torch.float8_e4m3fn] + ([torch.float8_e4m3fnuz] if DEVICE == "cpu" else [])
 # The interpreter sums fp8 products in fp32 like the reference (1e-5). Hopper's fp8 tensor
@@ -31,21 +26,6 @@ FP8 = [torch.float8_e4m3fn] + ([torch.float8_e4m3fnuz] if DEVICE == "cpu" else [
 # without fast accumulation does the same; both measured 1.3e-4 at K = 4096 on an H100).
 FP8_F32_TOL = 1e-5 if DEVICE == "cpu" else 1e-3
 SMALL_MOE = MoeConfig(16, 32, 32, 4, 1)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "non-finite values in kernel output"
-    assert torch.isfinite(ref).all()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def assert_close(out, ref, dtype, tol=None):
-    assert out.dtype == ref.dtype, (out.dtype, ref.dtype)
-    err = rel_err(out, ref)
-    tol = max(TOL[dtype], tol or 0)
-    assert err < tol, f"relative error {err:.3g} >= {tol}"
 
 
 def mm_tol(qdtype):
@@ -134,7 +114,7 @@ def quantized(m, n, k, qdtype):
     return a, a_scale, b, b_scale
 
 
-OUT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+OUT_DTYPES = DTYPES   # scaled_mm's output dtypes: those the kernels are checked at
 
 
 @pytest.mark.parametrize("qdtype", [torch.int8] + FP8)

@@ -9,8 +9,6 @@ float64, and the caches must equal the reference's exactly.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -18,16 +16,13 @@ from kiln.backends.triton import paged_attention as pa
 from kiln.backends.triton.attention import AttnConfig
 from kiln.ir import kiln_ref
 from launches import record_launches
+from kernel_checks import DEVICE, DTYPES, TOL, require_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") else "cpu"
-if DEVICE == "cpu" and not os.environ.get("TRITON_INTERPRET"):
-    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+require_triton()
 
-# fp32: both sides accumulate in fp32 over at most a few hundred keys (summation order and
-# exp2 vs exp differ), well under 1e-5. fp16/bf16: P is rounded to the input dtype before
-# the PV product, as in every flash kernel.
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+# The shared bounds (kernel_checks.TOL) hold: in fp32 both sides accumulate in fp32 over
+# at most a few hundred keys (summation order and exp2 vs exp differ), well under 1e-5;
+# fp16/bf16: P is rounded to the input dtype before the PV product, as in every flash kernel.
 SMALL = AttnConfig(16, 16, 4, 1)   # many tiles, query tiles and splits on tiny shapes
 HEADS = {"gqa": (4, 2), "mha": (2, 2)}
 

@@ -6,41 +6,17 @@ fresh random values every run; errors are ‖out − ref‖ / ‖ref‖ in float
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from kiln.ir import kiln_ref
 from kiln.backends.triton import activation, norm, quant, rope
 from launches import record_launches
+from kernel_checks import DEVICE, DTYPES, TOL, assert_close, randn, rel_err, require_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") else "cpu"
-if DEVICE == "cpu" and not os.environ.get("TRITON_INTERPRET"):
-    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+require_triton()
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-# The interpreter has no bf16 arithmetic; bf16 runs only on a GPU.
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 EPS = 1e-6
-
-
-def randn(*shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float32) * scale).to(dtype).to(DEVICE)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "non-finite values in kernel output"
-    assert torch.isfinite(ref).all()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def assert_close(out, ref, dtype):
-    assert out.dtype == ref.dtype, (out.dtype, ref.dtype)
-    err = rel_err(out, ref)
-    assert err < TOL[dtype], f"relative error {err:.3g} >= {TOL[dtype]}"
 
 
 def codes_for(v: torch.Tensor, qdtype: torch.dtype) -> torch.Tensor:
