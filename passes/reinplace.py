@@ -13,7 +13,7 @@ and the in-place adds of one scalar at the end of the graph become one
 """
 from __future__ import annotations
 
-from kiln.ir import Graph, Value
+from kiln.ir import Graph, Node, Value
 from kiln.ir.ops import aliases
 
 from .manager import PassContext, register_pass
@@ -63,61 +63,52 @@ def _functional_updates(g: Graph, ctx: PassContext) -> int:
 
 
 def _counter_updates(g: Graph, ctx: PassContext) -> int:
-    """`copy_(x, add(x, k))` of an input x, the sum used by nothing else -> `add_(x, k)` at
-    the copy; then runs of such in-place adds of the same k, with nothing between them
-    touching their tensors, -> one `_foreach_add_`."""
+    """`copy_(x, add(x, k))` of an input x, the sum read by nothing else -> an in-place add
+    where the copy was; consecutive such copies adding one k -> one `_foreach_add_` (nothing
+    lies between them, so each update may move to the first one's place)."""
     users = g.users()
     for v in g.outputs:   # a graph output is read after the graph
         users.setdefault(v, []).append(None)
-    changed = 0
-    for n in list(g.nodes):
-        if n.op != "aten.copy_" or len(n.args) != 2 or n.attrs:
+    runs: list[list[tuple[int, Node, Node]]] = []   # (position, copy_, add) runs
+    for i, n in enumerate(g.nodes):
+        add = _counter_add(n, users)
+        if add is None:
             continue
-        target, value = n.args
-        if not (isinstance(target, Value) and target.is_input and isinstance(value, Value)
-                and not value.is_input):
-            continue
-        add = value.producer
-        if (add.op != "aten.add" or add.attrs or len(add.args) != 2 or add.args[0] is not target
-                or isinstance(add.args[1], (Value, bool)) or value.type != target.type
-                or users.get(value, []) != [n] or users.get(n.results[0])):
-            continue
-        if not ctx.allow():
-            return changed
-        g.add_node("aten.add_", [target, add.args[1]], {}, [target.type], before=n)
-        g.remove_nodes([n, add])
-        changed += 1
-    return changed + _merge_adds(g, ctx)
-
-
-def _merge_adds(g: Graph, ctx: PassContext) -> int:
-    users = g.users()
-    for v in g.outputs:
-        users.setdefault(v, []).append(None)
-    merged = 0
-    i = 0
-    while i < len(g.nodes):
-        run = [g.nodes[i]] if _lone_add(g.nodes[i], users) else []
-        j = i + 1
-        while run and j < len(g.nodes) and _lone_add(g.nodes[j], users) \
-                and g.nodes[j].args[1] == run[0].args[1] \
-                and type(g.nodes[j].args[1]) is type(run[0].args[1]) \
-                and g.nodes[j].args[0] not in {r.args[0] for r in run}:
-            run.append(g.nodes[j])
-            j += 1
-        if len(run) > 1 and ctx.allow():
-            g.add_node("aten._foreach_add_", [[r.args[0] for r in run], run[0].args[1]], {}, [],
-                       before=run[0])
-            g.remove_nodes(run)
-            merged += 1
-            i += 1
+        run = runs[-1] if runs else None
+        k = add.args[1]
+        if (run and run[-1][0] == i - 1 and type(run[0][2].args[1]) is type(k)
+                and run[0][2].args[1] == k and all(c.args[0] is not n.args[0] for _, c, _ in run)):
+            run.append((i, n, add))
         else:
-            i = j if run else i + 1
-    return merged
+            runs.append([(i, n, add)])
+    changed, dead = 0, []
+    for run in runs:
+        if not ctx.allow():
+            break
+        targets = [copy.args[0] for _, copy, _ in run]
+        k, first = run[0][2].args[1], run[0][1]
+        if len(run) == 1:
+            g.add_node("aten.add_", [targets[0], k], {}, [targets[0].type], before=first)
+        else:
+            g.add_node("aten._foreach_add_", [targets, k], {}, [], before=first)
+        dead += [x for _, copy, add in run for x in (copy, add)]
+        changed += 1
+    g.remove_nodes(dead)
+    return changed
 
 
-def _lone_add(n, users) -> bool:
-    """An in-place add of a scalar to an input whose result nothing reads."""
-    return (n.op == "aten.add_" and len(n.args) == 2 and isinstance(n.args[0], Value)
-            and n.args[0].is_input and not isinstance(n.args[1], (Value, bool))
-            and not users.get(n.results[0]))
+def _counter_add(n: Node, users) -> Node | None:
+    """The `add(x, k)` of a counter update `n = copy_(x, add(x, k))`: x an input, k a
+    number, the sum and the copy's result read by nothing else."""
+    if n.op != "aten.copy_" or len(n.args) != 2 or n.attrs:
+        return None
+    target, value = n.args
+    if not (isinstance(target, Value) and target.is_input and isinstance(value, Value)
+            and not value.is_input):
+        return None
+    add = value.producer
+    if (add.op != "aten.add" or add.attrs or len(add.args) != 2 or add.args[0] is not target
+            or isinstance(add.args[1], (Value, bool)) or value.type != target.type
+            or users.get(value, []) != [n] or users.get(n.results[0])):
+        return None
+    return add

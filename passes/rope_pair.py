@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from kiln.ir import Graph, Node, TensorType, Value
-from kiln.ir.ops import aliases, written_values
+from kiln.ir.ops import aliases
 
 from .manager import PassContext, register_pass
 
@@ -94,7 +94,7 @@ def rope_store(g: Graph, ctx: PassContext) -> int:
     fused = 0
     for pair in [n for n in g.nodes if n.op == "kiln.rope_pair"]:
         position = {n: i for i, n in enumerate(g.nodes)}
-        users = _users(g)
+        users = g.users()
         q_rot, k_rot = pair.results
         k_writes = users.get(k_rot, [])
         if len(k_writes) != 1 or (k_write := _cache_write(k_writes[0])) is None \
@@ -126,14 +126,6 @@ def rope_store(g: Graph, ctx: PassContext) -> int:
     return fused
 
 
-def _users(g: Graph) -> dict[Value, list[Node]]:
-    users: dict[Value, list[Node]] = {}
-    for n in g.nodes:
-        for v in n.operands():
-            users.setdefault(v, []).append(n)
-    return users
-
-
 def _v_write(users, position, k_node, k_cache, rows, k_rot) -> Node | None:
     """The write of v into another cache at the same rows nearest to the k write."""
     candidates = [n for n in users.get(rows, []) if n is not k_node
@@ -150,11 +142,8 @@ def _defined_before(v: Value, position, at: int) -> bool:
 
 
 def _untouched_between(g: Graph, position, at: int, write: Node, cache: Value) -> bool:
-    """Moving `write` to position `at` changes no node between them: none reads or writes
-    the cache (or a view of it) or the write's result."""
+    """Moving `write` to position `at` changes no node between them: none takes the cache
+    (or a view of it) or the write's result as an operand, to read it or to write it."""
     lo, hi = sorted((at, position[write]))
     touched = aliases(g, cache) | {write.results[0]}
-    for n in g.nodes[lo + 1:hi]:
-        if any(v in touched for v in n.operands()) or any(v in touched for v in written_values(n)):
-            return False
-    return True
+    return not any(v in touched for n in g.nodes[lo + 1:hi] for v in n.operands())
