@@ -209,32 +209,42 @@ def _too_deep(max_depth: int, path) -> APIError:
                          f"nested at most {max_depth} levels", param=_path(path))
 
 
-def check_text(body) -> None:
-    """Every string of the parsed body, keys too, is Unicode text (no lone surrogates)."""
-    stack = [(body, None)]     # (value, path as (parent path, key))
+def check_text(body: dict) -> None:
+    """Every string of the parsed body, keys too, is Unicode text (no lone surrogates).
+
+    Only arrays and objects go on the work stack, and a string's path is built only when it
+    is refused: one tuple per string of a million-string prompt would be a million fresh
+    objects for the cyclic garbage collector, whose full collection then holds the GIL."""
+    stack = [(body, None)]     # (array or object, its path as (parent path, key))
     while stack:
         v, path = stack.pop()
-        if isinstance(v, str):
-            _check_text(v, path)
-        elif isinstance(v, (dict, list)):
-            items = v.items() if isinstance(v, dict) else enumerate(v)
-            for k, x in items:
-                if isinstance(k, str):
-                    _check_text(k, (path, k))
-                if isinstance(x, (str, dict, list)):
-                    stack.append((x, (path, k)))
+        items = v.items() if isinstance(v, dict) else enumerate(v)
+        for k, x in items:
+            if isinstance(k, str) and not _is_text(k):
+                raise _lone_surrogate(k, (path, k))
+            if isinstance(x, str):
+                if not _is_text(x):
+                    raise _lone_surrogate(x, (path, k))
+            elif isinstance(x, (dict, list)):
+                stack.append((x, (path, k)))
 
 
-def _check_text(s: str, path) -> None:
+def _is_text(s: str) -> bool:
     if s.isascii():
-        return
+        return True
     try:
         s.encode("utf-8")
-    except UnicodeEncodeError as e:
-        where = _path(path) or "the body"
-        raise APIError(400, f"{where} contains a lone UTF-16 surrogate ({ascii(s[e.start])[1:-1]}), "
-                            f"which is not Unicode text; escape characters outside the BMP as a "
-                            f"surrogate pair or send them as UTF-8", param=_path(path)) from None
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _lone_surrogate(s: str, path) -> APIError:
+    e = next(i for i, c in enumerate(s) if 0xD800 <= ord(c) <= 0xDFFF)
+    where = _path(path) or "the body"
+    return APIError(400, f"{where} contains a lone UTF-16 surrogate ({ascii(s[e])[1:-1]}), "
+                         f"which is not Unicode text; escape characters outside the BMP as a "
+                         f"surrogate pair or send them as UTF-8", param=_path(path))
 
 
 def _path(path) -> str | None:
@@ -248,14 +258,7 @@ def _path(path) -> str | None:
         if isinstance(k, int):
             out += f"[{k}]"
         else:
-            k = k if k.isascii() or _encodable(k) else ascii(k)[1:-1]
+            k = k if _is_text(k) else ascii(k)[1:-1]
             out += ("." if out else "") + clip(k, 40)
     return out or None
 
-
-def _encodable(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
