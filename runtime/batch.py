@@ -63,6 +63,8 @@ class ModelRunner(Protocol):
     num_blocks: int      # KV blocks the runner allocated
     max_model_len: int   # longest sequence (prompt + output) the runner accepts
     vocab_size: int      # logits width
+    # Optional: `device` (where execute runs). On "cuda" the engine times each step's
+    # device work with CUDA events (metrics.DeviceTimer).
 
     def execute(self, batch: FlatBatch) -> torch.Tensor:
         """Write the new tokens' K/V, run the model, return [N, vocab_size] logits of each

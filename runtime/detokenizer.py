@@ -11,6 +11,10 @@ emitted; text that could still turn into a stop string (a suffix of the text tha
 prefix of some stop string) is held back until it can't, or until the request finishes.
 Of the stop strings that end in one step's new text, the one that starts first wins.
 
+Decoding goes straight to the Rust `tokenizers` object behind a fast tokenizer when that
+gives the same text (`text_decoder`): transformers' `decode` wrapper costs several times
+the decode itself, twice per token per sequence.
+
 Matching is linear in the output: `StopMatcher` runs one Knuth-Morris-Pratt automaton per
 stop string over the new characters only, so each character costs O(number of stop
 strings) amortized, whatever their length; its states are also the longest held-back
@@ -18,8 +22,46 @@ suffix. Only the held-back text is kept, never the whole output.
 """
 from __future__ import annotations
 
+import weakref
+from typing import Callable
+
 CONTEXT_TOKENS = 5
 REPLACEMENT = "\ufffd"
+PROBE_TOKENS = 512   # ids decoded both ways before the direct decoder is trusted
+
+_decoders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def text_decoder(tokenizer, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
+    """ids -> text, as `tokenizer.decode(ids, skip_special_tokens=...)` gives it. Through the
+    tokenizer's `backend_tokenizer` when it has one, does no clean-up of spaces, and decodes
+    a probe (the first PROBE_TOKENS ids, special ones included, one by one and together) the
+    same way; decided once per tokenizer."""
+    key = (skip_special_tokens,)
+    try:
+        known = _decoders.setdefault(tokenizer, {})
+    except TypeError:   # not weakly referenceable: decide every time
+        known = {}
+    if key not in known:
+        known[key] = _pick_decoder(tokenizer, skip_special_tokens)
+    return known[key]
+
+
+def _pick_decoder(tokenizer, skip: bool) -> Callable[[list[int]], str]:
+    def wrapped(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=skip)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return wrapped
+
+    def direct(ids: list[int]) -> str:
+        return backend.decode(ids, skip_special_tokens=skip)
+    try:
+        probe = list(range(min(PROBE_TOKENS, backend.get_vocab_size())))
+        same = direct(probe) == wrapped(probe) and all(direct([i]) == wrapped([i]) for i in probe)
+    except Exception:   # noqa: BLE001 - any disagreement, even an error, keeps the wrapper
+        same = False
+    return direct if same else wrapped
 
 
 class StopMatcher:
@@ -72,8 +114,7 @@ def _prefix_function(s: str) -> list[int]:
 class Detokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] = (),
                  skip_special_tokens: bool = True):
-        self.tokenizer = tokenizer
-        self.skip_special = skip_special_tokens
+        self.decode = text_decoder(tokenizer, skip_special_tokens)
         self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
         self.prefix = 0                # window start
         self.read = len(self.ids)      # tokens before this are already text
@@ -102,9 +143,7 @@ class Detokenizer:
         return delta
 
     def _window(self) -> tuple[str, str]:
-        dec = self.tokenizer.decode
-        return (dec(self.ids[self.prefix:self.read], skip_special_tokens=self.skip_special),
-                dec(self.ids[self.prefix:], skip_special_tokens=self.skip_special))
+        return self.decode(self.ids[self.prefix:self.read]), self.decode(self.ids[self.prefix:])
 
     def _extend(self, new: str) -> str:
         if self.matcher is None:

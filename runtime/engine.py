@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from .batch import ModelRunner
 from .detokenizer import Detokenizer
 from .kv_cache import BlockManager
-from .metrics import EngineMetrics
-from .sampler import make_generator, sample
+from .metrics import DeviceTimer, EngineMetrics
+from .sampler import make_generator, sample_on_device
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import InvalidParam, SamplingParams, Sequence
 
@@ -92,6 +92,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.detok: dict[str, Detokenizer] = {}
         self.metrics = EngineMetrics()
+        self.device_timer = DeviceTimer(getattr(runner, "device", None))
         self.metrics.bind(self.blocks.num_used_blocks, self.blocks.usage,
                           lambda: len(self.scheduler.running), lambda: len(self.scheduler.waiting))
         self._preemptions_seen = 0
@@ -142,29 +143,40 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        clock = time.perf_counter
+        t_start = clock()
         step = self.scheduler.schedule()
         self._count_preemptions()
         if step is None:
             return []
+        t_scheduled = clock()
+        self.device_timer.start()
         logits = self.runner.execute(step.batch)
+        t_forward = clock()
         ready = self.scheduler.advance(step)
         rows = [i for i, r in enumerate(ready) if r]
-        if not rows:
-            return []
         seqs = [step.seqs[i] for i in rows]
-        for s in seqs:
-            if s.params.seed is not None and s.generator is None:
-                s.generator = make_generator(s.params.seed, logits.device)
-        if len(rows) < logits.shape[0]:   # (a decode step needs every row: no gather)
-            logits = logits[rows]
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return [self._append(seq, tok) for seq, tok in zip(seqs, tokens)]
+        tokens = None
+        if rows:
+            for s in seqs:
+                if s.params.seed is not None and s.generator is None:
+                    s.generator = make_generator(s.params.seed, logits.device)
+            if len(rows) < logits.shape[0]:   # (a decode step needs every row: no gather)
+                logits = logits[rows]
+            tokens = sample_on_device(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        self.device_timer.stop()
+        tokens = tokens.tolist() if tokens is not None else []   # the step's one wait for the device
+        t_sampled = clock()
+        outputs = [self._append(seq, tok) for seq, tok in zip(seqs, tokens)]
+        self.metrics.generation_tokens.inc(len(outputs))
+        self.metrics.observe_step([t_start, t_scheduled, t_forward, t_sampled, clock()],
+                                  step.batch.num_seqs, step.batch.num_tokens, self.device_timer.seconds())
+        return outputs
 
     def _append(self, seq: Sequence, token: int) -> RequestOutput:
         m, p = self.metrics, seq.params
         prev = seq.last_token_time
         seq.append(token)
-        m.generation_tokens.inc()
         if prev is None:
             m.ttft.observe(seq.first_token_time - seq.arrival_time)
             m.prompt_tokens.inc(seq.num_prompt_tokens)
@@ -209,20 +221,21 @@ class LLMEngine:
         results = {i: RequestOutput(i, "") for i in ids}
         while self.has_unfinished():
             for out in self.step():
-                r = results[out.request_id]
-                r.text += out.text
-                r.token_ids += out.token_ids
-                r.finished, r.finish_reason, r.usage = out.finished, out.finish_reason, out.usage
+                results[out.request_id] = merge_outputs(results[out.request_id], out)
         return [results[i] for i in ids]
 
 
 class RequestStream:
-    """The outputs of one request, for an asyncio consumer: `async for out in stream`."""
+    """The outputs of one request, for an asyncio consumer: `async for out in stream`.
+
+    A consumer that fell behind (several outputs queued) gets them merged into one: under
+    load a stream then costs the event loop one event per wake-up, not one per token."""
 
     def __init__(self, engine: "AsyncEngine", request_id: str, loop: asyncio.AbstractEventLoop):
         self.engine, self.request_id, self.loop = engine, request_id, loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
+        self._error: BaseException | None = None   # raised after the outputs queued before it
 
     def __aiter__(self):
         return self
@@ -230,10 +243,16 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self.queue.get()
+        item, self._error = self._error or await self.queue.get(), None
         if isinstance(item, BaseException):
             self.finished = True
             raise item
+        while not item.finished and not self.queue.empty():
+            more = self.queue.get_nowait()
+            if isinstance(more, BaseException):
+                self._error = more
+                break
+            item = merge_outputs(item, more)
         self.finished = item.finished
         return item
 
@@ -247,10 +266,16 @@ class RequestStream:
         """Wait for the end; the whole text, tokens and final usage in one output."""
         total = RequestOutput(self.request_id, "")
         async for out in self:
-            total.text += out.text
-            total.token_ids += out.token_ids
-            total.finished, total.finish_reason, total.usage = out.finished, out.finish_reason, out.usage
+            total = merge_outputs(total, out)
         return total
+
+
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """`a` then `b` of one request as one output: `a`, extended in place."""
+    a.text += b.text
+    a.token_ids += b.token_ids
+    a.finished, a.finish_reason, a.usage = b.finished, b.finish_reason, b.usage
+    return a
 
 
 class AsyncEngine:
@@ -321,15 +346,17 @@ class AsyncEngine:
                 outputs = eng.step()
             except Exception as e:   # a runner failure must not kill the server
                 log.exception("engine step failed; aborting the requests in flight")
+                failed = EngineStepError(f"model step failed: {e!r}")
                 for rid in list(eng.seqs):
                     eng.abort(rid)
-                    self._deliver(rid, EngineStepError(f"model step failed: {e!r}"))
+                self._deliver([(rid, failed) for rid in list(self._streams)])
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            t0 = time.perf_counter()
+            self._deliver([(out.request_id, out) for out in outputs])
+            self.metrics.phase["deliver"].observe(time.perf_counter() - t0)
         for rid in list(self._streams):   # shut down: nobody may wait forever
             self.engine.abort(rid)
-            self._deliver(rid, EngineStepError("the engine was shut down"))
+        self._deliver([(rid, EngineStepError("the engine was shut down")) for rid in list(self._streams)])
 
     def _handle(self, kind: str, arg) -> None:
         if kind == "add":
@@ -339,21 +366,33 @@ class AsyncEngine:
             try:
                 self.engine.add_request(prompt_ids, params, rid)
             except (RequestError, QueueFullError) as e:
-                self._deliver(rid, e)
+                self._deliver([(rid, e)])
         elif kind == "abort":
             out = self.engine.abort(arg)
             if out is not None:
-                self._deliver(arg, out)
+                self._deliver([(arg, out)])
             else:
                 self._streams.pop(arg, None)
 
-    def _deliver(self, rid: str, item) -> None:
-        stream = self._streams.get(rid)
-        if stream is None:
-            return
-        if isinstance(item, BaseException) or item.finished:
-            del self._streams[rid]
-        try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        except RuntimeError:   # the consumer's event loop is gone
-            self.engine.abort(rid)
+    def _deliver(self, items: list[tuple[str, object]]) -> None:
+        """Hand (request id, output or error) pairs to their streams: one wake-up per event
+        loop for the lot, not one per output."""
+        by_loop: dict = {}
+        for rid, item in items:
+            stream = self._streams.get(rid)
+            if stream is None:
+                continue
+            if isinstance(item, BaseException) or item.finished:
+                del self._streams[rid]
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:   # the consumers' event loop is gone
+                for stream, _ in batch:
+                    self.engine.abort(stream.request_id)
+
+
+def _put_all(batch: list[tuple[RequestStream, object]]) -> None:
+    for stream, item in batch:
+        stream.queue.put_nowait(item)

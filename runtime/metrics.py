@@ -1,6 +1,11 @@
 """Prometheus metrics of one engine, in its own registry (several engines per process are fine).
 
 The gauges read the engine's state when scraped, so they are never stale.
+
+The step profile (`kiln_step_*`) says where an engine step's time goes, so a serving
+throughput number can be explained: the host time of each phase (`STEP_PHASES`), the wall
+time of the step, the device time of its forward pass and sampling (CUDA events, on a GPU
+only), and the batch shape. `kiln bench serve --profile` reads them back as a table.
 """
 from __future__ import annotations
 
@@ -9,6 +14,17 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+STEP_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
+                0.25, 1.0)
+SIZE_BUCKETS = tuple(2 ** i for i in range(14))
+# What each phase of a step covers, in the order a step runs them.
+STEP_PHASES = {
+    "schedule": "pick the sequences and build the flat batch",
+    "forward": "copy the batch to the device and launch or replay the model (on a CPU: run it)",
+    "sample": "sample, and copy the chosen tokens to the host (waits for the device)",
+    "output": "append the tokens, check stops, detokenize",
+    "deliver": "hand the outputs to the HTTP streams (serving only)",
+}
 
 
 class EngineMetrics:
@@ -31,6 +47,19 @@ class EngineMetrics:
         self.kv_usage = Gauge("kiln_kv_cache_usage", "Fraction of KV-cache blocks in use", registry=r)
         self.running = Gauge("kiln_requests_running", "Sequences holding KV blocks", registry=r)
         self.waiting = Gauge("kiln_requests_waiting", "Sequences queued or preempted", registry=r)
+        phases = "; ".join(f"{k}: {v}" for k, v in STEP_PHASES.items())
+        self.step_phase = Histogram("kiln_step_phase_seconds", f"Host time of each phase of an engine "
+                                    f"step ({phases})", ["phase"], buckets=STEP_BUCKETS, registry=r)
+        self.phase = {p: self.step_phase.labels(p) for p in STEP_PHASES}
+        self.step_time = Histogram("kiln_step_seconds", "Wall time of an engine step, schedule to "
+                                   "output", buckets=STEP_BUCKETS, registry=r)
+        self.step_device = Histogram("kiln_step_device_seconds", "Device time of a step's forward "
+                                     "pass and sampling (CUDA events; GPU runners only)",
+                                     buckets=STEP_BUCKETS, registry=r)
+        self.step_seqs = Histogram("kiln_step_sequences", "Sequences in a step", buckets=SIZE_BUCKETS,
+                                   registry=r)
+        self.step_tokens = Histogram("kiln_step_tokens", "New tokens in a step (prefill chunks and "
+                                     "decodes)", buckets=SIZE_BUCKETS, registry=r)
 
     def bind(self, kv_used: Callable[[], float], kv_usage: Callable[[], float],
              running: Callable[[], float], waiting: Callable[[], float]) -> None:
@@ -39,5 +68,41 @@ class EngineMetrics:
         self.running.set_function(running)
         self.waiting.set_function(waiting)
 
+    def observe_step(self, times: list[float], num_seqs: int, num_tokens: int,
+                     device_seconds: float | None) -> None:
+        """times: the clock at the start of the step and at the end of each phase but deliver."""
+        for name, t0, t1 in zip(STEP_PHASES, times, times[1:]):
+            self.phase[name].observe(t1 - t0)
+        self.step_time.observe(times[-1] - times[0])
+        if device_seconds is not None:
+            self.step_device.observe(device_seconds)
+        self.step_seqs.observe(num_seqs)
+        self.step_tokens.observe(num_tokens)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DeviceTimer:
+    """CUDA events around the device work of a step; `seconds()` once the host has waited
+    for it (None on other devices). Two events, reused step after step."""
+
+    def __init__(self, device):
+        import torch
+        self.on = torch.device(device).type == "cuda" if device is not None else False
+        if self.on:
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+
+    def start(self) -> None:
+        if self.on:
+            self.events[0].record()
+
+    def stop(self) -> None:
+        if self.on:
+            self.events[1].record()
+
+    def seconds(self) -> float | None:
+        if not self.on:
+            return None
+        self.events[1].synchronize()
+        return self.events[0].elapsed_time(self.events[1]) / 1e3

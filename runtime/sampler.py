@@ -39,18 +39,29 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
     """logits [N, V] -> N token ids."""
+    return sample_on_device(logits, params, generators).tolist()
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
+                     generators: list[torch.Generator | None]) -> torch.Tensor:
+    """logits [N, V] -> [N] int64 token ids on the logits' device. Nothing here waits for
+    the device: the per-row parameters travel in one copy, and whether any row truncates is
+    decided from the parameters on the host."""
     logits = logits.float()
     greedy = argmax(logits)
     if all(p.greedy for p in params):
-        return greedy.tolist()
+        return greedy
     n, vocab = logits.shape
     dev = logits.device
-    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
-    x = logits / temps[:, None]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev)
-    if bool((top_k < vocab).any()) or bool((top_p < 1).any()):
-        x = _truncate(x, top_k, top_p)
+    rows = torch.tensor([(p.temperature if not p.greedy else 1.0,
+                          p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, p.greedy)
+                         for p in params], dtype=torch.float64)
+    if dev.type == "cuda":
+        rows = rows.pin_memory()
+    temps, top_k, top_p, is_greedy = rows.to(dev, non_blocking=True).unbind(1)
+    x = logits / temps[:, None].float()
+    if any(0 < p.top_k < vocab or p.top_p < 1 for p in params if not p.greedy):
+        x = _truncate(x, top_k.long(), top_p.float())
     u = torch.rand(n, 1, device=dev, dtype=torch.float64)
     for i, g in enumerate(generators):
         if g is not None and not params[i].greedy:
@@ -60,8 +71,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     # rounding up to the total (u within 1e-16 of 1) would run past the end: argmax then.
     sampled = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
     sampled = torch.where(sampled < vocab, sampled, greedy)
-    is_greedy = torch.tensor([p.greedy for p in params], device=dev)
-    return torch.where(is_greedy, greedy, sampled).tolist()
+    return torch.where(is_greedy.bool(), greedy, sampled)
 
 
 def _truncate(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from kiln.runtime.detokenizer import Detokenizer
+from kiln.runtime.detokenizer import Detokenizer, text_decoder
 from kiln.runtime.engine import (AsyncEngine, EngineConfig, EngineStepError, LLMEngine,
                                  QueueFullError, RequestError)
 from kiln.runtime.sequence import SamplingParams
@@ -43,6 +43,33 @@ def test_incremental_decode_handles_multibyte_tokens(tok):
     deltas, _ = stream(tok, ids, prompt=tok.encode("the cat"))
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_the_direct_decoder_is_used_only_where_it_decodes_the_same(tok):
+    """The Rust decoder behind a fast tokenizer replaces transformers' decode wrapper, but
+    not where the wrapper does more (clean-up of spaces, an overridden decode)."""
+    ids = tok.encode("hello world, über 中国 🙂 ! the end .")
+    backend = tok.backend_tokenizer
+    fast = text_decoder(tok)
+    assert fast.__name__ == "direct" and text_decoder(tok) is fast    # decided once
+    assert fast(ids) == tok.decode(ids, skip_special_tokens=True)
+    assert text_decoder(tok, skip_special_tokens=False)(ids + [0]) == tok.decode(ids + [0])
+
+    class CleansUp:
+        backend_tokenizer = backend
+        clean_up_tokenization_spaces = True
+
+        def decode(self, ids, skip_special_tokens=False):
+            return backend.decode(ids, skip_special_tokens=skip_special_tokens).replace(" .", ".")
+
+    class Overrides(CleansUp):       # a decode of its own, which the probe tells apart
+        clean_up_tokenization_spaces = False
+
+        def decode(self, ids, skip_special_tokens=False):
+            return backend.decode(ids, skip_special_tokens=skip_special_tokens).lower()
+    for wrapper in (CleansUp(), Overrides()):
+        assert text_decoder(wrapper).__name__ == "wrapped"
+        assert text_decoder(wrapper)(ids) == wrapper.decode(ids, skip_special_tokens=True)
 
 
 def test_incomplete_character_is_flushed_at_the_end(tok):
