@@ -10,6 +10,10 @@ first token), TPOT (time per output token after the first: (latency - TTFT) / (t
 and ITL (gaps between streamed chunks), and the prompt tokens the server says it took from
 its prefix cache (`usage.prompt_tokens_details.cached_tokens`, from the last streamed chunk).
 
+With `--profile` the report adds the server's step profile over the run (its `kiln_step_*`
+metrics, scraped from /metrics before and after): the mean host time per step of each
+phase, the step's wall and device time, the batch shape, and how busy the device was.
+
 Prefix caching (`--shared-prefix-len P`, as vLLM's `--random-prefix-len`): every prompt
 starts with a shared run of P random tokens, then its own random suffix of about
 `--input-len` tokens. With `--num-prefixes G` there are G such prefixes, each shared by a
@@ -52,6 +56,7 @@ class BenchConfig:
     timeout: float = 600.0
     shared_prefix_len: int = 0        # tokens every prompt starts with (0: independent prompts)
     num_prefixes: int = 1             # distinct shared prefixes, each for a contiguous run of requests
+    profile: bool = False             # add the server's step profile (kiln_step_* from /metrics)
 
 
 @dataclass
@@ -175,9 +180,11 @@ async def run_async(cfg: BenchConfig) -> dict:
                 res.first_of_prefix = i == 0 or prefix_group(cfg, i) != prefix_group(cfg, i - 1)
                 results.append(res)
 
+        before = await _step_metrics(clients[0]) if cfg.profile else None
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(c) for c in clients))
         wall = time.perf_counter() - t0
+        after = await _step_metrics(clients[0]) if cfg.profile else None
     ok = [r for r in results if r.error is None]
     out_tokens = sum(r.output_tokens for r in ok)
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok
@@ -198,7 +205,47 @@ async def run_async(cfg: BenchConfig) -> dict:
     }
     if cfg.shared_prefix_len:
         rep["prefix_cache"] = prefix_cache_report(ok)
+    if cfg.profile:
+        rep["step_profile"] = step_profile(before, after, wall)
     return rep
+
+
+async def _step_metrics(client) -> dict:
+    """The sums and counts of the server's kiln_step_* histograms: {(metric, phase): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    r = await client.get("/metrics")
+    r.raise_for_status()
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            if s.name.startswith("kiln_step_") and s.name.endswith(("_sum", "_count")):
+                out[(s.name, s.labels.get("phase"))] = s.value
+    return out
+
+
+def step_profile(before: dict, after: dict, wall: float) -> dict:
+    """Means per engine step over the run, from two scrapes of the step metrics."""
+    def delta(name, phase=None):
+        return after.get((name, phase), 0.0) - before.get((name, phase), 0.0)
+    steps = delta("kiln_step_seconds_count")
+    if not steps:
+        return {"steps": 0, "error": "the server reported no engine steps (kiln_step_* metrics)"}
+    from kiln.runtime.metrics import STEP_PHASES
+    step_s = delta("kiln_step_seconds_sum") / steps
+    device_steps = delta("kiln_step_device_seconds_count")
+    device_s = delta("kiln_step_device_seconds_sum") / device_steps if device_steps else None
+    deliver_s = delta("kiln_step_phase_seconds_sum", "deliver") / steps
+    return {
+        "steps": int(steps), "steps_per_s": steps / wall,
+        "sequences_per_step": delta("kiln_step_sequences_sum") / steps,
+        "tokens_per_step": delta("kiln_step_tokens_sum") / steps,
+        "phase_s": {p: delta("kiln_step_phase_seconds_sum", p) / steps for p in STEP_PHASES},
+        "step_s": step_s,                   # schedule to output (deliver is after)
+        "device_s": device_s,               # forward and sampling on the device (GPU only)
+        # The share of the step the device was not working: the engine's host-bound part.
+        "host_fraction": None if device_s is None else 1 - device_s / (step_s + deliver_s),
+        "device_busy": None if device_s is None else device_s * steps / wall,
+    }
 
 
 def prefix_cache_report(ok: list[RequestResult]) -> dict:
@@ -251,6 +298,19 @@ def format_report(rep: dict) -> str:
                      f"mean {ms(p['mean'])}  p50 {ms(p['p50'])}  p90 {ms(p['p90'])}  p99 {ms(p['p99'])}")
     if pc and pc["ttft_p50_speedup"]:
         lines.append(f"  TTFT p50 cold / warm  {pc['ttft_p50_speedup']:.1f}x")
+    sp = rep.get("step_profile")
+    if sp and sp["steps"]:
+        us = lambda v: "-" if v is None else f"{v * 1e6:.0f}"  # noqa: E731
+        lines.append(f"  engine steps {sp['steps']} ({sp['steps_per_s']:.0f}/s), "
+                     f"{sp['sequences_per_step']:.1f} sequences and {sp['tokens_per_step']:.1f} "
+                     f"tokens a step")
+        lines.append("  step us  " + "  ".join(f"{k} {us(v)}" for k, v in sp["phase_s"].items())
+                     + f"  | step {us(sp['step_s'])}  device {us(sp['device_s'])}")
+        if sp["host_fraction"] is not None:
+            lines.append(f"  host share of a step {sp['host_fraction']:.0%}, device busy "
+                         f"{sp['device_busy']:.0%} of the run")
+    elif sp:
+        lines.append(f"  step profile: {sp['error']}")
     for e in rep["errors"]:
         lines.append(f"  error: {e}")
     return "\n".join(lines)

@@ -185,7 +185,7 @@ def cmd_bench_serve(args) -> int:
                       num_requests=args.num_requests, seed=args.seed, input_len=args.input_len,
                       output_len=args.output_len, range_ratio=args.range_ratio,
                       api_key=args.api_key, shared_prefix_len=args.shared_prefix_len,
-                      num_prefixes=args.num_prefixes, warmup=args.warmup)
+                      num_prefixes=args.num_prefixes, warmup=args.warmup, profile=args.profile)
     rep = run(cfg)
     print(format_report(rep))
     if args.json:
@@ -420,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--api-key")
     bs.add_argument("--warmup", action="store_true", help="send `concurrency` untimed requests "
                     "first (a GPU server captures its CUDA graphs on first use)")
+    bs.add_argument("--profile", action="store_true", help="add the server's engine step profile "
+                    "(host time per phase, device time, batch shape) from its /metrics")
     bs.add_argument("--json", help="also write the report as JSON here")
     bs.set_defaults(fn=cmd_bench_serve)
 

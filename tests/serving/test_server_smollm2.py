@@ -281,13 +281,23 @@ def test_prefix_cache_hit_in_usage(server, hf):
 def test_bench_serve(server):
     from kiln.bench import BenchConfig, format_report, make_requests, run
     cfg = BenchConfig(url=server.url, api_key=API_KEY, concurrency=2, num_requests=4, seed=3,
-                      input_len=16, output_len=4)
+                      input_len=16, output_len=4, profile=True)
     assert make_requests(cfg) == make_requests(cfg)   # seeded: the same requests every run
     rep = run(cfg)
     assert rep["failed"] == 0, rep["errors"]
     assert rep["output_tokens"] == sum(n for _, n in make_requests(cfg))   # ignore_eos: all of them
     assert rep["ttft_s"]["p50"] > 0 and rep["output_throughput"] > 0
-    assert "TTFT" in format_report(rep)
+    # The step profile covers exactly this run: a prompt runs its uncached tokens once, and
+    # every output token but the last runs as a later step's input.
+    sp = rep["step_profile"]
+    prompt_and_decodes = (rep["prompt_tokens"] - rep["cached_tokens"] + rep["output_tokens"]
+                          - rep["requests"])
+    assert sp["tokens_per_step"] * sp["steps"] == pytest.approx(prompt_and_decodes)
+    assert 1 <= sp["sequences_per_step"] <= 2 and sp["device_s"] is None   # a CPU server
+    phases = sum(v for k, v in sp["phase_s"].items() if k != "deliver")
+    assert 0 < phases <= sp["step_s"] * 1.001 and sp["phase_s"]["forward"] > 0
+    report = format_report(rep)
+    assert "TTFT" in report and f"engine steps {sp['steps']}" in report
     server.wait_metric("kiln_kv_blocks_used", 0)
 
 

@@ -114,3 +114,8 @@ def test_engine_greedy_with_graphs_equals_eager(compiled):
         want, _ = models.eager_greedy(model, torch.tensor([p], device="cuda"), 8)
         assert o.token_ids == want[0].tolist()
     assert graphs.replays > 0
+    # The step profile timed every step's device work with CUDA events.
+    value = engine.metrics.registry.get_sample_value
+    steps = value("kiln_step_seconds_count")
+    assert steps == graphs.steps and value("kiln_step_device_seconds_count") == steps
+    assert 0 < value("kiln_step_device_seconds_sum") < value("kiln_step_seconds_sum")
