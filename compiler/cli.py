@@ -14,13 +14,42 @@ def _load(spec: str, dtype: str = "float32", attn: str = "sdpa"):
     return hf.load(spec, dtype=getattr(torch, dtype), attn_implementation=attn)
 
 
+def _whole_number(text: str, least: int) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {v}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse names the flag in its error)."""
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return v
+
+
 def _serving_config(args):
     from .serving import ServingConfig
     return ServingConfig(
         max_model_len=getattr(args, "max_model_len", None),
         num_blocks=getattr(args, "num_blocks", None),
         kv_cache_gib=getattr(args, "kv_cache_gib", 1.0),
-        max_num_seqs=getattr(args, "max_num_seqs", 64),
+        max_num_seqs=getattr(args, "max_num_seqs", 256),
         max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 512),
         max_waiting=getattr(args, "max_waiting", 256),
         enable_prefix_caching=not getattr(args, "no_prefix_caching", False),
@@ -330,30 +359,31 @@ def build_parser() -> argparse.ArgumentParser:
                             "smollm2, a local HF directory or a GGUF file (compiled first)")
         q.add_argument("-t", "--target", default="cpu", help="target when compiling a model")
         q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        q.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block "
+        q.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV-cache block "
                        "(when compiling a model)")
-        q.add_argument("--max-model-len", type=int, help="longest sequence (default: the "
+        q.add_argument("--max-model-len", type=positive_int, help="longest sequence (default: the "
                        "model's, at most 4096)")
-        q.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: --kv-cache-gib)")
-        q.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV-cache memory")
-        q.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
-        q.add_argument("--max-num-batched-tokens", type=int, default=512,
+        q.add_argument("--num-blocks", type=positive_int, help="KV-cache blocks (default: --kv-cache-gib)")
+        q.add_argument("--kv-cache-gib", type=positive_float, default=1.0, help="KV-cache memory")
+        q.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences running at once (on a GPU, "
+                       "decode batches up to this many replay CUDA graphs)")
+        q.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
                        help="new tokens per step (prefill chunks + decodes)")
         q.add_argument("--no-prefix-caching", action="store_true")
         q.add_argument("--no-cudagraphs", action="store_true", help="cuda: run decode eagerly")
-        q.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+        q.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
         q.add_argument("--trust-artifact", action="store_true",
                        help="load an artifact kiln did not build on this machine (or by this "
                             "user): its wrapper.py is Python that will run, so read it first; "
                             "file hashes are checked either way")
         if serving:
-            q.add_argument("--max-waiting", type=int, default=256,
+            q.add_argument("--max-waiting", type=positive_int, default=256,
                            help="queued requests before the server answers 429")
 
     g = sub.add_parser("generate", help="answer one prompt through the serving engine")
     engine_args(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--max-tokens", type=positive_int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
     g.add_argument("--seed", type=int)
     g.add_argument("--ignore-eos", action="store_true")
@@ -367,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", nargs="?", default="smollm2", help="smollm2, a local HF directory or a GGUF file")
     c.add_argument("-t", "--target", default="cpu")
     c.add_argument("-o", "--output", required=True, help="artifact directory (replaced atomically)")
-    c.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    c.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV-cache block")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--quant", choices=["fp8", "int8"])
     c.add_argument("--disable", help="comma-separated passes to switch off")
@@ -382,10 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or $KILN_API_KEY)")
     sv.add_argument("--served-model-name", help="the model name clients send (default: the model's)")
-    sv.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+    sv.add_argument("--max-body-bytes", type=positive_int, default=4 * 2**20,
                     help="largest request body; larger ones get 413 before they are read "
                          "(default 4 MiB)")
-    sv.add_argument("--max-prompt-chars", type=int,
+    sv.add_argument("--max-prompt-chars", type=positive_int,
                     help="longest prompt (characters, chat messages together) the server "
                          "tokenizes (default: 64 per token of --max-model-len)")
     sv.add_argument("--docs", action="store_true",
@@ -395,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chat", help="interactive chat through the serving engine")
     engine_args(ch)
-    ch.add_argument("--max-tokens", type=int, default=256)
+    ch.add_argument("--max-tokens", type=positive_int, default=256)
     ch.add_argument("--temperature", type=float, default=0.0)
     ch.add_argument("--seed", type=int)
     ch.add_argument("--system", help="system prompt")
@@ -406,16 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
     bs = bsub.add_parser("serve", help="load generator for a running OpenAI-compatible server")
     bs.add_argument("--url", default="http://127.0.0.1:8000")
     bs.add_argument("--model", help="default: the server's first model")
-    bs.add_argument("--concurrency", type=int, default=4)
-    bs.add_argument("--num-requests", type=int, default=32)
+    bs.add_argument("--concurrency", type=positive_int, default=4)
+    bs.add_argument("--num-requests", type=positive_int, default=32)
     bs.add_argument("--seed", type=int, default=0)
-    bs.add_argument("--input-len", type=int, default=128)
-    bs.add_argument("--output-len", type=int, default=64)
+    bs.add_argument("--input-len", type=positive_int, default=128)
+    bs.add_argument("--output-len", type=positive_int, default=64)
     bs.add_argument("--range-ratio", type=float, default=0.5)
-    bs.add_argument("--shared-prefix-len", type=int, default=0,
+    bs.add_argument("--shared-prefix-len", type=non_negative_int, default=0,
                     help="prefix caching: every prompt starts with the same N random tokens, then "
                          "its own ~--input-len; the report splits cold from warm (cached) requests")
-    bs.add_argument("--num-prefixes", type=int, default=1,
+    bs.add_argument("--num-prefixes", type=positive_int, default=1,
                     help="distinct shared prefixes, each for a contiguous run of the requests")
     bs.add_argument("--api-key")
     bs.add_argument("--warmup", action="store_true", help="send `concurrency` untimed requests "

@@ -117,7 +117,7 @@ class ServingConfig:
     max_model_len: int | None = None      # default: the model's, capped at 4096
     num_blocks: int | None = None         # default: from kv_cache_gib
     kv_cache_gib: float = 1.0             # KV-cache memory when num_blocks is not given
-    max_num_seqs: int = 64
+    max_num_seqs: int = 256
     max_num_batched_tokens: int = 512
     max_waiting: int = 256
     enable_prefix_caching: bool = True
@@ -130,7 +130,7 @@ def default_max_model_len(config, cap: int = 4096) -> int:
 
 def make_runner(compiled_fn, graph: Graph, weights: dict, vocab_size: int, max_model_len: int,
                 cfg: ServingConfig, device: str = "cpu"):
-    from kiln.runtime.model_runner import PagedModelRunner, cache_bytes_per_block
+    from kiln.runtime.model_runner import PagedModelRunner, cache_bytes_per_block, decode_buckets
     per_block = cache_bytes_per_block(graph)
     num_blocks = cfg.num_blocks
     if num_blocks is None:
@@ -139,6 +139,7 @@ def make_runner(compiled_fn, graph: Graph, weights: dict, vocab_size: int, max_m
     return PagedModelRunner(compiled_fn, graph, weights, num_blocks=num_blocks,
                             max_model_len=max_model_len, vocab_size=vocab_size, device=device,
                             cudagraphs=cfg.cudagraphs and torch.device(device).type == "cuda",
+                            seq_buckets=decode_buckets(cfg.max_num_seqs),
                             max_num_batched_tokens=cfg.max_num_batched_tokens)
 
 

@@ -45,7 +45,7 @@ class EngineStepError(RuntimeError):
 
 @dataclass
 class EngineConfig:
-    max_num_seqs: int = 64               # sequences running at once
+    max_num_seqs: int = 256              # sequences running at once
     max_num_batched_tokens: int = 512    # new tokens per step
     max_waiting: int = 256               # queued requests before add_request refuses
     enable_prefix_caching: bool = True

@@ -8,11 +8,11 @@ sequence's last new token.
 On a GPU (cudagraphs=True) every step replays a CUDA graph over static input buffers,
 one per bucket (T tokens, N sequences): `kiln serve` captures the decode buckets at
 start-up (`capture_decode_buckets`), the others are captured on first use. A batch of t
-tokens in n sequences runs in the smallest N >= n of SEQ_BUCKETS; its sequences past n are
+tokens in n sequences runs in a bucket of N >= n sequences; its sequences past n are
 scratch sequences (one token each, context 1, reading and writing only the scratch block).
 A decode batch (one token a sequence) runs in (N, N); a batch with prefill chunks in the
-smallest T of `token_buckets()` that holds its tokens and the scratch ones, the tokens past those
-belonging to no sequence (attention leaves them zero; they write the scratch block).
+smallest N of `mixed_seq_buckets` and T of `token_buckets()` that hold its sequences and its
+tokens with the scratch ones, the tokens past those belonging to no sequence (attention leaves them zero; they write the scratch block).
 Block tables are padded to the width that max_model_len needs. Batches past the largest
 buckets run eagerly. Every kernel of a serving graph on cuda/hip is launched from shapes
 alone (the Triton paged attention finds each tile's sequence on the device), so one
@@ -33,7 +33,23 @@ from kiln.ir.roles import BATCH_INPUTS, is_cache_input
 from .batch import FlatBatch
 
 
-SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+def decode_buckets(max_num_seqs: int) -> tuple:
+    """Batch sizes of the decode buckets: powers of two up to 32, then every 32 up to
+    `max_num_seqs`, which is one itself (1, 2, ..., 32, 64, 96, ..., 256 for 256): padding
+    a large decode batch costs at most 31 scratch sequences, and 256 takes 13 graphs."""
+    sizes = [b for b in (1, 2, 4, 8, 16, 32) if b < max_num_seqs]
+    sizes += range(64, max_num_seqs, 32)
+    return tuple(sizes) + (max_num_seqs,)
+
+
+def mixed_seq_buckets(seq_buckets: tuple) -> tuple:
+    """Sequence counts of the buckets with prefill chunks: the powers of four among the
+    decode buckets, and the largest. Each comes with every token bucket, so fewer of them
+    keeps the graphs captured on first use few; scratch sequences cost a token each."""
+    return tuple(b for b in seq_buckets[:-1] if b & (b - 1) == 0 and b.bit_length() % 2) + seq_buckets[-1:]
+
+
+SEQ_BUCKETS = decode_buckets(64)
 
 def cache_inputs(graph: Graph) -> list:
     return [v for v in graph.inputs if is_cache_input(v.name)]
@@ -130,6 +146,7 @@ class PagedModelRunner:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.seq_buckets = tuple(sorted(seq_buckets))
+        self.mixed_seq_buckets = mixed_seq_buckets(self.seq_buckets)
         self.token_buckets = token_buckets(max_num_batched_tokens, self.seq_buckets[-1])
         self.cudagraphs = cudagraphs
         # Padding to buckets is what graph replay needs; tests switch it on alone on the CPU.
@@ -205,7 +222,7 @@ class PagedModelRunner:
         if batch.block_tables.shape[1] > self.max_blocks_per_seq:
             return None
         n = batch.num_seqs
-        seqs = pick_bucket(n, self.seq_buckets)
+        seqs = pick_bucket(n, self.seq_buckets if batch.is_decode else self.mixed_seq_buckets)
         if seqs is None:
             return None
         if batch.is_decode:

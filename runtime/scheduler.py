@@ -22,7 +22,7 @@ from .sequence import Sequence, Status
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 64               # running sequences at once
+    max_num_seqs: int = 256              # running sequences at once
     max_num_batched_tokens: int = 512    # new tokens per step (prefill chunks + decodes)
 
 

@@ -15,7 +15,7 @@ from kiln.runtime.batch import build_batch
 from kiln.runtime.engine import EngineConfig, LLMEngine
 from kiln.runtime.kv_cache import BlockManager
 from kiln.ir.roles import BATCH_INPUTS
-from kiln.runtime.model_runner import PagedModelRunner
+from kiln.runtime.model_runner import PagedModelRunner, decode_buckets, mixed_seq_buckets
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig
 from kiln.runtime.sequence import SamplingParams, Sequence
 from kiln.serving import compile_serving, model_weights
@@ -146,6 +146,38 @@ def test_padded_decode_buckets_match_unpadded(paged):
     for name, cache in plain.caches.items():   # (a batch of 4 rounds a little differently)
         torch.testing.assert_close(padded.caches[name][:16], cache[:16], rtol=1e-5, atol=1e-5)
         assert padded.caches[name][8:16].abs().sum() == 0, "padding wrote an engine block"
+
+
+@pytest.mark.parametrize("max_seqs", [1, 7, 64, 100, 256])
+def test_buckets_cover_every_batch_size_with_little_padding(max_seqs):
+    decode = decode_buckets(max_seqs)
+    assert decode[-1] == max_seqs and list(decode) == sorted(set(decode))
+    for n in range(1, max_seqs + 1):
+        b = min(x for x in decode if x >= n)
+        assert b - n <= min(n - 1, 31), (n, b)        # at most double, at most 31 scratch rows
+    mixed = mixed_seq_buckets(decode)
+    assert set(mixed) <= set(decode) and mixed[-1] == max_seqs and len(mixed) <= 5
+
+
+def test_decode_batches_past_64_sequences_replay_their_bucket(paged):
+    """A 70-sequence decode batch pads to the 96 bucket of max_num_seqs 96 and gives the
+    unpadded logits."""
+    model, compiled = paged
+    vocab = model.config.vocab_size
+    plain = runner_for(model, compiled, num_blocks=210)
+    padded = runner_for(model, compiled, num_blocks=210, pad_batches=True, seq_buckets=decode_buckets(96))
+    prompts = [torch.randint(0, vocab, (random.randrange(2, 12),)).tolist() for _ in range(70)]
+    tables = [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(70)]   # 12 tokens each
+    for p in prompts:
+        p.append(random.randrange(vocab))
+    batch = build_batch([(p, len(p) - 1, 1, t) for p, t in zip(prompts, tables)], BLOCK)
+    # The prompts' K/V first (a mixed step: 70 sequences pad to the 96 of the mixed buckets).
+    prefill = build_batch([(p, 0, len(p) - 1, t) for p, t in zip(prompts, tables)], BLOCK)
+    for r in (plain, padded):
+        r.execute(prefill)
+    a, b = plain.execute(batch), padded.execute(batch)
+    assert b.shape == a.shape == (70, vocab) and rel_err(b, a) < 1e-6
+    assert padded.bucket_of(batch) == (96, 96) and padded.bucket_of(prefill)[1] == 96
 
 
 def test_padded_mixed_buckets_match_unpadded(paged):

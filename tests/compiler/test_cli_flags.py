@@ -1,0 +1,22 @@
+"""Bad numeric flags stop `kiln` before anything loads, with argparse's one-line error that
+names the flag, the value and what it must be."""
+from __future__ import annotations
+
+import pytest
+
+from kiln.cli import main
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["serve", "--max-num-seqs", "0"], "argument --max-num-seqs: must be at least 1, got 0"),
+    (["serve", "--max-num-batched-tokens", "-5"], "argument --max-num-batched-tokens: must be at least 1"),
+    (["serve", "--kv-cache-gib", "nan"], "argument --kv-cache-gib: must be a finite number above 0"),
+    (["generate", "--max-tokens", "many"], "argument --max-tokens: expected a whole number, got 'many'"),
+    (["compile", "--block-size", "0"], "argument --block-size: must be at least 1"),
+    (["bench", "serve", "--concurrency", "0"], "argument --concurrency: must be at least 1"),
+    (["bench", "serve", "--shared-prefix-len", "-1"], "argument --shared-prefix-len: must be at least 0"),
+])
+def test_bad_numbers_are_refused_by_name(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
