@@ -77,18 +77,29 @@ def build_batch(items: list[tuple[list[int], int, int, list[int]]], block_size: 
     ids: list[int] = []
     pos: list[int] = []
     slots: list[int] = []
-    qstart = [0]
     ctx: list[int] = []
-    for tokens, start, n, table in items:
-        end = start + n
-        ids.extend(tokens[start:end])
-        pos.extend(range(start, end))
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
-        qstart.append(qstart[-1] + n)
-        ctx.append(end)
+    if all(n == 1 for _, _, n, _ in items):   # decode: one token a sequence, no slicing
+        for tokens, start, _, table in items:
+            ids.append(tokens[start])
+            pos.append(start)
+            slots.append(table[start // block_size] * block_size + start % block_size)
+        ctx = [p + 1 for p in pos]
+        qstart = list(range(len(items) + 1))
+    else:
+        qstart = [0]
+        for tokens, start, n, table in items:
+            end = start + n
+            ids.extend(tokens[start:end])
+            pos.extend(range(start, end))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            qstart.append(qstart[-1] + n)
+            ctx.append(end)
     width = max(len(t) for *_, t in items)
-    tables = torch.tensor([list(table) + [0] * (width - len(table)) for *_, table in items],
-                          dtype=torch.int32)
+    flat: list[int] = []
+    for *_, table in items:
+        flat += table
+        flat += [0] * (width - len(table))
+    tables = torch.tensor(flat, dtype=torch.int32).view(len(items), width)
     return FlatBatch(
         input_ids=torch.tensor(ids, dtype=torch.int64),
         positions=torch.tensor(pos, dtype=torch.int64),

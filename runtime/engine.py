@@ -70,7 +70,7 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)   # new tokens
     finished: bool = False
     finish_reason: str | None = None   # "stop", "length", "abort"
-    usage: Usage | None = None
+    usage: Usage | None = None         # on the last output of a request
 
 
 class LLMEngine:
@@ -195,7 +195,9 @@ class LLMEngine:
                 reason, text = "length", text + detok.flush()
         if reason:
             self._finish(seq, reason)
-        return RequestOutput(seq.request_id, text, [token], reason is not None, reason, self._usage(seq))
+        if reason is None:
+            return RequestOutput(seq.request_id, text, [token])
+        return RequestOutput(seq.request_id, text, [token], True, reason, self._usage(seq))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
