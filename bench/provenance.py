@@ -8,18 +8,4 @@ command exports it (`export KILN_CODE_VERSION=$(cat .carry/code-version)`; the G
 scripts do)."""
 from __future__ import annotations
 
-import os
-import subprocess
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def code_version() -> str:
-    if os.environ.get("KILN_CODE_VERSION"):
-        return os.environ["KILN_CODE_VERSION"]
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from kiln.bench import code_version  # noqa: F401 - one definition, shared with kiln bench serve

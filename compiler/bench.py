@@ -270,6 +270,21 @@ def run(cfg: BenchConfig) -> dict:
     return asyncio.run(run_async(cfg))
 
 
+def code_version() -> str:
+    """KILN_CODE_VERSION, else `git describe --always --dirty` of the checkout kiln runs from
+    (as bench/provenance.py), else "unknown" (an installed wheel)."""
+    import os
+    import subprocess
+    from pathlib import Path
+    if os.environ.get("KILN_CODE_VERSION"):
+        return os.environ["KILN_CODE_VERSION"]
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def format_report(rep: dict) -> str:
     c = rep["config"]
     ms = lambda v: "-" if v is None else f"{v * 1e3:.1f}"  # noqa: E731

@@ -209,13 +209,14 @@ def cmd_chat(args) -> int:
 def cmd_bench_serve(args) -> int:
     import json
 
-    from .bench import BenchConfig, format_report, run
+    from .bench import BenchConfig, code_version, format_report, run
     cfg = BenchConfig(url=args.url, model=args.model, concurrency=args.concurrency,
                       num_requests=args.num_requests, seed=args.seed, input_len=args.input_len,
                       output_len=args.output_len, range_ratio=args.range_ratio,
                       api_key=args.api_key, shared_prefix_len=args.shared_prefix_len,
                       num_prefixes=args.num_prefixes, warmup=args.warmup, profile=args.profile)
     rep = run(cfg)
+    rep["code_version"], rep["command"] = code_version(), "kiln " + " ".join(sys.argv[1:])
     print(format_report(rep))
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
