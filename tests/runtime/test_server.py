@@ -101,6 +101,41 @@ def test_sixteen_concurrent_streams(srv):
     srv.wait_metric("kiln_kv_blocks_used", 0.0)
 
 
+def test_streams_preempted_for_kv_space_finish_intact():
+    """A KV cache too small for the running streams forces preemption by recompute; every
+    stream still gets exactly the closed-form text, token ids and usage, none is lost, and
+    the cache ends empty."""
+    # 32 blocks of 4 tokens (one sequence of the toy's 128) for 12 streams of ~30 tokens.
+    s = Server(num_blocks=32, max_num_seqs=12, max_num_batched_tokens=16)
+    client = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+    words = ["the cat", "hello world", "one two three", "paged attention reads"]
+
+    async def one(i):
+        prompt = " ".join(words[(i + k) % 4] for k in range(1 + i % 3))
+        n = 20 + i % 5
+        stream = await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"return_token_ids": True})
+        chunks = [c async for c in stream]
+        ids = [t for c in chunks if c.choices for t in (c.choices[0].model_extra or {}).get("token_ids", [])]
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        want_ids, want_text = s.expected(s.tok.encode(prompt), n)
+        return text == want_text, ids == want_ids, chunks[-1].usage.completion_tokens == n
+
+    async def main():
+        try:
+            return await asyncio.gather(*(one(i) for i in range(12)))
+        finally:
+            await client.close()
+    try:
+        results = asyncio.run(main())
+        assert results == [(True, True, True)] * 12, results
+        assert s.metric("kiln_preemptions_total") > 0
+        s.wait_metric("kiln_kv_blocks_used", 0.0)
+    finally:
+        s.stop()
+
+
 def test_prefix_cache_hits_in_usage(srv):
     prompt = "paged attention reads the cache block by block and the cat sat on the mat"
     first = srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
