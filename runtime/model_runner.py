@@ -87,21 +87,45 @@ class StepBuffers:
     n <= N sequences is copied in; sequences n..N-1 become scratch sequences that own one
     token each (token 0 at position 0, context 1, reading and writing only
     `scratch_block`), and tokens past t + N - n belong to no sequence. A decode bucket
-    (T == N) only ever holds decode batches, so its query_start stays 0, 1, ..., N."""
+    (T == N) only ever holds decode batches, so its query_start stays 0, 1, ..., N.
+
+    The int64 inputs are views of one device tensor and the int32 inputs of another; a
+    step assembles both, scratch entries included, in pinned host memory and sends each in
+    one asynchronous copy. (The host side is rewritten only after the previous step's
+    tokens came back, so its copies have finished.)"""
+
+    LONG = ("input_ids", "positions", "slot_mapping")
+    INT = ("context_lens", "query_start", "block_tables")
 
     def __init__(self, num_tokens: int, num_seqs: int, width: int, scratch_block: int,
                  block_size: int, device: torch.device):
         self.num_tokens, self.num_seqs, self.width = num_tokens, num_seqs, width
         self.scratch_slot = scratch_block * block_size
         self.scratch_block = scratch_block
-        z = dict(device=device)
-        self.input_ids = torch.zeros(num_tokens, dtype=torch.int64, **z)
-        self.positions = torch.zeros(num_tokens, dtype=torch.int64, **z)
-        self.slot_mapping = torch.full((num_tokens,), self.scratch_slot, dtype=torch.int64, **z)
-        self.block_tables = torch.full((num_seqs, width), scratch_block, dtype=torch.int32, **z)
-        self.context_lens = torch.ones(num_seqs, dtype=torch.int32, **z)
-        self.query_start = torch.arange(num_seqs + 1, dtype=torch.int32, **z)
-        self._scratch_starts = torch.arange(1, num_seqs + 1, dtype=torch.int32, **z)
+        device = torch.device(device)
+        shapes = {"input_ids": (num_tokens,), "positions": (num_tokens,), "slot_mapping": (num_tokens,),
+                  "context_lens": (num_seqs,), "query_start": (num_seqs + 1,),
+                  "block_tables": (num_seqs, width)}
+        pinned = device.type == "cuda"
+        self._packs = []   # (host tensor, device tensor), one per dtype
+        self._host, self._device = {}, {}
+        for names, dtype in ((self.LONG, torch.int64), (self.INT, torch.int32)):
+            size = sum(math.prod(shapes[k]) for k in names)
+            host = torch.zeros(size, dtype=dtype, pin_memory=pinned)
+            dev = host if device.type == "cpu" else torch.zeros(size, dtype=dtype, device=device)
+            self._packs.append((host, dev))
+            at = 0
+            for k in names:
+                n = math.prod(shapes[k])
+                self._host[k] = host[at:at + n].view(shapes[k])
+                self._device[k] = dev[at:at + n].view(shapes[k])
+                at += n
+        h = self._host   # the contents of an all-scratch batch
+        h["slot_mapping"].fill_(self.scratch_slot)
+        h["block_tables"].fill_(scratch_block)
+        h["context_lens"].fill_(1)
+        torch.arange(num_seqs + 1, out=h["query_start"])
+        self._send()
 
     @property
     def is_decode(self) -> bool:
@@ -111,24 +135,31 @@ class StepBuffers:
         t, n, w = batch.num_tokens, batch.num_seqs, batch.block_tables.shape[1]
         assert batch.is_decode == self.is_decode and w <= self.width
         assert n <= self.num_seqs and t + self.num_seqs - n <= self.num_tokens
-        self.input_ids[:t].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:t].copy_(batch.positions, non_blocking=True)
-        self.slot_mapping[:t].copy_(batch.slot_mapping, non_blocking=True)
-        self.context_lens[:n].copy_(batch.context_lens, non_blocking=True)
-        self.block_tables[:n, :w].copy_(batch.block_tables, non_blocking=True)
+        h = self._host
+        h["input_ids"][:t] = batch.input_ids
+        h["positions"][:t] = batch.positions
+        h["slot_mapping"][:t] = batch.slot_mapping
+        h["context_lens"][:n] = batch.context_lens
+        h["block_tables"][:n, :w] = batch.block_tables
         # Entries past the batch may hold an earlier batch's values: reset them.
-        self.input_ids[t:] = 0
-        self.positions[t:] = 0
-        self.slot_mapping[t:] = self.scratch_slot
-        self.context_lens[n:] = 1
-        self.block_tables[:n, w:] = self.scratch_block
-        self.block_tables[n:] = self.scratch_block
+        h["input_ids"][t:] = 0
+        h["positions"][t:] = 0
+        h["slot_mapping"][t:] = self.scratch_slot
+        h["context_lens"][n:] = 1
+        h["block_tables"][:n, w:] = self.scratch_block
+        h["block_tables"][n:] = self.scratch_block
         if not self.is_decode:
-            self.query_start[:n + 1].copy_(batch.query_start, non_blocking=True)
-            torch.add(self._scratch_starts[:self.num_seqs - n], t, out=self.query_start[n + 1:])
+            h["query_start"][:n + 1] = batch.query_start
+            torch.arange(t + 1, t + 1 + self.num_seqs - n, out=h["query_start"][n + 1:])
+        self._send()
+
+    def _send(self) -> None:
+        for host, dev in self._packs:
+            if dev is not host:
+                dev.copy_(host, non_blocking=True)
 
     def field(self, name: str) -> torch.Tensor:
-        return getattr(self, name)
+        return self._device[name]
 
 
 class PagedModelRunner:
