@@ -275,12 +275,12 @@ def code_version() -> str:
     (as bench/provenance.py), else "unknown" (an installed wheel)."""
     import os
     import subprocess
-    from pathlib import Path
+    from importlib.resources import files
     if os.environ.get("KILN_CODE_VERSION"):
         return os.environ["KILN_CODE_VERSION"]
     try:
         return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+                              text=True, check=True, cwd=str(files("kiln"))).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
