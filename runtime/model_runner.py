@@ -10,9 +10,11 @@ one per bucket (T tokens, N sequences): `kiln serve` captures the decode buckets
 start-up (`capture_decode_buckets`), the others are captured on first use. A batch of t
 tokens in n sequences runs in a bucket of N >= n sequences; its sequences past n are
 scratch sequences (one token each, context 1, reading and writing only the scratch block).
-A decode batch (one token a sequence) runs in (N, N); a batch with prefill chunks in the
-smallest N of `mixed_seq_buckets` and T of `token_buckets()` that hold its sequences and its
-tokens with the scratch ones, the tokens past those belonging to no sequence (attention leaves them zero; they write the scratch block).
+A decode batch (one token a sequence) runs in (N, N), N from `decode_buckets(max_num_seqs)`;
+a batch with prefill chunks in the smallest N of `mixed_seq_buckets` and T of
+`token_buckets()` that hold its sequences and its tokens with the scratch ones, the tokens
+past those belonging to no sequence (attention leaves them zero; they write the scratch
+block).
 Block tables are padded to the width that max_model_len needs. Batches past the largest
 buckets run eagerly. Every kernel of a serving graph on cuda/hip is launched from shapes
 alone (the Triton paged attention finds each tile's sequence on the device), so one
