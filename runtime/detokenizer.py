@@ -37,14 +37,13 @@ def text_decoder(tokenizer, skip_special_tokens: bool = True) -> Callable[[list[
     tokenizer's `backend_tokenizer` when it has one, does no clean-up of spaces, and decodes
     a probe (the first PROBE_TOKENS ids, special ones included, one by one and together) the
     same way; decided once per tokenizer."""
-    key = (skip_special_tokens,)
     try:
         known = _decoders.setdefault(tokenizer, {})
     except TypeError:   # not weakly referenceable: decide every time
         known = {}
-    if key not in known:
-        known[key] = _pick_decoder(tokenizer, skip_special_tokens)
-    return known[key]
+    if skip_special_tokens not in known:
+        known[skip_special_tokens] = _pick_decoder(tokenizer, skip_special_tokens)
+    return known[skip_special_tokens]
 
 
 def _pick_decoder(tokenizer, skip: bool) -> Callable[[list[int]], str]:

@@ -223,7 +223,7 @@ class LLMEngine:
         results = {i: RequestOutput(i, "") for i in ids}
         while self.has_unfinished():
             for out in self.step():
-                results[out.request_id] = merge_outputs(results[out.request_id], out)
+                merge_outputs(results[out.request_id], out)
         return [results[i] for i in ids]
 
 
@@ -254,7 +254,7 @@ class RequestStream:
             if isinstance(more, BaseException):
                 self._error = more
                 break
-            item = merge_outputs(item, more)
+            merge_outputs(item, more)
         self.finished = item.finished
         return item
 
@@ -268,16 +268,15 @@ class RequestStream:
         """Wait for the end; the whole text, tokens and final usage in one output."""
         total = RequestOutput(self.request_id, "")
         async for out in self:
-            total = merge_outputs(total, out)
+            merge_outputs(total, out)
         return total
 
 
-def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    """`a` then `b` of one request as one output: `a`, extended in place."""
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> None:
+    """Extend `a` in place with `b`, the next output of the same request."""
     a.text += b.text
     a.token_ids += b.token_ids
     a.finished, a.finish_reason, a.usage = b.finished, b.finish_reason, b.usage
-    return a
 
 
 class AsyncEngine:

@@ -93,8 +93,8 @@ class StepBuffers:
 
     The int64 inputs are views of one device tensor and the int32 inputs of another; a
     step assembles both, scratch entries included, in pinned host memory and sends each in
-    one asynchronous copy. (The host side is rewritten only after the previous step's
-    tokens came back, so its copies have finished.)"""
+    one asynchronous copy. Before the host side is rewritten, `fill` waits for the previous
+    copies (an event; the engine already waited for the step's tokens, so it is done)."""
 
     LONG = ("input_ids", "positions", "slot_mapping")
     INT = ("context_lens", "query_start", "block_tables")
@@ -109,6 +109,7 @@ class StepBuffers:
                   "context_lens": (num_seqs,), "query_start": (num_seqs + 1,),
                   "block_tables": (num_seqs, width)}
         pinned = device.type == "cuda"
+        self._sent = torch.cuda.Event() if pinned else None   # the last copies to the device
         self._packs = []   # (host tensor, device tensor), one per dtype
         self._host, self._device = {}, {}
         for names, dtype in ((self.LONG, torch.int64), (self.INT, torch.int32)):
@@ -137,6 +138,8 @@ class StepBuffers:
         t, n, w = batch.num_tokens, batch.num_seqs, batch.block_tables.shape[1]
         assert batch.is_decode == self.is_decode and w <= self.width
         assert n <= self.num_seqs and t + self.num_seqs - n <= self.num_tokens
+        if self._sent is not None:
+            self._sent.synchronize()
         h = self._host
         h["input_ids"][:t] = batch.input_ids
         h["positions"][:t] = batch.positions
@@ -159,6 +162,8 @@ class StepBuffers:
         for host, dev in self._packs:
             if dev is not host:
                 dev.copy_(host, non_blocking=True)
+        if self._sent is not None:
+            self._sent.record()
 
     def field(self, name: str) -> torch.Tensor:
         return self._device[name]
