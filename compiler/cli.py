@@ -146,22 +146,36 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def served_engine(args):
+    """The engine process's factory (runtime.engine_process): the engine, and what the
+    server needs to know about it."""
+    served = _served(args)
+    runner = served.engine.runner
+    return served.engine, {"model_name": served.model_name, "num_blocks": runner.num_blocks,
+                           "block_size": runner.block_size}
+
+
 def cmd_serve(args) -> int:
     import os
 
     from .extras import require
     require("serve", "kiln serve")
-    from kiln.runtime.engine import AsyncEngine
     from kiln.runtime.server import ServerLimits, create_app, serve
     limits = ServerLimits(max_body_bytes=args.max_body_bytes,
                           max_prompt_chars=args.max_prompt_chars).validate()
-    served = _served(args)
+    if args.engine_thread:
+        from kiln.runtime.engine import AsyncEngine
+        engine, info = served_engine(args)
+        client = AsyncEngine(engine)
+    else:
+        from kiln.runtime.engine_process import EngineProcess
+        client = EngineProcess(served_engine, args)
+        info = client.info
     api_key = args.api_key or os.environ.get("KILN_API_KEY") or None
-    app = create_app(AsyncEngine(served.engine), served.model_name, api_key=api_key, limits=limits,
-                     docs=args.docs)
-    print(f"kiln: serving {served.model_name!r} on http://{args.host}:{args.port}/v1 "
-          f"(max {served.engine.max_model_len} tokens per sequence, "
-          f"{served.engine.runner.num_blocks} KV blocks of {served.engine.runner.block_size})",
+    app = create_app(client, info["model_name"], api_key=api_key, limits=limits, docs=args.docs)
+    print(f"kiln: serving {info['model_name']!r} on http://{args.host}:{args.port}/v1 "
+          f"(max {client.max_model_len} tokens per sequence, {info['num_blocks']} KV blocks of "
+          f"{info['block_size']}; the engine in {'a thread' if args.engine_thread else 'its own process'})",
           file=sys.stderr)
     serve(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -413,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or $KILN_API_KEY)")
     sv.add_argument("--served-model-name", help="the model name clients send (default: the model's)")
+    sv.add_argument("--engine-thread", action="store_true",
+                    help="run the engine in a thread of the server's process instead of a process "
+                         "of its own (which keeps the HTTP layer off the engine's interpreter lock)")
     sv.add_argument("--max-body-bytes", type=positive_int, default=4 * 2**20,
                     help="largest request body; larger ones get 413 before they are read "
                          "(default 4 MiB)")

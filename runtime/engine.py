@@ -1,9 +1,12 @@
 """The engine: requests in, one model step at a time, text deltas out.
 
 `LLMEngine` is synchronous and single-threaded: `add_request`, `abort`, `step`.
-`AsyncEngine` runs `step` in a background thread and hands each request's outputs to an
-asyncio consumer through a `RequestStream`; requests and aborts reach the thread through
-an inbox, so the engine's state is only ever touched by that thread.
+An `EngineClient` is what the server drives: it hands each request's outputs to an
+asyncio consumer through a `RequestStream`, and requests and aborts reach the engine as
+commands, so the engine's state is only ever touched by the one loop (`serve_commands`)
+that runs it. `AsyncEngine` runs that loop in a thread of this process;
+`engine_process.EngineProcess` in a process of its own, so that the engine and the HTTP
+server do not share one interpreter lock.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .batch import ModelRunner
 from .detokenizer import Detokenizer
@@ -32,6 +36,9 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param, self.code = param, code
+
+    def __reduce__(self):   # crosses to the server from an engine process
+        return type(self), (str(self), self.param, self.code)
 
 
 class QueueFullError(RuntimeError):
@@ -73,6 +80,26 @@ class RequestOutput:
     usage: Usage | None = None         # on the last output of a request
 
 
+def check_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int,
+                  max_model_len: int) -> None:
+    """Raise RequestError if the request can never run (cheap, no engine state)."""
+    try:
+        params.validate()
+    except InvalidParam as e:
+        raise RequestError(str(e), e.param) from None
+    if not prompt_ids:
+        raise RequestError("the prompt is empty", "prompt")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_ids):
+        raise RequestError(f"prompt token ids must be integers in [0, {vocab_size})", "prompt")
+    total = len(prompt_ids) + params.max_tokens
+    if total > max_model_len:
+        raise RequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {total} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} for "
+            f"the completion). Please reduce the prompt or max_tokens.",
+            "max_tokens", "context_length_exceeded")
+
+
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig | None = None):
         self.runner, self.tokenizer = runner, tokenizer
@@ -100,21 +127,7 @@ class LLMEngine:
     # -- requests -----------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestError if the request can never run (cheap, no engine state)."""
-        try:
-            params.validate()
-        except InvalidParam as e:
-            raise RequestError(str(e), e.param) from None
-        if not prompt_ids:
-            raise RequestError("the prompt is empty", "prompt")
-        if any(not isinstance(t, int) or not 0 <= t < self.runner.vocab_size for t in prompt_ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {self.runner.vocab_size})", "prompt")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise RequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {total} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} for "
-                f"the completion). Please reduce the prompt or max_tokens.",
-                "max_tokens", "context_length_exceeded")
+        check_request(prompt_ids, params, self.runner.vocab_size, self.max_model_len)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -233,7 +246,7 @@ class RequestStream:
     A consumer that fell behind (several outputs queued) gets them merged into one: under
     load a stream then costs the event loop one event per wake-up, not one per token."""
 
-    def __init__(self, engine: "AsyncEngine", request_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, engine: "EngineClient", request_id: str, loop: asyncio.AbstractEventLoop):
         self.engine, self.request_id, self.loop = engine, request_id, loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
@@ -279,18 +292,137 @@ def merge_outputs(a: RequestOutput, b: RequestOutput) -> None:
     a.finished, a.finish_reason, a.usage = b.finished, b.finish_reason, b.usage
 
 
-class AsyncEngine:
-    """Runs an LLMEngine's step loop in a daemon thread."""
+class EngineClient:
+    """What the server drives, wherever the engine runs: `add_request` gives a RequestStream,
+    `abort` stops one. Requests and aborts go to the engine as commands (`_send`); the
+    engine's outputs come back in batches, one per step, to `_deliver`. Subclasses: the
+    engine in a thread of this process (AsyncEngine) or in a process of its own
+    (engine_process.EngineProcess)."""
 
     _ids = itertools.count()
 
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, max_waiting: int):
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
+        self.vocab_size, self.max_waiting = vocab_size, max_waiting
+        self._streams: dict[str, RequestStream] = {}
+
+    # -- what subclasses provide ----------------------------------------------------------------
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        raise NotImplementedError
+
+    def num_waiting(self) -> int:
+        """Requests sent and not yet running (back-pressure)."""
+        raise NotImplementedError
+
+    def _send(self, command: tuple) -> None:
+        raise NotImplementedError
+
+    async def metrics_text(self) -> bytes:
+        """The engine's Prometheus metrics, rendered."""
+        raise NotImplementedError
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can take no more requests (it is gone), or None."""
+        return None
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> RequestStream:
+        """Call from the event loop. Raises RequestError (bad request), QueueFullError, or
+        EngineStepError when the engine is gone."""
+        check_request(prompt_ids, params, self.vocab_size, self.max_model_len)
+        if self.failure is not None:
+            raise EngineStepError(self.failure)
+        if self.num_waiting() >= self.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests); retry later")
+        rid = request_id or f"req-{next(self._ids)}"
+        stream = RequestStream(self, rid, asyncio.get_running_loop())
+        self._streams[rid] = stream
+        self._send(("add", (list(prompt_ids), params, rid)))
+        self.start()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def _deliver(self, items: list[tuple[str, object]]) -> None:
+        """Hand (request id, output or error) pairs to their streams: one wake-up per event
+        loop for the lot, not one per output."""
+        by_loop: dict = {}
+        for rid, item in items:
+            stream = self._streams.get(rid)
+            if stream is None:
+                continue
+            if isinstance(item, BaseException) or item.finished:
+                del self._streams[rid]
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:   # the consumers' event loop is gone
+                for stream, _ in batch:
+                    self.abort(stream.request_id)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._deliver([(rid, error) for rid in list(self._streams)])
+
+
+def _put_all(batch: list[tuple[RequestStream, object]]) -> None:
+    for stream, item in batch:
+        stream.queue.put_nowait(item)
+
+
+def serve_commands(eng: LLMEngine, next_command: Callable[[bool], tuple | None],
+                   emit: Callable[[list], None], stopped: Callable[[], bool]) -> None:
+    """The engine loop, in whatever thread or process holds the engine: take the commands
+    waiting (`next_command(block)` blocks only while there is nothing to run), run a step,
+    `emit` its (request id, output) pairs; until `stopped()`. A failed step aborts the
+    requests in flight with an EngineStepError and the loop goes on."""
+    while not stopped():
+        cmd = next_command(not eng.has_unfinished())
+        while cmd is not None:
+            kind, arg = cmd
+            if kind == "add":
+                prompt_ids, params, rid = arg
+                try:
+                    eng.add_request(prompt_ids, params, rid)
+                except (RequestError, QueueFullError) as e:
+                    emit([(rid, e)])
+            elif kind == "abort":
+                out = eng.abort(arg)
+                if out is not None:
+                    emit([(arg, out)])
+            cmd = next_command(False)
+        if stopped() or not eng.has_unfinished():
+            continue
+        try:
+            outputs = eng.step()
+        except Exception as e:   # a runner failure must not kill the server
+            log.exception("engine step failed; aborting the requests in flight")
+            failed = EngineStepError(f"model step failed: {e!r}")
+            rids = list(eng.seqs)
+            for rid in rids:
+                eng.abort(rid)
+            emit([(rid, failed) for rid in rids])
+            continue
+        t0 = time.perf_counter()
+        emit([(out.request_id, out) for out in outputs])
+        eng.metrics.phase["deliver"].observe(time.perf_counter() - t0)
+
+
+class AsyncEngine(EngineClient):
+    """Runs an LLMEngine's step loop in a daemon thread of this process."""
+
     def __init__(self, engine: LLMEngine):
+        super().__init__(engine.tokenizer, engine.max_model_len, engine.runner.vocab_size,
+                         engine.config.max_waiting)
         self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
         self.metrics = engine.metrics
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -310,90 +442,19 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + self._inbox.qsize()
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> RequestStream:
-        """Call from the event loop. Raises RequestError (bad request) or QueueFullError."""
-        self.engine.check_request(prompt_ids, params)
-        if self.num_waiting() >= self.engine.config.max_waiting:
-            raise QueueFullError(f"the waiting queue is full ({self.engine.config.max_waiting} "
-                                 f"requests); retry later")
-        rid = request_id or f"req-{next(self._ids)}"
-        stream = RequestStream(self, rid, asyncio.get_running_loop())
-        self._streams[rid] = stream
-        self._inbox.put(("add", (list(prompt_ids), params, rid)))
-        self.start()
-        return stream
+    def _send(self, command: tuple) -> None:
+        self._inbox.put(command)
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+    async def metrics_text(self) -> bytes:
+        return self.metrics.render()
 
-    # -- the engine thread --------------------------------------------------------------------
     def _loop(self) -> None:
-        eng = self.engine
-        while not self._stop.is_set():
-            try:   # block only while there is nothing to run
-                cmd = self._inbox.get(timeout=None if not eng.has_unfinished() else 0)
+        def next_command(block: bool):
+            try:
+                return self._inbox.get(timeout=None) if block else self._inbox.get_nowait()
             except queue.Empty:
-                cmd = None
-            while cmd is not None:
-                self._handle(*cmd)
-                try:
-                    cmd = self._inbox.get_nowait()
-                except queue.Empty:
-                    cmd = None
-            if self._stop.is_set() or not eng.has_unfinished():
-                continue
-            try:
-                outputs = eng.step()
-            except Exception as e:   # a runner failure must not kill the server
-                log.exception("engine step failed; aborting the requests in flight")
-                failed = EngineStepError(f"model step failed: {e!r}")
-                for rid in list(eng.seqs):
-                    eng.abort(rid)
-                self._deliver([(rid, failed) for rid in list(self._streams)])
-                continue
-            t0 = time.perf_counter()
-            self._deliver([(out.request_id, out) for out in outputs])
-            self.metrics.phase["deliver"].observe(time.perf_counter() - t0)
-        for rid in list(self._streams):   # shut down: nobody may wait forever
+                return None
+        serve_commands(self.engine, next_command, self._deliver, self._stop.is_set)
+        for rid in list(self.engine.seqs):   # shut down: nobody may wait forever
             self.engine.abort(rid)
-        self._deliver([(rid, EngineStepError("the engine was shut down")) for rid in list(self._streams)])
-
-    def _handle(self, kind: str, arg) -> None:
-        if kind == "add":
-            prompt_ids, params, rid = arg
-            if rid not in self._streams:   # aborted before it got here
-                return
-            try:
-                self.engine.add_request(prompt_ids, params, rid)
-            except (RequestError, QueueFullError) as e:
-                self._deliver([(rid, e)])
-        elif kind == "abort":
-            out = self.engine.abort(arg)
-            if out is not None:
-                self._deliver([(arg, out)])
-            else:
-                self._streams.pop(arg, None)
-
-    def _deliver(self, items: list[tuple[str, object]]) -> None:
-        """Hand (request id, output or error) pairs to their streams: one wake-up per event
-        loop for the lot, not one per output."""
-        by_loop: dict = {}
-        for rid, item in items:
-            stream = self._streams.get(rid)
-            if stream is None:
-                continue
-            if isinstance(item, BaseException) or item.finished:
-                del self._streams[rid]
-            by_loop.setdefault(stream.loop, []).append((stream, item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:   # the consumers' event loop is gone
-                for stream, _ in batch:
-                    self.engine.abort(stream.request_id)
-
-
-def _put_all(batch: list[tuple[RequestStream, object]]) -> None:
-    for stream, item in batch:
-        stream.queue.put_nowait(item)
+        self._fail_all(EngineStepError("the engine was shut down"))

@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP server over an AsyncEngine.
+"""OpenAI-compatible HTTP server over an EngineClient (the engine in a thread or its own process).
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream`), GET
 /v1/models, /health, /metrics; /docs, /redoc and /openapi.json only with `docs=True`
@@ -33,7 +33,7 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import AsyncEngine, QueueFullError, RequestError, RequestStream
+from .engine import EngineClient, EngineStepError, QueueFullError, RequestError, RequestStream
 from .http_guard import (APIError, AsciiJSONResponse, GuardMiddleware, ServerLimits, authorized, clip,
                          parse_body, read_body, unauthorized)
 from .sequence import SamplingParams
@@ -211,7 +211,7 @@ class _Parsed:
 
 
 # -- the app --------------------------------------------------------------------------------------
-def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+def create_app(engine: EngineClient, model_name: str, api_key: str | None = None,
                max_model_len: int | None = None, limits: ServerLimits | None = None,
                docs: bool = False) -> FastAPI:
     """The app. `limits` bounds each request (ServerLimits' defaults otherwise); `docs`
@@ -219,7 +219,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     limits = (limits or ServerLimits()).validate()
     max_len = min(max_model_len or engine.max_model_len, engine.max_model_len)
     tok = Tokenize(engine.tokenizer, limits.prompt_chars(max_len))
-    vocab = engine.engine.runner.vocab_size
+    vocab = engine.vocab_size
     created = int(time.time())
     expected_auth = f"Bearer {api_key}".encode() if api_key is not None else None
     pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="kiln-http")
@@ -284,6 +284,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             raise APIError(400, str(e), param=e.param, code=e.code) from None
         except QueueFullError as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
+        except EngineStepError as e:
+            raise APIError(503, str(e), "server_error", code="engine_down") from None
 
     async def generate(request: Request, chat: bool):
         auth(request)
@@ -308,11 +310,17 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
+        if engine.failure is not None:
+            return APIError(503, engine.failure, "server_error", code="engine_down").response()
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        try:
+            text = await engine.metrics_text()
+        except EngineStepError as e:
+            raise APIError(503, str(e), "server_error", code="engine_down") from None
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     async def respond(request: Request, stream: RequestStream, chat: bool, streaming: bool, with_usage: bool,
                       with_ids: bool = False):

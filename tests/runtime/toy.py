@@ -116,3 +116,25 @@ def word_tokens(tokenizer) -> list[int]:
         if s.strip().isalpha() and s.isascii() and i not in tokenizer.all_special_ids:
             out.append(i)
     return out
+
+
+def toy_engine(num_blocks: int = 64, block_size: int = 4, max_model_len: int = 128,
+               config: dict | None = None, delay: float = 0.0):
+    """An engine process's factory (runtime.engine_process): the toy engine, and the tokens
+    the toy model may predict (for `reference`)."""
+    from kiln.runtime.engine import EngineConfig, LLMEngine
+    tok = toy_tokenizer()
+    runner = ToyRunner(len(tok), word_tokens(tok), num_blocks=num_blocks, block_size=block_size,
+                       max_model_len=max_model_len)
+    runner.delay = delay
+    return LLMEngine(runner, tok, EngineConfig(**(config or {}))), {"allowed": runner.allowed}
+
+
+def failing_factory(message: str):
+    raise ValueError(message)
+
+
+def unpicklable_failure():
+    class Local(Exception):   # a class pickle cannot find by name
+        pass
+    raise Local("built inside a function")

@@ -10,19 +10,30 @@ import openai
 import uvicorn
 
 from kiln.runtime.engine import AsyncEngine, EngineConfig, LLMEngine
+from kiln.runtime.engine_process import EngineProcess
 from kiln.runtime.server import create_app
-from toy import ToyRunner, reference, toy_tokenizer, word_tokens
+from toy import ToyRunner, reference, toy_engine, toy_tokenizer, word_tokens
 
 MODEL = "toy"
 
 
 class Server:
-    def __init__(self, api_key=None, num_blocks=128, limits=None, docs=False, **cfg):
+    def __init__(self, api_key=None, num_blocks=128, limits=None, docs=False, engine_process=False,
+                 step_delay=0.0, **cfg):
+        """engine_process: the engine in a process of its own (no `runner` here then);
+        step_delay: seconds each model step takes."""
         self.tok = toy_tokenizer() if not hasattr(Server, "_tok") else Server._tok
         Server._tok = self.tok
-        self.runner = ToyRunner(len(self.tok), word_tokens(self.tok), num_blocks=num_blocks, block_size=4,
-                                max_model_len=128)
-        self.engine = AsyncEngine(LLMEngine(self.runner, self.tok, EngineConfig(**cfg)))
+        if engine_process:
+            self.runner = None
+            self.engine = EngineProcess(toy_engine, num_blocks, 4, 128, cfg, step_delay)
+            self.allowed = self.engine.info["allowed"]
+        else:
+            self.runner = ToyRunner(len(self.tok), word_tokens(self.tok), num_blocks=num_blocks,
+                                    block_size=4, max_model_len=128)
+            self.runner.delay = step_delay
+            self.engine = AsyncEngine(LLMEngine(self.runner, self.tok, EngineConfig(**cfg)))
+            self.allowed = self.runner.allowed
         app = create_app(self.engine, MODEL, api_key=api_key, limits=limits, docs=docs)
         # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY on accepted connections only for
         # sockets whose proto says TCP (as uvicorn's own bind does); socket.socket() has proto
@@ -45,7 +56,7 @@ class Server:
         self.thread.join(10)
 
     def expected(self, prompt_ids, n):
-        ids = reference(prompt_ids, n, self.runner.allowed)
+        ids = reference(prompt_ids, n, self.allowed)
         return ids, self.tok.decode(ids)
 
     def chat_ids(self, messages):
