@@ -242,8 +242,9 @@ def step_profile(before: dict, after: dict, wall: float) -> dict:
         "phase_s": {p: delta("kiln_step_phase_seconds_sum", p) / steps for p in STEP_PHASES},
         "step_s": step_s,                   # schedule to output (deliver is after)
         "device_s": device_s,               # forward and sampling on the device (GPU only)
-        # The share of the step the device was not working: the engine's host-bound part.
-        "host_fraction": None if device_s is None else 1 - device_s / (step_s + deliver_s),
+        # The share of the step the device was not working: the engine's host-bound part
+        # (0 when async scheduling hides the host work behind the device's).
+        "host_fraction": None if device_s is None else max(0.0, 1 - device_s / (step_s + deliver_s)),
         "device_busy": None if device_s is None else device_s * steps / wall,
     }
 

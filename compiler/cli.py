@@ -53,7 +53,8 @@ def _serving_config(args):
         max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 512),
         max_waiting=getattr(args, "max_waiting", 256),
         enable_prefix_caching=not getattr(args, "no_prefix_caching", False),
-        cudagraphs=not getattr(args, "no_cudagraphs", False))
+        cudagraphs=not getattr(args, "no_cudagraphs", False),
+        async_scheduling=False if getattr(args, "no_async_scheduling", False) else None)
 
 
 def _served(args):
@@ -386,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="new tokens per step (prefill chunks + decodes)")
         q.add_argument("--no-prefix-caching", action="store_true")
         q.add_argument("--no-cudagraphs", action="store_true", help="cuda: run decode eagerly")
+        q.add_argument("--no-async-scheduling", action="store_true", help="cuda: read each step's "
+                       "tokens before planning the next (by default step N+1 is planned and "
+                       "launched while step N runs)")
         q.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
         q.add_argument("--trust-artifact", action="store_true",
                        help="load an artifact kiln did not build on this machine (or by this "

@@ -122,6 +122,7 @@ class ServingConfig:
     max_waiting: int = 256
     enable_prefix_caching: bool = True
     cudagraphs: bool = True               # cuda target: replay every step from bucket graphs
+    async_scheduling: bool | None = None  # None: on where the runner is on a GPU (EngineConfig)
 
 
 def default_max_model_len(config, cap: int = 4096) -> int:
@@ -147,7 +148,8 @@ def make_engine(runner, tokenizer, cfg: ServingConfig):
     from kiln.runtime.engine import EngineConfig, LLMEngine
     return LLMEngine(runner, tokenizer, EngineConfig(
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-        max_waiting=cfg.max_waiting, enable_prefix_caching=cfg.enable_prefix_caching))
+        max_waiting=cfg.max_waiting, enable_prefix_caching=cfg.enable_prefix_caching,
+        async_scheduling=cfg.async_scheduling))
 
 
 # -- engines from a model or an artifact ------------------------------------------------------------

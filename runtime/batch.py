@@ -15,6 +15,11 @@ Conventions a runner can rely on:
 - Tensors are built on the CPU (int64 / int32 as documented); `to(device)` moves them.
 - `block_tables` is only as wide as the longest sequence of this batch needs; a runner
   that replays captured graphs pads to its own bucket.
+- With async scheduling the batch is built while the previous step still runs: the input
+  tokens that step samples are placeholders in `input_ids` and listed in `pending`; a
+  runner that declares `accepts_pending_inputs` applies `pending` to its device copy of
+  `input_ids` before the model reads it (stream order makes the previous step's tokens
+  ready by then, with no host wait).
 """
 from __future__ import annotations
 
@@ -22,6 +27,24 @@ from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
 
 import torch
+
+
+@dataclass
+class PendingInputs:
+    """Input tokens of a batch that the previous step samples: `input_ids[rows[j]]` is
+    `tokens[picks[j]]`, `tokens` being that step's sampled ids on the device."""
+    rows: list[int]
+    picks: list[int]
+    tokens: torch.Tensor
+
+    def apply(self, input_ids: torch.Tensor) -> None:
+        """Write the pending tokens into `input_ids` (queued on the device, no host wait)."""
+        index = torch.tensor([self.rows, self.picks], dtype=torch.int64)
+        if input_ids.device.type == "cuda":
+            index = index.pin_memory()
+        index = index.to(input_ids.device, non_blocking=True)
+        picked = self.tokens.to(input_ids.device).index_select(0, index[1])
+        input_ids.index_copy_(0, index[0], picked.to(input_ids.dtype))
 
 
 @dataclass
@@ -34,6 +57,7 @@ class FlatBatch:
     block_tables: torch.Tensor  # [N, max_blocks] int32: block ids, padded with 0
     max_query_len: int          # host copies of the maxima, so kernels need no sync
     max_context_len: int
+    pending: PendingInputs | None = None   # placeholders in input_ids (async scheduling)
 
     @property
     def num_seqs(self) -> int:
@@ -65,6 +89,8 @@ class ModelRunner(Protocol):
     vocab_size: int      # logits width
     # Optional: `device` (where execute runs). On "cuda" the engine times each step's
     # device work with CUDA events (metrics.DeviceTimer).
+    # Optional: `accepts_pending_inputs = True` (it applies `batch.pending`): the engine may
+    # then schedule a step while the previous one runs (EngineConfig.async_scheduling).
 
     def execute(self, batch: FlatBatch) -> torch.Tensor:
         """Write the new tokens' K/V, run the model, return [N, vocab_size] logits of each

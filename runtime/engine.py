@@ -19,13 +19,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .batch import ModelRunner
+from .batch import ModelRunner, PendingInputs
 from .detokenizer import Detokenizer
 from .kv_cache import BlockManager
 from .metrics import DeviceTimer, EngineMetrics
 from .sampler import make_generator, sample_on_device
-from .scheduler import Scheduler, SchedulerConfig
-from .sequence import InvalidParam, SamplingParams, Sequence
+from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from .sequence import PENDING, InvalidParam, SamplingParams, Sequence, Status
 
 log = logging.getLogger("kiln.runtime")
 
@@ -57,6 +57,10 @@ class EngineConfig:
     max_waiting: int = 256               # queued requests before add_request refuses
     enable_prefix_caching: bool = True
     eos_token_ids: list[int] | None = None   # default: the tokenizer's eos_token_id
+    # Plan and launch step N+1 before reading step N's tokens, so the host work of a step
+    # (scheduling, batch assembly, outputs, detokenization) overlaps the device's. None:
+    # on for a CUDA runner that accepts pending inputs (batch.PendingInputs).
+    async_scheduling: bool | None = None
 
 
 @dataclass
@@ -100,7 +104,23 @@ def check_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int
             "max_tokens", "context_length_exceeded")
 
 
+@dataclass
+class _InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+    step: ScheduledStep
+    sampled: list[tuple[Sequence, int]]   # (sequence, index of its pending token)
+    row_of: dict[Sequence, int]           # the row of `tokens` each sampled sequence gets
+    tokens: object                        # [len(sampled)] int64 on the device, or None
+    timer: DeviceTimer
+
+
 class LLMEngine:
+    """`step()` runs one model step and returns the outputs it produced. With async
+    scheduling a call plans and launches the next step, then reads the previous one's
+    tokens (the device is busy with the new step meanwhile) and returns that step's outputs:
+    each output comes one call later, and a sequence that stops (EOS, a stop string) has
+    run one more token on the device, which is dropped."""
+
     def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig | None = None):
         self.runner, self.tokenizer = runner, tokenizer
         self.config = config = config or EngineConfig()
@@ -119,7 +139,18 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.detok: dict[str, Detokenizer] = {}
         self.metrics = EngineMetrics()
-        self.device_timer = DeviceTimer(getattr(runner, "device", None))
+        device = getattr(runner, "device", None)
+        self.device_timer = DeviceTimer(device)
+        accepts = getattr(runner, "accepts_pending_inputs", False)
+        if config.async_scheduling and not accepts:
+            raise ValueError(f"async_scheduling needs a runner that applies batch.pending "
+                             f"(accepts_pending_inputs = True); {type(runner).__name__} does not: "
+                             f"set async_scheduling=False")
+        on_gpu = self.device_timer.on
+        self.async_scheduling = (accepts and on_gpu if config.async_scheduling is None
+                                 else config.async_scheduling)
+        self._inflight: _InFlight | None = None
+        self._timers = (self.device_timer, DeviceTimer(device))   # alternate: two steps at once
         self.metrics.bind(self.blocks.num_used_blocks, self.blocks.usage,
                           lambda: len(self.scheduler.running), lambda: len(self.scheduler.waiting))
         self._preemptions_seen = 0
@@ -152,10 +183,19 @@ class LLMEngine:
         return RequestOutput(request_id, "", [], True, "abort", self._usage(seq))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # -- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if not self.async_scheduling:
+            return self._step_sync()
+        try:
+            return self._step_async()
+        except BaseException:
+            self._inflight = None   # its sequences are aborted by the caller
+            raise
+
+    def _step_sync(self) -> list[RequestOutput]:
         clock = time.perf_counter
         t_start = clock()
         step = self.scheduler.schedule()
@@ -186,10 +226,84 @@ class LLMEngine:
                                   step.batch.num_seqs, step.batch.num_tokens, self.device_timer.seconds())
         return outputs
 
+    def _step_async(self) -> list[RequestOutput]:
+        clock = time.perf_counter
+        t_start = clock()
+        step = self.scheduler.schedule()
+        self._count_preemptions()
+        t_scheduled = clock()
+        prev = self._inflight
+        self._inflight = self._launch(step, prev) if step is not None else None
+        t_forward = clock()
+        if prev is None:
+            return []
+        tokens = prev.tokens.tolist() if prev.tokens is not None else []   # waits for step N only
+        t_sampled = clock()
+        outputs = []
+        for (seq, index), token in zip(prev.sampled, tokens):
+            if seq.status is Status.FINISHED:   # aborted, or stopped at its previous token
+                continue
+            last = seq.last_token_time
+            seq.resolve(index, token)
+            if seq.status is Status.RUNNING:
+                self.blocks.commit(seq)
+            outputs.append(self._emit(seq, token, index, last))
+        for seq in prev.step.seqs:   # (prefill chunks: their blocks are hashed only now)
+            if seq.status is Status.RUNNING and seq not in prev.row_of:
+                self.blocks.commit(seq)
+        self.metrics.generation_tokens.inc(len(outputs))
+        batch = prev.step.batch
+        self.metrics.observe_step([t_start, t_scheduled, t_forward, t_sampled, clock()],
+                                  batch.num_seqs, batch.num_tokens, prev.timer.seconds())
+        return outputs
+
+    def _launch(self, step: ScheduledStep, prev: _InFlight | None) -> _InFlight:
+        """Run `step` on the device and sample its tokens there; nothing waits. Inputs that
+        `prev` samples are filled in on the device (batch.pending)."""
+        if prev is not None:
+            rows, picks, at = [], [], 0
+            for seq, n in zip(step.seqs, step.num_new):
+                at += n
+                if seq.token_ids[seq.num_computed + n - 1] == PENDING:
+                    rows.append(at - 1)
+                    picks.append(prev.row_of[seq])
+            if rows:
+                step.batch.pending = PendingInputs(rows, picks, prev.tokens)
+        timer = self._timers[1] if prev is not None and prev.timer is self._timers[0] else self._timers[0]
+        timer.start()
+        logits = self.runner.execute(step.batch)
+        ready = self.scheduler.advance(step, commit=False)   # (hashed once the tokens are read)
+        rows = [i for i, r in enumerate(ready) if r]
+        seqs = [step.seqs[i] for i in rows]
+        tokens = None
+        if rows:
+            for s in seqs:
+                if s.params.seed is not None and s.generator is None:
+                    s.generator = make_generator(s.params.seed, logits.device)
+            if len(rows) < logits.shape[0]:
+                logits = logits[rows]
+            tokens = sample_on_device(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        timer.stop()
+        sampled, row_of = [], {}
+        for row, seq in enumerate(seqs):
+            index = seq.append_pending()
+            sampled.append((seq, index))
+            row_of[seq] = row
+            if (index + 1 - seq.num_prompt_tokens >= seq.params.max_tokens
+                    or index + 1 >= self.max_model_len):
+                seq.final = True   # ends at this token whatever it is: plan no more for it
+        return _InFlight(step, sampled, row_of, tokens, timer)
+
     def _append(self, seq: Sequence, token: int) -> RequestOutput:
-        m, p = self.metrics, seq.params
-        prev = seq.last_token_time
+        last = seq.last_token_time
         seq.append(token)
+        return self._emit(seq, token, seq.num_tokens - 1, last)
+
+    def _emit(self, seq: Sequence, token: int, index: int, last: float | None) -> RequestOutput:
+        """The output for `token`, at `index` of the sequence's tokens (the host read it
+        now; `last`: when the previous one was read); finishes the sequence if it stops."""
+        m, p = self.metrics, seq.params
+        prev = last
         if prev is None:
             m.ttft.observe(seq.first_token_time - seq.arrival_time)
             m.prompt_tokens.inc(seq.num_prompt_tokens)
@@ -204,7 +318,7 @@ class LLMEngine:
             text = detok.add(token)
             if detok.stopped:
                 reason = "stop"
-            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            elif index + 1 - seq.num_prompt_tokens >= p.max_tokens or index + 1 >= self.max_model_len:
                 reason, text = "length", text + detok.flush()
         if reason:
             self._finish(seq, reason)
@@ -213,6 +327,7 @@ class LLMEngine:
         return RequestOutput(seq.request_id, text, [token], True, reason, self._usage(seq))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.drop_pending()
         self.scheduler.finish(seq, reason)
         del self.seqs[seq.request_id], self.detok[seq.request_id]
         self.metrics.requests.labels(reason).inc()

@@ -20,8 +20,10 @@ SIZE_BUCKETS = tuple(2 ** i for i in range(14))
 # What each phase of a step covers, in the order a step runs them.
 STEP_PHASES = {
     "schedule": "pick the sequences and build the flat batch",
-    "forward": "copy the batch to the device and launch or replay the model (on a CPU: run it)",
-    "sample": "sample, and copy the chosen tokens to the host (waits for the device)",
+    "forward": "copy the batch to the device and launch or replay the model (on a CPU: run it); "
+               "with async scheduling, launch the sampling too",
+    "sample": "sample, and copy the chosen tokens to the host (waits for the device; with async "
+              "scheduling, for the previous step's tokens while this one runs)",
     "output": "append the tokens, check stops, detokenize",
     "deliver": "hand the outputs to the HTTP streams (serving only)",
 }

@@ -171,6 +171,7 @@ class StepBuffers:
 
 class PagedModelRunner:
     """ModelRunner over a compiled serving graph. `fn(*inputs)` returns (logits,)."""
+    accepts_pending_inputs = True
 
     def __init__(self, fn, graph: Graph, weights: dict[str, torch.Tensor], num_blocks: int,
                  max_model_len: int, vocab_size: int, device: str | torch.device = "cpu",
@@ -248,6 +249,8 @@ class PagedModelRunner:
         if bucket is not None:
             return self._run_bucket(batch, bucket)[:batch.num_seqs]
         b = batch.to(self.device, non_blocking=True)
+        if b.pending is not None:
+            b.pending.apply(b.input_ids)
         (logits,) = self.fn(*self._args(lambda name: getattr(b, name)))
         return logits
 
@@ -279,6 +282,8 @@ class PagedModelRunner:
     def _run_bucket(self, batch: FlatBatch, bucket: tuple[int, int]) -> torch.Tensor:
         buf = self.buffers(bucket)
         buf.fill(batch)
+        if batch.pending is not None:
+            batch.pending.apply(buf.field("input_ids"))
         if not self.cudagraphs:
             (logits,) = self.fn(*self._args(buf.field))
             return logits

@@ -9,6 +9,11 @@ When a running sequence needs a block and the pool is empty, the most recently a
 running sequence not yet scheduled this step is preempted by recompute: its blocks are freed
 and it goes back to the front of the waiting queue with all its tokens, to be prefilled
 again (mostly from the prefix cache). Admission never preempts.
+
+With async scheduling (the engine's) a step is scheduled while the previous one runs: a
+sequence's last token may be pending (`sequence.PENDING`, read after the step is planned);
+it is still one token to run, and a sequence marked `final` (its pending token ends it) is
+not scheduled again.
 """
 from __future__ import annotations
 
@@ -64,7 +69,7 @@ class Scheduler:
         preempted = self.num_preemptions
         chosen: list[tuple[Sequence, int]] = []
         # Running sequences: decodes first, then prefills in progress, each in admission order.
-        queue = deque(sorted(self.running, key=lambda s: s.num_pending > 1))
+        queue = deque(sorted((s for s in self.running if not s.final), key=lambda s: s.num_pending > 1))
         while queue and budget > 0:
             seq = queue.popleft()
             n = min(seq.num_pending, budget)
@@ -96,16 +101,19 @@ class Scheduler:
                             self.blocks.block_size)
         return ScheduledStep([s for s, _ in chosen], [n for _, n in chosen], batch)
 
-    def advance(self, step: ScheduledStep) -> list[bool]:
-        """After the model ran: record the computed tokens; returns, per scheduled sequence,
-        whether its logits are for a new token (False for a prefill chunk that is not the last)."""
+    def advance(self, step: ScheduledStep, commit: bool = True) -> list[bool]:
+        """After the model ran (or was launched): record the computed tokens; returns, per
+        scheduled sequence, whether its logits are for a new token (False for a prefill chunk
+        that is not the last). `commit=False` leaves hashing the full blocks to a later
+        `blocks.commit`, for when some of their tokens are still pending."""
         ready = []
         for seq, n in zip(step.seqs, step.num_new):
             if seq.status is not Status.RUNNING:   # preempted or aborted meanwhile
                 ready.append(False)
                 continue
             seq.num_computed += n
-            self.blocks.commit(seq)
+            if commit:
+                self.blocks.commit(seq)
             ready.append(seq.num_pending == 0)
         return ready
 

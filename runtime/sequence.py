@@ -53,6 +53,10 @@ class Status(enum.Enum):
 
 _ids = itertools.count()
 
+# A token the previous step samples on the device and the host does not know yet (async
+# scheduling): it already counts as the sequence's next token and as the next step's input.
+PENDING = -1
+
 
 class Sequence:
     """One request. `token_ids` is prompt then output; `num_computed` of them have KV in the
@@ -71,6 +75,7 @@ class Sequence:
         self.block_hashes: list[bytes] = []      # hash of each full, computed block
         self.num_preemptions = 0
         self.generator: torch.Generator | None = None   # made on the logits' device when seeded
+        self.final = False       # its last token is pending and will end it (length): not scheduled
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
@@ -98,6 +103,23 @@ class Sequence:
 
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        self._stamp()
+
+    def append_pending(self) -> int:
+        """Count a token sampled on the device but not yet read; returns its index."""
+        self.token_ids.append(PENDING)
+        return len(self.token_ids) - 1
+
+    def resolve(self, index: int, token_id: int) -> None:
+        self.token_ids[index] = token_id
+        self._stamp()
+
+    def drop_pending(self) -> None:
+        """Forget the tokens still pending (the sequence ends before they are read)."""
+        while self.token_ids and self.token_ids[-1] == PENDING:
+            self.token_ids.pop()
+
+    def _stamp(self) -> None:
         now = time.monotonic()
         if self.first_token_time is None:
             self.first_token_time = now

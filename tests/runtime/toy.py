@@ -39,6 +39,8 @@ def reference(prompt: list[int], n: int, allowed: list[int]) -> list[int]:
 
 
 class ToyRunner:
+    accepts_pending_inputs = True   # (async scheduling: pending inputs are applied on the CPU)
+
     def __init__(self, vocab_size: int, allowed: list[int] | None = None, num_blocks: int = 64,
                  block_size: int = 4, max_model_len: int = 128):
         self.vocab_size, self.num_blocks, self.block_size = vocab_size, num_blocks, block_size
@@ -62,6 +64,8 @@ class ToyRunner:
         if self.fail is not None:
             raise self.fail
         self.calls += 1
+        if batch.pending is not None:
+            batch.pending.apply(batch.input_ids)
         if self.record:
             self.batches.append(batch)
         self.cache[batch.slot_mapping, 0] = batch.input_ids

@@ -124,6 +124,28 @@ def test_engine_greedy_equals_eager(paged):
         assert o.token_ids == want[0].tolist()
 
 
+@pytest.mark.parametrize("pad_batches", [False, True], ids=["eager", "buckets"])
+def test_async_scheduling_greedy_equals_eager(paged, pad_batches):
+    """Step N+1 planned before step N's tokens are read: its decode inputs are placeholders
+    the runner fills from step N's sampled tokens (in the bucket buffers, or the eager
+    batch), with chunked prefills and prefix hits in the same steps."""
+    model, compiled = paged
+    vocab = model.config.vocab_size
+    runner = runner_for(model, compiled, pad_batches=pad_batches, seq_buckets=(1, 2, 4, 8),
+                        max_num_batched_tokens=8)
+    engine = LLMEngine(runner, IdsTokenizer(), EngineConfig(max_num_batched_tokens=8, async_scheduling=True))
+    shared = torch.randint(0, vocab, (9,)).tolist()
+    prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (11, 5)] + [shared + [1, 2], shared + [3]]
+    params = SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
+    outs = engine.generate(prompts, params)
+    prompts.append(shared + [4])   # its prefix blocks, hashed once their tokens were read
+    outs += engine.generate(prompts[-1:], params)
+    for p, o in zip(prompts, outs):
+        want, _ = models.eager_greedy(model, torch.tensor([p]), 7)
+        assert o.token_ids == want[0].tolist()
+    assert engine.blocks.hit_tokens > 0 and engine.blocks.num_used_blocks() == 0
+
+
 def test_padded_decode_buckets_match_unpadded(paged):
     """What CUDA graph replay runs (decode batches padded to a bucket, scratch rows writing
     the scratch block) gives the same logits and leaves the engine's blocks as unpadded."""
