@@ -54,7 +54,8 @@ def _serving_config(args):
         max_waiting=getattr(args, "max_waiting", 256),
         enable_prefix_caching=not getattr(args, "no_prefix_caching", False),
         cudagraphs=not getattr(args, "no_cudagraphs", False),
-        async_scheduling=False if getattr(args, "no_async_scheduling", False) else None)
+        async_scheduling=False if getattr(args, "no_async_scheduling", False) else None,
+        lazy_mixed_graphs=getattr(args, "lazy_mixed_graphs", False))
 
 
 def _served(args):
@@ -387,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="new tokens per step (prefill chunks + decodes)")
         q.add_argument("--no-prefix-caching", action="store_true")
         q.add_argument("--no-cudagraphs", action="store_true", help="cuda: run decode eagerly")
+        q.add_argument("--lazy-mixed-graphs", action="store_true", help="cuda: capture the graphs "
+                       "of batches with prefill chunks when first met instead of at start-up "
+                       "(a faster start; each such bucket stalls its first step)")
         q.add_argument("--no-async-scheduling", action="store_true", help="cuda: read each step's "
                        "tokens before planning the next (by default step N+1 is planned and "
                        "launched while step N runs)")

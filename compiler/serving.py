@@ -123,6 +123,7 @@ class ServingConfig:
     enable_prefix_caching: bool = True
     cudagraphs: bool = True               # cuda target: replay every step from bucket graphs
     async_scheduling: bool | None = None  # None: on where the runner is on a GPU (EngineConfig)
+    lazy_mixed_graphs: bool = False       # capture buckets with prefill chunks on first use
 
 
 def default_max_model_len(config, cap: int = 4096) -> int:
@@ -167,10 +168,16 @@ def device_of(target: str) -> str:
     return get_target(target).device_type
 
 
-def _capture_graphs(runner, step) -> None:
-    if runner.cudagraphs:
-        with step(f"capture CUDA graphs (decode buckets {', '.join(map(str, runner.seq_buckets))})"):
-            runner.capture_decode_buckets()
+def _capture_graphs(runner, step, cfg: ServingConfig) -> None:
+    if not runner.cudagraphs:
+        return
+    with step(f"capture CUDA graphs (decode buckets {', '.join(map(str, runner.seq_buckets))})"):
+        runner.capture_decode_buckets()
+    if not cfg.lazy_mixed_graphs:
+        mixed = runner.mixed_buckets()
+        with step(f"capture CUDA graphs ({len(mixed)} buckets with prefill chunks, up to "
+                  f"{mixed[-1][0] if mixed else 0} tokens)"):
+            runner.capture_mixed_buckets()
 
 
 def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: str = "float32",
@@ -193,7 +200,7 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
         max_len = cfg.max_model_len or min(a.manifest["serving"]["max_position_embeddings"] or 4096, 4096)
         with step("allocate KV cache"):
             runner = make_runner(a.fn, a.graph, weights, a.vocab_size, max_len, cfg, device)
-        _capture_graphs(runner, step)
+        _capture_graphs(runner, step, cfg)
         name = model_name or Path(a.manifest["model"]["spec"]).name
         return Served(make_engine(runner, tok, cfg), tok, name, f"artifact {a.path}", step.seconds)
     if p.is_dir() and not (p / "config.json").is_file():
@@ -208,6 +215,6 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
     with step("allocate KV cache"):
         runner = make_runner(compiled.fn, compiled.graph, model_weights(model, compiled.graph),
                              model.config.vocab_size, max_len, cfg, device_of(target))
-    _capture_graphs(runner, step)
+    _capture_graphs(runner, step, cfg)
     name = model_name or Path(str(source)).name
     return Served(make_engine(runner, tok, cfg), tok, name, f"compiled {source}", step.seconds)

@@ -6,8 +6,9 @@ by name (batch fields, caches, weights), and returns the [N, vocab] logits of ea
 sequence's last new token.
 
 On a GPU (cudagraphs=True) every step replays a CUDA graph over static input buffers,
-one per bucket (T tokens, N sequences): `kiln serve` captures the decode buckets at
-start-up (`capture_decode_buckets`), the others are captured on first use. A batch of t
+one per bucket (T tokens, N sequences): `kiln serve` captures the decode buckets and the
+mixed ones at start-up (`capture_decode_buckets`, `capture_mixed_buckets`); a bucket not
+captured yet is captured on first use. A batch of t
 tokens in n sequences runs in a bucket of N >= n sequences; its sequences past n are
 scratch sequences (one token each, context 1, reading and writing only the scratch block).
 A decode batch (one token a sequence) runs in (N, N), N from `decode_buckets(max_num_seqs)`;
@@ -186,6 +187,7 @@ class PagedModelRunner:
         self.vocab_size = vocab_size
         self.seq_buckets = tuple(sorted(seq_buckets))
         self.mixed_seq_buckets = mixed_seq_buckets(self.seq_buckets)
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.token_buckets = token_buckets(max_num_batched_tokens, self.seq_buckets[-1])
         self.cudagraphs = cudagraphs
         # Padding to buckets is what graph replay needs; tests switch it on alone on the CPU.
@@ -301,10 +303,34 @@ class PagedModelRunner:
         self.replays += 1
         return out.clone()
 
+    def mixed_buckets(self) -> list[tuple[int, int]]:
+        """Every (T, N) bucket a batch with prefill chunks can run in: n sequences in the
+        smallest N that holds them, t > n tokens (at most max_num_batched_tokens) plus the
+        N - n scratch ones."""
+        out, lower = [], 0
+        for seqs in self.mixed_seq_buckets:   # n in (lower, seqs]
+            least = pick_bucket(seqs + 1, self.token_buckets)
+            most = pick_bucket(self.max_num_batched_tokens + seqs - lower - 1, self.token_buckets)
+            if least is not None:
+                out += [(t, seqs) for t in self.token_buckets if least <= t <= (most or t)]
+            lower = seqs
+        return out
+
+    def capture_mixed_buckets(self) -> int:
+        """Capture every mixed bucket now (start-up), as `capture_decode_buckets` does the
+        decode ones: a bucket first met while serving would stall that step for its capture.
+        Returns how many were captured."""
+        if not self.cudagraphs:
+            return 0
+        done = 0
+        for key in self.mixed_buckets():
+            if key not in self._graphs and key not in self._uncapturable:
+                done += self._capture(key, self.buffers(key)) is not None
+        return done
+
     def capture_decode_buckets(self) -> int:
         """Capture every decode bucket now (start-up), over buffers that hold only scratch
-        sequences: they write and read only the scratch block. Mixed buckets, too many to
-        capture ahead, are still captured on first use. Returns how many were captured."""
+        sequences: they write and read only the scratch block. Returns how many were captured."""
         if not self.cudagraphs:
             return 0
         done = 0

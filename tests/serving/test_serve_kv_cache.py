@@ -15,7 +15,7 @@ from kiln.runtime.batch import build_batch
 from kiln.runtime.engine import EngineConfig, LLMEngine
 from kiln.runtime.kv_cache import BlockManager
 from kiln.ir.roles import BATCH_INPUTS
-from kiln.runtime.model_runner import PagedModelRunner, decode_buckets, mixed_seq_buckets
+from kiln.runtime.model_runner import PagedModelRunner, decode_buckets, mixed_seq_buckets, pick_bucket
 from kiln.runtime.scheduler import Scheduler, SchedulerConfig
 from kiln.runtime.sequence import SamplingParams, Sequence
 from kiln.serving import compile_serving, model_weights
@@ -200,6 +200,25 @@ def test_decode_batches_past_64_sequences_replay_their_bucket(paged):
     a, b = plain.execute(batch), padded.execute(batch)
     assert b.shape == a.shape == (70, vocab) and rel_err(b, a) < 1e-6
     assert padded.bucket_of(batch) == (96, 96) and padded.bucket_of(prefill)[1] == 96
+
+
+@pytest.mark.parametrize("max_seqs,max_tokens", [(16, 64), (256, 2048), (8, 100)])
+def test_mixed_buckets_are_every_bucket_a_batch_can_meet(max_seqs, max_tokens):
+    """What `kiln serve` captures at start-up is exactly the set of buckets that batches with
+    prefill chunks (t > n tokens in n sequences) run in: none missed, none wasted."""
+    model = models.TINY_MODELS["llama_gqa"]()
+    compiled = compile_serving(model, block_size=16)
+    runner = PagedModelRunner(compiled.fn, compiled.graph, model_weights(model, compiled.graph),
+                              num_blocks=8, max_model_len=128, vocab_size=model.config.vocab_size,
+                              seq_buckets=decode_buckets(max_seqs), max_num_batched_tokens=max_tokens)
+    met = set()
+    for n in range(1, max_seqs + 1):
+        seqs = pick_bucket(n, runner.mixed_seq_buckets)
+        for t in range(n + 1, max_tokens + 1):
+            tokens = pick_bucket(t + seqs - n, runner.token_buckets)
+            if tokens is not None:
+                met.add((tokens, seqs))
+    assert set(runner.mixed_buckets()) == met and len(met) == len(runner.mixed_buckets())
 
 
 def test_padded_mixed_buckets_match_unpadded(paged):
