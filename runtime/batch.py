@@ -29,6 +29,15 @@ from typing import Protocol, runtime_checkable
 import torch
 
 
+def index_on(device: torch.device, values) -> torch.Tensor:
+    """int64 `values` on `device`, copied without a wait: on CUDA from pinned memory, since
+    a blocking copy would synchronize the stream (a step launched ahead included)."""
+    index = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        index = index.pin_memory()
+    return index.to(device, non_blocking=True)
+
+
 @dataclass
 class PendingInputs:
     """Input tokens of a batch that the previous step samples: `input_ids[rows[j]]` is
@@ -39,10 +48,7 @@ class PendingInputs:
 
     def apply(self, input_ids: torch.Tensor) -> None:
         """Write the pending tokens into `input_ids` (queued on the device, no host wait)."""
-        index = torch.tensor([self.rows, self.picks], dtype=torch.int64)
-        if input_ids.device.type == "cuda":
-            index = index.pin_memory()
-        index = index.to(input_ids.device, non_blocking=True)
+        index = index_on(input_ids.device, [self.rows, self.picks])
         picked = self.tokens.to(input_ids.device).index_select(0, index[1])
         input_ids.index_copy_(0, index[0], picked.to(input_ids.dtype))
 

@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .batch import ModelRunner, PendingInputs
+import torch
+
+from .batch import ModelRunner, PendingInputs, index_on
 from .detokenizer import Detokenizer
 from .kv_cache import BlockManager
 from .metrics import DeviceTimer, EngineMetrics
@@ -112,6 +114,18 @@ class _InFlight:
     row_of: dict[Sequence, int]           # the row of `tokens` each sampled sequence gets
     tokens: object                        # [len(sampled)] int64 on the device, or None
     timer: DeviceTimer
+    host_tokens: object = None            # their copy in pinned host memory (CUDA)
+    copied: object = None                 # a CUDA event after that copy
+
+    def read_tokens(self) -> list[int]:
+        """The sampled ids, waiting for this step's copy only. (`tolist()` on the device
+        tensor would synchronize the whole stream: the next step, launched since, too.)"""
+        if self.tokens is None:
+            return []
+        if self.copied is None:
+            return self.tokens.tolist()
+        self.copied.synchronize()
+        return self.host_tokens.tolist()
 
 
 class LLMEngine:
@@ -237,7 +251,7 @@ class LLMEngine:
         t_forward = clock()
         if prev is None:
             return []
-        tokens = prev.tokens.tolist() if prev.tokens is not None else []   # waits for step N only
+        tokens = prev.read_tokens()   # waits for step N only
         t_sampled = clock()
         outputs = []
         for (seq, index), token in zip(prev.sampled, tokens):
@@ -280,10 +294,16 @@ class LLMEngine:
             for s in seqs:
                 if s.params.seed is not None and s.generator is None:
                     s.generator = make_generator(s.params.seed, logits.device)
-            if len(rows) < logits.shape[0]:
-                logits = logits[rows]
+            if len(rows) < logits.shape[0]:   # (indexing with a list would wait for the device)
+                logits = logits.index_select(0, index_on(logits.device, rows))
             tokens = sample_on_device(logits, [s.params for s in seqs], [s.generator for s in seqs])
         timer.stop()
+        host_tokens = copied = None
+        if tokens is not None and tokens.device.type == "cuda":
+            host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host_tokens.copy_(tokens, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
         sampled, row_of = [], {}
         for row, seq in enumerate(seqs):
             index = seq.append_pending()
@@ -292,7 +312,7 @@ class LLMEngine:
             if (index + 1 - seq.num_prompt_tokens >= seq.params.max_tokens
                     or index + 1 >= self.max_model_len):
                 seq.final = True   # ends at this token whatever it is: plan no more for it
-        return _InFlight(step, sampled, row_of, tokens, timer)
+        return _InFlight(step, sampled, row_of, tokens, timer, host_tokens, copied)
 
     def _append(self, seq: Sequence, token: int) -> RequestOutput:
         last = seq.last_token_time
