@@ -7,6 +7,7 @@ whole pipeline after N rewrites (bisecting a wrong result to one rewrite).
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from kiln.ir import Graph, print_graph, verify
+
+log = logging.getLogger("kiln.passes")
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,11 @@ class PassStats:
     rewrites: int
     seconds: float
     nodes_after: int
+    notes: list[str] = field(default_factory=list)   # limits it hit (rounds, matcher states)
 
     def __str__(self) -> str:
-        return f"{self.name}: replaced {self.rewrites} ({self.seconds * 1e3:.1f} ms, {self.nodes_after} nodes)"
+        head = f"{self.name}: replaced {self.rewrites} ({self.seconds * 1e3:.1f} ms, {self.nodes_after} nodes)"
+        return "\n".join([head, *(f"  note: {n}" for n in self.notes)])
 
 
 class PassLimitReached(Exception):
@@ -61,6 +66,11 @@ class PassContext:
     options: dict = field(default_factory=dict)
     rewrite_limit: int | None = None
     rewrites_done: int = 0
+    notes: list[str] = field(default_factory=list)   # of the pass running now
+
+    def note(self, text: str) -> None:
+        """Record that a pass stopped short of what it could do (a cap it hit)."""
+        self.notes.append(text)
 
     def allow(self) -> bool:
         """Asks for one more rewrite; False once KILN_PASS_LIMIT is spent."""
@@ -96,8 +106,12 @@ class PassManager:
             verify(g)
         for i, p in enumerate(self.passes, start=1):
             t0 = time.perf_counter()
+            self.ctx.notes = []
             n = p.fn(g, self.ctx) or 0
-            self.stats.append(PassStats(p.name, n, time.perf_counter() - t0, len(g.nodes)))
+            self.stats.append(PassStats(p.name, n, time.perf_counter() - t0, len(g.nodes),
+                                        self.ctx.notes))
+            for text in self.ctx.notes:
+                log.warning("kiln: %s: %s", p.name, text)
             if self.verify_each:
                 try:
                     verify(g)

@@ -441,6 +441,7 @@ class Matcher:
         self.outputs = outputs if outputs is not None else set(graph.outputs)
         self.best: tuple[int, str] | None = None   # (statements matched, why it stopped)
         self.rejections: list[str] = []            # full matches refused by checks
+        self.truncated: list[str] = []             # anchors left after MAX_STATES alternatives
 
     # -- diagnostics
     def _fail(self, st: _State, why: str) -> None:
@@ -607,6 +608,7 @@ class Matcher:
             for st in self.match_value(Var(anchor), gv, _State({}, {})):
                 tried += 1
                 if tried > self.MAX_STATES:
+                    self.truncated.append(self._name(gv))
                     return
                 m = self._finish(st)
                 if m is not None:
@@ -632,9 +634,12 @@ class Matcher:
                 ok = c.fn(m)
             except KilnRuleError:
                 raise
-            except Exception as e:  # noqa: BLE001 - a constraint that cannot be evaluated fails
-                self._reject(f"`where {c.text}` raised {type(e).__name__}: {e}")
-                return None
+            except Exception as e:  # noqa: BLE001 - any error is the rule's, and says so
+                anchor = m.values.get("%" + self.p.yields[0])
+                raise self.p.error(f"`where {c.text}` raised {type(e).__name__}: {e} (matching "
+                                   f"{self._name(anchor)} in @{self.g.name}); a condition must "
+                                   f"hold or fail, not raise: guard it, as in `is_none(%m) or "
+                                   f"rank(%m) == 4`", c.line) from None
             if not ok:
                 self._reject(f"`where {c.text}` is false")
                 return None
@@ -835,13 +840,16 @@ def apply_patterns(g: Graph, patterns: Sequence[Pattern], ctx=None, require_matc
     far the closest attempt got."""
     total = 0
     index = _Index(g)
+    note = getattr(ctx, "note", None) or (lambda text: None)
     for p in patterns:
         if p.replace is None:
             raise p.error("has no replacement")
         count = 0
         ops = p.anchor_ops()
+        truncated: list[str] = []
         for _ in range(max_rounds):
             matcher = Matcher(p, g, index.users, index.outputs)
+            matcher.truncated = truncated
             done = 0
             dead: set[int] = set()
             for node in list(g.nodes):
@@ -862,6 +870,14 @@ def apply_patterns(g: Graph, patterns: Sequence[Pattern], ctx=None, require_matc
             count += done
             if not done:
                 break
+        else:
+            if done:
+                note(f"rule {p.name}: still rewriting after {max_rounds} rounds in @{g.name} "
+                     f"({count} rewrites); what later rounds would match is left")
+        if truncated:
+            note(f"rule {p.name}: gave up on {len(truncated)} anchor(s) in @{g.name} after "
+                 f"{Matcher.MAX_STATES} alternatives each ({', '.join(truncated[:3])}"
+                 f"{', ...' if len(truncated) > 3 else ''}); a match there may be missed")
         if require_match and count == 0:
             why = matcher.best[1] if matcher.best else "no node has the anchor op " + \
                 f"{', '.join(sorted(ops or []))}"

@@ -32,8 +32,10 @@ Reference (what the README documents):
   `name=pattern default literal` matches a node without the attribute as if it had it
   (`scale=$s default none`, `attn_mask=%m default none`).
 - Commutative ops (`kiln ops` lists traits) match either operand order.
-- `op?(a, ...)` is optional: when the op is not there, its result is `a` itself, and
-  pattern names used only inside it are bound to none. `cast(%x)` is any dtype-only cast
+- `op?(...)` is optional: when the op is not there, its result is its one value operand
+  itself (`cast?(%x)`, `aten.mul?(%s, $scale)`); an op with several value operands names
+  the one with `else`: `aten.add?(%s, %mask) else %s`. Pattern names used only inside an
+  absent op are bound to none. `cast(%x)` is any dtype-only cast
   and `cast?(%x)` an optional one; both may be written inline as an operand.
 - `shared %r = op(...)`: matched but kept; it may have users outside the match.
 - `fragment NAME { match (%p..., $c...) { ... yield %v } where ... }` defines a reusable
@@ -297,7 +299,7 @@ class _FileCompiler:
             out.append(self.compile_rule(it))
         for name, it in self.fragments.items():  # compile unused fragments too: report errors
             self.rule = name
-            self.instantiate_fragment(it, [], None, False, check_only=True)
+            self.instantiate_fragment(it, [], None, None, check_only=True)
         return out
 
     # -- rules
@@ -386,8 +388,11 @@ class _FileCompiler:
         name_tok = callee_t.children[0]
         optional = len(callee_t.children) > 1 and callee_t.children[1] is not None
         callee = str(name_tok)
-        margs = [a for a in call_t.children[1:] if a is not None]
+        else_t = next((a for a in call_t.children[1:]
+                       if isinstance(a, lark.Tree) and a.data == "else_"), None)
+        margs = [a for a in call_t.children[1:] if a is not None and a is not else_t]
         args, attrs, any_attrs = [], {}, False
+        positional = []   # the argument trees, beside `args`
         for a in margs:
             if isinstance(a, lark.Tree) and a.data == "ellipsis":
                 any_attrs = True
@@ -405,6 +410,8 @@ class _FileCompiler:
                 if attrs:
                     raise self.error(a, "a positional argument follows a named one")
                 args.append(self.pat(a, scope, stmts, constraints, guard))
+                positional.append(a)
+        passthrough = self.passthrough(name_tok, callee, optional, positional, args, else_t)
         # result names
         internal = []
         for n in names:
@@ -416,7 +423,7 @@ class _FileCompiler:
                 raise self.error(name_tok, f"fragment {callee} takes positional arguments only")
             if len(names) != 1:
                 raise self.error(name_tok, f"fragment {callee} yields one value")
-            res = self.instantiate_fragment(self.fragments[callee], args, internal[0], optional,
+            res = self.instantiate_fragment(self.fragments[callee], args, internal[0], passthrough,
                                             stmts=stmts, constraints=constraints,
                                             call_tok=name_tok, guard=guard)
             scope.names[names[0]] = Var(res)
@@ -435,19 +442,37 @@ class _FileCompiler:
             except KeyError as e:
                 raise self.error(name_tok, str(e.args[0])) from None
             op = callee
-        if optional and not args:
-            raise self.error(name_tok, f"optional {callee}? needs a first argument to stand "
-                                       f"for it when absent")
         if optional and len(names) != 1:
             raise self.error(name_tok, f"optional {callee}? must have exactly one result")
         line, col = name_tok.line, name_tok.column
-        s = Stmt(internal, op, args, attrs, any_attrs, args[0] if optional else None, shared,
-                 line, col)
+        s = Stmt(internal, op, args, attrs, any_attrs, passthrough, shared, line, col)
         stmts.append(s)
         for n, i in zip(names, internal):
             if n != "%_":
                 scope.names[n] = Var(i)
         return Var(internal[0])
+
+    def passthrough(self, name_tok, callee: str, optional: bool, trees: list, args: list, else_t):
+        """What an optional op's result is when the op is absent: the operand `else %v`
+        names, or its only value operand. None for an op that is not optional."""
+        if not optional:
+            if else_t is not None:
+                raise self.error(else_t.children[0], f"`else` follows an optional op only "
+                                                     f"(write {callee}?(...) else %v)")
+            return None
+        if else_t is not None:
+            tok = else_t.children[0]
+            for t, a in zip(trees, args):
+                if t.data == "pvalue" and str(t.children[0]) == str(tok):
+                    return a
+            raise self.error(tok, f"`else {tok}`: {tok} must be one of {callee}'s operands "
+                                  f"(the value that stands for it when it is absent)")
+        values = [a for t, a in zip(trees, args) if t.data in ("pvalue", "pcall")]
+        if len(values) != 1:
+            raise self.error(name_tok, f"optional {callee}? has {len(values) or 'no'} value operands: "
+                                       f"name the one that stands for it when it is absent, "
+                                       f"as in {callee}?(...) else %v")
+        return values[0]
 
     def pat(self, t, scope: _Scope, stmts, constraints, guard):
         if isinstance(t, lark.Token):
@@ -514,7 +539,7 @@ class _FileCompiler:
         raise self.error(t, f"expected a literal, got {k}")
 
     # -- fragments
-    def instantiate_fragment(self, frag_t, args, result: str | None, optional: bool,
+    def instantiate_fragment(self, frag_t, args, result: str | None, passthrough,
                              stmts=None, constraints=None, call_tok=None, guard=None,
                              check_only: bool = False) -> str:
         name_tok, match_t, *wheres = frag_t.children
@@ -552,8 +577,9 @@ class _FileCompiler:
             yname = result
         root_i = next(i for i, s in enumerate(inner) if yname in s.results) if not check_only \
             else None
+        optional = passthrough is not None
         if optional:
-            inner[root_i].passthrough = args[0]
+            inner[root_i].passthrough = passthrough
         base = len(stmts)
         stmts.extend(inner)
         g = base + root_i if optional else guard

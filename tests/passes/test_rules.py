@@ -391,3 +391,88 @@ def test_apply_rules_from_a_file(tmp_path):
     assert apply_rules(g, str(path)) == 1
     with pytest.raises(KilnRuleError, match=r"mine\.kiln:\d+: rule rms: matched nothing"):
         apply_rules(g, str(path))
+
+
+# -- optional ops name what stands for them; constraints and caps fail loudly ----------------------
+WHERE_NEG = """
+rule sigmoid_of_negated_select {
+  match (%m, %z, %v) {
+    %0 = aten.where?(%m, %z, %v) PASSTHROUGH
+    %1 = aten.neg(%0)
+    yield %1
+  }
+  replace { %r = aten.sigmoid(%v) yield %r }
+}
+"""
+
+
+def test_an_absent_optional_op_stands_for_the_operand_named_by_else():
+    pats = parse_rules(WHERE_NEG.replace("PASSTHROUGH", "else %v"))
+    g = parse("""func @f(%x: f32[4]) -> f32[4] {
+  %0 = aten.neg(%x) : f32[4]
+  return %0
+}
+""")
+    assert apply_patterns(g, pats) == 1
+    (node,) = g.nodes   # sigmoid of %x itself: %v took the negated value, %m and %z none
+    assert node.op == "aten.sigmoid" and node.args[0] is g.inputs[0]
+    g = parse("""func @f(%c: bool[4], %x: f32[4], %y: f32[4]) -> f32[4] {
+  %0 = aten.where(%c, %x, %y) : f32[4]
+  %1 = aten.neg(%0) : f32[4]
+  return %1
+}
+""")
+    assert apply_patterns(g, pats) == 1
+    (node,) = g.nodes
+    assert node.op == "aten.sigmoid" and node.args[0] is g.inputs[2]
+
+
+@pytest.mark.parametrize("passthrough,error", [
+    ("", r":4:10: rule sigmoid_of_negated_select: optional aten.where\? has 3 value operands: "
+         r"name the one .* else %v"),
+    ("else %w", r":4:39: .*`else %w`: %w must be one of aten.where's operands"),
+])
+def test_optional_op_misuse_is_a_located_error(passthrough, error):
+    with pytest.raises(KilnRuleError, match=error):
+        parse_rules(WHERE_NEG.replace("PASSTHROUGH", passthrough))
+    with pytest.raises(KilnRuleError, match=r"`else` follows an optional op only"):
+        parse_rules("rule r { match (%x) { %0 = aten.neg(%x) else %x yield %0 } "
+                    "replace { %r = aten.relu(%x) yield %r } }")
+
+
+def test_a_constraint_that_raises_is_a_located_error():
+    rule = """
+rule typo {
+  match (%x) {
+    %0 = aten.relu(%x)
+    yield %0
+  }
+  where dim(%x, 7) == 4
+  replace { %r = aten.sigmoid(%x) yield %r }
+}
+"""
+    g = parse("func @f(%x: f32[4]) -> f32[4] {\n  %0 = aten.relu(%x) : f32[4]\n  return %0\n}\n")
+    with pytest.raises(KilnRuleError, match=r":7: rule typo: `where dim\(%x, 7\) == 4` raised "
+                                            r"IndexError.*\(matching %0 in @f\)"):
+        apply_patterns(g, parse_rules(rule))
+    assert [n.op for n in g.nodes] == ["aten.relu"]   # nothing was rewritten
+
+
+def test_hitting_a_cap_is_noted_in_the_pass_stats(monkeypatch):
+    from kiln.passes.manager import PassStats
+    from kiln.passes.pattern import Matcher
+    pats = parse_rules("rule relu_relu { match (%x) { %0 = aten.relu(%x) %1 = aten.relu(%0) "
+                       "yield %1 } replace { %r = aten.relu(%x) yield %r } }")
+    chain = "\n".join(f"  %{i + 1} = aten.relu(%{i}) : f32[4]" for i in range(8))
+    text = f"func @f(%0: f32[4]) -> f32[4] {{\n{chain}\n  return %8\n}}\n"
+    ctx = PassContext()
+    assert apply_patterns(parse(text), pats, ctx, max_rounds=1) >= 1
+    assert len(ctx.notes) == 1 and "relu_relu: still rewriting after 1 rounds in @f" in ctx.notes[0]
+    ctx = PassContext()
+    apply_patterns(parse(text), pats, ctx)
+    assert ctx.notes == []   # the default rounds finish the chain
+    monkeypatch.setattr(Matcher, "MAX_STATES", 0)
+    ctx = PassContext()
+    assert apply_patterns(parse(text), pats, ctx) == 0
+    assert "relu_relu: gave up on" in ctx.notes[0] and "a match there may be missed" in ctx.notes[0]
+    assert "note: rule relu_relu: gave up" in str(PassStats("fuse.x", 0, 0.0, 8, ctx.notes))
