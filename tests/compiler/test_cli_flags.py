@@ -20,3 +20,16 @@ def test_bad_numbers_are_refused_by_name(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,async_scheduling,lazy", [
+    ([], None, False),   # async: the engine decides (on for a CUDA runner); graphs at start-up
+    (["--no-async-scheduling"], False, False),
+    (["--lazy-mixed-graphs"], None, True),
+])
+def test_serving_flags_reach_the_serving_config(argv, async_scheduling, lazy):
+    from kiln.cli import _serving_config, build_parser
+    for command in ("serve", "generate", "chat"):
+        extra = ["--prompt", "hi"] if command == "generate" else []
+        cfg = _serving_config(build_parser().parse_args([command, "smollm2", *extra, *argv]))
+        assert cfg.async_scheduling is async_scheduling and cfg.lazy_mixed_graphs is lazy
