@@ -53,7 +53,8 @@ class Server:
 
     def stop(self):
         self.server.should_exit = True
-        self.thread.join(10)
+        self.thread.join(30)   # (its lifespan stops an engine process: up to 2 x 5 s on a loaded machine)
+        assert not self.thread.is_alive(), "the server did not shut down in 30 s"
 
     def expected(self, prompt_ids, n):
         ids = reference(prompt_ids, n, self.allowed)
