@@ -841,6 +841,7 @@ def apply_patterns(g: Graph, patterns: Sequence[Pattern], ctx=None, require_matc
     total = 0
     index = _Index(g)
     note = getattr(ctx, "note", None) or (lambda text: None)
+    by_rule: dict[str, list] = {}   # name -> [rewrites, closest failed attempt], over its spellings
     for p in patterns:
         if p.replace is None:
             raise p.error("has no replacement")
@@ -878,11 +879,16 @@ def apply_patterns(g: Graph, patterns: Sequence[Pattern], ctx=None, require_matc
             note(f"rule {p.name}: gave up on {len(truncated)} anchor(s) in @{g.name} after "
                  f"{Matcher.MAX_STATES} alternatives each ({', '.join(truncated[:3])}"
                  f"{', ...' if len(truncated) > 3 else ''}); a match there may be missed")
-        if require_match and count == 0:
-            why = matcher.best[1] if matcher.best else "no node has the anchor op " + \
-                f"{', '.join(sorted(ops or []))}"
-            raise p.error(f"matched nothing in @{g.name}; the closest attempt failed at: {why}")
+        seen = by_rule.setdefault(p.name, [0, None, p])
+        seen[0] += count
+        if matcher.best and (seen[1] is None or matcher.best[0] > seen[1][0]):
+            seen[1] = matcher.best
+        elif seen[1] is None and not matcher.best:
+            seen[1] = (-1, "no node has the anchor op " + ", ".join(sorted(ops or [])))
         total += count
+    for count, best, p in by_rule.values() if require_match else ():
+        if count == 0:
+            raise p.error(f"matched nothing in @{g.name}; the closest attempt failed at: {best[1]}")
     return total
 
 

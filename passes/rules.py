@@ -37,6 +37,9 @@ Reference (what the README documents):
   the one with `else`: `aten.add?(%s, %mask) else %s`. Pattern names used only inside an
   absent op are bound to none. `cast(%x)` is any dtype-only cast
   and `cast?(%x)` an optional one; both may be written inline as an operand.
+- A rule may have several `match` blocks: spellings of one fusion that share its `where`
+  conditions and its replacement (each yields as many values). A parameter one spelling
+  does not declare is none in it (`qdtype=coalesce($qd, i8)`).
 - `shared %r = op(...)`: matched but kept; it may have users outside the match.
 - `fragment NAME { match (%p..., $c...) { ... yield %v } where ... }` defines a reusable
   sub-pattern, called like an op with its `%` parameters as arguments: `%k2 =
@@ -296,38 +299,52 @@ class _FileCompiler:
             if name in seen:
                 raise self.error(it.children[0], f"rule {name} is defined twice in {self.file}")
             seen.add(name)
-            out.append(self.compile_rule(it))
+            out.extend(self.compile_rule(it))
         for name, it in self.fragments.items():  # compile unused fragments too: report errors
             self.rule = name
             self.instantiate_fragment(it, [], None, None, check_only=True)
         return out
 
     # -- rules
-    def compile_rule(self, t) -> Pattern:
-        name_tok, match_t, *rest = t.children
+    def compile_rule(self, t) -> list[Pattern]:
+        """One Pattern per `match` block: the spellings of one rule, sharing its `where`
+        conditions and its replacement. A parameter some spelling does not declare is
+        bound to none in it."""
+        name_tok, *rest = t.children
+        matches = [c for c in rest if isinstance(c, lark.Tree) and c.data == "match"]
         wheres = [w for w in rest if isinstance(w, lark.Tree) and w.data == "where"]
         replace_t = rest[-1]
-        stmts: list[Stmt] = []
-        constraints: list[Constraint] = []
-        params, scope = self.params(match_t)
-        yields = self.match_body(match_t, scope, stmts, constraints, guard=None)
-        for w in wheres:
-            for e in w.children:
-                constraints.append(self.constraint(e, scope, None))
-        self.check_uses(match_t, params, scope, stmts, constraints)
-        replace = self.compile_replace(replace_t, scope, stmts, yields)
+        every: list[str] = []
+        for match_t in matches:
+            every += [p for p in self.params(match_t)[0] if p not in every]
         line = name_tok.line
-        pat = Pattern(str(name_tok), params, stmts, yields, constraints, replace,
-                      doc=self.doc_before(line), file=self.file, line=line)
-        try:
-            pat.check()
-        except KilnRuleError as e:
-            raise KilnRuleError(e.bare, self.rule, self.file, e.line, e.column, self.text) from None
-        n_rep = len([c for c in replace_t.children if isinstance(c, lark.Tree) and c.data == "yield_"][0].children)
-        if n_rep != len(yields):
-            raise self.error(replace_t, f"the match yields {len(yields)} values, the "
-                                        f"replacement {n_rep}")
-        return pat
+        out = []
+        for match_t in matches:
+            stmts: list[Stmt] = []
+            constraints: list[Constraint] = []
+            declared, scope = self.params(match_t)
+            params = declared + [p for p in every if p not in declared]
+            for p in params[len(declared):]:
+                scope.names[p] = Var(p[1:]) if p[0] == "%" else Const(p[1:])
+            yields = self.match_body(match_t, scope, stmts, constraints, guard=None)
+            for w in wheres:
+                for e in w.children:
+                    constraints.append(self.constraint(e, scope, None))
+            self.check_uses(match_t, declared, scope, stmts, constraints)
+            replace = self.compile_replace(replace_t, scope, stmts, yields)
+            pat = Pattern(str(name_tok), params, stmts, yields, constraints, replace,
+                          doc=self.doc_before(line), file=self.file, line=line)
+            try:
+                pat.check()
+            except KilnRuleError as e:
+                raise KilnRuleError(e.bare, self.rule, self.file, e.line, e.column, self.text) from None
+            n_rep = len([c for c in replace_t.children
+                         if isinstance(c, lark.Tree) and c.data == "yield_"][0].children)
+            if n_rep != len(yields):
+                raise self.error(match_t if len(matches) > 1 else replace_t,
+                                 f"the match yields {len(yields)} values, the replacement {n_rep}")
+            out.append(pat)
+        return out
 
     def doc_before(self, line: int) -> str:
         lines = self.text.splitlines()
@@ -847,7 +864,8 @@ def list_rules() -> list[tuple[str, str, str]]:
     out = []
     for f in rule_files():
         for p in load_rules(f):
-            out.append((f"{f}.kiln", p.name, p.doc))
+            if not out or out[-1][:2] != (f"{f}.kiln", p.name):   # (one line per rule, not spelling)
+                out.append((f"{f}.kiln", p.name, p.doc))
     return out
 
 

@@ -369,8 +369,9 @@ def test_rule_matching_nothing_says_how_far_it_got():
 def test_packaged_rule_files_load_and_list():
     files = rule_files()
     assert {"norm", "rope", "attention", "activation", "quant"} <= set(files)
-    listed = list_rules()
-    assert len(listed) == sum(len(load_rules(f)) for f in files)
+    listed = list_rules()   # one line per rule, not per spelling
+    assert len(listed) == sum(len({p.name for p in load_rules(f)}) for f in files)
+    assert len(load_rules("attention")) > len({p.name for p in load_rules("attention")})
     for file, name, doc in listed:
         assert file.endswith(".kiln") and name and doc, (file, name)
 
@@ -476,3 +477,55 @@ def test_hitting_a_cap_is_noted_in_the_pass_stats(monkeypatch):
     assert apply_patterns(parse(text), pats, ctx) == 0
     assert "relu_relu: gave up on" in ctx.notes[0] and "a match there may be missed" in ctx.notes[0]
     assert "note: rule relu_relu: gave up" in str(PassStats("fuse.x", 0, 0.0, 8, ctx.notes))
+
+
+# -- one rule, several spellings ---------------------------------------------------------------------
+SPELLINGS = """
+// exp of x, maybe scaled first
+rule scaled_exp {
+  match (%x, $s) {
+    %0 = aten.mul(%x, $s)
+    %1 = aten.exp(%0)
+    yield %1
+  }
+  match (%x) {
+    %1 = aten.exp(%x)
+    yield %1
+  }
+  where is_none($s) or $s > 0
+  replace {
+    %a = aten.mul(%x, coalesce($s, 1.0))
+    %r = aten.sigmoid(%a)
+    yield %r
+  }
+}
+"""
+
+
+def test_a_rule_with_several_spellings_shares_its_conditions_and_replacement():
+    pats = parse_rules(SPELLINGS)
+    assert [p.name for p in pats] == ["scaled_exp", "scaled_exp"] and pats[1].params == ["%x", "$s"]
+    assert pats[0].doc == pats[1].doc == "exp of x, maybe scaled first"
+
+    def rewritten(body):
+        g = parse(f"func @f(%x: f32[4]) -> f32[4] {{\n{body}\n}}\n")
+        assert apply_rules(g, SPELLINGS) == 1   # (require_match: the rule as a whole matched)
+        verify(g)
+        return [(n.op, n.args[1:]) for n in g.nodes]
+    assert rewritten("  %0 = aten.mul(%x, 2.0) : f32[4]\n  %1 = aten.exp(%0) : f32[4]\n  return %1") \
+        == [("aten.mul", [2.0]), ("aten.sigmoid", [])]
+    # the second spelling: $s is none in it, for `where` and the replacement alike
+    assert rewritten("  %0 = aten.exp(%x) : f32[4]\n  return %0") == [("aten.mul", [1.0]), ("aten.sigmoid", [])]
+    g = parse("func @f(%x: f32[4]) -> f32[4] {\n  %0 = aten.relu(%x) : f32[4]\n  return %0\n}\n")
+    with pytest.raises(KilnRuleError, match="rule scaled_exp: matched nothing in @f"):
+        apply_rules(g, SPELLINGS)
+
+
+def test_each_spelling_is_checked_on_its_own():
+    unused = SPELLINGS.replace("match (%x) {", "match (%x, $t) {")
+    with pytest.raises(KilnRuleError, match=r"parameter \$t is never used in the match"):
+        parse_rules(unused)
+    two = SPELLINGS.replace("    %1 = aten.exp(%x)\n    yield %1", "    %1 = aten.exp(%x)\n    yield %1, %1")
+    with pytest.raises(KilnRuleError, match=r":9:3: rule scaled_exp: the match yields 2 values, "
+                                            r"the replacement 1"):
+        parse_rules(two)
