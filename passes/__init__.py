@@ -2,6 +2,7 @@
 
 Importing this package registers the default pipeline in DESIGN.md order."""
 from . import canonicalize  # noqa: F401  (registers)
+from . import forms  # noqa: F401,E402  (registers canonicalize.forms)
 from . import reinplace  # noqa: F401,E402  (registers)
 from . import parallel_linear  # noqa: F401,E402  (registers fuse.parallel_linear)
 from . import quantize  # noqa: F401,E402  (registers quantize)

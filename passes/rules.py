@@ -46,7 +46,7 @@ Reference (what the README documents):
   repeat_kv?(%k)` (optional) or `repeat_kv(%k)`; its `$` constants are local to each
   use. Its `where` conditions hold only when it is present.
 - `where c1, c2, ...` (all must hold) over expressions: `== != < <= > >=`, `in {..}`,
-  `not in {..}`, `and or not`, `+ - * /`, literals (numbers, true/false/none, dtypes
+  `not in {..}`, `and or not`, `+ - * /` (none if an operand is none), literals (numbers, true/false/none, dtypes
   like f32, lists), `%x`, `$c` and the functions in `FUNCTIONS`: dtype(%x), rank(%x),
   dim(%x, i), shape(%x), numel(%x), last_dim(%x, $d), is_float(x), is_int(x),
   is_none(x), is_input(%x), present(%x), coalesce(a, b, ...), sqrt(x), len(x),
@@ -235,6 +235,8 @@ def _compare(op: str, a, b) -> bool:
 
 
 def _arith(op: str, a, b):
+    if a is None or b is None:   # none propagates: `coalesce($scale, 1.0 / $div, 1.0)`
+        return None
     if op == "+":
         return a + b
     if op == "-":
@@ -691,6 +693,8 @@ class _FileCompiler:
                                            f"{', '.join(sorted(list(FUNCTIONS) + list(_MATCH_FUNCTIONS)))}")
             fn = FUNCTIONS[fname]
             fargs = [self.expr(a, scope) for a in args_t]
+            if fn is _coalesce:   # lazy: what follows the first value that is not none is not evaluated
+                return lambda m: next((x for x in (f(m) for f in fargs) if x is not None), None)
             return lambda m: fn(*[f(m) for f in fargs])
         raise self.error(t, f"unexpected {k} in an expression")
 

@@ -81,14 +81,18 @@ class Norm(torch.nn.Module):
             return torch.rms_norm(x, (H,), w)
         if self.style == "div_sqrt":
             return w * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+        if self.style == "x_times_x":      # canonical form: x * x is pow(x, 2)
+            return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * w
+        if self.style == "sum_over_n":     # canonical form: sum / n is mean
+            return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / H + eps) * w
         raise ValueError(self.style)
 
 
-NORM_LEFTOVERS = ("aten.pow", "aten.mean", "aten.rsqrt", "aten.sqrt", "aten.div")
+NORM_LEFTOVERS = ("aten.pow", "aten.mean", "aten.rsqrt", "aten.sqrt", "aten.div", "aten.sum")
 
 
 @pytest.mark.parametrize("style", ["llama", "normed_times_w", "rsqrt_first", "F.rms_norm",
-                                   "torch.rms_norm", "div_sqrt"])
+                                   "torch.rms_norm", "div_sqrt", "x_times_x", "sum_over_n"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_styles_fuse(style, dtype):
     x = torch.randn(2, 5, H, dtype=dtype) * 3
@@ -179,6 +183,44 @@ class Eager(torch.nn.Module):
         else:
             p = torch.softmax(s, dim=-1)
         return torch.matmul(p, v)
+
+
+class Spelled(torch.nn.Module):
+    """Hand-written GQA attention in other ordinary spellings: K/V repeated with
+    repeat_interleave or expand, a causal mask by triu (added, or filled in with -inf), the
+    softmax written out."""
+    def __init__(self, repeat: str, mask: str, softmax: str):
+        super().__init__()
+        self.repeat, self.mask, self.softmax = repeat, mask, softmax
+
+    def forward(self, q, k, v):
+        n, s = q.shape[1] // k.shape[1], q.shape[2]
+        if self.repeat == "repeat_interleave":
+            k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
+        else:
+            k, v = repeat_kv(k, n), repeat_kv(v, n)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if self.mask == "additive_triu":
+            scores = scores + torch.triu(torch.full((s, s), float("-inf")), diagonal=1)
+        else:
+            scores = scores.masked_fill(torch.triu(torch.ones(s, s, dtype=torch.bool), 1), float("-inf"))
+        if self.softmax == "spelled_out":
+            e = torch.exp(scores - scores.amax(-1, keepdim=True))
+            p = e / e.sum(-1, keepdim=True)
+        else:
+            p = torch.softmax(scores, dim=-1)
+        return p @ v
+
+
+@pytest.mark.parametrize("repeat", ["repeat_interleave", "expand"])
+@pytest.mark.parametrize("mask", ["additive_triu", "masked_fill_triu"])
+@pytest.mark.parametrize("softmax", ["torch", "spelled_out"])
+def test_hand_written_gqa_attention_spellings_fuse(repeat, mask, softmax):
+    g = check(Spelled(repeat, mask, softmax), list(qkv(hq=8, hkv=2)), {"kiln.attention": 1},
+              ATTN_LEFTOVERS + ("aten.exp", "aten.amax", "aten.masked_fill", "aten.where"))
+    n = attention_node(g)
+    assert n.args[1].type.shape[1] == 2                # K is never repeated
+    assert n.attrs["causal"] is True and n.args[3] is None   # the triu mask read as causal
 
 
 def qkv(hq=4, hkv=4, sq=6, skv=6, d=16, dtype=torch.float32):
