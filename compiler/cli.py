@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -361,9 +362,70 @@ def cmd_targets(args) -> int:
 
 def cmd_rules(args) -> int:
     from kiln.passes import rules
+    if getattr(args, "rules_command", None) == "trace":
+        print(trace_rule(args.target_fn, args.inputs), end="")
+        return 0
     for file, name, doc in rules.list_rules():
         print(f"{file:20s} {name:28s} {doc}")
     return 0
+
+
+TRACED_PASSES = ["canonicalize", "canonicalize.forms"]
+
+
+def trace_rule(target: str, inputs: list[str]) -> str:
+    """`FILE:FUNC` captured by kiln (dynamo, then the passes that fusion rules see:
+    TRACED_PASSES) on random inputs of the given `name=dtype[dims]`, printed as a
+    `.kiln` fragment (passes.rules.fragment_of)."""
+    import importlib.util
+    import inspect
+    from pathlib import Path
+
+    import torch
+
+    from kiln.ir.types import DTYPES
+    from kiln.passes.rules import fragment_of
+    file, sep, func = target.rpartition(":")
+    if not sep or not file or not func:
+        raise ValueError(f"expected FILE:FUNC (a Python file and a function in it), got {target!r}")
+    if not Path(file).is_file():
+        raise FileNotFoundError(f"no such file: {file}")
+    spec = importlib.util.spec_from_file_location(f"kiln_traced_{Path(file).stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise ValueError(f"{file} has no function {func}")
+    given = {}
+    for item in inputs:
+        m = re.fullmatch(r"(\w+)=(\w+)\[([\d, ]*)\]", item.strip())
+        if not m or m.group(2) not in DTYPES:
+            raise ValueError(f"bad --input {item!r}: write name=dtype[dims], like x=f32[2, 8, 64] "
+                             f"(dtypes: {', '.join(sorted(DTYPES))})")
+        dims = [int(d) for d in m.group(3).replace(" ", "").split(",") if d]
+        dtype = DTYPES[m.group(2)]
+        if dtype == torch.bool:
+            given[m.group(1)] = torch.rand(dims) > 0.5
+        elif dtype.is_floating_point:
+            given[m.group(1)] = torch.randn(dims).to(dtype)
+        else:
+            given[m.group(1)] = torch.randint(0, 16, dims, dtype=dtype)
+    params = [p.name for p in inspect.signature(fn).parameters.values()
+              if p.default is inspect.Parameter.empty]
+    missing = [p for p in params if p not in given]
+    if missing:
+        raise ValueError(f"{func} needs --input for {', '.join(missing)} (name=dtype[dims])")
+    graphs = []
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="kiln", options={
+        "passes": TRACED_PASSES, "observer": graphs.append, "fallback": "error"})
+    with torch.no_grad():
+        compiled(**given)
+    torch._dynamo.reset()
+    if len(graphs) != 1:
+        raise ValueError(f"{func} was captured as {len(graphs)} graphs (a graph break); a rule "
+                         f"matches inside one graph")
+    return fragment_of(graphs[0].graph, func)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -502,7 +564,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--family", help="aten, kiln, sym, prims")
     o.set_defaults(fn=cmd_ops)
     sub.add_parser("targets", help="list compilation targets").set_defaults(fn=cmd_targets)
-    sub.add_parser("rules", help="list the rewrite rules").set_defaults(fn=cmd_rules)
+    rl = sub.add_parser("rules", help="list the rewrite rules (or: kiln rules trace FILE:FUNC)")
+    rl.set_defaults(fn=cmd_rules)
+    rsub = rl.add_subparsers(dest="rules_command")
+    tr = rsub.add_parser("trace", help="print a Python function as kiln captures it, as a .kiln "
+                                       "fragment to start a rule from")
+    tr.add_argument("target_fn", metavar="FILE:FUNC")
+    tr.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=DTYPE[DIMS]",
+                    help="an argument of FUNC and its random example, like x=f32[2, 8, 64] (one "
+                         "per argument)")
     return p
 
 

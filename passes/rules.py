@@ -54,7 +54,8 @@ Reference (what the README documents):
   divisible(a, b), may_be_at_most(a, b) (a <= b, or a size not known until run time),
   and for attention masks (kiln.ir.masks) index_mask(%mask, %q, %k)
   (the mask only says causal and/or sliding window, in query/key indices),
-  mask_causal(...) and mask_window(...). Symbolic sizes compare exactly (`dim(%q, 2) ==
+  mask_causal(...) and mask_window(...), and any registered from Python with
+  `register_function(name, fn)`. Symbolic sizes compare exactly (`dim(%q, 2) ==
   dim(%k, 2)` holds for `s0 == s0`).
 - `replace { %r = op(args) ... yield %r[, ...] }`: argument slots take the same
   expressions (`scale=coalesce($s, 1.0 / sqrt(dim(%q, -1)))`). It may read the match's
@@ -217,6 +218,24 @@ FUNCTIONS: dict[str, Callable] = {
 }
 # present(%x) needs the match itself, not the value
 _MATCH_FUNCTIONS = {"present"}
+_KEYWORDS = {"rule", "fragment", "match", "where", "replace", "yield", "shared", "default",
+             "else", "and", "or", "not", "in", "true", "false", "none", "inf", "nan"}
+
+
+def register_function(name: str, fn: Callable, replace: bool = False) -> None:
+    """Make `name(args)` usable in `where` conditions and replacement arguments of rules
+    parsed from now on: predicates a rule cannot say, written in Python (`is_router(%x)`).
+    `fn` gets what the arguments evaluate to: a `kiln.ir.Value` for `%x` (its `type`, its
+    `producer` node), a Python value for `$c` and literals."""
+    if not re.fullmatch(r"[A-Za-z_]\w*", name) or name in _KEYWORDS or name in _MATCH_FUNCTIONS:
+        raise ValueError(f"register_function: {name!r} is not a name a rule can call "
+                         f"(an identifier, not a keyword of the rule language)")
+    if not callable(fn):
+        raise TypeError(f"register_function: {name} must be given a callable, got {type(fn).__name__}")
+    if name in FUNCTIONS and not replace:
+        raise ValueError(f"register_function: {name} is already defined; pass replace=True to "
+                         f"override it")
+    FUNCTIONS[name] = fn
 
 
 def _compare(op: str, a, b) -> bool:
@@ -861,6 +880,36 @@ def load_rules(name: str) -> tuple[Pattern, ...]:
         raise KilnRuleError(f"no rule file {name}.kiln (have: {', '.join(rule_files())})",
                             file=str(path))
     return tuple(parse_rules(path.read_text(encoding="utf-8"), f"{name}.kiln"))
+
+
+def fragment_of(graph, name: str) -> str:
+    """`graph` (one output) printed as a `.kiln` fragment: its inputs the parameters, its
+    nodes the statements, without types; attributes a pattern cannot spell (devices,
+    layouts) match anything (`$_`). `kiln rules trace` prints this for a captured
+    function, as the start of a rule."""
+    from kiln.ir.printer import format_literal, value_names
+    if len(graph.outputs) != 1:
+        raise ValueError(f"{name} returns {len(graph.outputs)} values; a fragment yields one: "
+                         f"return the value the pattern should end in")
+    names = value_names(graph)
+    used = {a for n in graph.nodes for a in n.operands()} | set(graph.outputs)
+
+    def lit(a) -> str:
+        if isinstance(a, (torch.device, torch.layout, torch.memory_format)):
+            return "$_"
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(lit(x) for x in a) + "]"
+        return format_literal(a, names)
+    params = ", ".join("%" + names[v] for v in graph.inputs if v in used)
+    lines = [f"fragment {name} {{", f"  match ({params}) {{"]
+    for n in graph.nodes:
+        args = [lit(a) for a in n.args] + [f"{k}={lit(a)}" for k, a in n.attrs.items()]
+        results = ", ".join("%" + names[r] for r in n.results)
+        lines.append(f"    {results} = {n.op}({', '.join(args)})")
+    lines += [f"    yield %{names[graph.outputs[0]]}", "  }", "}"]
+    text = "\n".join(lines) + "\n"
+    parse_rules(text, f"<traced {name}>")   # (a fragment that does not parse is kiln's bug)
+    return text
 
 
 def list_rules() -> list[tuple[str, str, str]]:

@@ -529,3 +529,30 @@ def test_each_spelling_is_checked_on_its_own():
     with pytest.raises(KilnRuleError, match=r":9:3: rule scaled_exp: the match yields 2 values, "
                                             r"the replacement 1"):
         parse_rules(two)
+
+
+def test_functions_registered_from_python_are_usable_in_conditions(monkeypatch):
+    monkeypatch.setattr(rules_mod, "FUNCTIONS", dict(rules_mod.FUNCTIONS))
+    rule = """
+rule relu_of_wide {
+  match (%x) {
+    %0 = aten.relu(%x)
+    yield %0
+  }
+  where is_wide(%x, 8)
+  replace { %r = aten.sigmoid(%x) yield %r }
+}
+"""
+    with pytest.raises(KilnRuleError, match=r":7:9: rule relu_of_wide: unknown function is_wide"):
+        parse_rules(rule)
+    rules_mod.register_function("is_wide", lambda v, n: v.type.shape[-1] >= n)
+    pats = parse_rules(rule)
+    for width, fused in ((8, ["aten.sigmoid"]), (4, ["aten.relu"])):
+        g = parse(f"func @f(%x: f32[{width}]) -> f32[{width}] {{\n  %0 = aten.relu(%x) : f32[{width}]\n"
+                  f"  return %0\n}}\n")
+        apply_patterns(g, pats)
+        assert ops(g) == fused
+    with pytest.raises(ValueError, match="is_wide is already defined; pass replace=True"):
+        rules_mod.register_function("is_wide", len)
+    with pytest.raises(ValueError, match="'where' is not a name a rule can call"):
+        rules_mod.register_function("where", len)
