@@ -37,6 +37,8 @@ Reference (what the README documents):
   the one with `else`: `aten.add?(%s, %mask) else %s`. Pattern names used only inside an
   absent op are bound to none. `cast(%x)` is any dtype-only cast
   and `cast?(%x)` an optional one; both may be written inline as an operand.
+- `aten.{amax, amin}(...)` in a rule's match is an op alternation: one spelling per op
+  (every combination, with several).
 - A rule may have several `match` blocks: spellings of one fusion that share its `where`
   conditions and its replacement (each yields as many values). A parameter one spelling
   does not declare is none in it (`qdtype=coalesce($qd, i8)`).
@@ -69,6 +71,8 @@ raises `KilnRuleError` with how far its closest attempt got.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import re
 from functools import lru_cache
@@ -335,6 +339,7 @@ class _FileCompiler:
         matches = [c for c in rest if isinstance(c, lark.Tree) and c.data == "match"]
         wheres = [w for w in rest if isinstance(w, lark.Tree) and w.data == "where"]
         replace_t = rest[-1]
+        matches = [variant for match_t in matches for variant in self.alternatives(match_t)]
         every: list[str] = []
         for match_t in matches:
             every += [p for p in self.params(match_t)[0] if p not in every]
@@ -426,6 +431,10 @@ class _FileCompiler:
         name_tok = callee_t.children[0]
         optional = len(callee_t.children) > 1 and callee_t.children[1] is not None
         callee = str(name_tok)
+        if name_tok.type == "OPALT":
+            raise self.error(name_tok, f"{callee}: an op alternation may stand in a rule's match "
+                                       f"only; a fragment's ops are fixed (alternate in the rule, "
+                                       f"or write one fragment per op)")
         else_t = next((a for a in call_t.children[1:]
                        if isinstance(a, lark.Tree) and a.data == "else_"), None)
         margs = [a for a in call_t.children[1:] if a is not None and a is not else_t]
@@ -489,6 +498,23 @@ class _FileCompiler:
             if n != "%_":
                 scope.names[n] = Var(i)
         return Var(internal[0])
+
+    def alternatives(self, match_t) -> list:
+        """A match block with op alternations (`aten.{amax, amin}(...)`) as one block per
+        choice (every combination): spellings of the rule like any other."""
+        alts = [tok for tok in match_t.scan_values(_is_alternation)]
+        if not alts:
+            return [match_t]
+        out = []
+        for choice in itertools.product(*(_alternatives_of(str(tok)) for tok in alts)):
+            variant = copy.deepcopy(match_t)
+            picked = dict(zip((id(t) for t in variant.scan_values(_is_alternation)), choice))
+            for tree in variant.iter_subtrees():
+                tree.children = [lark.Token.new_borrow_pos("OPNAME", picked[id(c)], c)
+                                 if isinstance(c, lark.Token) and id(c) in picked else c
+                                 for c in tree.children]
+            out.append(variant)
+        return out
 
     def passthrough(self, name_tok, callee: str, optional: bool, trees: list, args: list, else_t):
         """What an optional op's result is when the op is absent: the operand `else %v`
@@ -880,6 +906,16 @@ def load_rules(name: str) -> tuple[Pattern, ...]:
         raise KilnRuleError(f"no rule file {name}.kiln (have: {', '.join(rule_files())})",
                             file=str(path))
     return tuple(parse_rules(path.read_text(encoding="utf-8"), f"{name}.kiln"))
+
+
+def _is_alternation(t) -> bool:
+    return isinstance(t, lark.Token) and t.type == "OPALT"
+
+
+def _alternatives_of(text: str) -> list[str]:
+    """`aten.{amax, amin}` -> [aten.amax, aten.amin]."""
+    prefix, _, names = text.partition("{")
+    return [prefix + n.strip() for n in names.rstrip("}").split(",")]
 
 
 def fragment_of(graph, name: str) -> str:

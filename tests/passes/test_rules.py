@@ -556,3 +556,32 @@ rule relu_of_wide {
         rules_mod.register_function("is_wide", len)
     with pytest.raises(ValueError, match="'where' is not a name a rule can call"):
         rules_mod.register_function("where", len)
+
+
+def test_an_op_alternation_is_one_spelling_per_op():
+    rule = """
+rule neg_of_reduction {
+  match (%x, $d) {
+    %0 = aten.{amax, amin}(%x, dim=$d, keepdim=true)
+    %1 = aten.{neg, relu}(%0)
+    yield %1
+  }
+  replace { %r = aten.amax(%x, dim=$d, keepdim=true) yield %r }
+}
+"""
+    pats = parse_rules(rule)
+    assert len(pats) == 4 and {(p.stmts[0].op, p.stmts[1].op) for p in pats} == {
+        ("aten.amax", "aten.neg"), ("aten.amax", "aten.relu"), ("aten.amin", "aten.neg"),
+        ("aten.amin", "aten.relu")}
+    for red, act in (("amin", "relu"), ("amax", "neg")):
+        g = parse(f"""func @f(%x: f32[2, 4]) -> f32[2, 1] {{
+  %0 = aten.{red}(%x, dim=[-1], keepdim=true) : f32[2, 1]
+  %1 = aten.{act}(%0) : f32[2, 1]
+  return %1
+}}
+""")
+        assert apply_rules(g, rule) == 1 and ops(g) == ["aten.amax"]
+    with pytest.raises(KilnRuleError, match=r":4:10: rule neg_of_reduction: .*aten.amaxx"):
+        parse_rules(rule.replace("amax, amin", "amaxx, amin"))
+    with pytest.raises(KilnRuleError, match=r"an op alternation may stand in a rule's match only"):
+        parse_rules("fragment f { match (%x) { %0 = aten.{neg, relu}(%x) yield %0 } }")
