@@ -47,6 +47,8 @@ Reference (what the README documents):
   sub-pattern, called like an op with its `%` parameters as arguments: `%k2 =
   repeat_kv?(%k)` (optional) or `repeat_kv(%k)`; its `$` constants are local to each
   use. Its `where` conditions hold only when it is present.
+- `condition NAME(%v..., $c...) { c1, c2, ... }` names conditions once for several rules;
+  `where NAME(%x, $k)` (a `$` parameter may also take a literal) holds when they all do.
 - `where c1, c2, ...` (all must hold) over expressions: `== != < <= > >=`, `in {..}`,
   `not in {..}`, `and or not`, `+ - * /` (none if an operand is none), literals (numbers, true/false/none, dtypes
   like f32, lists), `%x`, `$c` and the functions in `FUNCTIONS`: dtype(%x), rank(%x),
@@ -222,7 +224,7 @@ FUNCTIONS: dict[str, Callable] = {
 }
 # present(%x) needs the match itself, not the value
 _MATCH_FUNCTIONS = {"present"}
-_KEYWORDS = {"rule", "fragment", "match", "where", "replace", "yield", "shared", "default",
+_KEYWORDS = {"rule", "fragment", "condition", "match", "where", "replace", "yield", "shared", "default",
              "else", "and", "or", "not", "in", "true", "false", "none", "inf", "nan"}
 
 
@@ -293,6 +295,7 @@ class _FileCompiler:
         self.text = text
         self.file = file
         self.fragments: dict[str, lark.Tree] = {}
+        self.conditions: dict[str, lark.Tree] = {}   # named `where` conditions
         self.rule = None
         self._n = 0
 
@@ -314,6 +317,22 @@ class _FileCompiler:
                     self.rule = name
                     raise self.error(it.children[0], f"fragment {name} is defined twice")
                 self.fragments[name] = it
+        for it in items:
+            if it.data == "condition":
+                name = str(it.children[0])
+                self.rule = name
+                if name in self.conditions or name in self.fragments:
+                    raise self.error(it.children[0], f"{name} is defined twice")
+                if name in FUNCTIONS or name in _MATCH_FUNCTIONS:
+                    raise self.error(it.children[0], f"condition {name} would hide the function "
+                                                     f"{name}; name it otherwise")
+                self.conditions[name] = it
+        for name, it in self.conditions.items():   # check each once, even if unused
+            self.rule = name
+            params = [str(p.children[0]) for p in it.children[1:] if isinstance(p, lark.Tree)
+                      and p.data == "param"]
+            self.condition_body(it, _Scope({p: Var(p[1:]) if p[0] == "%" else Const(p[1:])
+                                            for p in params}))
         out: list[Pattern] = []
         seen: set[str] = set()
         for it in items:
@@ -725,6 +744,8 @@ class _FileCompiler:
             name_tok, *args_t = c
             fname = str(name_tok)
             args_t = [a for a in args_t if a is not None]
+            if fname in self.conditions:
+                return self.call_condition(name_tok, args_t, scope)
             if fname in _MATCH_FUNCTIONS:
                 if len(args_t) != 1 or args_t[0].data != "evalue":
                     raise self.error(name_tok, f"{fname} takes one value, like {fname}(%x)")
@@ -742,6 +763,36 @@ class _FileCompiler:
                 return lambda m: next((x for x in (f(m) for f in fargs) if x is not None), None)
             return lambda m: fn(*[f(m) for f in fargs])
         raise self.error(t, f"unexpected {k} in an expression")
+
+    # -- named conditions
+    def condition_body(self, cond_t, scope: _Scope) -> Callable:
+        """The conjunction of a condition's expressions, over `scope` (its parameters)."""
+        exprs = [e for e in cond_t.children[1:] if isinstance(e, lark.Tree) and e.data != "param"]
+        fns = [self.expr(e, scope) for e in exprs]
+        return lambda m: all(f(m) for f in fns)
+
+    def call_condition(self, name_tok, args_t, scope: _Scope) -> Callable:
+        """`NAME(%a, $b)` in a `where`: the condition with its parameters standing for the
+        caller's names (each argument a plain %value or $constant)."""
+        cond_t = self.conditions[str(name_tok)]
+        params = [str(p.children[0]) for p in cond_t.children[1:]
+                  if isinstance(p, lark.Tree) and p.data == "param"]
+        if len(args_t) != len(params):
+            raise self.error(name_tok, f"condition {name_tok} takes {len(params)} arguments "
+                                       f"({', '.join(params)}), got {len(args_t)}")
+        names = {}
+        for p, a in zip(params, args_t):
+            if p[0] == "$" and a.data in _LITERALS:   # a literal constant
+                names[p] = Lit(self.literal(a))
+                continue
+            tok = a.children[0] if a.data in ("evalue", "econst") else None
+            if tok is None or str(tok)[0] != p[0]:
+                raise self.error(a, f"condition {name_tok}: its argument for {p} must be a "
+                                    f"{'value like %x' if p[0] == '%' else 'constant like $c or a literal'}")
+            if str(tok) not in scope.names:
+                raise self.error(tok, f"{tok} is not defined in this rule")
+            names[p] = scope.names[str(tok)]
+        return self.condition_body(cond_t, _Scope(names))
 
     # -- uses
     def check_uses(self, match_t, params, scope, stmts, constraints) -> None:
@@ -906,6 +957,9 @@ def load_rules(name: str) -> tuple[Pattern, ...]:
         raise KilnRuleError(f"no rule file {name}.kiln (have: {', '.join(rule_files())})",
                             file=str(path))
     return tuple(parse_rules(path.read_text(encoding="utf-8"), f"{name}.kiln"))
+
+
+_LITERALS = ("int", "float", "inf", "nan", "true", "false", "none", "dtype", "string", "neg")
 
 
 def _is_alternation(t) -> bool:

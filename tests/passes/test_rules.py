@@ -585,3 +585,36 @@ rule neg_of_reduction {
         parse_rules(rule.replace("amax, amin", "amaxx, amin"))
     with pytest.raises(KilnRuleError, match=r"an op alternation may stand in a rule's match only"):
         parse_rules("fragment f { match (%x) { %0 = aten.{neg, relu}(%x) yield %0 } }")
+
+
+def test_a_named_condition_is_declared_once_and_used_in_several_rules():
+    rules = """
+// the operand is a float vector at least $n long
+condition wide_float(%v, $n) {
+  rank(%v) == 1, dim(%v, 0) >= $n,
+  dtype(%v) in {f32, bf16}
+}
+rule relu_wide { match (%x) { %0 = aten.relu(%x) yield %0 }
+  where wide_float(%x, 8)
+  replace { %r = aten.sigmoid(%x) yield %r } }
+rule neg_wide { match (%x, $k) { %0 = aten.mul(%x, $k) %1 = aten.neg(%0) yield %1 }
+  where wide_float(%x, $k)
+  replace { %r = aten.sigmoid(%x) yield %r } }
+"""
+    pats = parse_rules(rules)
+    for width, want in ((8, ["aten.sigmoid", "aten.sigmoid"]), (4, ["aten.relu", "aten.sigmoid"])):
+        g = parse(f"""func @f(%x: f32[{width}]) -> (f32[{width}], f32[{width}]) {{
+  %0 = aten.relu(%x) : f32[{width}]
+  %1 = aten.mul(%x, 4) : f32[{width}]
+  %2 = aten.neg(%1) : f32[{width}]
+  return %0, %2
+}}
+""")
+        apply_patterns(g, pats)
+        assert ops(g) == want
+    with pytest.raises(KilnRuleError, match=r"condition wide_float takes 2 arguments \(%v, \$n\), got 1"):
+        parse_rules(rules.replace("wide_float(%x, 8)", "wide_float(%x)"))
+    with pytest.raises(KilnRuleError, match=r"its argument for \$n must be a constant like \$c or a literal"):
+        parse_rules(rules.replace("wide_float(%x, 8)", "wide_float(%x, %x)"))
+    with pytest.raises(KilnRuleError, match=r":5:3: rule wide_float: unknown function dtypo"):
+        parse_rules(rules.replace("dtype(%v) in", "dtypo(%v) in"))
