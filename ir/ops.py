@@ -59,7 +59,7 @@ def register(op: OpDef) -> OpDef:
 
 
 # ---- aten / prims: name -> traits. Schema and semantics come from torch. ----
-_E, _C, _V, _R = "elementwise", "commutative", "view", "reduction"
+_E, _C, _V, _R, _CAST = "elementwise", "commutative", "view", "reduction", "cast"
 ATEN_OPS: dict[str, tuple[str, ...]] = {
     # elementwise arithmetic
     "aten.add": (_E, _C), "aten.mul": (_E, _C), "aten.sub": (_E,), "aten.div": (_E,),
@@ -75,7 +75,7 @@ ATEN_OPS: dict[str, tuple[str, ...]] = {
     "aten.bitwise_not": (_E,), "aten.isnan": (_E,), "aten.round": (_E,), "aten.floor": (_E,),
     "aten.ceil": (_E,), "aten.masked_fill": (_E,), "aten.fill": (_E,),
     "aten.floor_divide": (_E,), "aten.remainder": (_E,), "aten.sign": (_E,),
-    "aten._to_copy": (_E,), "prims.convert_element_type": (_E,), "aten.clone": (_E,),
+    "aten._to_copy": (_E, _CAST), "prims.convert_element_type": (_E, _CAST), "aten.clone": (_E,),
     # reductions and normalisation
     "aten.mean": (_R,), "aten.sum": (_R,), "aten.amax": (_R,), "aten.amin": (_R,),
     "aten.max": (_R,), "aten.argmax": (_R,), "aten.any": (_R,), "aten.all": (_R,),
@@ -246,6 +246,33 @@ register(OpDef("sym.size", lambda x, dim: x.shape[dim], frozenset({"sym"}), infe
 
 # ---- lookup ----
 _warned: set[str] = set()
+
+
+# Attributes a dtype cast may carry besides its dtype (as capture writes `.to(dtype)`).
+_CAST_ATTRS = {"dtype", "layout", "device", "memory_format", "non_blocking"}
+
+
+def is_dtype_cast(node, fold: bool = False) -> bool:
+    """`node` (an op with the `cast` trait) changes its one operand's dtype and nothing else
+    the IR shows: strided layout, blocking. A `device` or `memory_format` attribute, which
+    the IR cannot compare with the operand's, still counts for matching (`cast(%x)` in a
+    rule); with `fold` (removing or merging casts) only the dtype may be given, or
+    nothing (a copy that changes nothing)."""
+    if not get_op(node.op).has(_CAST) or len(node.args) != 1:
+        return False
+    if node.op == "prims.convert_element_type":
+        return True
+    if fold:
+        return set(node.attrs) <= {"dtype"}
+    if "dtype" not in node.attrs or not set(node.attrs) <= _CAST_ATTRS:
+        return False
+    return node.attrs.get("layout", torch.strided) in (None, torch.strided) and \
+        not node.attrs.get("non_blocking", False)
+
+
+def cast_ops() -> tuple[str, ...]:
+    """The ops with the `cast` trait."""
+    return tuple(name for name, traits in ATEN_OPS.items() if _CAST in traits)
 
 
 def is_opaque(name: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kiln.ir import Graph, Node, SymIntType, TensorType, Value
-from kiln.ir.ops import get_op, written_values
+from kiln.ir.ops import get_op, is_dtype_cast, written_values
 
 from .manager import PassContext, register_pass
 
@@ -13,7 +13,6 @@ _RESHAPES = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand", "a
 # IR types carry no strides, so layout-only ops (clone to contiguous) are dropped and every
 # view becomes a reshape, which copies exactly when the layout needs it.
 _TO_RESHAPE = {"aten.view", "aten._unsafe_view"}
-_CASTS = {"aten._to_copy", "prims.convert_element_type"}
 # Casts through these wider types and back are exact.
 _WIDER = {
     torch.float16: {torch.float32, torch.float64}, torch.bfloat16: {torch.float32, torch.float64},
@@ -26,11 +25,6 @@ def _is_tensor(v) -> bool:
     return isinstance(v, Value) and isinstance(v.type, TensorType)
 
 
-def _cast_only(n: Node) -> bool:
-    """A cast that changes nothing but dtype (no device / layout / memory-format change)."""
-    if n.op == "prims.convert_element_type":
-        return True
-    return n.op == "aten._to_copy" and set(n.attrs) <= {"dtype"}
 
 
 def _noop_source(n: Node, mutated: set[Value]) -> Value | None:
@@ -40,16 +34,16 @@ def _noop_source(n: Node, mutated: set[Value]) -> Value | None:
     x, out = n.args[0], n.results[0]
     if x.type != out.type:
         # cast(cast(x, wider), x.dtype) == x
-        if n.op in _CASTS and _cast_only(n) and not x.is_input:
+        if is_dtype_cast(n, fold=True) and not x.is_input:
             inner = x.producer
-            if (inner.op in _CASTS and _cast_only(inner) and _is_tensor(inner.args[0])
+            if (is_dtype_cast(inner, fold=True) and _is_tensor(inner.args[0])
                     and inner.args[0].type == out.type
                     and x.type.dtype in _WIDER.get(out.type.dtype, ())):
                 return inner.args[0]
         return None
     if n.op in _RESHAPES:
         return x
-    if n.op in _CASTS and _cast_only(n):
+    if is_dtype_cast(n, fold=True):
         return x
     if n.op == "aten.clone" and set(n.attrs) <= {"memory_format"} and x not in mutated:
         return x

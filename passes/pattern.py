@@ -42,7 +42,7 @@ import torch
 
 from kiln.ir import Graph, Node, ScalarType, SymIntType, TensorType, Value
 from kiln.ir.graph import walk_values
-from kiln.ir.ops import get_op, infer_types, written_values
+from kiln.ir.ops import cast_ops, get_op, infer_types, is_dtype_cast, written_values
 from kiln.ir.printer import format_literal, value_names
 from kiln.ir.types import DTYPES, dtype_name
 
@@ -271,8 +271,7 @@ def _var_names(a) -> Iterator[str]:
 
 # ---------------------------------------------------------------- casts
 
-CAST_OPS = ("aten._to_copy", "prims.convert_element_type")
-_CAST_ATTRS = {"dtype", "layout", "device", "memory_format", "non_blocking"}
+CAST_OPS = cast_ops()
 
 
 def match_linear(n: Node) -> tuple[Value, Value, object] | None:
@@ -297,9 +296,6 @@ def match_linear(n: Node) -> tuple[Value, Value, object] | None:
     return x, w, bias
 
 
-# Ops that only re-view their operand (as the linear-layer passes walk through them).
-VIEWS = {"aten.reshape", "aten.slice", "aten.select", "aten.permute", "aten.unsqueeze",
-         "aten.squeeze", "aten.expand"}
 ROUTER_USERS = {"aten._softmax", "aten.topk", "aten._log_softmax"}
 
 
@@ -313,23 +309,15 @@ def feeds_router(v: Value, users: dict) -> bool:
             for u in users.get(x, []):
                 if u.op in ROUTER_USERS:
                     return True
-                if is_cast(u) or u.op in VIEWS:
+                if is_cast(u) or get_op(u.op).has("view"):
                     nxt.extend(u.results)
         todo = nxt
     return False
 
 
 def is_cast(n: Node) -> bool:
-    """A cast that only changes the dtype (layout strided, device unchanged as far as
-    the IR can tell)."""
-    if n.op == "prims.convert_element_type":
-        return len(n.args) == 1
-    if n.op != "aten._to_copy" or len(n.args) != 1 or "dtype" not in n.attrs:
-        return False
-    if not set(n.attrs) <= _CAST_ATTRS:
-        return False
-    lay = n.attrs.get("layout", torch.strided)
-    return lay in (None, torch.strided) and not n.attrs.get("non_blocking", False)
+    """A dtype cast, as `cast(%x)` in a rule matches it (kiln.ir.ops.is_dtype_cast)."""
+    return is_dtype_cast(n)
 
 
 # ---------------------------------------------------------------- the match

@@ -33,11 +33,11 @@ import re
 import torch
 
 from kiln.ir import Graph, Node, TensorType, Value
-from kiln.ir.ops import infer_types
+from kiln.ir.ops import get_op, infer_types
 
 from .canonicalize import dce
 from .manager import PassContext, register_pass
-from .pattern import VIEWS, feeds_router, is_cast, match_linear
+from .pattern import feeds_router, is_cast, match_linear
 
 MIN_LAYERS_TO_KEEP_ENDS = 8
 
@@ -69,7 +69,7 @@ def _is_head(v: Value, users, outputs) -> bool:
         us = users.get(v, [])
         if not us:
             return v in outputs
-        if len(us) > 1 or not (us[0].op in VIEWS or is_cast(us[0])) or len(us[0].results) != 1:
+        if len(us) > 1 or not (get_op(us[0].op).has("view") or is_cast(us[0])) or len(us[0].results) != 1:
             return False
         v = us[0].results[0]
     return False

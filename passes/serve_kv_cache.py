@@ -48,8 +48,11 @@ DEFAULT_BLOCK_SIZE = 16
 PROBE_MIN_TOKENS = 16
 PROBE_MAX_TOKENS = 4096
 MAX_DIM = 2**31 - 1
-_VIEWS = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.unsqueeze", "aten.squeeze",
-          "aten.alias"}
+# The views (op trait `view`) that only add or drop unit dims around the token dim, which
+# the walk from the logits back to the LM head may pass and then drop: not permute,
+# expand, slice or select, which would move or cut tokens.
+_TOKEN_ORDER_VIEWS = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.unsqueeze",
+                      "aten.squeeze", "aten.alias"}
 _HEADS = {"aten.mm": 0, "aten.matmul": 0, "aten.linear": 0, "aten.addmm": 1, "kiln.scaled_mm": 0}
 
 
@@ -282,7 +285,7 @@ def _gather_last_tokens(g: Graph, query_start: Value, T) -> None:
         n = v.producer
         op = get_op(n.op)
         tensors = [a for a in n.operands() if isinstance(a.type, TensorType)]
-        if not (n.op in _VIEWS or op.has("elementwise")) or len(tensors) != 1 or len(n.results) != 1:
+        if not (n.op in _TOKEN_ORDER_VIEWS or op.has("elementwise")) or len(tensors) != 1 or len(n.results) != 1:
             raise NotAServingCapture(f"serve.kv_cache: cannot find the LM head: the logits come "
                                      f"from {n.op}")
         chain.append((n, tensors[0]))
@@ -307,7 +310,7 @@ def _gather_last_tokens(g: Graph, query_start: Value, T) -> None:
     out = head.results[0]
     dead = []
     for n, x in reversed(chain):
-        if n.op in _VIEWS:
+        if n.op in _TOKEN_ORDER_VIEWS:
             g.replace_all_uses(n.results[0], out)
             dead.append(n)
             continue
