@@ -18,10 +18,11 @@ Python `PatternBuilder` below, for the few fusions a rule cannot say (MoE). Both
   attributes that equal the schema default), unless the statement ends with `...`. A
   pattern attribute `name=P default D` matches a node without that attribute as if it
   carried D.
-- `cast(%x)` matches a dtype-only cast (`aten._to_copy` with at most dtype/layout/device/
-  memory_format, or `prims.convert_element_type`); `cast?(%x)` also matches `%x` itself.
-  Generally `op?(a, ...)` is optional: it matches the op, or, if that fails, just its
-  first argument (pattern variables used only inside it are then bound to none).
+- `cast(%x)` matches a dtype-only cast (`kiln.ir.ops.is_dtype_cast`: an op with the `cast`
+  trait and at most dtype/layout/device/memory_format); `cast?(%x)` also matches `%x`
+  itself. Generally `op?(...)` is optional: it matches the op, or, if that fails, its
+  passthrough operand (`Stmt.passthrough`: the one value operand, or the one the rule's
+  `else` names); pattern variables used only inside it are then bound to none.
 - Interior values (results of matched statements that are not yielded) may only be used
   inside the match; a yielded value may have any number of outside uses. A statement
   marked `shared` may have outside users: it is matched but never removed (dead ones go
