@@ -29,13 +29,14 @@ from typing import Protocol, runtime_checkable
 import torch
 
 
-def index_on(device: torch.device, values) -> torch.Tensor:
-    """int64 `values` on `device`, copied without a wait: on CUDA from pinned memory, since
-    a blocking copy would synchronize the stream (a step launched ahead included)."""
-    index = torch.tensor(values, dtype=torch.int64)
+def to_device(values, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Host `values` as a tensor on `device`, copied without a wait: on CUDA from pinned
+    memory, since a blocking copy would synchronize the stream (a step launched ahead
+    included)."""
+    t = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
-        index = index.pin_memory()
-    return index.to(device, non_blocking=True)
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 @dataclass
@@ -48,7 +49,7 @@ class PendingInputs:
 
     def apply(self, input_ids: torch.Tensor) -> None:
         """Write the pending tokens into `input_ids` (queued on the device, no host wait)."""
-        index = index_on(input_ids.device, [self.rows, self.picks])
+        index = to_device([self.rows, self.picks], input_ids.device)
         picked = self.tokens.to(input_ids.device).index_select(0, index[1])
         input_ids.index_copy_(0, index[0], picked.to(input_ids.dtype))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from abc import ABC, abstractmethod
 import logging
 import queue
 import threading
@@ -21,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .batch import ModelRunner, PendingInputs, index_on
+from .batch import ModelRunner, PendingInputs, to_device
 from .detokenizer import Detokenizer
 from .kv_cache import BlockManager
 from .metrics import DeviceTimer, EngineMetrics
@@ -220,17 +221,7 @@ class LLMEngine:
         self.device_timer.start()
         logits = self.runner.execute(step.batch)
         t_forward = clock()
-        ready = self.scheduler.advance(step)
-        rows = [i for i, r in enumerate(ready) if r]
-        seqs = [step.seqs[i] for i in rows]
-        tokens = None
-        if rows:
-            for s in seqs:
-                if s.params.seed is not None and s.generator is None:
-                    s.generator = make_generator(s.params.seed, logits.device)
-            if len(rows) < logits.shape[0]:   # (a decode step needs every row: no gather)
-                logits = logits[rows]
-            tokens = sample_on_device(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        seqs, tokens = self._sample(step, logits, self.scheduler.advance(step))
         self.device_timer.stop()
         tokens = tokens.tolist() if tokens is not None else []   # the step's one wait for the device
         t_sampled = clock()
@@ -286,17 +277,8 @@ class LLMEngine:
         timer = self._timers[1] if prev is not None and prev.timer is self._timers[0] else self._timers[0]
         timer.start()
         logits = self.runner.execute(step.batch)
-        ready = self.scheduler.advance(step, commit=False)   # (hashed once the tokens are read)
-        rows = [i for i, r in enumerate(ready) if r]
-        seqs = [step.seqs[i] for i in rows]
-        tokens = None
-        if rows:
-            for s in seqs:
-                if s.params.seed is not None and s.generator is None:
-                    s.generator = make_generator(s.params.seed, logits.device)
-            if len(rows) < logits.shape[0]:   # (indexing with a list would wait for the device)
-                logits = logits.index_select(0, index_on(logits.device, rows))
-            tokens = sample_on_device(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        # (blocks are hashed once the tokens are read)
+        seqs, tokens = self._sample(step, logits, self.scheduler.advance(step, commit=False))
         timer.stop()
         host_tokens = copied = None
         if tokens is not None and tokens.device.type == "cuda":
@@ -309,10 +291,27 @@ class LLMEngine:
             index = seq.append_pending()
             sampled.append((seq, index))
             row_of[seq] = row
-            if (index + 1 - seq.num_prompt_tokens >= seq.params.max_tokens
-                    or index + 1 >= self.max_model_len):
+            if self._reaches_length(seq, index):
                 seq.final = True   # ends at this token whatever it is: plan no more for it
         return _InFlight(step, sampled, row_of, tokens, timer, host_tokens, copied)
+
+    def _sample(self, step: ScheduledStep, logits, ready: list[bool]) -> tuple[list[Sequence], object]:
+        """The sequences whose logits are for a new token, and their tokens sampled on the
+        device (None if there are none); nothing waits for the device."""
+        rows = [i for i, r in enumerate(ready) if r]
+        seqs = [step.seqs[i] for i in rows]
+        if not rows:
+            return seqs, None
+        for s in seqs:
+            if s.params.seed is not None and s.generator is None:
+                s.generator = make_generator(s.params.seed, logits.device)
+        if len(rows) < logits.shape[0]:   # (a decode step needs every row: no gather)
+            logits = logits.index_select(0, to_device(rows, logits.device))
+        return seqs, sample_on_device(logits, [s.params for s in seqs], [s.generator for s in seqs])
+
+    def _reaches_length(self, seq: Sequence, index: int) -> bool:
+        """The token at `index` is the sequence's last by length (max_tokens, max_model_len)."""
+        return index + 1 - seq.num_prompt_tokens >= seq.params.max_tokens or index + 1 >= self.max_model_len
 
     def _append(self, seq: Sequence, token: int) -> RequestOutput:
         last = seq.last_token_time
@@ -338,7 +337,7 @@ class LLMEngine:
             text = detok.add(token)
             if detok.stopped:
                 reason = "stop"
-            elif index + 1 - seq.num_prompt_tokens >= p.max_tokens or index + 1 >= self.max_model_len:
+            elif self._reaches_length(seq, index):
                 reason, text = "length", text + detok.flush()
         if reason:
             self._finish(seq, reason)
@@ -427,7 +426,7 @@ def merge_outputs(a: RequestOutput, b: RequestOutput) -> None:
     a.finished, a.finish_reason, a.usage = b.finished, b.finish_reason, b.usage
 
 
-class EngineClient:
+class EngineClient(ABC):
     """What the server drives, wherever the engine runs: `add_request` gives a RequestStream,
     `abort` stops one. Requests and aborts go to the engine as commands (`_send`); the
     engine's outputs come back in batches, one per step, to `_deliver`. Subclasses: the
@@ -442,22 +441,22 @@ class EngineClient:
         self._streams: dict[str, RequestStream] = {}
 
     # -- what subclasses provide ----------------------------------------------------------------
-    def start(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def start(self) -> None: ...
 
-    def shutdown(self, timeout: float = 5.0) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def shutdown(self, timeout: float = 5.0) -> None: ...
 
+    @abstractmethod
     def num_waiting(self) -> int:
         """Requests sent and not yet running (back-pressure)."""
-        raise NotImplementedError
 
-    def _send(self, command: tuple) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _send(self, command: tuple) -> None: ...
 
+    @abstractmethod
     async def metrics_text(self) -> bytes:
         """The engine's Prometheus metrics, rendered."""
-        raise NotImplementedError
 
     @property
     def failure(self) -> str | None:

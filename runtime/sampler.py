@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .batch import to_device
 from .sequence import SamplingParams
 
 
@@ -53,12 +54,10 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
         return greedy
     n, vocab = logits.shape
     dev = logits.device
-    rows = torch.tensor([(p.temperature if not p.greedy else 1.0,
-                          p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, p.greedy)
-                         for p in params], dtype=torch.float64)
-    if dev.type == "cuda":
-        rows = rows.pin_memory()
-    temps, top_k, top_p, is_greedy = rows.to(dev, non_blocking=True).unbind(1)
+    rows = to_device([(p.temperature if not p.greedy else 1.0,
+                       p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, p.greedy)
+                      for p in params], dev, torch.float64)
+    temps, top_k, top_p, is_greedy = rows.unbind(1)
     x = logits / temps[:, None].float()
     if any(0 < p.top_k < vocab or p.top_p < 1 for p in params if not p.greedy):
         x = _truncate(x, top_k.long(), top_p.float())
