@@ -32,6 +32,14 @@ Why it is shaped the way it is:
   edge is masked like the causal one, so a long context costs a windowed tile only the
   keys near it. The window is an attribute of the graph, not data, so it may shape the
   launch.
+* A mixed batch runs in two launches by query length, since one tile shape serves
+  neither well: sequences of at most `BLOCK_Q` tokens of a decode-sized tile (decodes,
+  short chunks) in decode tiles, longer ones (prefill chunks) in prefill tiles. In one
+  launch of 128-row tiles, a decode row of a GQA group of 4 filled 4 rows of 128 and
+  paged attention took 2.5x its decode-only time at 256 sequences (H200, Llama-3.2-1B
+  shape). Each launch is again sized from shapes alone and covers every sequence; a
+  program whose sequence belongs to the other launch (MIN_N < n <= MAX_N fails) returns
+  after the search.
 * Split-KV (flash-decoding) for decode batches with too few (sequence, KV head) programs
   to fill the machine: the context is cut into NUM_SPLITS slices of SPLIT keys, each
   program writes a partial (m, l, acc), and attention.py's reduction kernel combines them.
@@ -46,8 +54,8 @@ Why it is shaped the way it is:
 * Keys and values are converted to q's dtype in registers (a no-op when the cache holds
   q's dtype), so an fp32 q over an fp16 cache is computed as the reference does.
 
-Tile sizes are not tuned on a GPU yet: decode takes attention.py's decode tiles, prefill
-a 128 x 64 tile per head dim.
+Tile sizes are not tuned on a GPU yet: decodes (and a mixed batch's short sequences) take
+attention.py's decode tiles, prefill chunks a 128 x 64 tile per head dim.
 """
 from __future__ import annotations
 
@@ -150,12 +158,13 @@ def _paged_attn_kernel(
         Q, KC, VC, O, BT, CTX, QS, PACC, PML,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        N, GROUP, BLOCK_Q, WINDOW, qk_scale, SPLIT, NUM_SPLITS,
+        N, GROUP, BLOCK_Q, MIN_N, MAX_N, WINDOW, qk_scale, SPLIT, NUM_SPLITS,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_DECODE: tl.constexpr,
         HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr, FP32_DOT: tl.constexpr):
     """One query tile (BLOCK_Q tokens x GROUP query heads) of one sequence, for KV head
-    program_id(1), over KV slice program_id(2).
+    program_id(1), over KV slice program_id(2); only sequences of MIN_N < n <= MAX_N new
+    tokens (a mixed batch's two launches split them by length).
 
     Keys are visited from 0, or with a window from the tile holding the first key the
     tile's first token sees; slice s holds the SPLIT keys from SPLIT * s past that.
@@ -184,7 +193,7 @@ def _paged_attn_kernel(
         q0 = (pid - (tl.load(QS + seq) // BLOCK_Q + seq)) * BLOCK_Q
     q_start = tl.load(QS + seq)
     n = tl.load(QS + seq + 1) - q_start
-    if q0 >= n:
+    if (q0 >= n) | (n <= MIN_N) | (n > MAX_N):
         return
     ctx = tl.load(CTX + seq)
 
@@ -317,8 +326,9 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
                     split: int | None = None):
     """kiln_ref.paged_attention on a GPU (or under TRITON_INTERPRET). Only shapes (and the
     `window` attribute) decide the launch, so a decode step can be captured into a CUDA
-    graph. `config` overrides the tile table and `split` (keys per slice, a multiple of
-    BLOCK_N; decode batches only) the split-KV choice; tests use both."""
+    graph. `config` overrides the tile tables (a mixed batch then runs in one launch) and
+    `split` (keys per slice, a multiple of BLOCK_N; decode batches only) the split-KV
+    choice; tests use both."""
     _check(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, query_start)
     check_window(window, "paged_attention")
     write_cache(k, v, k_cache, v_cache, slot_mapping)
@@ -331,49 +341,60 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
         return torch.zeros_like(q)
     q = _unit_last(q)
     block_d = max(16, triton.next_power_of_2(d))
-    cfg = config or _config(DECODE_CONFIGS if decode else PREFILL_CONFIGS, block_d)
-    block_m = max(cfg.block_m, triton.next_power_of_2(group))
-    if decode:
-        block_q, grid0 = 1, n
-        # Keys the slices must cover: the table's width, or, as with a window they start
-        # at the tile holding the token's first visible key, at most the window plus
-        # that tile's keys before it.
-        span = block_tables.shape[1] * bs
-        if window is not None:
-            span = min(span, window + cfg.block_n - 1)
-        if split is None:
-            split, num_splits = decode_splits(n, hkv, span, cfg.block_n, _num_sms(q.device))
-        elif split % cfg.block_n:
-            raise ValueError(f"paged_attention: split {split} is not a multiple of BLOCK_N "
-                             f"{cfg.block_n}")
-        else:
-            num_splits = max(1, triton.cdiv(span, split))
+
+    def launch(cfg: AttnConfig, block_q: int, grid0: int, min_n: int, max_n: int, split: int,
+               num_splits: int, out, pacc, pml):
+        block_m = max(cfg.block_m, triton.next_power_of_2(group))
+        _paged_attn_kernel[(grid0, hkv, num_splits)](
+            q, k_cache, v_cache, out, block_tables, context_lens, query_start, pacc, pml,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+            n, group, block_q, min_n, max_n, window or 0, float(scale) * LOG2E, split, num_splits,
+            BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+            IS_DECODE=decode, HAS_WINDOW=window is not None, DIRECT=num_splits == 1,
+            FP32_DOT=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if not decode:
+        # Rows past query_start[N] may belong to no sequence, and those must read zero.
+        out = torch.zeros_like(q)
+        unused = torch.empty(1, dtype=torch.float32, device=q.device)
+        short_cfg = config or _config(DECODE_CONFIGS, block_d)
+        long_cfg = config or _config(PREFILL_CONFIGS, block_d)
+        short_q, long_q = (max(c.block_m, triton.next_power_of_2(group)) // group
+                           for c in (short_cfg, long_cfg))
+        shortest = 0   # sequences of at most this many tokens run in the short launch
+        if short_q < long_q:
+            launch(short_cfg, short_q, t // short_q + n, 0, short_q, 0, 1, out, unused, unused)
+            shortest = short_q
+        launch(long_cfg, long_q, t // long_q + n, shortest, t, 0, 1, out, unused, unused)
+        return out
+
+    cfg = config or _config(DECODE_CONFIGS, block_d)
+    # Keys the slices must cover: the table's width, or, as with a window they start at the
+    # tile holding the token's first visible key, at most the window plus that tile's keys
+    # before it.
+    span = block_tables.shape[1] * bs
+    if window is not None:
+        span = min(span, window + cfg.block_n - 1)
+    if split is None:
+        split, num_splits = decode_splits(n, hkv, span, cfg.block_n, _num_sms(q.device))
+    elif split % cfg.block_n:
+        raise ValueError(f"paged_attention: split {split} is not a multiple of BLOCK_N "
+                         f"{cfg.block_n}")
     else:
-        block_q = block_m // group
-        grid0 = t // block_q + n
-        split, num_splits = 0, 1
-    direct = num_splits == 1
-    # Decode batches own every row (T == N); a mixed batch may leave rows past
-    # query_start[N] to no sequence, and those must read zero.
-    out = torch.empty_like(q) if decode else torch.zeros_like(q)
-    if direct:
+        num_splits = max(1, triton.cdiv(span, split))
+    out = torch.empty_like(q)
+    if num_splits == 1:
         pacc = pml = torch.empty(1, dtype=torch.float32, device=q.device)
-    else:
-        pacc = torch.empty(t * hq * num_splits * block_d, dtype=torch.float32, device=q.device)
-        pml = torch.empty(t * hq * num_splits * 2, dtype=torch.float32, device=q.device)
-    _paged_attn_kernel[(grid0, hkv, num_splits)](
-        q, k_cache, v_cache, out, block_tables, context_lens, query_start, pacc, pml,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        n, group, block_q, window or 0, float(scale) * LOG2E, split, num_splits,
-        BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        IS_DECODE=decode, HAS_WINDOW=window is not None, DIRECT=direct,
-        FP32_DOT=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if not direct:
-        _attn_reduce_kernel[(t * hq,)](
-            pacc, pml, out, out.stride(0), out.stride(1), 0, hq, 1, num_splits,
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=REDUCE_BLOCK_S, USE_EXP2=True,
-            num_warps=4 if block_d <= 128 else 8)
+        launch(cfg, 1, n, 0, 1, split, 1, out, pacc, pml)
+        return out
+    pacc = torch.empty(t * hq * num_splits * block_d, dtype=torch.float32, device=q.device)
+    pml = torch.empty(t * hq * num_splits * 2, dtype=torch.float32, device=q.device)
+    launch(cfg, 1, n, 0, 1, split, num_splits, out, pacc, pml)
+    _attn_reduce_kernel[(t * hq,)](
+        pacc, pml, out, out.stride(0), out.stride(1), 0, hq, 1, num_splits,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=REDUCE_BLOCK_S, USE_EXP2=True,
+        num_warps=4 if block_d <= 128 else 8)
     return out
 
 
@@ -396,15 +417,20 @@ def _write_spec(dt: str, d: int):
                      num_warps=1, divisible_by_16=("K", "V", "KC", "VC", *_WRITE_STRIDES))
 
 
-def _attn_spec(dt: str, d: int, decode: bool, direct: bool, window: bool):
-    cfg = (DECODE_CONFIGS if decode else PREFILL_CONFIGS)[d]
+# Kind of launch -> (tile table, IS_DECODE, DIRECT).
+_LAUNCH_KINDS = {"decode": (DECODE_CONFIGS, True, True), "decode_split": (DECODE_CONFIGS, True, False),
+                 "mixed_short": (DECODE_CONFIGS, False, True), "mixed": (PREFILL_CONFIGS, False, True)}
+
+
+def _attn_spec(dt: str, d: int, kind: str, window: bool):
+    table, decode, direct = _LAUNCH_KINDS[kind]
+    cfg = table[d]
     p = "*" + dt
     types = {"Q": p, "KC": p, "VC": p, "O": p, "BT": "*i32", "CTX": "*i32", "QS": "*i32",
              "PACC": "*fp32", "PML": "*fp32", "stride_bt": "i32", "N": "i32", "GROUP": "i32",
-             "BLOCK_Q": "i32", "WINDOW": "i32", "qk_scale": "fp32", "SPLIT": "i32",
-             "NUM_SPLITS": "i32"}
+             "BLOCK_Q": "i32", "MIN_N": "i32", "MAX_N": "i32", "WINDOW": "i32",
+             "qk_scale": "fp32", "SPLIT": "i32", "NUM_SPLITS": "i32"}
     types.update({s: "i32" for s in _ATTN_STRIDES})
-    kind = ("decode" if direct else "decode_split") if decode else "mixed"
     name = f"paged_attn_{kind}_{_DT[dt]}_d{d}_bs{AOT_BLOCK_SIZE}{'_window' if window else ''}"
     # Decode tiles hold GROUP <= 16 rows: BLOCK_M 16 covers GQA groups 1..16.
     return make_spec(name, _paged_attn_kernel,
@@ -418,6 +444,6 @@ def _attn_spec(dt: str, d: int, decode: bool, direct: bool, window: bool):
 # The split-KV reduction is attention.py's `attn_decode_reduce_*` spec.
 AOT_SPECS = (
     [_write_spec(dt, d) for dt in _DT for d in (64, 128)]
-    + [_attn_spec(dt, d, dec, direct, window) for dt in _DT for d in (64, 128)
-       for dec, direct in ((True, True), (True, False), (False, True)) for window in (False, True)]
+    + [_attn_spec(dt, d, kind, window) for dt in _DT for d in (64, 128) for kind in _LAUNCH_KINDS
+       for window in (False, True)]
 )

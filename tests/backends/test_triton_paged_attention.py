@@ -110,6 +110,23 @@ def test_mixed_batch(dtype, d, heads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 6])
+def test_mixed_batch_splits_sequences_by_length(dtype, window, monkeypatch):
+    """With its own tiles a mixed batch runs in two launches: sequences of at most 8 new
+    tokens (16-row decode tiles / a group of 2) in the first, longer ones in 128-row tiles
+    (64 tokens) in the second. Lengths on both sides of each boundary, and batches with
+    only short or only long sequences: a sequence neither launch takes would read zero."""
+    grids = record_launches(monkeypatch, pa._paged_attn_kernel)
+    seqs = [(3, 8), (10, 9), (0, 1), (20, 64), (7, 65), (40, 1), (0, 2)]
+    args = make_batch(seqs, 4, 2, 64, dtype)
+    check(args, window=window)
+    t, n = args[0].shape[0], len(seqs)
+    assert [g[0] for g in grids] == [t // 8 + n, t // 64 + n]
+    check(make_batch([(3, 2), (9, 1), (0, 8)], 4, 2, 64, dtype), window=window)
+    check(make_batch([(3, 9), (0, 70)], 4, 2, 64, dtype), window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_mixed_batch_small_tiles_group_of_three(dtype):
     # 16-row tiles hold 5 tokens x 3 heads: a 41-token chunk spans 9 query tiles, its
     # keys 4 KV tiles with causal bands inside; a non-power-of-two group and block size 4.
