@@ -48,10 +48,12 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
     """logits [N, V] -> [N] int64 token ids on the logits' device. Nothing here waits for
     the device: the per-row parameters travel in one copy, and whether any row truncates is
     decided from the parameters on the host."""
-    logits = logits.float()
+    # The argmax of bf16/fp16 logits is that of their exact fp32 values: it reads the model's
+    # dtype, not a converted copy (half the bytes, and no conversion pass).
     greedy = argmax(logits)
     if all(p.greedy for p in params):
         return greedy
+    logits = logits.float()
     n, vocab = logits.shape
     dev = logits.device
     rows = to_device([(p.temperature if not p.greedy else 1.0,

@@ -83,9 +83,9 @@ def test_top_k_and_top_p_per_row():
 @pytest.mark.parametrize("shape", [(3, 49152), (2, 128256), (2, 1000), (1, 8192 + 256)])
 def test_two_stage_argmax_is_argmax_ties_included(shape):
     """The first index of the maximum, as torch.argmax: a row whose maximum appears in two
-    chunks and twice in one, rows of equal values, fp16 and fp32."""
+    chunks and twice in one, rows of equal values, fp32, fp16 and bf16."""
     torch.manual_seed(0)
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x = torch.randn(shape).to(dtype)
         top = x.max() + 1
         x[0, shape[1] - 5] = top
@@ -94,3 +94,16 @@ def test_two_stage_argmax_is_argmax_ties_included(shape):
         if shape[0] > 1:
             x[1] = 0.5
         assert torch.equal(sampler.argmax(x), x.argmax(-1))
+
+
+def test_greedy_rows_of_bf16_logits_pick_the_fp32_argmax():
+    """Greedy sampling reads bf16 logits as they are: the same tokens as their fp32 values,
+    ties (frequent in bf16) going to the first index; sampled rows in the batch still work."""
+    torch.manual_seed(3)
+    x = (torch.randn(4, 49152) * 4).to(torch.bfloat16)
+    x[2, 100] = x[2, 40000] = x[2].max() + 1
+    want = x.float().argmax(-1).tolist()
+    assert sample(x, [SamplingParams(temperature=0)] * 4, [None] * 4) == want
+    mixed = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, seed=1)] * 2
+    got = sample(x, mixed, [None] * 4)
+    assert got[0::2] == want[0::2] and all(0 <= t < 49152 for t in got)
