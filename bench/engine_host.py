@@ -3,13 +3,20 @@ waits for when the engine is the limit.
 
     python bench/engine_host.py --seqs 1,16,64,256 --out bench/results/engine_host.json
 
-A runner that returns a ready logits tensor (no compute) stands in for the model, and the
-sampler is replaced by a draw of random token ids, so each step measures only the engine's
-own work: scheduling and the flat batch, the runner call, output processing (append, stop
-checks, detokenization with the real SmolLM2 tokenizer: its tokens are real text). N
-requests of a 128-token prompt decode for `--steps` steps after their prefill; the table
-gives the mean host time per step of each phase (the engine's kiln_step_phase_seconds) and
-per sequence. No HTTP: `kiln bench serve --profile` measures the server as a whole.
+A runner that computes nothing stands in for the model: like the GPU runner it copies each
+batch into the static step buffers of its bucket (`StepBuffers.fill`, plain CPU tensors
+here) and applies the pending inputs of async scheduling, then returns a ready logits
+tensor. The sampler is replaced by a draw of random token ids, so each step measures only
+the engine's own work: scheduling and the flat batch, the runner call, output processing
+(append, stop checks, detokenization with the real SmolLM2 tokenizer: its tokens are real
+text). Two workloads, each with the synchronous and the async engine (`--modes`):
+- decode: N requests of a 128-token prompt decode for `--steps` steps after their prefill;
+- steady: N streams whose requests (128 in / 128 out +-50%) are replaced as they finish,
+  so steps mix prefill chunks (a 2048-token budget) with decodes; `--steps` steps are
+  measured after STEADY_WARMUP.
+The table gives the mean host time per step of each phase (the engine's
+kiln_step_phase_seconds) and per sequence. No HTTP: `kiln bench serve --profile` measures
+the server as a whole.
 """
 from __future__ import annotations
 
@@ -26,22 +33,46 @@ import kiln.runtime.engine as engine_module
 from kiln.frontends import hf
 from kiln.runtime.engine import EngineConfig, LLMEngine
 from kiln.runtime.metrics import STEP_PHASES
+from kiln.runtime.model_runner import (PagedModelRunner, decode_buckets, mixed_seq_buckets,
+                                       token_buckets)
 from kiln.runtime.sequence import SamplingParams
 from provenance import code_version
 
 PROMPT_TOKENS = 128
+STEADY_BATCHED_TOKENS = 2048   # what bench/step_profile.py and kiln serve run with
+STEADY_WARMUP = 200            # steps before a steady run is measured
 
 
 class NoModel:
-    """A ModelRunner whose step costs nothing: a slice of a preallocated logits tensor."""
+    """A ModelRunner whose model costs nothing: the batch goes through the step buffers of
+    its bucket as in PagedModelRunner (bucket choice borrowed from it), the logits are a
+    slice of a preallocated tensor."""
     block_size = 16
+    accepts_pending_inputs = True
+    bucket_of = PagedModelRunner.bucket_of
+    buffers = PagedModelRunner.buffers
 
-    def __init__(self, vocab_size: int, max_seqs: int, max_len: int):
+    def __init__(self, vocab_size: int, max_seqs: int, max_len: int, max_num_batched_tokens: int):
         self.vocab_size, self.max_model_len = vocab_size, max_len
-        self.num_blocks = max_seqs * -(-max_len // self.block_size)
+        self.max_blocks_per_seq = -(-max_len // self.block_size)
+        self.num_blocks = max_seqs * self.max_blocks_per_seq
+        self.scratch_block = self.num_blocks
+        self.device = torch.device("cpu")
+        self.seq_buckets = decode_buckets(max_seqs)
+        self.mixed_seq_buckets = mixed_seq_buckets(self.seq_buckets)
+        self.token_buckets = token_buckets(max_num_batched_tokens, self.seq_buckets[-1])
+        self._buffers = {}
         self.logits = torch.zeros(max_seqs, 8)
 
     def execute(self, batch):
+        bucket = self.bucket_of(batch)
+        input_ids = batch.input_ids
+        if bucket is not None:
+            buf = self.buffers(bucket)
+            buf.fill(batch)
+            input_ids = buf.field("input_ids")
+        if batch.pending is not None:
+            batch.pending.apply(input_ids)
         return self.logits[:batch.num_seqs]
 
 
@@ -49,43 +80,70 @@ def random_tokens(logits, params, generators):
     return torch.randint(1000, 40000, (logits.shape[0],))
 
 
-def measure(tok, seqs: int, steps: int) -> dict:
-    runner = NoModel(len(tok), seqs, PROMPT_TOKENS + steps + 8)
-    eng = LLMEngine(runner, tok, EngineConfig(max_num_seqs=seqs, max_waiting=seqs,
-                                              max_num_batched_tokens=seqs * PROMPT_TOKENS))
+def measure(tok, seqs: int, steps: int, mode: str, workload: str) -> dict:
+    steady = workload == "steady"
+    budget = STEADY_BATCHED_TOKENS if steady else seqs * PROMPT_TOKENS
+    max_len = 3 * PROMPT_TOKENS if steady else PROMPT_TOKENS + steps + 8
+    runner = NoModel(len(tok), seqs, max_len, budget)
+    eng = LLMEngine(runner, tok, EngineConfig(max_num_seqs=seqs, max_waiting=seqs, max_num_batched_tokens=budget,
+                                              async_scheduling=mode == "async"))
     rng = random.Random(0)
-    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
-    for _ in range(seqs):
-        eng.add_request([rng.randrange(1000, 10000) for _ in range(PROMPT_TOKENS)], params)
-    for _ in range(3):              # the prefill, then two decode steps
+    torch.manual_seed(0)
+
+    def add(prompt_len: int, max_tokens: int) -> None:
+        eng.add_request([rng.randrange(1000, 10000) for _ in range(prompt_len)],
+                        SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+
+    def top_up() -> None:
+        while steady and len(eng.seqs) < seqs:
+            add(rng.randint(PROMPT_TOKENS // 2, PROMPT_TOKENS * 3 // 2),
+                rng.randint(PROMPT_TOKENS // 2, PROMPT_TOKENS * 3 // 2))
+
+    if not steady:
+        for _ in range(seqs):
+            add(PROMPT_TOKENS, steps + 8)
+    for _ in range(STEADY_WARMUP if steady else 3):   # decode: the prefill, then two decode steps
+        top_up()
         eng.step()
     value = eng.metrics.registry.get_sample_value
     before = {p: value("kiln_step_phase_seconds_sum", {"phase": p}) for p in STEP_PHASES}
+    seqs_before, tokens_before = value("kiln_step_sequences_sum"), value("kiln_step_tokens_sum")
     t0 = time.perf_counter()
     for _ in range(steps):
+        top_up()
         eng.step()
     wall = (time.perf_counter() - t0) / steps
     phase = {p: (value("kiln_step_phase_seconds_sum", {"phase": p}) - before[p]) / steps
              for p in STEP_PHASES if p != "deliver"}
-    return {"seqs": seqs, "steps": steps, "step_us": wall * 1e6,
-            "per_seq_us": wall * 1e6 / seqs, "phase_us": {k: v * 1e6 for k, v in phase.items()}}
+    return {"mode": mode, "workload": workload, "seqs": seqs, "steps": steps, "step_us": wall * 1e6,
+            "per_seq_us": wall * 1e6 / seqs, "phase_us": {k: v * 1e6 for k, v in phase.items()},
+            "batch_seqs": (value("kiln_step_sequences_sum") - seqs_before) / steps,
+            "batch_tokens": (value("kiln_step_tokens_sum") - tokens_before) / steps}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", default="1,16,64,256", help="batch sizes (comma-separated)")
-    ap.add_argument("--steps", type=int, default=100, help="decode steps measured per size")
+    ap.add_argument("--steps", type=int, default=100, help="steps measured per run")
+    ap.add_argument("--modes", default="sync,async", help="engine modes: sync, async")
+    ap.add_argument("--workloads", default="decode,steady", help="decode, steady")
     ap.add_argument("--out")
     args = ap.parse_args()
     _, tok = hf.load("smollm2")
     engine_module.sample_on_device = random_tokens   # no sampling cost: the engine alone
-    rows = [measure(tok, int(n), args.steps) for n in args.seqs.split(",")]
-    print(f"{'seqs':>5} {'step us':>9} {'us/seq':>7}  " + "  ".join(f"{p:>9}" for p in rows[0]["phase_us"]))
+    rows = [measure(tok, int(n), args.steps, mode, workload)
+            for workload in args.workloads.split(",") for mode in args.modes.split(",")
+            for n in args.seqs.split(",")]
+    phases = list(rows[0]["phase_us"])
+    print(f"{'workload':>8} {'mode':>5} {'seqs':>5} {'batch':>11} {'step us':>8} {'us/seq':>7}  "
+          + "  ".join(f"{p:>8}" for p in phases))
     for r in rows:
-        print(f"{r['seqs']:>5} {r['step_us']:>9.0f} {r['per_seq_us']:>7.2f}  "
-              + "  ".join(f"{v:>9.0f}" for v in r["phase_us"].values()))
+        shape = f"{r['batch_seqs']:.0f}/{r['batch_tokens']:.0f}"
+        print(f"{r['workload']:>8} {r['mode']:>5} {r['seqs']:>5} {shape:>11} {r['step_us']:>8.0f} "
+              f"{r['per_seq_us']:>7.2f}  " + "  ".join(f"{v:>8.0f}" for v in r["phase_us"].values()))
     result = {"bench": "engine_host", "code_version": code_version(),
-              "command": "python bench/engine_host.py --seqs " + args.seqs + f" --steps {args.steps}",
+              "command": f"python bench/engine_host.py --seqs {args.seqs} --steps {args.steps} "
+                         f"--modes {args.modes} --workloads {args.workloads}",
               "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
               "torch": torch.__version__, "rows": rows}
     if args.out:
