@@ -41,13 +41,15 @@ Why it is shaped the way it is:
   program whose sequence belongs to the other launch (MIN_N < n <= MAX_N fails) returns
   after the search.
 * Split-KV (flash-decoding) for decode batches with too few (sequence, KV head) programs
-  to fill the machine: the context is cut into NUM_SPLITS slices of SPLIT keys, each
-  program writes a partial (m, l, acc), and attention.py's reduction kernel combines them.
-  The split is chosen from the block table's width (the padded maximum context), N and
-  Hkv, never from context_lens, so it is fixed per captured bucket; slices past a
-  sequence's real context write an empty partial and cost a launch slot, nothing more.
-  With a window the slices start at the tile holding a sequence's first visible key, not
-  at key 0, so they need only cover window + BLOCK_N - 1 keys, however wide the table.
+  to fill the machine: each program takes one of NUM_SPLITS slices of its sequence's
+  keys and writes a partial (m, l, acc), and attention.py's reduction kernel combines
+  them. NUM_SPLITS is chosen from the block table's width (the padded maximum context), N
+  and Hkv, never from context_lens, so it is fixed per captured bucket; but the slices
+  cut each sequence's own keys into NUM_SPLITS runs of whole tiles, on the device, so
+  every program has work: fixed slices of width / NUM_SPLITS left the second of two
+  splits empty for every 200-key context under a 4096-key table. With a window the keys
+  start at the tile holding a sequence's first visible key, not at key 0, so a split
+  needs only cover window + BLOCK_N - 1 keys, however wide the table.
 * The cache write is its own tiny kernel launched first: every attention program reads
   keys that other programs' tokens wrote (a prefill chunk reads its own new tokens), and
   there is no grid-wide barrier inside one launch.
@@ -158,7 +160,7 @@ def _paged_attn_kernel(
         Q, KC, VC, O, BT, CTX, QS, PACC, PML,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        N, GROUP, BLOCK_Q, MIN_N, MAX_N, WINDOW, qk_scale, SPLIT, NUM_SPLITS,
+        N, GROUP, BLOCK_Q, MIN_N, MAX_N, WINDOW, qk_scale, NUM_SPLITS,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_DECODE: tl.constexpr,
         HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr, FP32_DOT: tl.constexpr):
@@ -167,7 +169,8 @@ def _paged_attn_kernel(
     tokens (a mixed batch's two launches split them by length).
 
     Keys are visited from 0, or with a window from the tile holding the first key the
-    tile's first token sees; slice s holds the SPLIT keys from SPLIT * s past that.
+    tile's first token sees; slice s holds the s-th of NUM_SPLITS runs of whole KV tiles
+    that cut them (the last may be short or empty).
 
     DIRECT: one slice; normalise and write O. Otherwise write the slice's partials
     PACC[slot, :] = acc, PML[slot, 0:2] = (m, l) with slot = (token * Hq + head) *
@@ -226,8 +229,9 @@ def _paged_attn_kernel(
         lo_k = (tl.maximum(full - WINDOW, 0) // BLOCK_N) * BLOCK_N
         full_lo = tl.cdiv(tl.maximum(end - WINDOW, 0), BLOCK_N) * BLOCK_N
     if not DIRECT:
-        lo_k += split * SPLIT
-        end = tl.minimum(end, lo_k + SPLIT)
+        per_split = tl.cdiv(tl.cdiv(end - lo_k, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo_k += split * per_split
+        end = tl.minimum(end, lo_k + per_split)
     full_end = tl.maximum(tl.minimum(end, (full // BLOCK_N) * BLOCK_N), lo_k)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -312,13 +316,12 @@ def _check(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, 
             raise ValueError(f"paged_attention: {name} is {x.dtype}, expected {want}")
 
 
-def decode_splits(n: int, hkv: int, max_keys: int, block_n: int, num_sms: int) -> tuple[int, int]:
-    """(keys per slice, slices) for a decode batch of n sequences whose block tables span
-    max_keys keys: attention.decode_split's rule (measured on an H100 for contiguous
-    decode) applied to the padded maximum context. One slice when the n * hkv programs
-    already fill the machine or the context is short."""
-    split = decode_split(n, hkv, 1, max(max_keys, 1), block_n, num_sms)
-    return split, max(1, triton.cdiv(max_keys, split))
+def decode_num_splits(n: int, hkv: int, max_keys: int, block_n: int, num_sms: int) -> int:
+    """Slices of each sequence's keys for a decode batch of n sequences whose block tables
+    span max_keys keys: attention.decode_split's rule (measured on an H100 for contiguous
+    decode) applied to the padded maximum context. One when the n * hkv programs already
+    fill the machine or the context is short."""
+    return max(1, triton.cdiv(max_keys, decode_split(n, hkv, 1, max(max_keys, 1), block_n, num_sms)))
 
 
 def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens,
@@ -327,8 +330,8 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
     """kiln_ref.paged_attention on a GPU (or under TRITON_INTERPRET). Only shapes (and the
     `window` attribute) decide the launch, so a decode step can be captured into a CUDA
     graph. `config` overrides the tile tables (a mixed batch then runs in one launch) and
-    `split` (keys per slice, a multiple of BLOCK_N; decode batches only) the split-KV
-    choice; tests use both."""
+    `split` (keys per slice of the padded table, a multiple of BLOCK_N; decode batches
+    only) the number of slices; tests use both."""
     _check(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, query_start)
     check_window(window, "paged_attention")
     write_cache(k, v, k_cache, v_cache, slot_mapping)
@@ -342,14 +345,14 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
     q = _unit_last(q)
     block_d = max(16, triton.next_power_of_2(d))
 
-    def launch(cfg: AttnConfig, block_q: int, grid0: int, min_n: int, max_n: int, split: int,
+    def launch(cfg: AttnConfig, block_q: int, grid0: int, min_n: int, max_n: int,
                num_splits: int, out, pacc, pml):
         block_m = max(cfg.block_m, triton.next_power_of_2(group))
         _paged_attn_kernel[(grid0, hkv, num_splits)](
             q, k_cache, v_cache, out, block_tables, context_lens, query_start, pacc, pml,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-            n, group, block_q, min_n, max_n, window or 0, float(scale) * LOG2E, split, num_splits,
+            n, group, block_q, min_n, max_n, window or 0, float(scale) * LOG2E, num_splits,
             BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
             IS_DECODE=decode, HAS_WINDOW=window is not None, DIRECT=num_splits == 1,
             FP32_DOT=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -364,9 +367,9 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
                            for c in (short_cfg, long_cfg))
         shortest = 0   # sequences of at most this many tokens run in the short launch
         if short_q < long_q:
-            launch(short_cfg, short_q, t // short_q + n, 0, short_q, 0, 1, out, unused, unused)
+            launch(short_cfg, short_q, t // short_q + n, 0, short_q, 1, out, unused, unused)
             shortest = short_q
-        launch(long_cfg, long_q, t // long_q + n, shortest, t, 0, 1, out, unused, unused)
+        launch(long_cfg, long_q, t // long_q + n, shortest, t, 1, out, unused, unused)
         return out
 
     cfg = config or _config(DECODE_CONFIGS, block_d)
@@ -377,7 +380,7 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
     if window is not None:
         span = min(span, window + cfg.block_n - 1)
     if split is None:
-        split, num_splits = decode_splits(n, hkv, span, cfg.block_n, _num_sms(q.device))
+        num_splits = decode_num_splits(n, hkv, span, cfg.block_n, _num_sms(q.device))
     elif split % cfg.block_n:
         raise ValueError(f"paged_attention: split {split} is not a multiple of BLOCK_N "
                          f"{cfg.block_n}")
@@ -386,11 +389,11 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
     out = torch.empty_like(q)
     if num_splits == 1:
         pacc = pml = torch.empty(1, dtype=torch.float32, device=q.device)
-        launch(cfg, 1, n, 0, 1, split, 1, out, pacc, pml)
+        launch(cfg, 1, n, 0, 1, 1, out, pacc, pml)
         return out
     pacc = torch.empty(t * hq * num_splits * block_d, dtype=torch.float32, device=q.device)
     pml = torch.empty(t * hq * num_splits * 2, dtype=torch.float32, device=q.device)
-    launch(cfg, 1, n, 0, 1, split, num_splits, out, pacc, pml)
+    launch(cfg, 1, n, 0, 1, num_splits, out, pacc, pml)
     _attn_reduce_kernel[(t * hq,)](
         pacc, pml, out, out.stride(0), out.stride(1), 0, hq, 1, num_splits,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=REDUCE_BLOCK_S, USE_EXP2=True,
@@ -429,7 +432,7 @@ def _attn_spec(dt: str, d: int, kind: str, window: bool):
     types = {"Q": p, "KC": p, "VC": p, "O": p, "BT": "*i32", "CTX": "*i32", "QS": "*i32",
              "PACC": "*fp32", "PML": "*fp32", "stride_bt": "i32", "N": "i32", "GROUP": "i32",
              "BLOCK_Q": "i32", "MIN_N": "i32", "MAX_N": "i32", "WINDOW": "i32",
-             "qk_scale": "fp32", "SPLIT": "i32", "NUM_SPLITS": "i32"}
+             "qk_scale": "fp32", "NUM_SPLITS": "i32"}
     types.update({s: "i32" for s in _ATTN_STRIDES})
     name = f"paged_attn_{kind}_{_DT[dt]}_d{d}_bs{AOT_BLOCK_SIZE}{'_window' if window else ''}"
     # Decode tiles hold GROUP <= 16 rows: BLOCK_M 16 covers GQA groups 1..16.

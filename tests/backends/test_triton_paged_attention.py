@@ -163,8 +163,9 @@ def test_padded_decode_bucket_like_decode_buffers():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", [(8, 2), (3, 3)])
 def test_split_kv_forced(dtype, heads):
-    # 32-key slices over a table 7 blocks wide: the short sequences leave most slices
-    # empty, the long one uses all of them; the reduction combines them.
+    # 32-key slices of a table 7 blocks wide: 4 slices, each cutting its sequence's own
+    # keys in runs of whole 16-key tiles (a one-key context leaves 3 empty, 100 keys make
+    # runs of 32); the reduction combines them.
     hq, hkv = heads
     check(make_batch([(100, 1), (3, 1), (40, 1), (0, 1)], hq, hkv, 64, dtype, extra_width=1),
           config=SMALL, split=32)
@@ -172,12 +173,12 @@ def test_split_kv_forced(dtype, heads):
 
 def test_split_kv_chosen_from_shapes():
     # Batch 1 over a table padded well past the context (a captured bucket's width): the
-    # split comes from the table width, so slices past the context are empty.
+    # number of slices comes from the table width, their keys from the context.
     hq, hkv, d, bs = 3, 1, 64, 16
     args = make_batch([(700, 1)], hq, hkv, d, torch.float32, bs=bs, extra_width=40)
     max_keys = args[6].shape[1] * bs
     block_n = pa._config(pa.DECODE_CONFIGS, d).block_n
-    _, splits = pa.decode_splits(1, hkv, max_keys, block_n, pa._num_sms(args[0].device))
+    splits = pa.decode_num_splits(1, hkv, max_keys, block_n, pa._num_sms(args[0].device))
     assert splits > 1
     check(args)
 
