@@ -344,6 +344,9 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
         return torch.zeros_like(q)
     q = _unit_last(q)
     block_d = max(16, triton.next_power_of_2(d))
+    # The output is contiguous [T, Hq, D] whatever q's strides: q usually is a view of a
+    # head-major RoPE output, and an output laid out like it made the model's reshape to
+    # [T, Hq * D] before o_proj a copy in every layer (9 us at 256 tokens on the H200).
 
     def launch(cfg: AttnConfig, block_q: int, grid0: int, min_n: int, max_n: int,
                num_splits: int, out, pacc, pml):
@@ -359,7 +362,7 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
 
     if not decode:
         # Rows past query_start[N] may belong to no sequence, and those must read zero.
-        out = torch.zeros_like(q)
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         unused = torch.empty(1, dtype=torch.float32, device=q.device)
         short_cfg = config or _config(DECODE_CONFIGS, block_d)
         long_cfg = config or _config(PREFILL_CONFIGS, block_d)
@@ -386,7 +389,7 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
                          f"{cfg.block_n}")
     else:
         num_splits = max(1, triton.cdiv(span, split))
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_splits == 1:
         pacc = pml = torch.empty(1, dtype=torch.float32, device=q.device)
         launch(cfg, 1, n, 0, 1, 1, out, pacc, pml)

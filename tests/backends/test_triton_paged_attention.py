@@ -238,6 +238,16 @@ def test_head_dims_below_16_and_not_powers_of_two(d):
     check(make_batch([(7, 1), (3, 1), (0, 1)], 4, 1, d, torch.float32, bs=4))
 
 
+@pytest.mark.parametrize("seqs", [[(5, 1), (9, 1)], [(5, 1), (4, 20)]], ids=["decode", "mixed"])
+def test_head_major_queries_give_a_contiguous_output(seqs):
+    # q as RoPE leaves it, [T, Hq, D] viewing head-major memory: the output is still
+    # contiguous, so the model's reshape to [T, Hq * D] before o_proj is a view.
+    q, *rest = make_batch(seqs, 4, 2, 64, torch.float32)
+    q = q.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    assert not q.is_contiguous()
+    assert check([q, *rest]).is_contiguous()
+
+
 def test_qkv_views_of_a_fused_projection():
     check(make_batch([(5, 1), (4, 20), (1, 1)], 4, 2, 64, torch.float32, qkv_views=True),
           config=SMALL)
