@@ -9,9 +9,15 @@ only), and the batch shape. `kiln bench serve --profile` reads them back as a ta
 """
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
+import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STEP_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
@@ -41,8 +47,8 @@ class EngineMetrics:
         self.preemptions = Counter("kiln_preemptions", "Sequences preempted for recompute", registry=r)
         self.ttft = Histogram("kiln_time_to_first_token_seconds", "Arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("kiln_inter_token_latency_seconds", "Time between output tokens",
-                             buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = TokenHistogram("kiln_inter_token_latency_seconds", "Time between output tokens",
+                                  LATENCY_BUCKETS, r)
         self.e2e = Histogram("kiln_request_latency_seconds", "Arrival to finish",
                              buckets=LATENCY_BUCKETS, registry=r)
         self.kv_used = Gauge("kiln_kv_blocks_used", "KV-cache blocks in use", registry=r)
@@ -83,6 +89,33 @@ class EngineMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class TokenHistogram:
+    """A histogram observed once per generated token, exported with the samples of a
+    prometheus_client Histogram (buckets, count, sum, created). Only the engine loop observes
+    it, so an observation takes no lock: a bisect and two additions, a fifth of
+    `Histogram.observe` (whose locks cost ~0.5 us a token, 0.13 ms of a 256-sequence step).
+    A scrape from another thread may see a count and a sum one observation apart."""
+
+    def __init__(self, name: str, documentation: str, buckets, registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self.bounds = [float(b) for b in buckets] + [math.inf]
+        self.counts = [0] * len(self.bounds)   # per bucket, not cumulative
+        self.sum = 0.0
+        self.created = time.time()
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1   # (le: the first bound >= value)
+        self.sum += value
+
+    def collect(self):
+        counts, total = list(self.counts), self.sum
+        family = HistogramMetricFamily(self.name, self.documentation, [
+            (floatToGoString(b), float(c)) for b, c in zip(self.bounds, itertools.accumulate(counts))], total)
+        family.add_sample(self.name + "_created", {}, self.created)
+        yield family
 
 
 class DeviceTimer:
