@@ -2,9 +2,12 @@
 
 Tokens do not map to text one by one: a byte-level token can hold half a UTF-8 character,
 and SentencePiece-style decoders drop or add a leading space depending on what comes before.
-So each step decodes a short window of recent tokens twice, with and without the new ones,
-and takes the difference as new text, but only once the decoded window no longer ends in
-an incomplete character (U+FFFD). The window starts a few prompt tokens back for context.
+So each step decodes a short window of recent tokens with the new ones, and takes what it
+adds to the text of the window's tokens already read as new text, but only once the decoded
+window no longer ends in an incomplete character (U+FFFD). The window starts a few prompt
+tokens back for context. The text of the tokens already read is decoded once per window,
+and a window of one token (most are: the previous step's token) is looked up in a
+per-decoder cache of single-token texts: one decode per step, not two.
 
 Stop strings: the output is cut right before the first stop string, which is never
 emitted; text that could still turn into a stop string (a suffix of the text that is a
@@ -30,6 +33,7 @@ REPLACEMENT = "\ufffd"
 PROBE_TOKENS = 512   # ids decoded both ways before the direct decoder is trusted
 
 _decoders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_token_texts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # decoder -> {id: text}
 
 
 def text_decoder(tokenizer, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
@@ -114,9 +118,11 @@ class Detokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] = (),
                  skip_special_tokens: bool = True):
         self.decode = text_decoder(tokenizer, skip_special_tokens)
+        self.token_texts = _token_texts.setdefault(self.decode, {})   # at most one per id
         self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
         self.prefix = 0                # window start
         self.read = len(self.ids)      # tokens before this are already text
+        self.read_text: str | None = None   # the text of ids[prefix:read], once decoded
         self.stop = list(stop)
         self.matcher = StopMatcher(self.stop) if self.stop else None
         self.pending = ""              # text decoded but not emitted yet (held back)
@@ -125,28 +131,40 @@ class Detokenizer:
     def add(self, token_id: int) -> str:
         """Feed one generated token; returns the text now safe to emit (maybe "")."""
         assert not self.stopped
-        self.ids.append(token_id)
-        before, after = self._window()
+        ids = self.ids
+        ids.append(token_id)
+        before = self.read_text if self.read_text is not None else self._read_text()
+        after = self.decode(ids[self.prefix:])
         if len(after) > len(before) and not after.endswith(REPLACEMENT):
-            self.prefix, self.read = self.read, len(self.ids)
-            return self._extend(after[len(before):])
+            self.prefix, self.read, self.read_text = self.read, len(ids), None
+            new = after[len(before):]
+            return new if self.matcher is None else self._extend(new)
         return ""
 
     def flush(self) -> str:
         """At the end: emit what was held back, including an incomplete character."""
         if not self.stopped and self.read < len(self.ids):
-            before, after = self._window()
-            self.read = len(self.ids)
+            before, after = self._read_text(), self.decode(self.ids[self.prefix:])
+            self.read, self.read_text = len(self.ids), None
             self.pending += after[len(before):]
         delta, self.pending = self.pending, ""
         return delta
 
-    def _window(self) -> tuple[str, str]:
-        return self.decode(self.ids[self.prefix:self.read]), self.decode(self.ids[self.prefix:])
+    def _read_text(self) -> str:
+        """The text of ids[prefix:read]: decoded once per window, a one-token window from the
+        decoder's cache."""
+        if self.read_text is None:
+            window = self.ids[self.prefix:self.read]
+            if len(window) != 1:
+                self.read_text = self.decode(window)
+            else:
+                text = self.token_texts.get(window[0])
+                if text is None:
+                    text = self.token_texts[window[0]] = self.decode(window)
+                self.read_text = text
+        return self.read_text
 
     def _extend(self, new: str) -> str:
-        if self.matcher is None:
-            return new
         base = self.matcher.fed - len(self.pending)   # offset of pending[0] in the output
         start = self.matcher.feed(new)
         self.pending += new
