@@ -55,10 +55,6 @@ class BlockManager:
     def usage(self) -> float:
         return self.num_used_blocks() / self.num_blocks
 
-    def blocks_needed(self, seq: Sequence, num_new: int) -> int:
-        total = -(-(seq.num_computed + num_new) // self.block_size)
-        return max(0, total - len(seq.block_table))
-
     # -- allocation ---------------------------------------------------------------------------
     def match_prefix(self, seq: Sequence) -> int:
         """Take the cached full blocks that start a fresh sequence; returns tokens reused.
@@ -88,7 +84,9 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new: int) -> bool:
         """Grow the block table to hold `num_new` more tokens; False (nothing changed) if the
         pool is too small."""
-        need = self.blocks_needed(seq, num_new)
+        need = -(-(seq.num_computed + num_new) // self.block_size) - len(seq.block_table)
+        if need <= 0:   # (most steps: a decode token fits in the last block)
+            return True
         if need > len(self.free):
             return False
         for _ in range(need):
@@ -126,7 +124,7 @@ class BlockManager:
                 self.free[block_id] = None
                 if block.hash is None:      # nothing to keep: hand it out first
                     self.free.move_to_end(block_id, last=False)
-        seq.block_table = []
+        seq.block_table = array("i")
         seq.block_hashes = []
         seq.num_computed = 0
 

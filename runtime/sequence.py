@@ -5,6 +5,7 @@ import enum
 import itertools
 import math
 import time
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -71,7 +72,7 @@ class Sequence:
         self.finish_reason: str | None = None    # "stop", "length" or "abort"
         self.num_computed = 0                    # tokens whose KV is in the cache
         self.num_cached_tokens = 0               # prompt tokens served by the prefix cache
-        self.block_table: list[int] = []
+        self.block_table = array("i")           # block ids (int32: copied into batches as is)
         self.block_hashes: list[bytes] = []      # hash of each full, computed block
         self.num_preemptions = 0
         self.generator: torch.Generator | None = None   # made on the logits' device when seeded
@@ -127,4 +128,4 @@ class Sequence:
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id}, {self.status.value}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed}, blocks={self.block_table})")
+                f"computed={self.num_computed}, blocks={self.block_table.tolist()})")

@@ -25,14 +25,14 @@ def test_allocate_and_free():
     assert bm.allocate(a, 3) and len(a.block_table) == 4
     assert len(set(a.block_table)) == 4
     bm.free_seq(a)
-    assert bm.num_used_blocks() == 0 and a.block_table == [] and a.num_computed == 0
+    assert bm.num_used_blocks() == 0 and not a.block_table and a.num_computed == 0
 
 
 def test_allocate_fails_without_side_effects():
     bm = BlockManager(num_blocks=2, block_size=4)
     a = seq(range(12))
     assert not bm.allocate(a, 12)
-    assert a.block_table == [] and bm.num_free_blocks() == 2
+    assert not a.block_table and bm.num_free_blocks() == 2
     assert bm.allocate(a, 8) and bm.num_free_blocks() == 0
 
 

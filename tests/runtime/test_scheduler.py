@@ -47,7 +47,7 @@ def test_flat_batch_layout():
     assert batch.positions.tolist() == [0, 1, 2, 3, 4, 5, 0, 1]
     assert batch.query_start.tolist() == [0, 6, 8]
     assert batch.context_lens.tolist() == [6, 2]
-    ta, tb = a.block_table, b.block_table
+    ta, tb = a.block_table.tolist(), b.block_table.tolist()
     assert batch.block_tables.tolist() == [ta, tb + [0]]
     assert batch.slot_mapping.tolist() == [ta[p // 4] * 4 + p % 4 for p in range(6)] + [tb[0] * 4, tb[0] * 4 + 1]
     assert batch.max_query_len == 6 and batch.max_context_len == 6 and not batch.is_decode
@@ -90,7 +90,7 @@ def test_preemption_frees_the_newest_and_requeues_it_first():
     assert step.seqs == [a, b]
     step = fake_step(sched)                   # a needs a third block: b is preempted
     assert step.seqs == [a] and sched.num_preemptions == 1
-    assert list(sched.waiting) == [b] and b.block_table == [] and b.num_computed == 0
+    assert list(sched.waiting) == [b] and not b.block_table and b.num_computed == 0
     assert b.num_tokens == 9                  # its generated tokens are kept for recompute
 
 
