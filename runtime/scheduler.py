@@ -67,9 +67,14 @@ class Scheduler:
     def schedule(self) -> ScheduledStep | None:
         budget = self.config.max_num_batched_tokens
         preempted = self.num_preemptions
-        chosen: list[tuple[Sequence, int]] = []
+        seqs: list[Sequence] = []
+        num_new: list[int] = []
         # Running sequences: decodes first, then prefills in progress, each in admission order.
-        queue = deque(sorted((s for s in self.running if not s.final), key=lambda s: s.num_pending > 1))
+        queue, prefills = deque(), []
+        for seq in self.running:
+            if not seq.final:
+                (prefills if seq.num_pending > 1 else queue).append(seq)
+        queue.extend(prefills)
         while queue and budget > 0:
             seq = queue.popleft()
             n = min(seq.num_pending, budget)
@@ -79,7 +84,8 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                chosen.append((seq, n))
+                seqs.append(seq)
+                num_new.append(n)
                 budget -= n
         # Waiting sequences, while budget, seats and blocks last (none if we just preempted).
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
@@ -93,13 +99,14 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            chosen.append((seq, n))
+            seqs.append(seq)
+            num_new.append(n)
             budget -= n
-        if not chosen:
+        if not seqs:
             return None
-        batch = build_batch([(s.token_ids, s.num_computed, n, s.block_table) for s, n in chosen],
+        batch = build_batch([(s.token_ids, s.num_computed, n, s.block_table) for s, n in zip(seqs, num_new)],
                             self.blocks.block_size)
-        return ScheduledStep([s for s, _ in chosen], [n for _, n in chosen], batch)
+        return ScheduledStep(seqs, num_new, batch)
 
     def advance(self, step: ScheduledStep, commit: bool = True) -> list[bool]:
         """After the model ran (or was launched): record the computed tokens; returns, per
