@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import operator
 
+import numpy as np
 import torch
 
 from kiln.backends.cudagraphs import capture_parts
@@ -99,7 +100,9 @@ class StepBuffers:
     The int64 inputs are views of one device tensor and the int32 inputs of another; a
     step assembles both, scratch entries included, in pinned host memory and sends each in
     one asynchronous copy. Before the host side is rewritten, `fill` waits for the previous
-    copies (an event; the engine already waited for the step's tokens, so it is done)."""
+    copies (an event; the engine already waited for the step's tokens, so it is done). The
+    host side is written through numpy views: a slice assignment costs under 1 us there,
+    3-5 us as a torch op, and a step makes a dozen."""
 
     LONG = ("input_ids", "positions", "slot_mapping")
     INT = ("context_lens", "query_start", "block_tables")
@@ -116,7 +119,7 @@ class StepBuffers:
         pinned = device.type == "cuda"
         self._sent = torch.cuda.Event() if pinned else None   # the last copies to the device
         self._packs = []   # (host tensor, device tensor), one per dtype
-        self._host, self._device = {}, {}
+        self._host, self._device = {}, {}   # numpy views of the host side, device tensors
         for names, dtype in ((self.LONG, torch.int64), (self.INT, torch.int32)):
             size = sum(math.prod(shapes[k]) for k in names)
             host = torch.zeros(size, dtype=dtype, pin_memory=pinned)
@@ -125,14 +128,14 @@ class StepBuffers:
             at = 0
             for k in names:
                 n = math.prod(shapes[k])
-                self._host[k] = host[at:at + n].view(shapes[k])
+                self._host[k] = host[at:at + n].view(shapes[k]).numpy()
                 self._device[k] = dev[at:at + n].view(shapes[k])
                 at += n
         h = self._host   # the contents of an all-scratch batch
-        h["slot_mapping"].fill_(self.scratch_slot)
-        h["block_tables"].fill_(scratch_block)
-        h["context_lens"].fill_(1)
-        torch.arange(num_seqs + 1, out=h["query_start"])
+        h["slot_mapping"][:] = self.scratch_slot
+        h["block_tables"][:] = scratch_block
+        h["context_lens"][:] = 1
+        h["query_start"][:] = np.arange(num_seqs + 1)
         self._send()
 
     @property
@@ -146,11 +149,11 @@ class StepBuffers:
         if self._sent is not None:
             self._sent.synchronize()
         h = self._host
-        h["input_ids"][:t] = batch.input_ids
-        h["positions"][:t] = batch.positions
-        h["slot_mapping"][:t] = batch.slot_mapping
-        h["context_lens"][:n] = batch.context_lens
-        h["block_tables"][:n, :w] = batch.block_tables
+        h["input_ids"][:t] = batch.input_ids.numpy()
+        h["positions"][:t] = batch.positions.numpy()
+        h["slot_mapping"][:t] = batch.slot_mapping.numpy()
+        h["context_lens"][:n] = batch.context_lens.numpy()
+        h["block_tables"][:n, :w] = batch.block_tables.numpy()
         # Entries past the batch may hold an earlier batch's values: reset them.
         h["input_ids"][t:] = 0
         h["positions"][t:] = 0
@@ -159,8 +162,8 @@ class StepBuffers:
         h["block_tables"][:n, w:] = self.scratch_block
         h["block_tables"][n:] = self.scratch_block
         if not self.is_decode:
-            h["query_start"][:n + 1] = batch.query_start
-            torch.arange(t + 1, t + 1 + self.num_seqs - n, out=h["query_start"][n + 1:])
+            h["query_start"][:n + 1] = batch.query_start.numpy()
+            h["query_start"][n + 1:] = np.arange(t + 1, t + 1 + self.num_seqs - n)
         self._send()
 
     def _send(self) -> None:
