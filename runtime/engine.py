@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .batch import ModelRunner, PendingInputs, to_device
@@ -111,9 +112,11 @@ def check_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int
 class _InFlight:
     """A launched step whose sampled tokens the host has not read yet."""
     step: ScheduledStep
-    sampled: list[tuple[Sequence, int]]   # (sequence, index of its pending token)
+    seqs: list[Sequence]                  # the sampled sequences, in the order of `tokens`
+    indices: list[int]                    # the index of each one's pending token
     row_of: dict[Sequence, int]           # the row of `tokens` each sampled sequence gets
-    tokens: object                        # [len(sampled)] int64 on the device, or None
+    chunks: list[Sequence]                # those that ran a prefill chunk and sample nothing
+    tokens: object                        # [len(seqs)] int64 on the device, or None
     timer: DeviceTimer
     host_tokens: object = None            # their copy in pinned host memory (CUDA)
     copied: object = None                 # a CUDA event after that copy
@@ -245,17 +248,18 @@ class LLMEngine:
         tokens = prev.read_tokens()   # waits for step N only
         t_sampled = clock()
         outputs = []
-        for (seq, index), token in zip(prev.sampled, tokens):
+        commit = self.blocks.commit
+        for seq, index, token in zip(prev.seqs, prev.indices, tokens):
             if seq.status is Status.FINISHED:   # aborted, or stopped at its previous token
                 continue
             last = seq.last_token_time
             seq.resolve(index, token)
             if seq.status is Status.RUNNING:
-                self.blocks.commit(seq)
+                commit(seq)
             outputs.append(self._emit(seq, token, index, last))
-        for seq in prev.step.seqs:   # (prefill chunks: their blocks are hashed only now)
-            if seq.status is Status.RUNNING and seq not in prev.row_of:
-                self.blocks.commit(seq)
+        for seq in prev.chunks:   # (their blocks are hashed only now)
+            if seq.status is Status.RUNNING:
+                commit(seq)
         self.metrics.generation_tokens.inc(len(outputs))
         batch = prev.step.batch
         self.metrics.observe_step([t_start, t_scheduled, t_forward, t_sampled, clock()],
@@ -265,20 +269,20 @@ class LLMEngine:
     def _launch(self, step: ScheduledStep, prev: _InFlight | None) -> _InFlight:
         """Run `step` on the device and sample its tokens there; nothing waits. Inputs that
         `prev` samples are filled in on the device (batch.pending)."""
+        batch = step.batch
         if prev is not None:
-            rows, picks, at = [], [], 0
-            for seq, n in zip(step.seqs, step.num_new):
-                at += n
-                if seq.token_ids[seq.num_computed + n - 1] == PENDING:
-                    rows.append(at - 1)
-                    picks.append(prev.row_of[seq])
-            if rows:
-                step.batch.pending = PendingInputs(rows, picks, prev.tokens)
+            # A pending input is the last new token of its sequence (prev sampled it).
+            ends = batch.query_start.numpy()[1:] - 1
+            waiting = np.flatnonzero(batch.input_ids.numpy()[ends] == PENDING).tolist()
+            if waiting:
+                row_of, seqs = prev.row_of, step.seqs
+                batch.pending = PendingInputs(ends[waiting], [row_of[seqs[i]] for i in waiting], prev.tokens)
         timer = self._timers[1] if prev is not None and prev.timer is self._timers[0] else self._timers[0]
         timer.start()
-        logits = self.runner.execute(step.batch)
+        logits = self.runner.execute(batch)
         # (blocks are hashed once the tokens are read)
-        seqs, tokens = self._sample(step, logits, self.scheduler.advance(step, commit=False))
+        ready = self.scheduler.advance(step, commit=False)
+        seqs, tokens = self._sample(step, logits, ready)
         timer.stop()
         host_tokens = copied = None
         if tokens is not None and tokens.device.type == "cuda":
@@ -286,27 +290,27 @@ class LLMEngine:
             host_tokens.copy_(tokens, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record()
-        sampled, row_of = [], {}
-        for row, seq in enumerate(seqs):
+        indices = []
+        for seq in seqs:
             index = seq.append_pending()
-            sampled.append((seq, index))
-            row_of[seq] = row
+            indices.append(index)
             if self._reaches_length(seq, index):
                 seq.final = True   # ends at this token whatever it is: plan no more for it
-        return _InFlight(step, sampled, row_of, tokens, timer, host_tokens, copied)
+        chunks = [] if len(seqs) == len(ready) else [s for s, r in zip(step.seqs, ready) if not r]
+        return _InFlight(step, seqs, indices, dict(zip(seqs, range(len(seqs)))), chunks, tokens, timer,
+                         host_tokens, copied)
 
     def _sample(self, step: ScheduledStep, logits, ready: list[bool]) -> tuple[list[Sequence], object]:
         """The sequences whose logits are for a new token, and their tokens sampled on the
         device (None if there are none); nothing waits for the device."""
-        rows = [i for i, r in enumerate(ready) if r]
-        seqs = [step.seqs[i] for i in rows]
-        if not rows:
+        seqs = list(itertools.compress(step.seqs, ready))
+        if not seqs:
             return seqs, None
         for s in seqs:
             if s.params.seed is not None and s.generator is None:
                 s.generator = make_generator(s.params.seed, logits.device)
-        if len(rows) < logits.shape[0]:   # (a decode step needs every row: no gather)
-            logits = logits.index_select(0, to_device(rows, logits.device))
+        if len(seqs) < logits.shape[0]:   # (a decode step needs every row: no gather)
+            logits = logits.index_select(0, to_device(np.flatnonzero(ready), logits.device))
         return seqs, sample_on_device(logits, [s.params for s in seqs], [s.generator for s in seqs])
 
     def _reaches_length(self, seq: Sequence, index: int) -> bool:
@@ -322,13 +326,12 @@ class LLMEngine:
         """The output for `token`, at `index` of the sequence's tokens (the host read it
         now; `last`: when the previous one was read); finishes the sequence if it stops."""
         m, p = self.metrics, seq.params
-        prev = last
-        if prev is None:
+        if last is None:
             m.ttft.observe(seq.first_token_time - seq.arrival_time)
             m.prompt_tokens.inc(seq.num_prompt_tokens)
             m.cached_tokens.inc(seq.num_cached_tokens)
         else:
-            m.itl.observe(seq.last_token_time - prev)
+            m.itl.observe(seq.last_token_time - last)
         detok = self.detok[seq.request_id]
         reason = None
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
