@@ -115,11 +115,12 @@ def build_batch(items: list[tuple[list[int], int, int, array | list[int]]], bloc
     tables are then one join of their bytes), or a list."""
     tokens, starts, counts, tables = zip(*items)
     n = len(items)
-    decode = counts.count(1) == n
-    if decode:   # one token a sequence, no slicing
-        ids = [t[s] for t, s in zip(tokens, starts)]
-    else:
-        ids = list(chain.from_iterable(t[s:s + c] for t, s, c in zip(tokens, starts, counts)))
+    ids = []
+    for t, start, count in zip(tokens, starts, counts):
+        if count == 1:
+            ids.append(t[start])
+        else:
+            ids += t[start:start + count]
     lens = np.fromiter(map(len, tables), np.int64, n)
     try:
         flat = np.frombuffer(b"".join(tables), np.int32)
@@ -129,15 +130,17 @@ def build_batch(items: list[tuple[list[int], int, int, array | list[int]]], bloc
     block_tables = np.zeros((n, width), np.int32)
     block_tables[np.arange(width) < lens[:, None]] = flat   # row after row, padded with 0
     pos = np.array(starts, np.int64)
-    ctx = pos + counts
-    if decode:
+    if len(ids) == n:   # decode: one token a sequence
+        ctx = pos + 1
         seq_of = np.arange(n)
         qstart = np.arange(n + 1, dtype=np.int32)
     else:
-        seq_of = np.repeat(np.arange(n), counts)
+        new = np.array(counts)
+        ctx = pos + new
+        seq_of = np.repeat(np.arange(n), new)
         qstart = np.zeros(n + 1, np.int32)
-        np.cumsum(counts, out=qstart[1:])
-        pos = np.arange(len(ids)) + np.repeat(pos - qstart[:-1], counts)
+        np.cumsum(new, out=qstart[1:])
+        pos = np.arange(len(ids)) + np.repeat(pos - qstart[:-1], new)
     slots = block_tables[seq_of, pos // block_size] * np.int64(block_size) + pos % block_size
     return FlatBatch(
         input_ids=torch.from_numpy(np.array(ids, np.int64)),

@@ -67,14 +67,21 @@ class Scheduler:
     def schedule(self) -> ScheduledStep | None:
         budget = self.config.max_num_batched_tokens
         preempted = self.num_preemptions
-        seqs: list[Sequence] = []
-        num_new: list[int] = []
         # Running sequences: decodes first, then prefills in progress, each in admission order.
-        queue, prefills = deque(), []
+        decodes, prefills = [], []
         for seq in self.running:
             if not seq.final:
-                (prefills if seq.num_pending > 1 else queue).append(seq)
-        queue.extend(prefills)
+                (prefills if seq.num_pending > 1 else decodes).append(seq)
+        if len(decodes) <= min(budget, self.blocks.num_free_blocks()):
+            # A decode needs one block at most: all of them fit and none is preempted.
+            for seq in decodes:
+                self.blocks.allocate(seq, 1)
+            seqs, num_new = decodes, [1] * len(decodes)
+            budget -= len(decodes)
+            queue = deque(prefills)
+        else:
+            seqs, num_new = [], []
+            queue = deque(decodes + prefills)
         while queue and budget > 0:
             seq = queue.popleft()
             n = min(seq.num_pending, budget)
