@@ -51,9 +51,12 @@ class PendingInputs:
     picks: list[int] | np.ndarray
     tokens: torch.Tensor
 
-    def apply(self, input_ids: torch.Tensor) -> None:
-        """Write the pending tokens into `input_ids` (queued on the device, no host wait)."""
-        index = to_device([self.rows, self.picks], input_ids.device)
+    def apply(self, input_ids: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Write the pending tokens into `input_ids` (queued on the device, no host wait).
+        `index`: rows and picks as one [2, len(rows)] int64 tensor already on the device
+        (model_runner.StepBuffers sends it with the step's inputs); else they are sent here."""
+        if index is None:
+            index = to_device([self.rows, self.picks], input_ids.device)
         picked = self.tokens.to(input_ids.device).index_select(0, index[1])
         input_ids.index_copy_(0, index[0], picked.to(input_ids.dtype))
 

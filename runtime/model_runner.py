@@ -97,15 +97,18 @@ class StepBuffers:
     `scratch_block`), and tokens past t + N - n belong to no sequence. A decode bucket
     (T == N) only ever holds decode batches, so its query_start stays 0, 1, ..., N.
 
-    The int64 inputs are views of one device tensor and the int32 inputs of another; a
-    step assembles both, scratch entries included, in pinned host memory and sends each in
-    one asynchronous copy. Before the host side is rewritten, `fill` waits for the previous
-    copies (an event; the engine already waited for the step's tokens, so it is done). The
-    host side is written through numpy views: a slice assignment costs under 1 us there,
-    3-5 us as a torch op, and a step makes a dozen."""
+    The inputs, and the rows and picks of the batch's pending inputs (batch.PendingInputs),
+    are views of one device buffer: a step assembles them, scratch entries included, in
+    pinned host memory and sends them in one asynchronous copy. Before the host side is
+    rewritten, `fill` waits for the previous copy (an event; the engine already waited for
+    the step's tokens, so it is done). The host side is written through numpy views: a
+    slice assignment costs under 1 us there, 3-5 us as a torch op, and a step makes a
+    dozen."""
 
-    LONG = ("input_ids", "positions", "slot_mapping")
-    INT = ("context_lens", "query_start", "block_tables")
+    FIELDS = (("input_ids", torch.int64), ("positions", torch.int64), ("slot_mapping", torch.int64),
+              ("pending", torch.int64), ("context_lens", torch.int32), ("query_start", torch.int32),
+              ("block_tables", torch.int32))
+    ALIGN = 64   # bytes between field starts (Triton specializes on 16-byte-aligned pointers)
 
     def __init__(self, num_tokens: int, num_seqs: int, width: int, scratch_block: int,
                  block_size: int, device: torch.device):
@@ -114,23 +117,21 @@ class StepBuffers:
         self.scratch_block = scratch_block
         device = torch.device(device)
         shapes = {"input_ids": (num_tokens,), "positions": (num_tokens,), "slot_mapping": (num_tokens,),
-                  "context_lens": (num_seqs,), "query_start": (num_seqs + 1,),
+                  "pending": (2, num_seqs), "context_lens": (num_seqs,), "query_start": (num_seqs + 1,),
                   "block_tables": (num_seqs, width)}
+        nbytes = [math.prod(shapes[k]) * dtype.itemsize for k, dtype in self.FIELDS]
+        sizes = [-(-n // self.ALIGN) * self.ALIGN for n in nbytes]
         pinned = device.type == "cuda"
-        self._sent = torch.cuda.Event() if pinned else None   # the last copies to the device
-        self._packs = []   # (host tensor, device tensor), one per dtype
+        self._sent = torch.cuda.Event() if pinned else None   # the last copy to the device
+        self._host_pack = torch.zeros(sum(sizes), dtype=torch.uint8, pin_memory=pinned)
+        self._device_pack = (self._host_pack if device.type == "cpu" else
+                             torch.zeros(sum(sizes), dtype=torch.uint8, device=device))
         self._host, self._device = {}, {}   # numpy views of the host side, device tensors
-        for names, dtype in ((self.LONG, torch.int64), (self.INT, torch.int32)):
-            size = sum(math.prod(shapes[k]) for k in names)
-            host = torch.zeros(size, dtype=dtype, pin_memory=pinned)
-            dev = host if device.type == "cpu" else torch.zeros(size, dtype=dtype, device=device)
-            self._packs.append((host, dev))
-            at = 0
-            for k in names:
-                n = math.prod(shapes[k])
-                self._host[k] = host[at:at + n].view(shapes[k]).numpy()
-                self._device[k] = dev[at:at + n].view(shapes[k])
-                at += n
+        at = 0
+        for (k, dtype), n, size in zip(self.FIELDS, nbytes, sizes):
+            self._host[k] = self._host_pack[at:at + n].view(dtype).view(shapes[k]).numpy()
+            self._device[k] = self._device_pack[at:at + n].view(dtype).view(shapes[k])
+            at += size
         h = self._host   # the contents of an all-scratch batch
         h["slot_mapping"][:] = self.scratch_slot
         h["block_tables"][:] = scratch_block
@@ -164,17 +165,24 @@ class StepBuffers:
         if not self.is_decode:
             h["query_start"][:n + 1] = batch.query_start.numpy()
             h["query_start"][n + 1:] = np.arange(t + 1, t + 1 + self.num_seqs - n)
+        if batch.pending is not None:
+            k = len(batch.pending.rows)
+            h["pending"][0, :k] = batch.pending.rows
+            h["pending"][1, :k] = batch.pending.picks
         self._send()
 
     def _send(self) -> None:
-        for host, dev in self._packs:
-            if dev is not host:
-                dev.copy_(host, non_blocking=True)
+        if self._device_pack is not self._host_pack:
+            self._device_pack.copy_(self._host_pack, non_blocking=True)
         if self._sent is not None:
             self._sent.record()
 
     def field(self, name: str) -> torch.Tensor:
         return self._device[name]
+
+    def pending_index(self, batch: FlatBatch) -> torch.Tensor:
+        """The rows and picks of the batch's pending inputs, as `fill` sent them: [2, k]."""
+        return self._device["pending"][:, :len(batch.pending.rows)]
 
 
 class PagedModelRunner:
@@ -292,7 +300,7 @@ class PagedModelRunner:
         buf = self.buffers(bucket)
         buf.fill(batch)
         if batch.pending is not None:
-            batch.pending.apply(buf.field("input_ids"))
+            batch.pending.apply(buf.field("input_ids"), buf.pending_index(batch))
         if not self.cudagraphs:
             (logits,) = self.fn(*self._args(buf.field))
             return logits
