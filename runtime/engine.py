@@ -169,6 +169,7 @@ class LLMEngine:
                                  else config.async_scheduling)
         self._inflight: _InFlight | None = None
         self._timers = (self.device_timer, DeviceTimer(device))   # alternate: two steps at once
+        self._token_copies = None   # likewise: per timer, pinned host memory and an event (CUDA)
         self.metrics.bind(self.blocks.num_used_blocks, self.blocks.usage,
                           lambda: len(self.scheduler.running), lambda: len(self.scheduler.waiting))
         self._preemptions_seen = 0
@@ -277,7 +278,8 @@ class LLMEngine:
             if waiting:
                 row_of, seqs = prev.row_of, step.seqs
                 batch.pending = PendingInputs(ends[waiting], [row_of[seqs[i]] for i in waiting], prev.tokens)
-        timer = self._timers[1] if prev is not None and prev.timer is self._timers[0] else self._timers[0]
+        slot = 1 if prev is not None and prev.timer is self._timers[0] else 0
+        timer = self._timers[slot]
         timer.start()
         logits = self.runner.execute(batch)
         # (blocks are hashed once the tokens are read)
@@ -286,15 +288,20 @@ class LLMEngine:
         timer.stop()
         host_tokens = copied = None
         if tokens is not None and tokens.device.type == "cuda":
-            host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            # (reused: the step that last had this slot was read before this one launched)
+            if self._token_copies is None:
+                n = self.config.max_num_seqs
+                self._token_copies = [(torch.empty(n, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
+                                      for _ in self._timers]
+            pinned, copied = self._token_copies[slot]
+            host_tokens = pinned[:len(tokens)]
             host_tokens.copy_(tokens, non_blocking=True)
-            copied = torch.cuda.Event()
             copied.record()
         indices = []
         for seq in seqs:
             index = seq.append_pending()
             indices.append(index)
-            if self._reaches_length(seq, index):
+            if index + 1 >= seq.max_num_tokens:
                 seq.final = True   # ends at this token whatever it is: plan no more for it
         chunks = [] if len(seqs) == len(ready) else [s for s, r in zip(step.seqs, ready) if not r]
         return _InFlight(step, seqs, indices, dict(zip(seqs, range(len(seqs)))), chunks, tokens, timer,
@@ -313,10 +320,6 @@ class LLMEngine:
             logits = logits.index_select(0, to_device(np.flatnonzero(ready), logits.device))
         return seqs, sample_on_device(logits, [s.params for s in seqs], [s.generator for s in seqs])
 
-    def _reaches_length(self, seq: Sequence, index: int) -> bool:
-        """The token at `index` is the sequence's last by length (max_tokens, max_model_len)."""
-        return index + 1 - seq.num_prompt_tokens >= seq.params.max_tokens or index + 1 >= self.max_model_len
-
     def _append(self, seq: Sequence, token: int) -> RequestOutput:
         last = seq.last_token_time
         seq.append(token)
@@ -333,19 +336,17 @@ class LLMEngine:
         else:
             m.itl.observe(seq.last_token_time - last)
         detok = self.detok[seq.request_id]
-        reason = None
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             reason, text = "stop", detok.flush()
         else:
             text = detok.add(token)
             if detok.stopped:
                 reason = "stop"
-            elif self._reaches_length(seq, index):
+            elif index + 1 >= seq.max_num_tokens:   # (check_request keeps it within max_model_len)
                 reason, text = "length", text + detok.flush()
-        if reason:
-            self._finish(seq, reason)
-        if reason is None:
-            return RequestOutput(seq.request_id, text, [token])
+            else:
+                return RequestOutput(seq.request_id, text, [token])
+        self._finish(seq, reason)
         return RequestOutput(seq.request_id, text, [token], True, reason, self._usage(seq))
 
     def _finish(self, seq: Sequence, reason: str) -> None:

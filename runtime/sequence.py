@@ -67,6 +67,7 @@ class Sequence:
         self.request_id = request_id if request_id is not None else f"req-{next(_ids)}"
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
+        self.max_num_tokens = len(prompt_ids) + params.max_tokens   # it stops by length at this many
         self.params = params
         self.status = Status.WAITING
         self.finish_reason: str | None = None    # "stop", "length" or "abort"
