@@ -17,6 +17,12 @@ text). Two workloads, each with the synchronous and the async engine (`--modes`)
 The table gives the mean host time per step of each phase (the engine's
 kiln_step_phase_seconds) and per sequence. No HTTP: `kiln bench serve --profile` measures
 the server as a whole.
+
+`--device cuda` keeps the step buffers (pinned host memory, asynchronous copies), the
+logits and the sampled ids on the GPU, with the engine's CUDA events, as under `kiln
+serve`. `--tokenizer words:VOCAB` detokenizes with bench/make_shape_model.py's word-level
+tokenizer, the one of the random-weight shape models the GPU serving benchmarks run (no
+SmolLM2 weights needed).
 """
 from __future__ import annotations
 
@@ -52,17 +58,18 @@ class NoModel:
     bucket_of = PagedModelRunner.bucket_of
     buffers = PagedModelRunner.buffers
 
-    def __init__(self, vocab_size: int, max_seqs: int, max_len: int, max_num_batched_tokens: int):
+    def __init__(self, vocab_size: int, max_seqs: int, max_len: int, max_num_batched_tokens: int,
+                 device: str = "cpu"):
         self.vocab_size, self.max_model_len = vocab_size, max_len
         self.max_blocks_per_seq = -(-max_len // self.block_size)
         self.num_blocks = max_seqs * self.max_blocks_per_seq
         self.scratch_block = self.num_blocks
-        self.device = torch.device("cpu")
+        self.device = torch.device(device)
         self.seq_buckets = decode_buckets(max_seqs)
         self.mixed_seq_buckets = mixed_seq_buckets(self.seq_buckets)
         self.token_buckets = token_buckets(max_num_batched_tokens, self.seq_buckets[-1])
         self._buffers = {}
-        self.logits = torch.zeros(max_seqs, 8)
+        self.logits = torch.zeros(max_seqs, 8, device=device)
 
     def execute(self, batch):
         bucket = self.bucket_of(batch)
@@ -77,16 +84,16 @@ class NoModel:
 
 
 def random_tokens(logits, params, generators):
-    return torch.randint(1000, 40000, (logits.shape[0],))
+    return torch.randint(1000, 40000, (logits.shape[0],), device=logits.device)
 
 
-def measure(tok, seqs: int, steps: int, mode: str, workload: str) -> dict:
+def measure(tok, seqs: int, steps: int, mode: str, workload: str, device: str = "cpu") -> dict:
     steady = workload == "steady"
     budget = STEADY_BATCHED_TOKENS if steady else seqs * PROMPT_TOKENS
     max_len = 3 * PROMPT_TOKENS if steady else PROMPT_TOKENS + steps + 8
-    runner = NoModel(len(tok), seqs, max_len, budget)
-    eng = LLMEngine(runner, tok, EngineConfig(max_num_seqs=seqs, max_waiting=seqs, max_num_batched_tokens=budget,
-                                              async_scheduling=mode == "async"))
+    runner = NoModel(len(tok), seqs, max_len, budget, device)
+    eng = LLMEngine(runner, tok, EngineConfig(max_num_seqs=seqs, max_waiting=seqs,
+                                              max_num_batched_tokens=budget, async_scheduling=mode == "async"))
     rng = random.Random(0)
     torch.manual_seed(0)
 
@@ -115,7 +122,7 @@ def measure(tok, seqs: int, steps: int, mode: str, workload: str) -> dict:
     wall = (time.perf_counter() - t0) / steps
     phase = {p: (value("kiln_step_phase_seconds_sum", {"phase": p}) - before[p]) / steps
              for p in STEP_PHASES if p != "deliver"}
-    return {"mode": mode, "workload": workload, "seqs": seqs, "steps": steps, "step_us": wall * 1e6,
+    return {"device": device, "mode": mode, "workload": workload, "seqs": seqs, "steps": steps, "step_us": wall * 1e6,
             "per_seq_us": wall * 1e6 / seqs, "phase_us": {k: v * 1e6 for k, v in phase.items()},
             "batch_seqs": (value("kiln_step_sequences_sum") - seqs_before) / steps,
             "batch_tokens": (value("kiln_step_tokens_sum") - tokens_before) / steps}
@@ -127,11 +134,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="steps measured per run")
     ap.add_argument("--modes", default="sync,async", help="engine modes: sync, async")
     ap.add_argument("--workloads", default="decode,steady", help="decode, steady")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--tokenizer", default="smollm2", help="smollm2, or words:VOCAB")
     ap.add_argument("--out")
     args = ap.parse_args()
-    _, tok = hf.load("smollm2")
+    if args.tokenizer.startswith("words:"):
+        from make_shape_model import word_tokenizer
+        tok = word_tokenizer(int(args.tokenizer.split(":")[1]))
+    else:
+        _, tok = hf.load(args.tokenizer)
     engine_module.sample_on_device = random_tokens   # no sampling cost: the engine alone
-    rows = [measure(tok, int(n), args.steps, mode, workload)
+    rows = [measure(tok, int(n), args.steps, mode, workload, args.device)
             for workload in args.workloads.split(",") for mode in args.modes.split(",")
             for n in args.seqs.split(",")]
     phases = list(rows[0]["phase_us"])
@@ -143,8 +156,10 @@ def main() -> None:
               f"{r['per_seq_us']:>7.2f}  " + "  ".join(f"{v:>8.0f}" for v in r["phase_us"].values()))
     result = {"bench": "engine_host", "code_version": code_version(),
               "command": f"python bench/engine_host.py --seqs {args.seqs} --steps {args.steps} "
-                         f"--modes {args.modes} --workloads {args.workloads}",
+                         f"--modes {args.modes} --workloads {args.workloads} --device {args.device} "
+                         f"--tokenizer {args.tokenizer}",
               "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
