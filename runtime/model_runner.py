@@ -106,8 +106,8 @@ class StepBuffers:
     dozen."""
 
     FIELDS = (("input_ids", torch.int64), ("positions", torch.int64), ("slot_mapping", torch.int64),
-              ("pending", torch.int64), ("context_lens", torch.int32), ("query_start", torch.int32),
-              ("block_tables", torch.int32))
+              ("pending_rows", torch.int64), ("pending_picks", torch.int64), ("context_lens", torch.int32),
+              ("query_start", torch.int32), ("block_tables", torch.int32))
     ALIGN = 64   # bytes between field starts (Triton specializes on 16-byte-aligned pointers)
 
     def __init__(self, num_tokens: int, num_seqs: int, width: int, scratch_block: int,
@@ -117,7 +117,8 @@ class StepBuffers:
         self.scratch_block = scratch_block
         device = torch.device(device)
         shapes = {"input_ids": (num_tokens,), "positions": (num_tokens,), "slot_mapping": (num_tokens,),
-                  "pending": (2, num_seqs), "context_lens": (num_seqs,), "query_start": (num_seqs + 1,),
+                  "pending_rows": (num_seqs,), "pending_picks": (num_seqs,), "context_lens": (num_seqs,),
+                  "query_start": (num_seqs + 1,),
                   "block_tables": (num_seqs, width)}
         nbytes = [math.prod(shapes[k]) * dtype.itemsize for k, dtype in self.FIELDS]
         sizes = [-(-n // self.ALIGN) * self.ALIGN for n in nbytes]
@@ -167,8 +168,8 @@ class StepBuffers:
             h["query_start"][n + 1:] = np.arange(t + 1, t + 1 + self.num_seqs - n)
         if batch.pending is not None:
             k = len(batch.pending.rows)
-            h["pending"][0, :k] = batch.pending.rows
-            h["pending"][1, :k] = batch.pending.picks
+            h["pending_rows"][:k] = batch.pending.rows
+            h["pending_picks"][:k] = batch.pending.picks
         self._send()
 
     def _send(self) -> None:
@@ -180,9 +181,10 @@ class StepBuffers:
     def field(self, name: str) -> torch.Tensor:
         return self._device[name]
 
-    def pending_index(self, batch: FlatBatch) -> torch.Tensor:
-        """The rows and picks of the batch's pending inputs, as `fill` sent them: [2, k]."""
-        return self._device["pending"][:, :len(batch.pending.rows)]
+    def pending_index(self, batch: FlatBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows and picks of the batch's pending inputs, as `fill` sent them."""
+        k = len(batch.pending.rows)
+        return self._device["pending_rows"][:k], self._device["pending_picks"][:k]
 
 
 class PagedModelRunner:
