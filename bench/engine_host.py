@@ -51,13 +51,17 @@ STEADY_WARMUP = 200            # steps before a steady run is measured
 
 
 class NoModel:
-    """A ModelRunner whose model costs nothing: the batch goes through the step buffers of
-    its bucket as in PagedModelRunner (bucket choice borrowed from it), the logits are a
-    slice of a preallocated tensor."""
+    """A ModelRunner whose model costs nothing: PagedModelRunner's own host path (bucket
+    choice, step buffers, pending inputs), over a "model" that returns a preallocated
+    logits tensor."""
     block_size = 16
     accepts_pending_inputs = True
+    pad_batches, cudagraphs = True, False
+    execute = PagedModelRunner.execute
     bucket_of = PagedModelRunner.bucket_of
     buffers = PagedModelRunner.buffers
+    _run_bucket = PagedModelRunner._run_bucket
+    _args = PagedModelRunner._args
 
     def __init__(self, vocab_size: int, max_seqs: int, max_len: int, max_num_batched_tokens: int,
                  device: str = "cpu"):
@@ -70,18 +74,10 @@ class NoModel:
         self.mixed_seq_buckets = mixed_seq_buckets(self.seq_buckets)
         self.token_buckets = token_buckets(max_num_batched_tokens, self.seq_buckets[-1])
         self._buffers = {}
-        self.logits = torch.zeros(max_seqs, 8, device=device)
-
-    def execute(self, batch):
-        bucket = self.bucket_of(batch)
-        input_ids = batch.input_ids
-        if bucket is not None:
-            buf = self.buffers(bucket)
-            buf.fill(batch)
-            input_ids = buf.field("input_ids")
-        if batch.pending is not None:
-            batch.pending.apply(input_ids)
-        return self.logits[:batch.num_seqs]
+        self._binding = []   # the model takes no inputs
+        self.steps = 0
+        logits = torch.zeros(max_seqs, 8, device=device)
+        self.fn = lambda: (logits,)
 
 
 def random_tokens(logits, params, generators):
