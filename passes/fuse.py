@@ -1,6 +1,5 @@
 """The fusion passes. Each applies the rules of one `.kiln` file (in file order, each
-everywhere it matches), plus Python patterns where a rule cannot say it (MoE: see
-`fuse_moe.py`), then drops what became dead."""
+everywhere it matches), then drops what became dead."""
 from __future__ import annotations
 
 from kiln.ir import Graph
@@ -35,15 +34,8 @@ fuse_attention = _rule_pass("fuse.attention", "attention", "SDPA ops and hand-wr
                             "(rules/attention.kiln)")
 fuse_activation = _rule_pass("fuse.activation", "activation", "silu(gate) * up -> "
                              "kiln.silu_mul (rules/activation.kiln)")
-
-
-@register_pass("fuse.moe", "router softmax/top-k/renormalize + grouped_mm experts -> "
-               "kiln.fused_moe, one per layer (fuse_moe.py, Python pattern API)")
-def fuse_moe(g: Graph, ctx: PassContext) -> int:
-    from .fuse_moe import moe_patterns
-    return run_rules(g, ctx, moe_patterns(g))
-
-
+fuse_moe = _rule_pass("fuse.moe", "moe", "router softmax/top-k/renormalize + grouped_mm "
+                      "experts -> kiln.fused_moe, one per layer (rules/moe.kiln)")
 fuse_quant = _rule_pass("fuse.quant", "quant", "norm + quant -> kiln.rms_norm_quant / "
                         "kiln.fused_add_rms_norm_quant, silu_mul + quant -> "
                         "kiln.silu_mul_quant (rules/quant.kiln)")

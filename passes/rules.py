@@ -38,7 +38,8 @@ Reference (what the README documents):
   absent op are bound to none. `cast(%x)` is any dtype-only cast
   and `cast?(%x)` an optional one; both may be written inline as an operand.
 - `aten.{amax, amin}(...)` in a rule's match is an op alternation: one spelling per op
-  (every combination, with several).
+  (every combination, with several); `{aten._grouped_mm, torch.x.y.default}(...)`
+  alternates whole names.
 - A rule may have several `match` blocks: spellings of one fusion that share its `where`
   conditions and its replacement (each yields as many values). A parameter one spelling
   does not declare is none in it (`qdtype=coalesce($qd, i8)`).
@@ -53,7 +54,7 @@ Reference (what the README documents):
   `not in {..}`, `and or not`, `+ - * /` (none if an operand is none), literals (numbers, true/false/none, dtypes
   like f32, lists), `%x`, `$c` and the functions in `FUNCTIONS`: dtype(%x), rank(%x),
   dim(%x, i), shape(%x), numel(%x), last_dim(%x, $d), is_float(x), is_int(x),
-  is_none(x), is_input(%x), present(%x), coalesce(a, b, ...), sqrt(x), len(x),
+  is_none(x), is_input(%x), is_iota(%x) (torch.arange(n)), present(%x), coalesce(a, b, ...), sqrt(x), len(x),
   promote(dtype, dtype), float(x), int(x), floordiv(a, b),
   divisible(a, b), may_be_at_most(a, b) (a <= b, or a size not known until run time),
   and for attention masks (kiln.ir.masks) index_mask(%mask, %q, %k)
@@ -63,7 +64,8 @@ Reference (what the README documents):
   dim(%k, 2)` holds for `s0 == s0`).
 - `replace { %r = op(args) ... yield %r[, ...] }`: argument slots take the same
   expressions (`scale=coalesce($s, 1.0 / sqrt(dim(%q, -1)))`). It may read the match's
-  inputs, its constants and shared statements, not interior values. Each yielded value
+  inputs, its constants and shared statements, not interior values (except to ask
+  `present(%v)` of an optional op: `renormalize=present(%renorm)`). Each yielded value
   must have exactly the type of the matched value it replaces, or the rewrite stops with
   `KilnRuleError` before touching the graph.
 
@@ -88,7 +90,7 @@ import torch
 
 from kiln.ir import Value
 from kiln.ir.masks import mask_form
-from kiln.ir.ops import get_op
+from kiln.ir.ops import get_op, is_opaque
 from kiln.ir.types import DTYPES, TensorType
 
 from .pattern import (MISSING, AttrPat, Const, Constraint, KilnRuleError, ListPat, Lit, Match,
@@ -186,6 +188,14 @@ def _index_mask(mask, q, k):
     return form if form is not None and form.positions is None and not form.opaque else None
 
 
+def _is_iota(v) -> bool:
+    """`v` is `torch.arange(n)`: an aten.arange from 0 in steps of 1."""
+    n = v.producer if isinstance(v, Value) else None
+    if n is None or n.op != "aten.arange":
+        return False
+    return (len(n.args) == 1 or (len(n.args) == 2 and n.args[0] == 0)) and n.attrs.get("step", 1) == 1
+
+
 def _may_be_at_most(a, b) -> bool:
     """a <= b, or not known until run time (a symbolic size that may be that small)."""
     r = a <= b
@@ -209,6 +219,7 @@ FUNCTIONS: dict[str, Callable] = {
     "is_int": _is_int,
     "is_none": lambda x: x is None,
     "is_input": lambda v: isinstance(v, Value) and v.producer is None,
+    "is_iota": _is_iota,
     "coalesce": _coalesce,
     "sqrt": _sqrt,
     "len": len,
@@ -506,7 +517,11 @@ class _FileCompiler:
             try:
                 get_op(callee)
             except KeyError as e:
-                raise self.error(name_tok, str(e.args[0])) from None
+                # One spelling of an alternation may be a custom op whose library registers
+                # it only when imported (transformers' grouped_mm_fallback): no graph holds
+                # it before then, and the rule matches it once one does.
+                if not (name_tok.type == _CHOSEN_OP and is_opaque(callee)):
+                    raise self.error(name_tok, str(e.args[0])) from None
             op = callee
         if optional and len(names) != 1:
             raise self.error(name_tok, f"optional {callee}? must have exactly one result")
@@ -529,7 +544,7 @@ class _FileCompiler:
             variant = copy.deepcopy(match_t)
             picked = dict(zip((id(t) for t in variant.scan_values(_is_alternation)), choice))
             for tree in variant.iter_subtrees():
-                tree.children = [lark.Token.new_borrow_pos("OPNAME", picked[id(c)], c)
+                tree.children = [lark.Token.new_borrow_pos(_CHOSEN_OP, picked[id(c)], c)
                                  if isinstance(c, lark.Token) and id(c) in picked else c
                                  for c in tree.children]
             out.append(variant)
@@ -751,6 +766,8 @@ class _FileCompiler:
                     raise self.error(name_tok, f"{fname} takes one value, like {fname}(%x)")
                 tok = args_t[0].children[0]
                 ref = scope.names.get(str(tok))
+                if isinstance(ref, _Removed):   # (a replacement asking about the match)
+                    ref = ref.var
                 if not isinstance(ref, Var):
                     raise self.error(tok, f"{tok} is not a value of this rule")
                 return lambda m: m.present(ref.name)
@@ -814,7 +831,7 @@ class _FileCompiler:
         rscope = _Scope({})
         for n, v in scope.names.items():
             if isinstance(v, Var) and v.name in matched_names:
-                rscope.names[n] = _Removed(n)
+                rscope.names[n] = _Removed(n, v)
             else:
                 rscope.names[n] = v
         steps = []
@@ -888,8 +905,10 @@ class _FragmentScope(_Scope):
 
 
 class _Removed:
-    def __init__(self, name: str):
-        self.name = name
+    """A matched value the replacement cannot read (it is removed with the match); only
+    `present(%v)` may name it."""
+    def __init__(self, name: str, var: Var):
+        self.name, self.var = name, var
 
 
 def _collect(a, used: set[str]) -> None:
@@ -962,12 +981,16 @@ def load_rules(name: str) -> tuple[Pattern, ...]:
 _LITERALS = ("int", "float", "inf", "nan", "true", "false", "none", "dtype", "string", "neg")
 
 
+_CHOSEN_OP = "OPNAME_CHOSEN"   # an alternation's spelling, as `alternatives` substitutes it
+
+
 def _is_alternation(t) -> bool:
     return isinstance(t, lark.Token) and t.type == "OPALT"
 
 
 def _alternatives_of(text: str) -> list[str]:
-    """`aten.{amax, amin}` -> [aten.amax, aten.amin]."""
+    """`aten.{amax, amin}` -> [aten.amax, aten.amin]; without a common prefix, whole names:
+    `{aten._grouped_mm, torch.transformers.grouped_mm_fallback.default}`."""
     prefix, _, names = text.partition("{")
     return [prefix + n.strip() for n in names.rstrip("}").split(",")]
 

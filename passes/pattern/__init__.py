@@ -1,9 +1,9 @@
 """Patterns over kiln graphs: the objects rules compile to, the matcher, and the rewriter.
 
-Both front ends build the same objects: `.kiln` rule files (`kiln.passes.rules`) and the
-Python `PatternBuilder`, for the few fusions a rule cannot say (MoE). Both end in
-`Matcher` and `rewrite`, so they share every semantic: `matcher` says what a pattern
-matches, `rewriter` how a match is replaced.
+Both front ends build the same objects: `.kiln` rule files (`kiln.passes.rules`; every
+fixed-pattern fusion kiln ships is one) and the Python `PatternBuilder`, for code that
+generates patterns. Both end in `Matcher` and `rewrite`, so they share every semantic:
+`matcher` says what a pattern matches, `rewriter` how a match is replaced.
 
 The modules, each importing (at run time) only ones listed above it:
 

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 
 class PatternBuilder:
-    """Builds a `Pattern` in Python, for fusions a rule cannot say:
+    """Builds a `Pattern` in Python, for code that generates patterns:
 
         p = PatternBuilder("silu_mul")
         g, u = p.inputs("gate", "up")

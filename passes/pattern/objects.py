@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from kiln.ir import Graph, Node, Value
-from kiln.ir.ops import get_op
+from kiln.ir.ops import get_op, is_opaque
 from kiln.ir.printer import format_literal
 
 from .op_classes import CAST_OPS
@@ -175,10 +175,12 @@ class Pattern:
         for i, s in enumerate(self.stmts):
             if s.op == "cast":
                 continue
-            op = get_op(s.op)
             if s.optional and not s.args:
                 raise self.error(f"optional `{s.op}?` needs a first argument to stand for "
                                  f"it when absent", s.line, s.column)
+            if is_opaque(s.op):   # no operand schema; its library may not be imported yet
+                continue
+            op = get_op(s.op)
             if op.operands is not None and len(s.args) != len(op.operands):
                 raise self.error(f"{s.op} takes {len(op.operands)} operands "
                                  f"({', '.join(op.operands)}), the pattern gives {len(s.args)}",

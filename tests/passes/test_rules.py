@@ -587,6 +587,64 @@ rule neg_of_reduction {
         parse_rules("fragment f { match (%x) { %0 = aten.{neg, relu}(%x) yield %0 } }")
 
 
+def test_an_alternation_of_whole_names_and_a_custom_op_not_registered_yet():
+    """`{a.b, c.d.e}` alternates whole op names. A spelling that is a torch custom op no
+    library has registered yet (no graph can hold it) still parses, and matches a graph
+    that holds it; a misspelt kiln or aten op in an alternation is still an error, as is
+    an unregistered custom op outside one."""
+    rule = """
+rule abs_or_custom_to_neg {
+  match (%x) {
+    %0 = {aten.abs, torch.kiln_test_ns.not_registered.default}(%x)
+    yield %0
+  }
+  replace { %r = aten.neg(%x) yield %r }
+}
+"""
+    pats = parse_rules(rule)
+    assert [p.stmts[0].op for p in pats] == ["aten.abs", "torch.kiln_test_ns.not_registered.default"]
+    g = parse("func @f(%x: f32[4]) -> f32[4] {\n  %0 = aten.abs(%x) : f32[4]\n  return %0\n}\n")
+    assert apply_rules(g, rule) == 1 and ops(g) == ["aten.neg"]
+    with pytest.raises(KilnRuleError, match=r"aten.abss"):
+        parse_rules(rule.replace("aten.abs,", "aten.abss,"))
+    with pytest.raises(KilnRuleError, match=r"torch has no operator kiln_test_ns.not_registered"):
+        parse_rules(rule.replace("{aten.abs, torch.kiln_test_ns.not_registered.default}",
+                                 "torch.kiln_test_ns.not_registered.default"))
+
+
+def test_a_replacement_asks_present_of_an_optional_interior_value():
+    rule = """
+rule relu_maybe_scaled {
+  match (%x, %s) {
+    %0 = aten.mul?(%x, %s) else %x
+    %1 = aten.relu(%0)
+    yield %1
+  }
+  replace { %r = aten.mul(%x, float(present(%0)) + 1.0) yield %r }
+}
+"""
+    for body, factor in (("  %0 = aten.mul(%x, %s) : f32[4]\n  %1 = aten.relu(%0) : f32[4]\n", 2.0),
+                         ("  %1 = aten.relu(%x) : f32[4]\n", 1.0)):
+        g = parse(f"func @f(%x: f32[4], %s: f32[4]) -> f32[4] {{\n{body}  return %1\n}}\n")
+        assert apply_rules(g, rule) == 1
+        (n,) = g.nodes
+        assert n.op == "aten.mul" and n.args[1] == factor
+    with pytest.raises(KilnRuleError, match=r"%0 is removed by the rewrite"):
+        parse_rules(rule.replace("float(present(%0))", "%0"))
+
+
+def test_moe_rules_load_without_transformers():
+    """rules/moe.kiln names transformers' grouped_mm_fallback custom op, which exists only
+    once transformers is imported: loading the rules must not need it."""
+    import subprocess
+    import sys
+    code = ("import sys; from kiln.passes.rules import load_rules; "
+            "pats = load_rules('moe'); assert 'transformers' not in sys.modules; print(len(pats))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.strip()) == 8   # (2 grouped_mm spellings)^2 x 2 of empty_permuted
+
+
 def test_a_named_condition_is_declared_once_and_used_in_several_rules():
     rules = """
 // the operand is a float vector at least $n long
