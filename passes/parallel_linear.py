@@ -16,6 +16,10 @@ only, so the compiler computes it once per set of weight tensors (compiler/drive
 weight preparation), not on every call. Left alone: MoE routers (a linear that feeds
 softmax / top-k: fuse.moe matches its output), and linears whose weight is not a graph
 input (MoE experts index a stacked weight).
+
+Why Python and not a `.kiln` rule: a rule matches a fixed number of statements, and this
+merges however many linears read one input (two for gate/up, three for q/k/v, more in
+other models), grouping them by what they read.
 """
 from __future__ import annotations
 

@@ -25,6 +25,13 @@ most sensitive to quantisation noise. `options["quant_keep"]` (regexes on weight
 replaces that last choice. The weight quantisation reads only weights, so weight
 preparation (passes/weight_prep.py) moves it out of the per-call graph: it runs once per
 set of weight tensors.
+
+Why Python and not a `.kiln` rule: this is a policy over every linear, not a fixed pattern.
+What it decides needs the whole graph (how many decoder layers there are, which linear is
+the LM head, which weights the `quant_keep` regexes name), the compile options (the dtype,
+the target's fp8 format), and a sharing decision across matches (one quantisation per
+weight and per activation, hoisted above a reshape that several linears read). The linear
+itself is found by the same helper the rules' matcher uses (`pattern.match_linear`).
 """
 from __future__ import annotations
 
