@@ -676,3 +676,18 @@ rule neg_wide { match (%x, $k) { %0 = aten.mul(%x, $k) %1 = aten.neg(%0) yield %
         parse_rules(rules.replace("wide_float(%x, 8)", "wide_float(%x, %x)"))
     with pytest.raises(KilnRuleError, match=r":5:3: rule wide_float: unknown function dtypo"):
         parse_rules(rules.replace("dtype(%v) in", "dtypo(%v) in"))
+
+
+@pytest.mark.parametrize("body", [
+    "  %0 = aten.sigmoid(%g) : f32[2, 8]\n  %1 = aten.mul(%g, %0) : f32[2, 8]\n",
+    "  %1 = aten.silu(%g) : f32[2, 8]\n"], ids=["x_sigmoid_x", "aten_silu"])
+def test_silu_mul_is_one_rule_for_both_spellings(body):
+    g = parse(f"func @f(%g: f32[2, 8], %u: f32[2, 8]) -> f32[2, 8] {{\n{body}"
+              f"  %2 = aten.mul(%1, %u) : f32[2, 8]\n  return %2\n}}\n")
+    x, u = torch.randn(2, 8), torch.randn(2, 8)
+    (want,) = run(g, [x, u])
+    pats = load_rules("activation")
+    assert {p.name for p in pats} == {"silu_mul"}   # one rule, a pattern per spelling
+    assert apply_patterns(g, pats) == 1 and ops(g) == ["kiln.silu_mul"]
+    (got,) = run(g, [x, u])
+    torch.testing.assert_close(got, want)
