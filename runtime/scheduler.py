@@ -71,22 +71,22 @@ class Scheduler:
         decodes, prefills = [], []
         for seq in self.running:
             if not seq.final:
-                (prefills if seq.num_pending > 1 else decodes).append(seq)
-        if len(decodes) <= min(budget, self.blocks.num_free_blocks()):
-            # A decode needs one block at most: all of them fit and none is preempted.
-            for seq in decodes:
-                self.blocks.allocate(seq, 1)
-            seqs, num_new = decodes, [1] * len(decodes)
-            budget -= len(decodes)
-            queue = deque(prefills)
-        else:
-            seqs, num_new = [], []
-            queue = deque(decodes + prefills)
-        while queue and budget > 0:
-            seq = queue.popleft()
-            n = min(seq.num_pending, budget)
-            while not self.blocks.allocate(seq, n):
-                victim = queue.pop() if queue else seq
+                pending = seq.num_pending
+                (prefills if pending > 1 else decodes).append((seq, pending))
+        queue = decodes + prefills
+        head, end = 0, len(queue)   # the queue is queue[head:end]: preemption takes from the end
+        seqs, num_new = [], []
+        allocate = self.blocks.allocate
+        while head < end and budget > 0:
+            seq, pending = queue[head]
+            head += 1
+            n = pending if pending < budget else budget
+            while not allocate(seq, n):
+                if head < end:
+                    end -= 1
+                    victim = queue[end][0]
+                else:
+                    victim = seq
                 self._preempt(victim)
                 if victim is seq:
                     break
