@@ -348,31 +348,34 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
     # head-major RoPE output, and an output laid out like it made the model's reshape to
     # [T, Hq * D] before o_proj a copy in every layer (9 us at 256 tokens on the H200).
 
-    def launch(cfg: AttnConfig, block_q: int, grid0: int, min_n: int, max_n: int,
-               num_splits: int, out, pacc, pml):
-        block_m = max(cfg.block_m, triton.next_power_of_2(group))
-        _paged_attn_kernel[(grid0, hkv, num_splits)](
+    def tile_rows(cfg: AttnConfig) -> int:   # BLOCK_M: at least one token's GROUP heads
+        return max(cfg.block_m, triton.next_power_of_2(group))
+
+    def launch(cfg: AttnConfig, min_n: int, max_n: int, out, num_splits=1, pacc=None, pml=None):
+        """Programs for the sequences of min_n < n <= max_n new tokens."""
+        block_q = 1 if decode else tile_rows(cfg) // group   # tokens a tile
+        if pacc is None:
+            pacc = pml = unused
+        _paged_attn_kernel[(n if decode else t // block_q + n, hkv, num_splits)](
             q, k_cache, v_cache, out, block_tables, context_lens, query_start, pacc, pml,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
             n, group, block_q, min_n, max_n, window or 0, float(scale) * LOG2E, num_splits,
-            BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+            BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=tile_rows(cfg), BLOCK_N=cfg.block_n,
             IS_DECODE=decode, HAS_WINDOW=window is not None, DIRECT=num_splits == 1,
             FP32_DOT=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
+    unused = torch.empty(1, dtype=torch.float32, device=q.device)   # partials of a direct launch
     if not decode:
         # Rows past query_start[N] may belong to no sequence, and those must read zero.
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        unused = torch.empty(1, dtype=torch.float32, device=q.device)
         short_cfg = config or _config(DECODE_CONFIGS, block_d)
         long_cfg = config or _config(PREFILL_CONFIGS, block_d)
-        short_q, long_q = (max(c.block_m, triton.next_power_of_2(group)) // group
-                           for c in (short_cfg, long_cfg))
         shortest = 0   # sequences of at most this many tokens run in the short launch
-        if short_q < long_q:
-            launch(short_cfg, short_q, t // short_q + n, 0, short_q, 1, out, unused, unused)
-            shortest = short_q
-        launch(long_cfg, long_q, t // long_q + n, shortest, t, 1, out, unused, unused)
+        if tile_rows(short_cfg) < tile_rows(long_cfg):
+            shortest = tile_rows(short_cfg) // group
+            launch(short_cfg, 0, shortest, out)
+        launch(long_cfg, shortest, t, out)
         return out
 
     cfg = config or _config(DECODE_CONFIGS, block_d)
@@ -391,12 +394,11 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
         num_splits = max(1, triton.cdiv(span, split))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_splits == 1:
-        pacc = pml = torch.empty(1, dtype=torch.float32, device=q.device)
-        launch(cfg, 1, n, 0, 1, 1, out, pacc, pml)
+        launch(cfg, 0, 1, out)
         return out
     pacc = torch.empty(t * hq * num_splits * block_d, dtype=torch.float32, device=q.device)
     pml = torch.empty(t * hq * num_splits * 2, dtype=torch.float32, device=q.device)
-    launch(cfg, 1, n, 0, 1, num_splits, out, pacc, pml)
+    launch(cfg, 0, 1, out, num_splits, pacc, pml)
     _attn_reduce_kernel[(t * hq,)](
         pacc, pml, out, out.stride(0), out.stride(1), 0, hq, 1, num_splits,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=REDUCE_BLOCK_S, USE_EXP2=True,
