@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from kiln.ir import Graph
 
-from .fuse import run_rules
 from .manager import PassContext, register_pass
+from .rule_pass import run_rules
 from .rules import load_rules
 
 

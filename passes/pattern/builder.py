@@ -38,17 +38,14 @@ class PatternBuilder:
         self._n = 0
 
     def inputs(self, *names: str):
-        out = []
-        for n in names:
-            self.params.append("%" + n)
-            out.append(Var(n))
-        return out[0] if len(out) == 1 else out
+        return self._params("%", Var, names)
 
     def const(self, *names: str):
-        out = []
-        for n in names:
-            self.params.append("$" + n)
-            out.append(Const(n))
+        return self._params("$", Const, names)
+
+    def _params(self, sigil: str, kind, names) -> Any:
+        self.params += [sigil + n for n in names]
+        out = [kind(n) for n in names]
         return out[0] if len(out) == 1 else out
 
     @staticmethod
