@@ -59,15 +59,20 @@ Reference (what the README documents):
   divisible(a, b), may_be_at_most(a, b) (a <= b, or a size not known until run time),
   and for attention masks (kiln.ir.masks) index_mask(%mask, %q, %k)
   (the mask only says causal and/or sliding window, in query/key indices),
-  mask_causal(...) and mask_window(...), and any registered from Python with
-  `register_function(name, fn)`. Symbolic sizes compare exactly (`dim(%q, 2) ==
+  mask_causal(...) and mask_window(...), is_lm_head(%y) (only views and casts between %y
+  and the graph's outputs) and feeds_router(%y) (softmax / top-k within a few views), and
+  any registered from Python with `register_function(name, fn)` (`context=True`: `fn`
+  gets the match's `RuleContext` first: the graph, users, outputs and compile options). Symbolic sizes compare exactly (`dim(%q, 2) ==
   dim(%k, 2)` holds for `s0 == s0`).
 - `replace { %r = op(args) ... yield %r[, ...] }`: argument slots take the same
   expressions (`scale=coalesce($s, 1.0 / sqrt(dim(%q, -1)))`). It may read the match's
   inputs, its constants and shared statements, not interior values (except to ask
   `present(%v)` of an optional op: `renormalize=present(%renorm)`). Each yielded value
   must have exactly the type of the matched value it replaces, or the rewrite stops with
-  `KilnRuleError` before touching the graph.
+  `KilnRuleError` before touching the graph. Several `replace` blocks are tried in order:
+  each but the last carries a condition (`replace when quant_dtype() == i8 { ... }`, an
+  expression over the match like `where`'s), and the first that holds builds the
+  replacement.
 
 Rule files live in `passes/rules/*.kiln` (package data); `list_rules()` lists them.
 `apply_rules(graph, text_or_path)` tries rules by hand: a rule that matches nothing then
@@ -94,7 +99,7 @@ from kiln.ir.ops import get_op, is_opaque
 from kiln.ir.types import DTYPES, TensorType
 
 from .pattern import (MISSING, AttrPat, Const, Constraint, KilnRuleError, ListPat, Lit, Match,
-                      Pattern, ReplaceBuilder, Stmt, Var, dims_equal)
+                      Pattern, ReplaceBuilder, Stmt, Var, dims_equal, feeds_router, is_lm_head)
 
 # Package data, read through importlib.resources (a Traversable: an installed wheel, a zip).
 RULES_DIR = files("kiln.passes").joinpath("rules")
@@ -235,15 +240,22 @@ FUNCTIONS: dict[str, Callable] = {
 }
 # present(%x) needs the match itself, not the value
 _MATCH_FUNCTIONS = {"present"}
-_KEYWORDS = {"rule", "fragment", "condition", "match", "where", "replace", "yield", "shared", "default",
+# these take the match's RuleContext before their arguments (register_function(context=True))
+_CONTEXT_FUNCTIONS = {"feeds_router", "is_lm_head"}
+FUNCTIONS["feeds_router"] = lambda cx, v: isinstance(v, Value) and feeds_router(v, cx.users)
+FUNCTIONS["is_lm_head"] = lambda cx, v: isinstance(v, Value) and is_lm_head(v, cx.users, cx.outputs)
+_KEYWORDS = {"rule", "fragment", "condition", "match", "where", "replace", "when", "yield", "shared", "default",
              "else", "and", "or", "not", "in", "true", "false", "none", "inf", "nan"}
 
 
-def register_function(name: str, fn: Callable, replace: bool = False) -> None:
+def register_function(name: str, fn: Callable, replace: bool = False, context: bool = False) -> None:
     """Make `name(args)` usable in `where` conditions and replacement arguments of rules
     parsed from now on: predicates a rule cannot say, written in Python (`is_router(%x)`).
     `fn` gets what the arguments evaluate to: a `kiln.ir.Value` for `%x` (its `type`, its
-    `producer` node), a Python value for `$c` and literals."""
+    `producer` node), a Python value for `$c` and literals. With `context=True` it gets the
+    match's `RuleContext` first (the graph, each value's users, the outputs, the compile
+    options): for questions about a value's uses or the compile (`is_lm_head(%y)`,
+    `quant_dtype()`)."""
     if not re.fullmatch(r"[A-Za-z_]\w*", name) or name in _KEYWORDS or name in _MATCH_FUNCTIONS:
         raise ValueError(f"register_function: {name!r} is not a name a rule can call "
                          f"(an identifier, not a keyword of the rule language)")
@@ -253,6 +265,10 @@ def register_function(name: str, fn: Callable, replace: bool = False) -> None:
         raise ValueError(f"register_function: {name} is already defined; pass replace=True to "
                          f"override it")
     FUNCTIONS[name] = fn
+    if context:
+        _CONTEXT_FUNCTIONS.add(name)
+    else:
+        _CONTEXT_FUNCTIONS.discard(name)
 
 
 def _compare(op: str, a, b) -> bool:
@@ -368,7 +384,16 @@ class _FileCompiler:
         name_tok, *rest = t.children
         matches = [c for c in rest if isinstance(c, lark.Tree) and c.data == "match"]
         wheres = [w for w in rest if isinstance(w, lark.Tree) and w.data == "where"]
-        replace_t = rest[-1]
+        replaces = [c for c in rest if isinstance(c, lark.Tree) and c.data == "replace"]
+        for r in replaces[:-1]:
+            if r.children[0] is None:
+                raise self.error(r, "only the last replace block may go without `when`: the "
+                                    "blocks are tried in order, so the ones after it could never run")
+        if replaces[-1].children[0] is not None:
+            raise self.error(replaces[-1].children[0],
+                             "the last replace block takes no `when`: it is what the rule does "
+                             "when no earlier block's condition holds (a condition for the whole "
+                             "rule goes in `where`)")
         matches = [variant for match_t in matches for variant in self.alternatives(match_t)]
         every: list[str] = []
         for match_t in matches:
@@ -387,18 +412,19 @@ class _FileCompiler:
                 for e in w.children:
                     constraints.append(self.constraint(e, scope, None))
             self.check_uses(match_t, declared, scope, stmts, constraints)
-            replace = self.compile_replace(replace_t, scope, stmts, yields)
+            replace = self.compile_replaces(replaces, scope, stmts)
             pat = Pattern(str(name_tok), params, stmts, yields, constraints, replace,
                           doc=self.doc_before(line), file=self.file, line=line)
             try:
                 pat.check()
             except KilnRuleError as e:
                 raise KilnRuleError(e.bare, self.rule, self.file, e.line, e.column, self.text) from None
-            n_rep = len([c for c in replace_t.children
-                         if isinstance(c, lark.Tree) and c.data == "yield_"][0].children)
-            if n_rep != len(yields):
-                raise self.error(match_t if len(matches) > 1 else replace_t,
-                                 f"the match yields {len(yields)} values, the replacement {n_rep}")
+            for replace_t in replaces:
+                n_rep = len([c for c in replace_t.children
+                             if isinstance(c, lark.Tree) and c.data == "yield_"][0].children)
+                if n_rep != len(yields):
+                    raise self.error(match_t if len(matches) > 1 else replace_t,
+                                     f"the match yields {len(yields)} values, the replacement {n_rep}")
             out.append(pat)
         return out
 
@@ -778,6 +804,8 @@ class _FileCompiler:
             fargs = [self.expr(a, scope) for a in args_t]
             if fn is _coalesce:   # lazy: what follows the first value that is not none is not evaluated
                 return lambda m: next((x for x in (f(m) for f in fargs) if x is not None), None)
+            if fname in _CONTEXT_FUNCTIONS:
+                return lambda m: fn(m.context, *[f(m) for f in fargs])
             return lambda m: fn(*[f(m) for f in fargs])
         raise self.error(t, f"unexpected {k} in an expression")
 
@@ -825,7 +853,28 @@ class _FileCompiler:
                 raise self.error(tok, f"parameter {p} is never used in the match")
 
     # -- replace
-    def compile_replace(self, t, scope: _Scope, stmts: list[Stmt], yields: list[str]):
+    def compile_replaces(self, replaces, scope: _Scope, stmts: list[Stmt]):
+        """The rule's replacement: the first `replace` block whose `when` holds on the match
+        (the last has none)."""
+        blocks = [(t.children[0], None if t.children[0] is None else self.expr(t.children[0], scope),
+                   self.compile_replace(t, scope, stmts)) for t in replaces]
+        rule, file, text = self.rule, self.file, self.text
+
+        def replace(m: Match, b: ReplaceBuilder):
+            for when_t, when, build in blocks:
+                try:
+                    chosen = when is None or when(m)
+                except KilnRuleError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - any error is the rule's, and says so
+                    raise KilnRuleError(f"`when {self.text_of(when_t)}` raised {type(e).__name__}: "
+                                        f"{e}; a condition must hold or fail, not raise",
+                                        rule, file, when_t.meta.line, when_t.meta.column, text) from None
+                if chosen:
+                    return build(m, b)
+        return replace
+
+    def compile_replace(self, t, scope: _Scope, stmts: list[Stmt]):
         shared_names = {r for s in stmts if s.shared for r in s.results}
         matched_names = {r for s in stmts for r in s.results} - shared_names
         rscope = _Scope({})
@@ -836,9 +885,7 @@ class _FileCompiler:
                 rscope.names[n] = v
         steps = []
         yield_keys = []
-        for c in t.children:
-            if c is None:
-                continue
+        for c in t.children[1:]:   # (the first is the `when` condition or none)
             if c.data == "rstmt":
                 results_t, op_tok, *args_t = c.children
                 opname = str(op_tok)
@@ -876,7 +923,7 @@ class _FileCompiler:
         file = self.file
 
         def replace(m: Match, b: ReplaceBuilder):
-            env = Match(m.pattern, m.graph, dict(m.values), m.nodes)
+            env = Match(m.pattern, m.graph, dict(m.values), m.nodes, m.context)
             for opname, pos, kw, keys, tok in steps:
                 args = [f(env) for f in pos]
                 attrs = {k: f(env) for k, f in kw.items()}

@@ -21,6 +21,10 @@ A group is legal when:
   a group: one kernel with several outputs.
 Identical groups (same ops, types, literals) share one function. Constants
 (`aten.scalar_tensor`) join a group when all their users are in it.
+
+Why Python and not a `.kiln` rule: a group is not a fixed pattern but a partition of
+whatever glue is left, of any size and shape, decided by legality over the whole set
+(broadcast shapes, convexity on the dataflow graph) rather than by matching statements.
 """
 from __future__ import annotations
 

@@ -9,10 +9,11 @@ The modules, each importing (at run time) only ones listed above it:
 
 - `op_classes`: classes of graph nodes: dtype casts (`is_cast`, `CAST_OPS`: the op
   registry's cast trait), linear layers as captured (`match_linear`), MoE routers
-  (`feeds_router`).
+  (`feeds_router`) and the LM head (`is_lm_head`).
 - `equality`: equality of literals (`lit_equal`) and of symbolic sizes (`dims_equal`).
 - `objects`: `Pattern` and its parts (`Stmt`, `Var`, `Const`, `Lit`, `ListPat`, `AttrPat`,
-  `Constraint`, `MISSING`), the `Match` the matcher hands a replacement, and
+  `Constraint`, `MISSING`), the `Match` the matcher hands a replacement and the
+  `RuleContext` it was found in, and
   `KilnRuleError`, a bad rule in either front end.
 - `matcher`: `Matcher`, the matches of one pattern in one graph.
 - `rewriter`: `ReplaceBuilder` (the `b` of a replacement's `b.op(...)`), `rewrite` (one
@@ -25,10 +26,11 @@ from .builder import PatternBuilder
 from .equality import dims_equal
 from .matcher import Matcher
 from .objects import (MISSING, AttrPat, Const, Constraint, KilnRuleError, ListPat, Lit, Match,
-                      Pattern, Stmt, Var)
-from .op_classes import feeds_router, is_cast, match_linear
+                      Pattern, RuleContext, Stmt, Var)
+from .op_classes import feeds_router, is_cast, is_lm_head, match_linear
 from .rewriter import ReplaceBuilder, apply_patterns
 
 __all__ = ["KilnRuleError", "MISSING", "Var", "Const", "Lit", "ListPat", "AttrPat", "Stmt",
-           "Constraint", "Pattern", "Match", "Matcher", "ReplaceBuilder", "apply_patterns",
-           "PatternBuilder", "dims_equal", "is_cast", "match_linear", "feeds_router"]
+           "Constraint", "Pattern", "Match", "RuleContext", "Matcher", "ReplaceBuilder", "apply_patterns",
+           "PatternBuilder", "dims_equal", "is_cast", "match_linear", "feeds_router",
+           "is_lm_head"]

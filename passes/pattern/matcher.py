@@ -29,7 +29,8 @@ from kiln.ir.ops import get_op
 from kiln.ir.printer import format_literal, value_names
 
 from .equality import lit_equal
-from .objects import MISSING, Const, KilnRuleError, ListPat, Lit, Match, Pattern, Stmt, Var
+from .objects import (MISSING, Const, KilnRuleError, ListPat, Lit, Match, Pattern, RuleContext,
+                      Stmt, Var)
 from .op_classes import is_cast
 
 
@@ -60,11 +61,12 @@ class Matcher:
     MAX_STATES = 2000   # alternatives tried per anchor before giving up on it
 
     def __init__(self, pattern: Pattern, graph: Graph, users: dict[Value, list[Node]],
-                 outputs: set[Value] | None = None):
+                 outputs: set[Value] | None = None, context: RuleContext | None = None):
         self.p = pattern
         self.g = graph
         self.users = users
         self.outputs = outputs if outputs is not None else set(graph.outputs)
+        self.context = context or RuleContext(graph, users, self.outputs)
         self.best: tuple[int, str] | None = None   # (statements matched, why it stopped)
         self.rejections: list[str] = []            # full matches refused by checks
         self.truncated: list[str] = []             # anchors left after MAX_STATES alternatives
@@ -252,7 +254,7 @@ class Matcher:
             if not isinstance(values.get("%" + y), Value):
                 self._reject(f"yield %{y} is not bound to a value")
                 return None
-        m = Match(self.p, self.g, values, dict(st.nodes))
+        m = Match(self.p, self.g, values, dict(st.nodes), self.context)
         for c in self.p.constraints:
             if c.guard is not None and c.guard not in m.nodes:
                 continue

@@ -7,8 +7,10 @@ statement's results name the values it produces. `yields` are the values the mat
 hands to the replacement; everything else the match covers is *interior* and is removed
 when the rewrite happens.
 
-A `Match` binds a pattern's names to graph values and literals. `KilnRuleError` is a bad
-rule, from either front end, the matcher or the rewriter.
+A `Match` binds a pattern's names to graph values and literals, and carries the
+`RuleContext` it was found in (the graph's users and outputs, the compile options) for
+functions that need more than the values (`is_lm_head(%y)`, `quant_dtype()`).
+`KilnRuleError` is a bad rule, from either front end, the matcher or the rewriter.
 """
 from __future__ import annotations
 
@@ -247,15 +249,30 @@ def _var_names(a) -> Iterator[str]:
 
 # ---------------------------------------------------------------- the match
 
+@dataclass
+class RuleContext:
+    """What a match is evaluated in, beyond its values: the graph, each value's user nodes
+    and the graph outputs (kept current by the rewriter across one pass), the compile
+    options, and a per-pass `cache` for functions that derive something from the whole
+    graph once."""
+    graph: Graph
+    users: dict
+    outputs: set
+    options: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+
+
 class Match:
     """A successful match: bindings of the pattern's names to graph values and literals,
     and the graph node each matched statement covers."""
 
-    def __init__(self, pattern: Pattern, graph: Graph, values: dict, nodes: dict):
+    def __init__(self, pattern: Pattern, graph: Graph, values: dict, nodes: dict,
+                 context: RuleContext | None = None):
         self.pattern = pattern
         self.graph = graph
         self.values = values          # "%x" / "$c" -> Value | literal | None
         self.nodes = nodes            # stmt index -> Node (absent optionals: not present)
+        self.context = context
 
     def __getitem__(self, name: str):
         if name[0] not in "%$":

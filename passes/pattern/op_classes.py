@@ -1,8 +1,9 @@
 """Classes of graph nodes that the matcher and passes recognize: dtype casts (`is_cast`,
 the op registry's cast trait; `CAST_OPS`, the ops a `cast(%x)` statement can be), linear
-layers as captured (`match_linear`) and MoE routers (`feeds_router`, through the view and
-cast traits). The matcher uses the casts; quantize uses all three, fuse.parallel_linear
-the last two."""
+layers as captured (`match_linear`), MoE routers (`feeds_router`) and the LM head
+(`is_lm_head`), the last two through the view and cast traits. The matcher uses the casts;
+rules call the router and LM-head tests (`feeds_router(%y)`, `is_lm_head(%y)`);
+fuse.parallel_linear uses `match_linear` and `feeds_router`."""
 from __future__ import annotations
 
 from kiln.ir import Node, TensorType, Value
@@ -49,6 +50,19 @@ def feeds_router(v: Value, users: dict) -> bool:
                 if is_cast(u) or get_op(u.op).has("view"):
                     nxt.extend(u.results)
         todo = nxt
+    return False
+
+
+def is_lm_head(v: Value, users: dict, outputs: set) -> bool:
+    """True when `v` only reaches graph outputs, through single-use views and casts: the
+    LM head's logits."""
+    for _ in range(16):
+        us = users.get(v, [])
+        if not us:
+            return v in outputs
+        if len(us) > 1 or not (get_op(us[0].op).has("view") or is_cast(us[0])) or len(us[0].results) != 1:
+            return False
+        v = us[0].results[0]
     return False
 
 

@@ -14,7 +14,7 @@ from kiln.ir.ops import get_op, infer_types, written_values
 
 from .equality import dims_equal
 from .matcher import Matcher
-from .objects import KilnRuleError, Match, Pattern
+from .objects import KilnRuleError, Match, Pattern, RuleContext
 
 
 class ReplaceBuilder:
@@ -158,6 +158,7 @@ def apply_patterns(g: Graph, patterns: Sequence[Pattern], ctx=None, require_matc
     far the closest attempt got."""
     total = 0
     index = _Index(g)
+    context = RuleContext(g, index.users, index.outputs, getattr(ctx, "options", None) or {})
     note = getattr(ctx, "note", None) or (lambda text: None)
     by_rule: dict[str, list] = {}   # name -> [rewrites, closest failed attempt], over its spellings
     for p in patterns:
@@ -167,7 +168,7 @@ def apply_patterns(g: Graph, patterns: Sequence[Pattern], ctx=None, require_matc
         ops = p.anchor_ops()
         truncated: list[str] = []
         for _ in range(max_rounds):
-            matcher = Matcher(p, g, index.users, index.outputs)
+            matcher = Matcher(p, g, index.users, index.outputs, context)
             matcher.truncated = truncated
             done = 0
             dead: set[int] = set()
@@ -176,7 +177,7 @@ def apply_patterns(g: Graph, patterns: Sequence[Pattern], ctx=None, require_matc
                     continue
                 if node.meta.get("rule") == p.name:
                     continue   # never rewrite a pattern's own output: no rewrite loops
-                matcher.outputs = index.outputs
+                matcher.outputs = context.outputs = index.outputs
                 for m in matcher.matches_at(node):
                     removed = m.removed_nodes()
                     status = rewrite(m, index, ctx.allow if ctx is not None else None)

@@ -368,7 +368,7 @@ def test_rule_matching_nothing_says_how_far_it_got():
 
 def test_packaged_rule_files_load_and_list():
     files = rule_files()
-    assert {"norm", "rope", "attention", "activation", "quant"} <= set(files)
+    assert {"norm", "rope", "attention", "activation", "moe", "quant", "quantize"} <= set(files)
     listed = list_rules()   # one line per rule, not per spelling
     assert len(listed) == sum(len({p.name for p in load_rules(f)}) for f in files)
     assert len(load_rules("attention")) > len({p.name for p in load_rules("attention")})
@@ -529,6 +529,75 @@ def test_each_spelling_is_checked_on_its_own():
     with pytest.raises(KilnRuleError, match=r":9:3: rule scaled_exp: the match yields 2 values, "
                                             r"the replacement 1"):
         parse_rules(two)
+
+
+RELU_GRAPH = "func @f(%x: f32[8]) -> f32[8] {\n  %0 = aten.relu(%x) : f32[8]\n  return %0\n}\n"
+
+
+def test_replace_when_picks_the_first_block_whose_condition_holds(monkeypatch):
+    monkeypatch.setattr(rules_mod, "FUNCTIONS", dict(rules_mod.FUNCTIONS))
+    monkeypatch.setattr(rules_mod, "_CONTEXT_FUNCTIONS", set(rules_mod._CONTEXT_FUNCTIONS))
+    rule = """
+rule relu_by_option {
+  match (%x) {
+    %0 = aten.relu(%x)
+    yield %0
+  }
+  replace when option_is("sig") { %r = aten.sigmoid(%x) yield %r }
+  replace when option_is("neg") { %r = aten.neg(%x) yield %r }
+  replace { %r = aten.tanh(%x) yield %r }
+}
+"""
+    rules_mod.register_function("option_is", lambda cx, v: cx.options.get("mode") == v,
+                                context=True)
+    pats = parse_rules(rule)
+    for mode, op in (("sig", "aten.sigmoid"), ("neg", "aten.neg"), (None, "aten.tanh")):
+        g = parse(RELU_GRAPH)
+        assert apply_patterns(g, pats, PassContext({"mode": mode})) == 1
+        assert ops(g) == [op]
+
+
+def test_replace_when_errors_are_located():
+    head = "rule r {\n  match (%x) {\n    %0 = aten.relu(%x)\n    yield %0\n  }\n"
+    with pytest.raises(KilnRuleError, match=r":6:3: rule r: only the last replace block may go "
+                                            r"without `when`"):
+        parse_rules(head + "  replace { %r = aten.neg(%x) yield %r }\n"
+                           "  replace { %r = aten.tanh(%x) yield %r }\n}\n")
+    with pytest.raises(KilnRuleError, match=r":6:16: rule r: the last replace block takes no `when`"):
+        parse_rules(head + "  replace when rank(%x) == 1 { %r = aten.neg(%x) yield %r }\n}\n")
+    pats = parse_rules(head + "  replace when dim(%x, 3) == 1 { %r = aten.neg(%x) yield %r }\n"
+                              "  replace { %r = aten.tanh(%x) yield %r }\n}\n")
+    g = parse(RELU_GRAPH)
+    with pytest.raises(KilnRuleError, match=r":6:16: rule r: `when dim\(%x, 3\) == 1` raised "
+                                            r"IndexError"):
+        apply_patterns(g, pats)
+    assert ops(g) == ["aten.relu"]   # untouched
+
+
+def test_lm_head_and_router_predicates_see_the_uses():
+    rule = """
+rule mark_head {
+  match (%x, %w) {
+    %0 = aten.mm(%x, %w)
+    yield %0
+  }
+  where is_lm_head(%0), not feeds_router(%0)
+  replace { %r = aten.matmul(%x, %w) yield %r }
+}
+"""
+    pats = parse_rules(rule)
+    text = """func @f(%x: f32[4, 8], %w: f32[8, 16], %v: f32[8, 16]) -> (f32[4, 16], f32[4, 2], i64[4, 2]) {
+  %0 = aten.mm(%x, %w) : f32[4, 16]
+  %1 = aten.mm(%x, %v) : f32[4, 16]
+  %2, %3 = aten.topk(%1, k=2) : (f32[4, 2], i64[4, 2])
+  %4 = aten.mm(%x, %w) : f32[4, 16]
+  %5 = aten.relu(%4) : f32[4, 16]
+  return %0, %2, %3
+}
+"""
+    g = parse(text)
+    assert apply_patterns(g, pats) == 1   # %0 only: %1 feeds top-k, %4 is not an output
+    assert ops(g).count("aten.matmul") == 1 and ops(g).count("aten.mm") == 2
 
 
 def test_functions_registered_from_python_are_usable_in_conditions(monkeypatch):
