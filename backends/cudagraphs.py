@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.ir import timings
 from kiln.ir.fallback import report
 
 
@@ -194,7 +195,7 @@ class CudaGraphCache:
             self.pool = torch.cuda.graph_pool_handle()
         try:
             torch.cuda.synchronize()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with timings.phase("cuda graph capture"), torch.cuda.graph(graph, pool=self.pool):
                 outputs = self.fn(*static_args)
         except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
             self.uncapturable.add(key)

@@ -17,6 +17,8 @@ import weakref
 
 import torch
 
+from kiln.ir import timings
+
 # share_key -> the PreparedWeights that last computed values under that key
 _LAST: dict[str, "weakref.ref[PreparedWeights]"] = {}
 
@@ -83,7 +85,7 @@ class PreparedWeights:
             self._values = other._values
             self.adopted += 1
         else:
-            with torch.no_grad():
+            with torch.no_grad(), timings.phase("weight preparation"):
                 self._values = tuple(self.prepare(*weights))
             self.runs += 1
             if self.share_key:

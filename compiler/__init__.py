@@ -9,15 +9,32 @@ __version__ = "0.1.0"
 
 
 def stats(reset: bool = False) -> dict:
-    """What ran eagerly instead of compiled, since start-up (or the last reset):
-    `{"fallbacks": total, "by_kind": {"graph": n, "cudagraph": n}, "events": [messages]}`."""
+    """What ran eagerly instead of compiled, and what the compile cache did, since start-up
+    (or the last reset): `{"fallbacks": total, "by_kind": {"graph": n, "cudagraph": n},
+    "events": [messages], "compile_cache": {"hit": n, "miss": n, "rebuilt": n, "stored": n,
+    "unwritable": n}}`."""
     from kiln.ir import fallback
+
+    from .compile_cache import counts
     events = fallback.events()
     out = {"fallbacks": len(events), "by_kind": fallback.counts(),
-           "events": [e.message for e in events]}
+           "events": [e.message for e in events], "compile_cache": counts(reset)}
     if reset:
         fallback.reset()
     return out
+
+
+def timings(reset: bool = False) -> str:
+    """Where compile time went since start-up (or the last reset), as a tree of phases
+    (capture, passes, codegen, kernel compilation, weight preparation, graph capture, ...)
+    with the compile cache's counts; what --timings and KILN_TIMINGS=1 print."""
+    from kiln.ir import timings as record
+
+    from .driver import kiln_timings
+    text = kiln_timings()
+    if reset:
+        record.reset()
+    return text
 
 
 def compile(model_or_graph, target: str = "cpu", passes=None, **options):

@@ -96,7 +96,8 @@ class UntrustedArtifact(StaleArtifact):
 # -- progress -------------------------------------------------------------------------------------
 class Steps:
     """Named steps with a spinner and elapsed time on stderr (rich), silent when stderr is
-    not a terminal. `with steps("capture"): ...`; `steps.seconds` keeps each duration."""
+    not a terminal. `with steps("capture"): ...`; `steps.seconds` keeps each duration, and
+    each step is a phase of kiln.ir.timings (what the stages inside it time nests in it)."""
 
     def __init__(self, enabled: bool | None = None):
         self.seconds: dict[str, float] = {}
@@ -124,12 +125,13 @@ class Steps:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        from kiln.ir import timings
         task = self.progress.add_task(name, total=1) if self.progress is not None else None
-        t0 = time.perf_counter()
+        stop = timings.start(name)   # the same step in the phase tree (--timings)
         try:
             yield
         finally:
-            self.seconds[name] = time.perf_counter() - t0
+            self.seconds[name] = stop()
             if task is not None:
                 self.progress.update(task, completed=1, description=f"{name} [green]done")
 

@@ -17,4 +17,4 @@ def kiln_backend(gm, example_inputs, options: dict | None = None, mode: str | No
     opts = CompileOptions.make(options)
     known = state_inputs(module) if module is not None else None
     return aot_capture(gm, example_inputs, lambda graph: compile_graph(graph, opts), known,
-                       opts.fallback)
+                       opts.fallback, type(module).__name__ if module is not None else None)

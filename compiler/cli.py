@@ -66,6 +66,7 @@ def _served(args):
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
+    _report_timings(args)
     with Steps() as steps:
         served = build_served(args.model, _serving_config(args), target=args.target,
                               dtype=args.dtype, block_size=getattr(args, "block_size", 16),
@@ -137,8 +138,16 @@ def _generate_static(args) -> int:
     return 0
 
 
+def _report_timings(args) -> None:
+    """--timings: where the time goes (kiln.ir.timings), printed when the command exits."""
+    if getattr(args, "timings", False):
+        from .driver import report_timings_at_exit
+        report_timings_at_exit(True)
+
+
 def cmd_compile(args) -> int:
     from .artifact import Steps, compile_artifact
+    _report_timings(args)
     with Steps() as steps:
         out = compile_artifact(args.model, args.target, args.output, block_size=args.block_size,
                                dtype=args.dtype, quant=args.quant,
@@ -323,6 +332,37 @@ def to_dot(graph) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cmd_cache(args) -> int:
+    """kiln cache ls | clear: the compile cache (kiln.compile_cache)."""
+    from . import compile_cache
+    root = compile_cache.directory()
+    if args.cache_command == "clear":
+        removed, freed = compile_cache.clear()
+        print(f"kiln cache: removed {removed} entries and Triton's kernels, {freed / 2**20:.1f} "
+              f"MiB, from {root}")
+        return 0
+    rows = compile_cache.entries()
+    now = time.time()
+    print(f"{'key':16s} {'MiB':>7s} {'age':>8s}  {'target':6s} model")
+    for r in rows:
+        a = r["about"]
+        age = now - r["created"]
+        age_text = (f"{age / 86400:.1f} d" if age >= 86400 else f"{age / 3600:.1f} h"
+                    if age >= 3600 else f"{age / 60:.0f} min")
+        what = r.get("problem") or (
+            f"{a.get('model') or '-'} @{a.get('graph')} ({a.get('nodes')} nodes, "
+            f"{(a.get('weights') or 0) / 1e6:.1f}M weights"
+            f"{', serving' if a.get('serving') else ''}"
+            f"{', ' + a['quant'] if a.get('quant') else ''})")
+        print(f"{r['key'][:16]:16s} {r['bytes'] / 2**20:7.2f} {age_text:>8s}  "
+              f"{a.get('target', '?'):6s} {what}")
+    total = sum(r["bytes"] for r in rows) + compile_cache.triton_bytes()
+    print(f"{len(rows)} entries in {root}, {total / 2**20:.1f} MiB with Triton's kernels "
+          f"({compile_cache.triton_bytes() / 2**20:.1f} MiB)"
+          + ("; the cache is off (KILN_CACHE=0)" if not compile_cache.enabled() else ""))
+    return 0
+
+
 def cmd_diff(args) -> int:
     import difflib
     a, b = Path(args.a).read_text(), Path(args.b).read_text()
@@ -461,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="load an artifact kiln did not build on this machine (or by this "
                             "user): its wrapper.py is Python that will run, so read it first; "
                             "file hashes are checked either way")
+        q.add_argument("--timings", action="store_true", help="print where start-up time "
+                       "goes (capture, passes, kernel compilation, graph capture, ...) at exit")
         if serving:
             q.add_argument("--max-waiting", type=positive_int, default=256,
                            help="queued requests before the server answers 429")
@@ -489,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--aot", action="store_true",
                    help="GPU targets: also write aot/, the binaries of the graph's Triton kernels "
                         "with C launchers (for a C/C++ server; kiln serve does not need it)")
+    c.add_argument("--timings", action="store_true", help="print where the time goes: load, "
+                   "capture (dynamo, AOTAutograd), each pass, codegen, the compile cache")
     c.set_defaults(fn=cmd_compile)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible server for an artifact or a model")
@@ -553,6 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--disable", help="comma-separated passes to switch off")
     d.add_argument("-o", "--output", help="write every pass of every graph (and the wrapper) here")
     d.set_defaults(fn=cmd_dump)
+
+    ca = sub.add_parser("cache", help="the compile cache in $KILN_CACHE_DIR/compile: ls | clear")
+    ca.add_argument("cache_command", choices=["ls", "clear"],
+                    help="ls: entries, sizes, ages, model and target; clear: remove them all")
+    ca.set_defaults(fn=cmd_cache)
 
     df = sub.add_parser("diff", help="unified diff of two IR dumps")
     df.add_argument("a")

@@ -23,6 +23,8 @@ class CompileOptions:
     serving: bool = False                      # run the serving-only passes (serve.kv_cache)
     block_size: int = 16                       # serving: tokens per KV-cache block
     fallback: str = "warn"                     # "error": raise instead of running eagerly
+    cache: bool = True                         # the persistent compile cache (KILN_CACHE=0: off)
+    timings: bool = False                      # print where compile time went at exit (KILN_TIMINGS=1)
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -52,6 +54,10 @@ class CompileOptions:
                 raise ValueError(f"KILN_PASS_LIMIT must be an integer, got {env['KILN_PASS_LIMIT']!r}") from None
         if env.get("KILN_VERIFY") == "1":
             opts.verify = True
+        from .compile_cache import enabled
+        opts.cache = enabled(opts.cache)   # KILN_CACHE=0 wins; a bad value is an error
+        if env.get("KILN_TIMINGS") == "1":
+            opts.timings = True
         from kiln.ir.fallback import policy
         opts.fallback = policy(opts.fallback)   # KILN_FALLBACK wins; a bad value is an error
         if opts.quant not in (None, "fp8", "int8"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import os
 import time
 from pathlib import Path
 
@@ -10,11 +12,12 @@ import torch
 
 from kiln.backends import wrapper
 from kiln.backends.targets import get_target
-from kiln.ir import Graph, print_graph
+from kiln.ir import Graph, parse, print_graph, timings
 from kiln.ir.roles import SCALAR
 from kiln.passes import PassManager
 from kiln.passes.weight_prep import split_weight_preparation
 
+from . import compile_cache
 from .config import CompileOptions
 
 _graph_ids = itertools.count()
@@ -28,7 +31,8 @@ class CompiledGraph:
     watchers: list = []
 
     def __init__(self, graph: Graph, source: str, fn, stats: str, snapshots, seconds: float,
-                 target: str, prepare: Graph | None = None, cuda_graphs=None):
+                 target: str, prepare: Graph | None = None, cuda_graphs=None,
+                 cached: bool = False):
         self.graph = graph
         self.cuda_graphs = cuda_graphs      # the CudaGraphCache replaying the forward, if any
         self.prepare = prepare              # the weight preparation split off `graph`, if any
@@ -38,9 +42,18 @@ class CompiledGraph:
         self.snapshots = snapshots          # [(pass name, IR text)] when recorded
         self.compile_seconds = seconds
         self.target = target
+        self.cached = cached                # the passes and codegen came from the compile cache
+        self._first_call = True
 
     def __call__(self, *args):
-        out = self.fn(*args)
+        if self._first_call:
+            # Timed on its own: it compiles the kernels it launches (Triton's JIT) and
+            # prepares the weights.
+            self._first_call = False
+            with timings.phase(f"first call @{self.graph.name}"):
+                out = self.fn(*args)
+        else:
+            out = self.fn(*args)
         for watch in CompiledGraph.watchers:
             watch(self, args, out)
         return out
@@ -116,46 +129,160 @@ class ScalarInputs:
 
 
 def compile_graph(graph: Graph, options: CompileOptions | None = None) -> CompiledGraph:
+    """Runs the passes on `graph` (in place) and generates its wrapper, or takes both from
+    the compile cache (compiler/compile_cache.py) when this captured graph was compiled
+    with these options before; then loads the wrapper."""
     opts = options or CompileOptions()
     t0 = time.perf_counter()
     target = get_target(opts.target)
     dump = None
     if opts.dump_dir:
         dump = Path(opts.dump_dir) / f"{graph.name}_{next(_graph_ids)}"
+    if opts.timings or opts.dump_dir:
+        report_timings_at_exit(opts.timings, opts.dump_dir)
+    with timings.phase(f"compile @{graph.name}"):
+        key = cached = None
+        if opts.cache:
+            if target.triton_backend is not None:
+                compile_cache.point_triton_here()
+            with timings.phase("cache lookup"):
+                key = compile_cache.key_of(print_graph(graph), target.name, cache_options(opts))
+                # A dump shows every pass run, so it never comes from the cache.
+                cached = compile_cache.load(key) if dump is None else None
+        if cached is not None:
+            with timings.phase("parse cached IR"):
+                _take_cached(graph, cached)
+            source, stats, snapshots = cached.wrapper, cached.stats, cached.snapshots
+            split = split_weight_preparation(graph) if opts.prepare_weights else None
+        else:
+            source, stats, snapshots, split = _run_pipeline(graph, opts, target, dump)
+            if key is not None:
+                with timings.phase("cache store"):
+                    compile_cache.store(key, compile_cache.Entry(
+                        print_graph(graph), source, _graph_meta(graph), stats, snapshots),
+                        _describe(graph, target.name, opts))
+        with timings.phase("load wrapper"):
+            module = wrapper.load_module(source, f"kiln_{graph.name}")
+        cuda_graphs = None
+        if target.graph_capture and target.device_type == "cuda" and opts.cudagraphs:
+            if torch.cuda.is_available():
+                from kiln.backends.cudagraphs import CudaGraphCache
+                # Graphs capture the forward only (the wrapper's `forward` looks
+                # `forward_prepared` up at call time): prepared weights are inputs of the
+                # replay, so a weight written in place is prepared again, not baked in.
+                core = "forward" if split is None else "forward_prepared"
+                cuda_graphs = module[core] = CudaGraphCache(module[core], mutated_inputs(graph),
+                                                            fallback=opts.fallback)
+        fn = module["forward"]
+        if any(v.role == SCALAR for v in graph.inputs):
+            fn = ScalarInputs(fn, graph)
+    compiled = CompiledGraph(graph, source, fn, stats, snapshots,
+                             time.perf_counter() - t0, target.name,
+                             split.prepare if split is not None else None, cuda_graphs,
+                             cached=cached is not None)
+    if opts.observer is not None:
+        opts.observer(compiled)
+    return compiled
+
+
+def _run_pipeline(graph: Graph, opts: CompileOptions, target, dump: Path | None):
+    """The passes, the weight-preparation split and codegen: (wrapper source, pass
+    statistics, IR snapshots when recorded, the split or None)."""
     pm = PassManager(passes=opts.passes, disabled=opts.disable_passes, verify_each=opts.verify,
                      dump_dir=dump, rewrite_limit=opts.pass_limit, serving=opts.serving,
                      options={"target": target, "quant": opts.quant, "block_size": opts.block_size,
                               "can_generate": wrapper.code_generator(target),
                               "cudagraphs": opts.cudagraphs and not opts.serving})
-    pm.run(graph, record=opts.record)
-    split = split_weight_preparation(graph) if opts.prepare_weights else None
-    if split is None:
-        source = wrapper.generate(graph, target)
-    else:
-        source = wrapper.generate(split.forward, target, split.prepare, tuple(split.positions),
-                                  tuple(split.copied))
+    with timings.phase("passes"):
+        pm.run(graph, record=opts.record)
+        for s in pm.stats:   # the pass manager times each pass itself
+            timings.record(s.name, s.seconds)
+    with timings.phase("codegen"):
+        split = split_weight_preparation(graph) if opts.prepare_weights else None
+        if split is None:
+            source = wrapper.generate(graph, target)
+        else:
+            source = wrapper.generate(split.forward, target, split.prepare, tuple(split.positions),
+                                      tuple(split.copied))
     if dump is not None:
         (dump / "wrapper.py").write_text(source)
         (dump / "passes.txt").write_text(pm.summary() + "\n")
         if split is not None:
             (dump / "prepare_weights.kir").write_text(print_graph(split.prepare))
-    module = wrapper.load_module(source, f"kiln_{graph.name}")
-    cuda_graphs = None
-    if target.graph_capture and target.device_type == "cuda" and opts.cudagraphs:
-        if torch.cuda.is_available():
-            from kiln.backends.cudagraphs import CudaGraphCache
-            # Graphs capture the forward only (the wrapper's `forward` looks
-            # `forward_prepared` up at call time): prepared weights are inputs of the
-            # replay, so a weight written in place is prepared again, not baked in.
-            core = "forward" if split is None else "forward_prepared"
-            cuda_graphs = module[core] = CudaGraphCache(module[core], mutated_inputs(graph),
-                                                        fallback=opts.fallback)
-    fn = module["forward"]
-    if any(v.role == SCALAR for v in graph.inputs):
-        fn = ScalarInputs(fn, graph)
-    compiled = CompiledGraph(graph, source, fn, pm.summary(), pm.snapshots,
-                             time.perf_counter() - t0, target.name,
-                             split.prepare if split is not None else None, cuda_graphs)
-    if opts.observer is not None:
-        opts.observer(compiled)
-    return compiled
+    return source, pm.summary(), pm.snapshots, split
+
+
+# Options that do not change what is compiled (where dumps go, who is told, what happens
+# on a fallback at run time, the cache and timings themselves): left out of the cache key.
+_NOT_IN_KEY = {"dump_dir", "observer", "fallback", "cache", "timings"}
+
+
+def cache_options(opts: CompileOptions) -> dict:
+    """The options in the compile cache's key, as JSON."""
+    out = {}
+    for name, value in opts.as_dict().items():
+        if name not in _NOT_IN_KEY:
+            out[name] = sorted(value) if isinstance(value, set) else value
+    return out
+
+
+def _graph_meta(graph: Graph) -> dict:
+    """What the compiled graph carries beside its text, for the cache: not the lifted
+    constants (tensors the capture holds and passes in as inputs at every call)."""
+    return {k: v for k, v in graph.meta.items() if k != "constants" and not k.startswith("_")}
+
+
+def _take_cached(graph: Graph, cached) -> None:
+    """Makes `graph` the cached result of the passes, as if they had rewritten it in place
+    (callers hold on to `graph`): the captured graph keeps its lifted constants."""
+    done = parse(cached.graph)
+    done.meta = {**cached.meta, **{k: v for k, v in graph.meta.items() if k == "constants"}}
+    graph.name, graph.inputs, graph.nodes, graph.outputs = done.name, done.inputs, done.nodes, done.outputs
+    graph.sym_ranges, graph.sym_hints, graph.meta = done.sym_ranges, done.sym_hints, done.meta
+    graph.functions = done.functions
+
+
+def _describe(graph: Graph, target: str, opts: CompileOptions) -> dict:
+    """What `kiln cache ls` shows of an entry: the model (graph.meta["source"], from the
+    capture) and its size, the target and how it was compiled."""
+    from kiln.ir.roles import is_weight
+    params = sum(math.prod(v.type.shape) for v in graph.inputs
+                 if is_weight(v) and all(isinstance(d, int) for d in getattr(v.type, "shape", (None,))))
+    return {"model": graph.meta.get("source"), "graph": graph.name, "nodes": len(graph.nodes),
+            "weights": params, "target": target, "serving": opts.serving, "quant": opts.quant}
+
+
+_timings_reported: set = set()
+
+
+def report_timings_at_exit(show: bool, dump_dir: str | None = None) -> None:
+    """Where compile time went, when the process exits: on stderr (`show`: --timings,
+    KILN_TIMINGS=1, the `timings` option) and in DUMP_DIR/timings.txt (KILN_DUMP_DIR);
+    with Triton's JIT timed per kernel from now on (its compiles happen at first launch)."""
+    import atexit
+    import sys
+
+    if show and "show" not in _timings_reported:
+        _timings_reported.add("show")
+        os.environ[timings.ENV] = "1"   # worker processes (kiln serve's engine) report too
+        try:
+            from kiln.backends.triton.jit_times import time_jit
+            time_jit()
+        except ImportError:   # no Triton: nothing is JIT-compiled
+            pass
+        atexit.register(lambda: sys.stderr.write(kiln_timings()))
+    if dump_dir and dump_dir not in _timings_reported:
+        _timings_reported.add(dump_dir)
+
+        def write():
+            Path(dump_dir).mkdir(parents=True, exist_ok=True)
+            (Path(dump_dir) / "timings.txt").write_text(kiln_timings())
+        atexit.register(write)
+
+
+def kiln_timings() -> str:
+    """The phase tree (kiln.ir.timings) and the compile cache's counts."""
+    c = compile_cache.counts()
+    return timings.report() + (f"compile cache: {c['hit']} hit(s), {c['miss']} miss(es), "
+                               f"{c['rebuilt']} rebuilt, {c['stored']} stored "
+                               f"({compile_cache.directory()})\n")

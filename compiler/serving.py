@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.frontends.dynamo import InputSpec, decompositions, describe_inputs, state_inputs
+from kiln.frontends.dynamo import (InputSpec, aot_module, describe_inputs, state_inputs,
+                                   time_frames)
 from kiln.frontends.fx import from_fx
 from kiln.ir import Graph
 
@@ -27,7 +28,6 @@ EXAMPLE_TOKENS = 8
 
 def capture_serving(model: torch.nn.Module, example_tokens: int = EXAMPLE_TOKENS) -> Graph:
     """The flat-batch forward of `model` as a kiln Graph (before any pass)."""
-    from kiln.frontends.torch_compat import aot_module_simplified
     global CAPTURES
     graphs: list[Graph] = []
     device = next(model.parameters()).device
@@ -42,17 +42,17 @@ def capture_serving(model: torch.nn.Module, example_tokens: int = EXAMPLE_TOKENS
 
         def fw_compiler(fx_gm, fw_inputs):
             graphs.append(from_fx(fx_gm, specs))
+            graphs[-1].meta["source"] = type(model).__name__
             return fx_gm   # this one call runs eagerly; the graph is all we wanted
 
-        return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler,
-                                     decompositions=decompositions(),
-                                     keep_inference_input_mutations=True)
+        return aot_module(gm, example_inputs, fw_compiler)
 
     torch._dynamo.mark_dynamic(ids, 1)
     torch._dynamo.mark_dynamic(pos, 1)
     # transformers wraps every model's forward in one decorator: all models share one code
     # object and dynamo's recompile limit, so start from a clean slate.
     torch._dynamo.reset()
+    time_frames()   # the reset dropped dynamo's timing callbacks
     fn = torch.compile(model, backend=backend, fullgraph=True)
     with torch.no_grad():
         fn(input_ids=ids, position_ids=pos, use_cache=False)

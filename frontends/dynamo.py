@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from kiln.ir import Graph
+from kiln.ir import Graph, timings
 from kiln.ir.fallback import report
 
 from . import torch_compat
@@ -103,13 +103,55 @@ def describe_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence,
     return specs
 
 
+# Dynamo's compile of a frame, timed (kiln.ir.timings): from its start callback to the
+# backend's call is tracing, "dynamo"; the backend's AOTAutograd is "aot_autograd", kiln's
+# compile nested in it; the rest up to the end callback (guards, bytecode) is "dynamo" again.
+_frame_phases: list = []   # stop functions of the frame's open phases, innermost last
+
+
+def _frame_started(args) -> None:
+    _frame_phases.append(timings.start(f"torch.compile frame {torch_compat.compile_id(args)}".strip()))
+    _frame_phases.append(timings.start("dynamo"))
+
+
+def _frame_ended(args) -> None:
+    while _frame_phases:
+        _frame_phases.pop()()
+
+
+def time_frames() -> None:
+    """Times dynamo's frame compiles from now on (again after a `torch._dynamo.reset()`)."""
+    torch_compat.on_frame_compile(_frame_started, _frame_ended)
+
+
+time_frames()
+
+
+def aot_module(gm: torch.fx.GraphModule, example_inputs, fw_compiler: Callable):
+    """AOTAutograd over dynamo's graph as kiln captures: core ATen with kiln's
+    decompositions, input mutations kept in the graph. `fw_compiler(fx_gm, fw_inputs)`
+    gets the inference graph."""
+    time_frames()   # for the next frame, if a reset dropped the callbacks before this one
+    if _frame_phases:   # dynamo's tracing ends where its backend starts
+        _frame_phases.pop()()
+    try:
+        with timings.phase("aot_autograd"):
+            return torch_compat.aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler,
+                                                      decompositions=decompositions(),
+                                                      keep_inference_input_mutations=True)
+    finally:
+        if _frame_phases:
+            _frame_phases.append(timings.start("dynamo"))
+
+
 def aot_capture(gm: torch.fx.GraphModule, example_inputs,
                 compile_graph: Callable[[Graph], Callable],
                 known: Mapping[int, InputSpec] | None = None,
-                fallback: str | None = None) -> Callable:
+                fallback: str | None = None, source: str | None = None) -> Callable:
     """Runs AOTAutograd on dynamo's graph; `compile_graph` turns each kiln Graph into the
     callable that AOTAutograd will call with the flat inputs. A graph kiln cannot represent
-    runs eagerly, reported as a fallback (`fallback`: the policy, kiln.ir.fallback)."""
+    runs eagerly, reported as a fallback (`fallback`: the policy, kiln.ir.fallback).
+    `source` names what was captured (the module's class) in `graph.meta["source"]`."""
     specs = describe_inputs(gm, example_inputs, known)
 
     def fw_compiler(fx_gm: torch.fx.GraphModule, fw_inputs):
@@ -119,15 +161,15 @@ def aot_capture(gm: torch.fx.GraphModule, example_inputs,
             report("graph", str(e), f"kiln: cannot capture this graph ({e}); it runs eagerly",
                    fallback)
             return fx_gm
+        if source is not None:
+            graph.meta["source"] = source
         compiled = compile_graph(graph)
         constants = tuple(graph.meta["constants"].values())
         if not constants:
             return compiled
         return lambda *args: compiled(*args, *constants)
 
-    return torch_compat.aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler,
-                                              decompositions=decompositions(),
-                                              keep_inference_input_mutations=True)
+    return aot_module(gm, example_inputs, fw_compiler)
 
 
 def export_capture(program: "torch.export.ExportedProgram") -> tuple[Graph, list]:

@@ -62,3 +62,24 @@ def dynamo_source(node: torch.fx.Node) -> str | None:
         except Exception:  # noqa: BLE001 - an unknown source kind is just unknown
             return None
     return name if isinstance(name, str) else None
+
+
+def on_frame_compile(started, ended) -> None:
+    """Calls `started(args)` / `ended(args)` when dynamo starts / finishes compiling a
+    frame (the outermost compile, on the compiling thread; `compile_id(args)` names the
+    frame). `torch._dynamo.reset()` drops
+    such callbacks, so callers call this again before each capture (it registers once);
+    a torch without them times nothing."""
+    try:
+        from torch._dynamo.callback import callback_handler
+    except ImportError:
+        return
+    if started not in callback_handler.start_callbacks:
+        callback_handler.register_start_callback(started)
+    if ended not in callback_handler.end_callbacks:
+        callback_handler.register_end_callback(ended)
+
+
+def compile_id(callback_args) -> str:
+    """The frame's compile id ("0/1") from dynamo's callback arguments, or ""."""
+    return str(getattr(callback_args, "compile_id", "") or "")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from kiln.backends.cudagraphs import capture_parts
-from kiln.ir import Graph, TensorType
+from kiln.ir import Graph, TensorType, timings
 from kiln.ir.fallback import report
 from kiln.ir.roles import BATCH_INPUTS, is_cache_input
 
@@ -364,6 +364,7 @@ class PagedModelRunner:
         args = self._args(buf.field)
         # The prepared weights are arguments of the captured call and kept with the graph.
         prepared = tuple(self._prepare(args)) if self._prepare is not None else ()
+        stop = timings.start("cuda graph capture")
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -382,6 +383,8 @@ class PagedModelRunner:
                    f"bucket of {bucket[0]} tokens in {bucket[1]} sequences ({type(e).__name__}: "
                    f"{e}); its batches run eagerly")
             return None
+        finally:
+            stop()
         self._graphs[bucket] = (graph, out, prepared)
         return self._graphs[bucket]
 

@@ -2,7 +2,13 @@
 `from models import tiny_llama`, and loads the default model once per session.
 
 Every test runs with fallback as an error (KILN_FALLBACK=error): a graph that silently
-ran eagerly would pass a numerics test. Tests about fallback ask for `fallback_warns`."""
+ran eagerly would pass a numerics test. Tests about fallback ask for `fallback_warns`.
+
+The compile cache is off (KILN_CACHE=0): a test's result must not depend on what an earlier
+run left in the user's cache, nor write to it, and tests that patch kiln's internals would
+otherwise be served a graph compiled without the patch. Tests of the cache turn it on over
+a directory of their own (`compile_cache_dir`). The converted SmolLM2 stays in the default
+kiln cache, so it is converted once per machine, not once per run."""
 from __future__ import annotations
 
 import os
@@ -12,6 +18,7 @@ from pathlib import Path
 import pytest
 
 os.environ["KILN_FALLBACK"] = "error"   # before kiln reads it; subprocesses inherit it
+os.environ["KILN_CACHE"] = "0"
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
@@ -24,6 +31,19 @@ def smollm2():
     converts the GGUF into the default kiln cache (about 25 s); later runs read the cache."""
     from kiln.frontends.hf import load
     return load("smollm2")
+
+
+@pytest.fixture
+def compile_cache_dir(tmp_path, monkeypatch):
+    """The compile cache on, in a fresh directory (KILN_CACHE_DIR's compile/ under tmp_path),
+    with its counters and phase record starting from zero."""
+    import kiln
+    monkeypatch.setenv("KILN_CACHE", "1")
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "kiln-cache"))
+    kiln.stats(reset=True)
+    kiln.timings(reset=True)
+    yield tmp_path / "kiln-cache" / "compile"
+    kiln.stats(reset=True)
 
 
 @pytest.fixture
