@@ -53,7 +53,7 @@ _TRITON_MODULES = {
     "quant": ("quant_fp8", "quant_int8", "rms_norm_quant", "fused_add_rms_norm_quant",
               "silu_mul_quant"),
     "gemm": ("scaled_mm",),
-    "gemv": ("rms_norm_mm", "fused_add_rms_norm_mm", "silu_mul_mm"),
+    "gemv": ("rms_norm_mm", "fused_add_rms_norm_mm", "silu_mul_mm", "mm"),
 }
 _TRITON_KERNELS = {op: f"kiln.backends.triton.{module}:{op}"
                    for module, ops in _TRITON_MODULES.items() for op in ops}

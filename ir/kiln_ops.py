@@ -47,6 +47,7 @@ KILN_OPS = {
     "fused_add_rms_norm_mm": (("x", "residual", "weight", "b"), ("eps",),
                               kiln_ref.fused_add_rms_norm_mm, (), None),
     "silu_mul_mm": (("gate", "up", "b"), (), kiln_ref.silu_mul_mm, (), None),
+    "mm": (("x", "b"), (), kiln_ref.mm, (), None),
     "attention": (("q", "k", "v", "mask"), ("scale", "causal", "window"), kiln_ref.attention, (),
                   _attention_type),
     "fused_moe": (("x", "router_logits", "w_gate_up", "w_down"), ("top_k", "renormalize"),

@@ -83,6 +83,12 @@ def silu_mul_mm(gate: torch.Tensor, up: torch.Tensor, b: torch.Tensor) -> torch.
     return silu_mul(gate, up).reshape(-1, gate.shape[-1]) @ b
 
 
+def mm(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`x @ b` with x's leading dims flattened: [..., K], b [K, N] -> [M, N] (fuse.prologue's
+    GEMM with nothing in front to fuse; Triton targets run it on the same small-M kernel)."""
+    return x.reshape(-1, x.shape[-1]) @ b
+
+
 def visible_keys(sq: int, skv: int, causal: bool, window: int | None,
                  device=None) -> torch.Tensor | None:
     """[Sq, Skv] bool: which keys each query sees under `causal` and `window` (see

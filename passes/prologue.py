@@ -1,5 +1,6 @@
 """fuse.prologue: a norm or SiLU·mul computed in the prologue of the GEMM that reads it
-(rules/prologue.kiln), on Triton targets.
+(rules/prologue.kiln), on Triton targets; a decode-sized GEMM without one runs on the same
+kernel (kiln.mm).
 
 It runs after serve.kv_cache, which finds a serving capture's LM head by its GEMM and puts
 the selection of each sequence's last token in front of it; the decode layers' GEMMs of a
@@ -16,7 +17,8 @@ from .rules import load_rules
 
 @register_pass("fuse.prologue", "rms_norm / residual add + rms_norm / silu_mul feeding a "
                "GEMM of at most 64 tokens (or a token count known at run time) -> one "
-               "kiln.*_mm op, one launch for decode sizes (Triton targets; rules/prologue.kiln)")
+               "kiln.*_mm op, one launch for decode sizes; such a GEMM with nothing to fuse -> "
+               "kiln.mm, the same kernel (Triton targets; rules/prologue.kiln)")
 def fuse_prologue(g: Graph, ctx: PassContext) -> int:
     target = ctx.options.get("target")
     if target is None or target.triton_backend is None:

@@ -1,9 +1,11 @@
-"""Small-M matmul with a fused prologue: `rms_norm_mm`, `fused_add_rms_norm_mm`, `silu_mul_mm`.
+"""Small-M matmul with a fused prologue: `rms_norm_mm`, `fused_add_rms_norm_mm`, `silu_mul_mm`,
+and `mm`, the same kernel with no prologue.
 
 y = prologue(x) @ b for M <= MAX_M rows (LLM decode: 1-16 tokens), where the prologue is
 kiln_ref.rms_norm, kiln_ref.fused_add_rms_norm (which also returns h = residual + x) or
 kiln_ref.silu_mul, so that a norm or an activation and the projection after it are one
-launch instead of two. In a decode step replayed from a CUDA graph every launch costs
+launch instead of two. `mm` (attention's output projection, which has nothing in front
+to fuse) is one launch where cuBLAS takes two at these sizes (split-K, then its reduce). In a decode step replayed from a CUDA graph every launch costs
 ~2.5 us on an H200, more than a small model's matmuls take, so each fusion is a launch
 saved; large weights (Llama-3-8B) must still stream at close to copy bandwidth.
 
@@ -66,6 +68,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 RMS = tl.constexpr(0)       # rms_norm(x) @ b
 ADD_RMS = tl.constexpr(1)   # h = residual + x; rms_norm(h) @ b
 SILU = tl.constexpr(2)      # silu_mul(gate, up) @ b
+NONE = tl.constexpr(3)      # x @ b
 
 
 @dataclass(frozen=True)
@@ -125,8 +128,8 @@ def _gemv_kernel(X, X2, NW, B, Y, H, M, N, stride_x, stride_x2, stride_h, stride
     """Y[:M, n-block] = prologue(X, X2, NW) @ B[:, n-block].
 
     RMS: X = x, NW = norm weight (X2, H unused). ADD_RMS: X = x, X2 = residual, H = the
-    sum (stored by program 0). SILU: X = gate, X2 = up (NW, H unused). BLOCK_M == 1 takes
-    the FMA path, larger BLOCK_M tl.dot."""
+    sum (stored by program 0). SILU: X = gate, X2 = up (NW, H unused). NONE: X = x (X2,
+    NW, H unused). BLOCK_M == 1 takes the FMA path, larger BLOCK_M tl.dot."""
     pid_n = tl.program_id(0)
     XDT: tl.constexpr = X.dtype.element_ty
     USE_DOT: tl.constexpr = BLOCK_M > 1
@@ -143,7 +146,7 @@ def _gemv_kernel(X, X2, NW, B, Y, H, M, N, stride_x, stride_x2, stride_h, stride
     # Pass 1 (rms prologues): each row's inverse RMS; program 0 also stores h.
     ADD: tl.constexpr = PROLOGUE == ADD_RMS
     inv = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if PROLOGUE != SILU:
+    if PROLOGUE == RMS or PROLOGUE == ADD_RMS:
         sum_sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + offs_k
@@ -172,6 +175,8 @@ def _gemv_kernel(X, X2, NW, B, Y, H, M, N, stride_x, stride_x2, stride_h, stride
             g = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
             u = tl.load(X2 + rows[:, None] * stride_x2 + ks[None, :], mask=mask, other=0.0)
             a = _silu_mul(g, u, XDT, XDT)
+        elif PROLOGUE == NONE:
+            a = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=mask, other=0.0).to(tl.float32)
         else:
             s = _load_sum(X, X2, H, rows, ks, mask, stride_x, stride_x2, stride_h, ADD, False)
             a = _apply_weight(s, inv, NW, ks, k_ok, XDT)
@@ -327,6 +332,15 @@ def silu_mul_mm(gate: torch.Tensor, up: torch.Tensor, b: torch.Tensor, *,
                    config)
 
 
+def mm(x: torch.Tensor, b: torch.Tensor, *, config: GemvConfig | None = None) -> torch.Tensor:
+    """kiln_ref.mm: x.reshape(-1, K) @ b in one launch (torch.mm above FUSED_MAX_M rows).
+    x [..., K] with any row stride, b [K, N] with any strides; one dtype. Returns [M, N]."""
+    _check("mm", x, b, {})
+    if _many_rows(x):
+        return torch.mm(x.reshape(-1, x.shape[-1]), b)
+    return _launch(NONE.value, _rows("mm", x), None, None, b, None, 0.0, config)
+
+
 # --------------------------------------------------------------------------- AOT variants
 
 # Llama-3-8B decode at M = 1: (name, prologue, K, N). b is a permuted nn.Linear weight, so
@@ -334,7 +348,8 @@ def silu_mul_mm(gate: torch.Tensor, up: torch.Tensor, b: torch.Tensor, *,
 # the weight loads vectorise; a C launcher must pass such a b (and N % 16 == 0).
 AOT_SHAPES = (("rms_norm_mm", RMS.value, 4096, 6144),
               ("fused_add_rms_norm_mm", ADD_RMS.value, 4096, 6144),
-              ("silu_mul_mm", SILU.value, 14336, 4096))
+              ("silu_mul_mm", SILU.value, 14336, 4096),
+              ("mm", NONE.value, 4096, 4096))
 AOT_M = 1
 
 

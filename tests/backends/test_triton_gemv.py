@@ -223,6 +223,28 @@ def test_prologue_rounds_like_torch(dtype, kind, m):
         assert wrong_frac > 0.05, f"the check cannot see this rounding ({wrong_frac:.2%})"
 
 
+# ----------------------------------------------------------------------------- mm (no prologue)
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS + ["strided", "sliced"])
+@pytest.mark.parametrize("mkn", SHAPES)
+def test_mm(dtype, layout, mkn):
+    m, k, n = mkn
+    x, b = randn(m, k, dtype=dtype), weight(k, n, dtype, layout)
+    y = gemv.mm(x, b)
+    assert y.shape == (m, n) and y.is_contiguous()
+    assert_close(y, x @ b, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_mm_explicit_configs_and_strided_rows(dtype, cfg):
+    m = 1 if cfg.block_m == 1 else 3
+    x = randn(m, 128, dtype=dtype)[:, 14:114]            # K = 100: a masked last chunk
+    b = weight(100, 40, dtype, "permuted")
+    assert_close(gemv.mm(x, b, config=cfg), x @ b, dtype)
+
+
 # ----------------------------------------------------------------------------- launches, table
 
 @pytest.mark.parametrize("m", [1, 16])
@@ -234,9 +256,10 @@ def test_one_launch_reading_the_weight_once(m, monkeypatch):
     gemv.rms_norm_mm(x, w, b, EPS)
     gemv.fused_add_rms_norm_mm(x, r, w, b, EPS)
     gemv.silu_mul_mm(x, r, b)
+    gemv.mm(x, b)
     cfg = gemv.gemv_config(m, 40, 96)
     assert cfg.block_m >= m
-    assert launches == [(-(-40 // cfg.block_n),)] * 3
+    assert launches == [(-(-40 // cfg.block_n),)] * 4
 
 
 def test_config_table():
@@ -311,4 +334,5 @@ def test_more_rows_than_the_kernel_pays_for_run_the_unfused_pair(monkeypatch, m)
     assert torch.equal(h, want_h)
     torch.testing.assert_close(gemv.silu_mul_mm(x, r, b), kiln_ref.silu_mul_mm(x, r, b),
                                rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gemv.mm(x, b), kiln_ref.mm(x, b), rtol=1e-5, atol=1e-5)
     assert launches == []

@@ -54,6 +54,8 @@ def test_cuda_lowering_matches_eager_through_the_triton_interpreter(name):
         layers = model.config.num_hidden_layers
         assert (ops.count("kiln.rms_norm_mm"), ops.count("kiln.fused_add_rms_norm_mm"),
                 ops.count("kiln.silu_mul_mm")) == (1, 2 * layers, layers)
+        # attention's output projection has nothing to fuse: the same kernel, no prologue
+        assert ops.count("kiln.mm") == layers and "aten.mm" not in ops
         assert not {"kiln.rms_norm", "kiln.fused_add_rms_norm", "kiln.silu_mul"} & set(ops)
         assert "from kiln.backends.triton.gemv import" in decode.source
     text = print_graph(decode.graph)

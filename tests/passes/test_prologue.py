@@ -63,6 +63,20 @@ def test_decode_sized_gemms_take_their_norm_or_activation_as_prologue(m):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("m", [1, "s0"])
+def test_a_decode_sized_gemm_with_nothing_to_fuse_runs_on_the_same_kernel(m):
+    text = _layer(m).replace("kiln.rms_norm(%x, %wn, eps=1e-06)", "aten.neg(%x)")
+    g, n = _fuse(text)
+    ops = [node.op for node in g.nodes]
+    assert n == 3 and ops.count("kiln.mm") == 1 and "aten.mm" not in ops, print_graph(g)
+    assert [op for op in ops if op.endswith("_mm")] == FUSED[1:]
+    torch.manual_seed(0)
+    args = [torch.randn([3 if not isinstance(d, int) else d for d in v.type.shape])
+            for v in g.inputs]
+    for got, want in zip(run(g, args), run(parse(text), args)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("m, target", [(65, "cuda"), (1, "cpu")])
 def test_large_or_dynamic_gemms_and_the_cpu_keep_their_ops(m, target):
     g, n = _fuse(_layer(m), target)
