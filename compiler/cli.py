@@ -352,7 +352,7 @@ def cmd_cache(args) -> int:
         what = r.get("problem") or (
             f"{a.get('model') or '-'} @{a.get('graph')} ({a.get('nodes')} nodes, "
             f"{(a.get('weights') or 0) / 1e6:.1f}M weights"
-            f"{', serving' if a.get('serving') else ''}"
+            f"{', serving' if a.get('serving') else ''}{', captured graph' if a.get('capture') else ''}"
             f"{', ' + a['quant'] if a.get('quant') else ''})")
         print(f"{r['key'][:16]:16s} {r['bytes'] / 2**20:7.2f} {age_text:>8s}  "
               f"{a.get('target', '?'):6s} {what}")

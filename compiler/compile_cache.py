@@ -1,23 +1,27 @@
-"""The persistent compile cache: what the passes and codegen made of a captured graph,
-kept on disk, so that another process compiling the same graph skips them.
+"""The persistent compile cache: what capture, the passes and codegen made of a model,
+kept on disk, so that another process compiling the same thing skips them.
 
     <kiln cache>/compile/          $KILN_CACHE_DIR/compile (~/.cache/kiln/compile)
-        <key>/                     one entry per compiled graph
-            manifest.json          what was compiled (graph, target, options, versions),
+        <key>/                     one entry; manifest.json says which kind, what was
+                                   compiled (model, graph, target), the versions, and the
                                    size and sha256 of every file, sealed with the host key
+          a "compile" entry, keyed by a captured graph's text, the compile options that
+          change the result and the target:
             graph.kir              the IR after the passes (kiln.ir.parse gives it back)
             wrapper.py             the generated wrapper
             meta.json              what the graph carries beside its text (graph.meta)
             passes.txt             the pass statistics of the compile that made it
             snapshots/NNN_<pass>.kir   the IR after every pass, when the compile recorded them
+          a "capture" entry, keyed by a model's class (and its source file), config, dtype
+          and device (kiln.serving: the serving capture of `kiln compile` / `kiln serve`):
+            captured.kir           the graph as dynamo and AOTAutograd captured it
         triton/                    Triton's own kernel cache (cubins, hsacos), unless
                                    TRITON_CACHE_DIR says otherwise
 
-The key is the sha256 of the captured graph's text with the compile options that change
-the result, the target, and the versions of kiln (its version and a hash of its own source
-files, so an edit during development is a miss), torch, triton and Python. Weights are
-graph inputs, never constants, so an entry holds code only; weight preparation still runs
-at the first call.
+Every key also holds kiln's version and a hash of its own source files (an edit during
+development is a miss), the registered passes and rule functions (a user's, with a hash of
+its source), and the torch, triton and Python versions. Weights are graph inputs, never
+constants, so an entry holds code only; weight preparation still runs at the first call.
 
 An entry is written into a temporary directory beside it and renamed into place: readers
 see a complete entry or none, and of two processes writing the same entry one wins and
@@ -28,9 +32,10 @@ rebuilt, never trusted. A cache that cannot be used (the directory is not writab
 disk is full) costs a warning, never a compile.
 
 KILN_CACHE=0 (or the compile option `cache=False`) turns it off; KILN_DUMP_DIR compiles
-without looking it up, so that every pass runs and is dumped. `kiln cache ls` lists the
-entries, `kiln cache clear` removes them; `kiln.stats()["compile_cache"]` counts hits,
-misses and rebuilds.
+without looking it up, so that every pass runs and is dumped. The key does not see a
+patch of kiln's internals made at run time (monkeypatching): turn the cache off for that.
+`kiln cache ls` lists the entries, `kiln cache clear` removes them;
+`kiln.stats()["compile_cache"]` counts hits, misses and rebuilds.
 """
 from __future__ import annotations
 
@@ -62,6 +67,7 @@ WRAPPER = "wrapper.py"
 META = "meta.json"
 STATS = "passes.txt"
 SNAPSHOTS = "snapshots"
+CAPTURED = "captured.kir"
 # The package folders of kiln (subpackages inside them included): a change to any of
 # their source files is a new key.
 KILN_PACKAGES = ("kiln", "kiln.frontends", "kiln.ir", "kiln.passes", "kiln.backends",
@@ -78,21 +84,25 @@ class CorruptEntry(Exception):
 
 
 _lock = threading.Lock()
-_counts: Counter = Counter()   # hit, miss, rebuilt, stored, unwritable
-_warned: set[str] = set()      # problems already warned about, once per process each
+_counts: Counter = Counter()   # (kind, what): what is hit, miss, rebuilt, stored, unwritable
+_warned: set[str] = set()      # lasting problems (an unwritable cache) warned about once
+KINDS = ("compile", "capture")
+EVENTS = ("hit", "miss", "rebuilt", "stored", "unwritable")
 
 
 def counts(reset: bool = False) -> dict:
+    """{"hit": n, ...} of compile entries, and the same for capture entries under "capture"."""
     with _lock:
-        out = {k: _counts.get(k, 0) for k in ("hit", "miss", "rebuilt", "stored", "unwritable")}
+        out = {what: _counts.get(("compile", what), 0) for what in EVENTS}
+        out["capture"] = {what: _counts.get(("capture", what), 0) for what in EVENTS}
         if reset:
             _counts.clear()
     return out
 
 
-def _count(what: str) -> None:
+def _count(kind: str, what: str) -> None:
     with _lock:
-        _counts[what] += 1
+        _counts[(kind, what)] += 1
 
 
 def _warn_once(topic: str, message: str) -> None:
@@ -167,51 +177,66 @@ def versions() -> dict:
     return out
 
 
-def key_of(captured: str, target: str, options: dict) -> str:
-    """The entry name for a captured graph's text compiled for `target` with `options`
-    (JSON-able: the options that change what is compiled)."""
-    blob = json.dumps({"format": FORMAT, "graph": captured, "target": target,
-                       "options": options, "versions": versions(), "pipeline": pipeline()},
-                      sort_keys=True)
+def key_of(kind: str, what: dict) -> str:
+    """The name of an entry of `kind` ("compile", "capture") for `what` (JSON-able: every
+    input that changes its content), with kiln's versions and pipeline."""
+    blob = json.dumps({"format": FORMAT, "kind": kind, "what": what, "versions": versions(),
+                       "pipeline": pipeline()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-# -- entries ------------------------------------------------------------------------------------
+# -- the compile entry's files --------------------------------------------------------------------
 @dataclass
-class Entry:
+class Compiled:
+    """What the passes and codegen made of a captured graph (a "compile" entry)."""
     graph: str                          # IR text after the passes
     wrapper: str                        # the generated wrapper's source
     meta: dict                          # graph.meta beside the text (JSON)
     stats: str                          # the pass statistics
     snapshots: list[tuple[str, str]]    # (pass, IR text) after each pass, when recorded
 
+    def files(self) -> dict[str, str]:
+        out = {GRAPH: self.graph, WRAPPER: self.wrapper, STATS: self.stats,
+               META: json.dumps(self.meta, sort_keys=True, default=_meta_value)}
+        for i, (name, text) in enumerate(self.snapshots):
+            out[f"{SNAPSHOTS}/{i:03d}_{name}.kir"] = text
+        return out
 
+    @classmethod
+    def from_files(cls, files: dict[str, str]) -> "Compiled":
+        snaps = sorted((rel, text) for rel, text in files.items() if rel.startswith(SNAPSHOTS + "/"))
+        return cls(files[GRAPH], files[WRAPPER], json.loads(files[META]), files[STATS],
+                   [(rel[len(SNAPSHOTS) + 5:-len(".kir")], text) for rel, text in snaps])
+
+
+# -- entries ------------------------------------------------------------------------------------
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load(key: str) -> Entry | None:
-    """The entry for `key`, or None (a miss). An entry that fails its checks is warned
-    about, removed, and counted as rebuilt: the caller compiles and stores it again."""
+def load(key: str, kind: str = "compile") -> dict[str, str] | None:
+    """The files of the entry for `key`, by path inside it, or None (a miss). An entry that
+    fails its checks is warned about, removed, and counted as rebuilt: the caller makes
+    it again and stores it."""
     path = directory() / key
     if not path.is_dir():
-        _count("miss")
+        _count(kind, "miss")
         return None
     try:
-        entry = _read(path, key)
+        files = _read(path, key, kind)
     except (CorruptEntry, KeyError, TypeError, AttributeError, ValueError) as e:
         why = str(e) if isinstance(e, CorruptEntry) else \
             f"its manifest lacks or garbles a field: {type(e).__name__} {e}"
-        _warn_once(f"corrupt {key}", f"kiln: compile cache entry {path} is unusable ({why}); "
-                                     f"removing it and compiling again")
+        warnings.warn(f"kiln: compile cache entry {path} is unusable ({why}); removing it "
+                      f"and compiling again", CompileCacheWarning, stacklevel=2)
         _remove(path)
-        _count("rebuilt")
+        _count(kind, "rebuilt")
         return None
-    _count("hit")
-    return entry
+    _count(kind, "hit")
+    return files
 
 
-def _read(path: Path, key: str) -> Entry:
+def _read(path: Path, key: str, kind: str) -> dict[str, str]:
     from .artifact import canonical_manifest, host_key
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -220,8 +245,8 @@ def _read(path: Path, key: str) -> Entry:
     except (OSError, ValueError) as e:
         raise CorruptEntry(f"{MANIFEST} is unreadable: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
-            or manifest.get("key") != key:
-        raise CorruptEntry(f"{MANIFEST} is not a format-{FORMAT} manifest of this key")
+            or manifest.get("key") != key or manifest.get("kind") != kind:
+        raise CorruptEntry(f"{MANIFEST} is not a format-{FORMAT} {kind} manifest of this key")
     try:
         sealed = hmac.new(host_key() or b"", canonical_manifest(manifest), hashlib.sha256)
     except ValueError as e:
@@ -229,42 +254,26 @@ def _read(path: Path, key: str) -> Entry:
     if not hmac.compare_digest(str(manifest.get("signature")), sealed.hexdigest()):
         raise CorruptEntry("its manifest's seal does not verify (edited, or written by "
                            "another machine or user)")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not {GRAPH, WRAPPER, META, STATS} <= set(files):
-        raise CorruptEntry(f"{MANIFEST} does not list the entry's files")
-    content = {}
-    for rel, rec in files.items():
-        f = path / rel
+    files = {}
+    for rel, rec in manifest["files"].items():
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise CorruptEntry(f"{MANIFEST} names {rel!r}, outside the entry")
         try:
-            data = f.read_bytes()
+            data = (path / rel).read_bytes()
         except OSError:
             raise CorruptEntry(f"{rel} is missing") from None
-        if len(data) != rec.get("size") or _sha256(data) != rec.get("sha256"):
+        if len(data) != rec["size"] or _sha256(data) != rec["sha256"]:
             raise CorruptEntry(f"{rel} does not match its recorded size and sha256 "
                                f"(truncated or edited)")
-        content[rel] = data.decode()
-    snapshots = [(name, content[f"{SNAPSHOTS}/{i:03d}_{name}.kir"])
-                 for i, name in enumerate(manifest.get("snapshots", []))]
-    return Entry(content[GRAPH], content[WRAPPER], json.loads(content[META]), content[STATS],
-                 snapshots)
+        files[rel] = data.decode()
+    return files
 
 
-def store(key: str, entry: Entry, about: dict) -> None:
-    """Writes the entry (temp directory + rename); `about` describes it for `kiln cache ls`.
-    A failure to write warns once and leaves the compile as it is."""
+def store(key: str, files: dict[str, str], about: dict, kind: str = "compile") -> None:
+    """Writes an entry of these files (temp directory + rename); `about` describes it for
+    `kiln cache ls`. A failure to write warns once and changes nothing else."""
     from .artifact import seal
     root = directory()
-    try:
-        meta = json.dumps(entry.meta, sort_keys=True, default=_meta_value)
-    except TypeError as e:   # something the graph carries that text cannot: not cacheable
-        _warn_once(f"meta {e}", f"kiln: a compiled graph carries {e}; it is compiled again "
-                                f"in each process (not stored in the compile cache)")
-        return
-    files = {GRAPH: entry.graph, WRAPPER: entry.wrapper, META: meta, STATS: entry.stats}
-    for i, (name, text) in enumerate(entry.snapshots):
-        files[f"{SNAPSHOTS}/{i:03d}_{name}.kir"] = text
     tmp = None
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -275,9 +284,8 @@ def store(key: str, entry: Entry, about: dict) -> None:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)
             records[rel] = {"size": len(data), "sha256": _sha256(data)}
-        manifest = {"format": FORMAT, "key": key, "created": time.time(), "about": about,
-                    "versions": versions(), "files": records,
-                    "snapshots": [name for name, _ in entry.snapshots]}
+        manifest = {"format": FORMAT, "kind": kind, "key": key, "created": time.time(),
+                    "about": about, "versions": versions(), "files": records}
         seal(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         try:
@@ -288,9 +296,9 @@ def store(key: str, entry: Entry, about: dict) -> None:
             # Another process stored the same entry first: its copy is as good as this one.
         else:
             tmp = None
-            _count("stored")
+            _count(kind, "stored")
     except (OSError, ValueError) as e:   # ValueError: the host key (artifact.host_key)
-        _count("unwritable")
+        _count(kind, "unwritable")
         _warn_once("unwritable", f"kiln: cannot write the compile cache in {root} ({e}); "
                                  f"compiling without it. Set KILN_CACHE_DIR to a writable "
                                  f"directory, or KILN_CACHE=0 to turn the cache off")

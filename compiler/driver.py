@@ -6,6 +6,8 @@ import itertools
 import math
 import os
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -128,7 +130,24 @@ class ScalarInputs:
         return tuple(host[i] if i in host else next(device_outputs) for i in range(self.num_outputs))
 
 
-def compile_graph(graph: Graph, options: CompileOptions | None = None) -> CompiledGraph:
+@dataclass
+class CapturedText:
+    """A captured graph as text (a cached capture, kiln.serving.cached_capture): parsed
+    only when the compile cache lacks what the passes make of it."""
+    text: str
+    meta: dict = field(default_factory=dict)   # the capture's graph.meta (constants, source)
+
+    @property
+    def name(self) -> str:
+        return self.text.split("(", 1)[0].removeprefix("func @")
+
+    def parse(self) -> Graph:
+        graph = parse(self.text)
+        graph.meta.update(self.meta)
+        return graph
+
+
+def compile_graph(graph: Graph | CapturedText, options: CompileOptions | None = None) -> CompiledGraph:
     """Runs the passes on `graph` (in place) and generates its wrapper, or takes both from
     the compile cache (compiler/compile_cache.py) when this captured graph was compiled
     with these options before; then loads the wrapper."""
@@ -146,21 +165,27 @@ def compile_graph(graph: Graph, options: CompileOptions | None = None) -> Compil
             if target.triton_backend is not None:
                 compile_cache.point_triton_here()
             with timings.phase("cache lookup"):
-                key = compile_cache.key_of(print_graph(graph), target.name, cache_options(opts))
+                text = graph.text if isinstance(graph, CapturedText) else print_graph(graph)
+                key = compile_cache.key_of("compile", {"graph": text, "target": target.name,
+                                                       "options": cache_options(opts)})
                 # A dump shows every pass run, so it never comes from the cache.
-                cached = compile_cache.load(key) if dump is None else None
+                files = compile_cache.load(key) if dump is None else None
+                cached = compile_cache.Compiled.from_files(files) if files else None
         if cached is not None:
             with timings.phase("parse cached IR"):
-                _take_cached(graph, cached)
+                graph = _take_cached(graph, cached)
             source, stats, snapshots = cached.wrapper, cached.stats, cached.snapshots
             split = split_weight_preparation(graph) if opts.prepare_weights else None
         else:
+            if isinstance(graph, CapturedText):
+                with timings.phase("parse captured IR"):
+                    graph = graph.parse()
             source, stats, snapshots, split = _run_pipeline(graph, opts, target, dump)
             if key is not None:
                 with timings.phase("cache store"):
-                    compile_cache.store(key, compile_cache.Entry(
-                        print_graph(graph), source, _graph_meta(graph), stats, snapshots),
-                        _describe(graph, target.name, opts))
+                    _store(key, compile_cache.Compiled(print_graph(graph), source,
+                                                       _graph_meta(graph), stats, snapshots),
+                           _describe(graph, target.name, opts))
         with timings.phase("load wrapper"):
             module = wrapper.load_module(source, f"kiln_{graph.name}")
         cuda_graphs = None
@@ -232,14 +257,27 @@ def _graph_meta(graph: Graph) -> dict:
     return {k: v for k, v in graph.meta.items() if k != "constants" and not k.startswith("_")}
 
 
-def _take_cached(graph: Graph, cached) -> None:
-    """Makes `graph` the cached result of the passes, as if they had rewritten it in place
-    (callers hold on to `graph`): the captured graph keeps its lifted constants."""
+def _store(key: str, compiled: "compile_cache.Compiled", about: dict) -> None:
+    try:
+        files = compiled.files()
+    except TypeError as e:   # graph.meta holds what JSON cannot: compiled anew each process
+        warnings.warn(f"kiln: this graph carries {e}, which the compile cache cannot store; "
+                      f"it is compiled again in each process", compile_cache.CompileCacheWarning)
+        return
+    compile_cache.store(key, files, about)
+
+
+def _take_cached(graph: Graph | CapturedText, cached) -> Graph:
+    """The cached result of the passes, with the capture's lifted constants. A captured
+    Graph becomes it in place, as if the passes had rewritten it (callers hold on to it)."""
     done = parse(cached.graph)
-    done.meta = {**cached.meta, **{k: v for k, v in graph.meta.items() if k == "constants"}}
+    done.meta = {**cached.meta, "constants": graph.meta.get("constants", {})}
+    if isinstance(graph, CapturedText):
+        return done
     graph.name, graph.inputs, graph.nodes, graph.outputs = done.name, done.inputs, done.nodes, done.outputs
     graph.sym_ranges, graph.sym_hints, graph.meta = done.sym_ranges, done.sym_hints, done.meta
     graph.functions = done.functions
+    return graph
 
 
 def _describe(graph: Graph, target: str, opts: CompileOptions) -> dict:
@@ -283,6 +321,10 @@ def report_timings_at_exit(show: bool, dump_dir: str | None = None) -> None:
 def kiln_timings() -> str:
     """The phase tree (kiln.ir.timings) and the compile cache's counts."""
     c = compile_cache.counts()
-    return timings.report() + (f"compile cache: {c['hit']} hit(s), {c['miss']} miss(es), "
-                               f"{c['rebuilt']} rebuilt, {c['stored']} stored "
-                               f"({compile_cache.directory()})\n")
+    lines = [f"compile cache ({compile_cache.directory()}): {c['hit']} hit(s), {c['miss']} "
+             f"miss(es), {c['rebuilt']} rebuilt, {c['stored']} stored"]
+    capture = c["capture"]
+    if any(capture.values()):
+        lines.append(f"serving capture cache: {capture['hit']} hit(s), {capture['miss']} "
+                     f"miss(es), {capture['rebuilt']} rebuilt, {capture['stored']} stored")
+    return timings.report() + "".join(line + "\n" for line in lines)

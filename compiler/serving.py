@@ -16,10 +16,11 @@ import torch
 from kiln.frontends.dynamo import (InputSpec, aot_module, describe_inputs, state_inputs,
                                    time_frames)
 from kiln.frontends.fx import from_fx
-from kiln.ir import Graph
+from kiln.ir import Graph, print_graph
 
+from . import compile_cache
 from .config import CompileOptions
-from .driver import CompiledGraph, compile_graph
+from .driver import CapturedText, CompiledGraph, compile_graph
 
 # How many serving captures this process ran (tests: loading an artifact must not capture).
 CAPTURES = 0
@@ -89,16 +90,79 @@ def compile_serving(model: torch.nn.Module, target: str = "cpu", block_size: int
     import contextlib
     step = steps or (lambda name: contextlib.nullcontext())
     with step("capture"):
-        graph = capture_serving(model)
+        graph = cached_capture(model, compile_cache.enabled(options.get("cache", True)))
     with step("compile"):
         return _compile_captured(graph, target, block_size, record, options)
 
 
-def _compile_captured(graph: Graph, target, block_size, record, options) -> CompiledGraph:
+def cached_capture(model: torch.nn.Module, use_cache: bool = True) -> Graph | CapturedText:
+    """`capture_serving(model)`, or, with the compile cache on, the text of the graph an
+    earlier process captured from a model made of the same code, config, parameters and
+    dtype (a "capture" entry, kiln.compile_cache; parsed only if the compile misses):
+    capture is most of a cold compile on the CPU (dynamo and AOTAutograd, ~17 s of
+    SmolLM2's ~21 s on 2 cores). A graph with lifted constants (data) is never stored."""
+    what = capture_identity(model) if use_cache else None
+    if what is None:
+        return capture_serving(model)
+    key = compile_cache.key_of("capture", what)
+    files = compile_cache.load(key, "capture")
+    if files is not None:
+        return CapturedText(files[compile_cache.CAPTURED],
+                            {"constants": {}, "source": type(model).__name__})
+    graph = capture_serving(model)
+    if not graph.meta["constants"]:
+        compile_cache.store(key, {compile_cache.CAPTURED: print_graph(graph)},
+                            {"model": type(model).__name__, "graph": graph.name,
+                             "nodes": len(graph.nodes), "target": "-", "capture": True,
+                             "weights": sum(p.numel() for p in model.parameters())}, "capture")
+    return graph
+
+
+def capture_identity(model: torch.nn.Module) -> dict | None:
+    """What the serving capture of `model` depends on, for the cache key: the class and
+    source file of every module in it, its config (public and private fields), every
+    parameter's and buffer's name, shape and dtype, the device, and the transformers
+    version; None (do not cache) when a module's code cannot be pinned: no source file,
+    or a forward set on the instance."""
+    import hashlib
+    import inspect
+    from pathlib import Path
+
+    import transformers
+    classes, sources = [], {}
+    for name, module in model.named_modules():
+        cls = type(module)
+        if "forward" in vars(module):
+            return None
+        classes.append((name, f"{cls.__module__}.{cls.__qualname__}"))
+        try:
+            file = inspect.getsourcefile(cls)
+        except TypeError:
+            return None
+        if file is None:
+            return None
+        if file not in sources:
+            sources[file] = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+    config = model.config
+    private = {k: v for k, v in vars(config).items()
+               if k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
+    state = [(n, list(t.shape), str(t.dtype)) for n, t in
+             list(model.named_parameters(remove_duplicate=False))
+             + list(model.named_buffers(remove_duplicate=False))]
+    return {"modules": classes, "sources": sorted(sources.values()), "config": config.to_dict(),
+            "config_private": private, "state": state,
+            "device": next(model.parameters()).device.type, "example_tokens": EXAMPLE_TOKENS,
+            "transformers": transformers.__version__}
+
+
+def _compile_captured(graph: Graph | CapturedText, target, block_size, record,
+                      options) -> CompiledGraph:
     opts = CompileOptions.make(options, target=target, serving=True, block_size=block_size,
                                record=record, cudagraphs=False)
     from kiln.backends.targets import get_target
     if get_target(target).device_type != "cpu":
+        if isinstance(graph, CapturedText):
+            graph = graph.parse()
         retarget_devices(graph, get_target(target).device_type)
     return compile_graph(graph, opts)
 
