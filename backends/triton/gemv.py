@@ -112,6 +112,21 @@ def gemv_config(m: int, n: int, k: int) -> GemvConfig:
     raise ValueError(f"gemv: M = {m} exceeds MAX_M = {MAX_M}; use the unfused ops")
 
 
+# The rms prologues' first pass (each row's sum of squares) runs before the first weight
+# load, so its iterations are latency on every program's critical path: on the H200 the
+# eight 512-wide chunks of K = 4096 cost ~4 us a launch (Llama-3-8B's q/k/v and gate/up ran
+# ~7 us over their copy time, the SiLU-prologue down projection ~2.6). One chunk of up to
+# PASS1_MAX_K elements is one round trip; the tl.dot path keeps BLOCK_K (its chunk is
+# [BLOCK_M, BLOCK_K1] registers).
+PASS1_MAX_K = 4096
+
+
+def pass1_block(cfg: GemvConfig, k: int) -> int:
+    if cfg.use_dot:
+        return cfg.block_k
+    return max(cfg.block_k, min(PASS1_MAX_K, triton.next_power_of_2(max(k, 1))))
+
+
 def fit_config(cfg: GemvConfig, k: int) -> GemvConfig:
     """cfg with BLOCK_K no longer than K needs (a power of two, at least 16)."""
     block_k = max(16, min(cfg.block_k, triton.next_power_of_2(max(k, 1))))
@@ -124,12 +139,13 @@ def fit_config(cfg: GemvConfig, k: int) -> GemvConfig:
 def _gemv_kernel(X, X2, NW, B, Y, H, M, N, stride_x, stride_x2, stride_h, stride_bk,
                  stride_bn, stride_y, eps, K: tl.constexpr, PROLOGUE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 STAGES: tl.constexpr):
+                 STAGES: tl.constexpr, BLOCK_K1: tl.constexpr):
     """Y[:M, n-block] = prologue(X, X2, NW) @ B[:, n-block].
 
     RMS: X = x, NW = norm weight (X2, H unused). ADD_RMS: X = x, X2 = residual, H = the
     sum (stored by program 0). SILU: X = gate, X2 = up (NW, H unused). NONE: X = x (X2,
-    NW, H unused). BLOCK_M == 1 takes the FMA path, larger BLOCK_M tl.dot."""
+    NW, H unused). BLOCK_M == 1 takes the FMA path, larger BLOCK_M tl.dot. BLOCK_K1 is the
+    chunk of the rms prologues' first pass (see `pass1_block`)."""
     pid_n = tl.program_id(0)
     XDT: tl.constexpr = X.dtype.element_ty
     USE_DOT: tl.constexpr = BLOCK_M > 1
@@ -147,9 +163,10 @@ def _gemv_kernel(X, X2, NW, B, Y, H, M, N, stride_x, stride_x2, stride_h, stride
     ADD: tl.constexpr = PROLOGUE == ADD_RMS
     inv = tl.zeros([BLOCK_M], dtype=tl.float32)
     if PROLOGUE == RMS or PROLOGUE == ADD_RMS:
-        sum_sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + offs_k
+        offs_k1 = tl.arange(0, BLOCK_K1)
+        sum_sq = tl.zeros([BLOCK_M, BLOCK_K1], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K1):
+            ks = k0 + offs_k1
             k_ok = ks < K
             mask = row_ok[:, None] & k_ok[None, :]
             if pid_n == 0:
@@ -270,7 +287,8 @@ def _launch(prologue, x2, x2b, nw, b, h2, eps, config):
         x2, x2b, nw, b, y, h2, m, n, x2.stride(0), x2b.stride(0), h2.stride(0),
         b.stride(0), b.stride(1), y.stride(0), float(eps), K=k, PROLOGUE=prologue,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        STAGES=cfg.num_stages, BLOCK_K1=pass1_block(cfg, k), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return y
 
 
@@ -362,7 +380,7 @@ def _spec(dt: str, name: str, prologue: int, k: int, n: int):
     return make_spec(f"{name}_{SHORT[dt]}_m{cfg.block_m}_k{k}", _gemv_kernel, types,
                      {"stride_bk": 1, "K": k, "PROLOGUE": prologue, "BLOCK_M": cfg.block_m,
                       "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                      "STAGES": cfg.num_stages},
+                      "STAGES": cfg.num_stages, "BLOCK_K1": pass1_block(cfg, k)},
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                      divisible_by_16=("X", "X2", "NW", "B", "Y", "H", "N", "stride_x",
                                       "stride_x2", "stride_h", "stride_bn", "stride_y"))

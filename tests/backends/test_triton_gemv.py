@@ -114,6 +114,22 @@ def test_explicit_configs(dtype, cfg, k):
     assert_close(gemv.silu_mul_mm(g, u, b, config=cfg), ref_silu_mul_mm(g, u, b), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pass1_max_k", [16, 32])
+def test_first_pass_in_several_chunks(dtype, pass1_max_k, monkeypatch):
+    """The rms prologues' first pass takes one chunk of up to PASS1_MAX_K (4096) elements;
+    hidden sizes past it take several, the last one masked (K = 100)."""
+    monkeypatch.setattr(gemv, "PASS1_MAX_K", pass1_max_k)
+    cfg = G(1, 8, 16, 4, 2)
+    assert gemv.pass1_block(cfg, 100) == pass1_max_k
+    x, r, w = randn(1, 100, dtype=dtype), randn(1, 100, dtype=dtype), randn(100, dtype=dtype)
+    b = weight(100, 40, dtype, "permuted")
+    assert_close(gemv.rms_norm_mm(x, w, b, EPS, config=cfg), ref_rms_norm_mm(x, w, b), dtype)
+    y, h = gemv.fused_add_rms_norm_mm(x, r, w, b, EPS, config=cfg)
+    assert torch.equal(h, r + x)
+    assert_close(y, ref_rms_norm_mm(r + x, w, b), dtype)
+
+
 # ----------------------------------------------------------------------------- fused_add
 
 @pytest.mark.parametrize("dtype", DTYPES)
