@@ -10,8 +10,7 @@ or silu_mul kernel, then torch.mm, and (c) torch.mm alone, each replayed from a 
 over rotating weight/input sets that together exceed the 50 MB L2 (a decode step streams
 every weight from HBM once). Which prologue each projection gets, as in a Llama layer:
 qkv and gate_up `fused_add_rms_norm_mm` (the residual add and the norm before them), down
-`silu_mul_mm`; o has no prologue in Llama and is timed with `rms_norm_mm`, to see the
-kernel at that shape. GB/s counts the bytes the fused kernel must move: the weight, its
+`silu_mul_mm`, o `mm` (no prologue; its "unfused" time is torch.mm's). GB/s counts the bytes the fused kernel must move: the weight, its
 inputs (x; x and residual; gate and up) and outputs (y; y and h), each once; the fraction
 is of the measured device copy bandwidth. `--sweep` also times alternative tile configs
 of the fused kernel and reports the best (to tune gemv.GEMV_CONFIGS); `--quick` runs the
@@ -39,16 +38,17 @@ L2_BYTES = 256 * 2**20   # rotate over at least this much (5x the H100/H200 L2)
 # (model, projection, K, N, launcher)
 SHAPES = (
     ("smollm2-135m", "qkv", 576, 960, "fused_add_rms_norm_mm"),
-    ("smollm2-135m", "o", 576, 576, "rms_norm_mm"),
+    ("smollm2-135m", "o", 576, 576, "mm"),
     ("smollm2-135m", "gate_up", 576, 3072, "fused_add_rms_norm_mm"),
     ("smollm2-135m", "down", 1536, 576, "silu_mul_mm"),
     ("smollm2-135m", "lm_head", 576, 49152, "fused_add_rms_norm_mm"),
     ("llama-3.2-1b", "qkv", 2048, 3072, "fused_add_rms_norm_mm"),
+    ("llama-3.2-1b", "o", 2048, 2048, "mm"),
     ("llama-3.2-1b", "gate_up", 2048, 16384, "fused_add_rms_norm_mm"),
     ("llama-3.2-1b", "down", 8192, 2048, "silu_mul_mm"),
     ("llama-3.2-1b", "lm_head", 2048, 128256, "fused_add_rms_norm_mm"),
     ("llama-3-8b", "qkv", 4096, 6144, "fused_add_rms_norm_mm"),
-    ("llama-3-8b", "o", 4096, 4096, "rms_norm_mm"),
+    ("llama-3-8b", "o", 4096, 4096, "mm"),
     ("llama-3-8b", "gate_up", 4096, 28672, "fused_add_rms_norm_mm"),
     ("llama-3-8b", "down", 14336, 4096, "silu_mul_mm"),
     ("llama-3-8b", "lm_head", 4096, 128256, "fused_add_rms_norm_mm"),
@@ -93,11 +93,16 @@ def fused_fn(op: str, cfg=None):
     if op == "fused_add_rms_norm_mm":
         return lambda s: gemv.fused_add_rms_norm_mm(s["x"], s["r"], s["norm_w"], s["b"], EPS,
                                                     config=cfg)[0]
+    if op == "mm":
+        return lambda s: gemv.mm(s["x"], s["b"], config=cfg)
     return lambda s: gemv.silu_mul_mm(s["gate"], s["up"], s["b"], config=cfg)
 
 
 def unfused_fn(op: str):
-    """kiln's own Triton prologue kernel, then torch.mm on the permuted weight."""
+    """kiln's own Triton prologue kernel, then torch.mm on the permuted weight (torch.mm
+    alone for mm)."""
+    if op == "mm":
+        return lambda s: torch.mm(s["x"], s["b"])
     if op == "rms_norm_mm":
         return lambda s: torch.mm(norm.rms_norm(s["x"], s["norm_w"], EPS), s["b"])
     if op == "fused_add_rms_norm_mm":
@@ -117,7 +122,7 @@ def label(cfg) -> str:
 
 
 def moved_bytes(m: int, k: int, n: int, op: str) -> int:
-    acts = {"rms_norm_mm": 1, "fused_add_rms_norm_mm": 3, "silu_mul_mm": 2}[op]  # [M, K] tensors
+    acts = {"mm": 1, "rms_norm_mm": 1, "fused_add_rms_norm_mm": 3, "silu_mul_mm": 2}[op]  # [M, K] tensors
     return 2 * (n * k + acts * m * k + m * n)
 
 
