@@ -74,6 +74,9 @@ def _served(args):
                               trust_artifact=getattr(args, "trust_artifact", False))
     took = ", ".join(f"{k} {v:.1f} s" for k, v in steps.seconds.items())
     print(f"kiln: {served.source} ({took})", file=sys.stderr)
+    if getattr(args, "timings", False) and args.command == "serve":   # a server runs until killed
+        from .driver import kiln_timings
+        print(kiln_timings(), end="", file=sys.stderr)
     return served
 
 
