@@ -12,9 +12,17 @@ kept on disk, so that another process compiling the same thing skips them.
             meta.json              what the graph carries beside its text (graph.meta)
             passes.txt             the pass statistics of the compile that made it
             snapshots/NNN_<pass>.kir   the IR after every pass, when the compile recorded them
-          a "capture" entry, keyed by a model's class (and its source file), config, dtype
-          and device (kiln.serving: the serving capture of `kiln compile` / `kiln serve`):
+          a "capture" entry, keyed by a model's module classes (and their source files),
+          config, parameters and device (kiln.serving: the serving capture of `kiln
+          compile` / `kiln serve MODEL`):
             captured.kir           the graph as dynamo and AOTAutograd captured it
+          an "aot" entry, keyed by dynamo's graph (its code, the types of its inputs) for a
+          torch.compile whose AOTAutograd wrapper does nothing but pass inputs through
+          (kiln.backend: AOTAutograd is then skipped):
+            captured.kir           the graph AOTAutograd gave
+            aot.json               what its wrapper did: small lifted constants (literals
+                                   such as transformers' empty cache tensors, at most 1024
+                                   elements), the outputs that are inputs
         triton/                    Triton's own kernel cache (cubins, hsacos), unless
                                    TRITON_CACHE_DIR says otherwise
 
@@ -32,8 +40,9 @@ rebuilt, never trusted. A cache that cannot be used (the directory is not writab
 disk is full) costs a warning, never a compile.
 
 KILN_CACHE=0 (or the compile option `cache=False`) turns it off; KILN_DUMP_DIR compiles
-without looking it up, so that every pass runs and is dumped. The key does not see a
-patch of kiln's internals made at run time (monkeypatching): turn the cache off for that.
+without looking it up, so that every pass runs and is dumped. The keys do not see a patch
+of kiln's internals made at run time (monkeypatching), nor a changed implementation of a
+custom op under the same name: turn the cache off for those.
 `kiln cache ls` lists the entries, `kiln cache clear` removes them;
 `kiln.stats()["compile_cache"]` counts hits, misses and rebuilds.
 """
@@ -86,15 +95,16 @@ class CorruptEntry(Exception):
 _lock = threading.Lock()
 _counts: Counter = Counter()   # (kind, what): what is hit, miss, rebuilt, stored, unwritable
 _warned: set[str] = set()      # lasting problems (an unwritable cache) warned about once
-KINDS = ("compile", "capture")
 EVENTS = ("hit", "miss", "rebuilt", "stored", "unwritable")
 
 
 def counts(reset: bool = False) -> dict:
-    """{"hit": n, ...} of compile entries, and the same for capture entries under "capture"."""
+    """{"hit": n, ...} of compile entries, and the same for the captured graphs of `kiln
+    compile` / `kiln serve MODEL` under "capture" and of torch.compile under "aot"."""
     with _lock:
         out = {what: _counts.get(("compile", what), 0) for what in EVENTS}
-        out["capture"] = {what: _counts.get(("capture", what), 0) for what in EVENTS}
+        for kind in ("capture", "aot"):
+            out[kind] = {what: _counts.get((kind, what), 0) for what in EVENTS}
         if reset:
             _counts.clear()
     return out

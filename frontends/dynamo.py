@@ -11,6 +11,7 @@ of the captured module becomes a `weight` input named after `named_parameters()`
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -127,31 +128,42 @@ def time_frames() -> None:
 time_frames()
 
 
+@contextlib.contextmanager
+def in_backend():
+    """Dynamo's backend runs: its time is not dynamo's (the frame's "dynamo" phase pauses)."""
+    time_frames()   # for the next frame, if a reset dropped the callbacks before this one
+    paused = len(_frame_phases) == 2
+    if paused:
+        _frame_phases.pop()()
+    try:
+        yield
+    finally:
+        if paused and _frame_phases:
+            _frame_phases.append(timings.start("dynamo"))
+
+
 def aot_module(gm: torch.fx.GraphModule, example_inputs, fw_compiler: Callable):
     """AOTAutograd over dynamo's graph as kiln captures: core ATen with kiln's
     decompositions, input mutations kept in the graph. `fw_compiler(fx_gm, fw_inputs)`
     gets the inference graph."""
-    time_frames()   # for the next frame, if a reset dropped the callbacks before this one
-    if _frame_phases:   # dynamo's tracing ends where its backend starts
-        _frame_phases.pop()()
-    try:
-        with timings.phase("aot_autograd"):
-            return torch_compat.aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler,
-                                                      decompositions=decompositions(),
-                                                      keep_inference_input_mutations=True)
-    finally:
-        if _frame_phases:
-            _frame_phases.append(timings.start("dynamo"))
+    with in_backend(), timings.phase("aot_autograd"):
+        return torch_compat.aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler,
+                                                  decompositions=decompositions(),
+                                                  keep_inference_input_mutations=True)
 
 
 def aot_capture(gm: torch.fx.GraphModule, example_inputs,
                 compile_graph: Callable[[Graph], Callable],
                 known: Mapping[int, InputSpec] | None = None,
-                fallback: str | None = None, source: str | None = None) -> Callable:
+                fallback: str | None = None, source: str | None = None,
+                captured: Callable[[Graph, dict | None], None] | None = None) -> Callable:
     """Runs AOTAutograd on dynamo's graph; `compile_graph` turns each kiln Graph into the
     callable that AOTAutograd will call with the flat inputs. A graph kiln cannot represent
     runs eagerly, reported as a fallback (`fallback`: the policy, kiln.ir.fallback).
-    `source` names what was captured (the module's class) in `graph.meta["source"]`."""
+    `source` names what was captured (the module's class) in `graph.meta["source"]`;
+    `captured(graph, passthrough)` sees each graph before it compiles, with what
+    AOTAutograd's wrapper around it does when that is trivial (torch_compat.aot_passthrough;
+    `call_without_aot` may then replace it), else None."""
     specs = describe_inputs(gm, example_inputs, known)
 
     def fw_compiler(fx_gm: torch.fx.GraphModule, fw_inputs):
@@ -163,6 +175,8 @@ def aot_capture(gm: torch.fx.GraphModule, example_inputs,
             return fx_gm
         if source is not None:
             graph.meta["source"] = source
+        if captured is not None:
+            captured(graph, torch_compat.aot_passthrough(len(specs), fx_gm))
         compiled = compile_graph(graph)
         constants = tuple(graph.meta["constants"].values())
         if not constants:
@@ -170,6 +184,82 @@ def aot_capture(gm: torch.fx.GraphModule, example_inputs,
         return lambda *args: compiled(*args, *constants)
 
     return aot_module(gm, example_inputs, fw_compiler)
+
+
+def module_state(gm: torch.fx.GraphModule) -> list:
+    """The parameters and buffers of dynamo's graph module, in the order AOTAutograd lifts
+    them in front of dynamo's arguments (describe_inputs names them in the same order)."""
+    return ([t for _, t in gm.named_parameters(remove_duplicate=False)]
+            + [t for _, t in gm.named_buffers(remove_duplicate=False)])
+
+
+def call_without_aot(gm: torch.fx.GraphModule, compiled: Callable, constants: list = (),
+                     returned_inputs: dict[int, int] | None = None) -> Callable:
+    """For a graph whose AOTAutograd wrapper only passes inputs through
+    (torch_compat.aot_passthrough): `compiled` called as that wrapper and aot_capture would
+    call it (the lifted state, then dynamo's arguments, then the capture's lifted
+    constants), with the outputs that are inputs handed back as those very inputs
+    (`returned_inputs`: {output index: flat input index}), as the wrapper does."""
+    state, constants = tuple(module_state(gm)), tuple(constants)
+    returned = sorted((returned_inputs or {}).items())
+    if not state and not constants and not returned:
+        return compiled
+
+    def call(*args):
+        flat = state + args
+        out = compiled(*flat, *constants)
+        if not returned:
+            return out
+        out = list(out)
+        for o, i in returned:
+            out[o] = flat[i]
+        return tuple(out)
+    return call
+
+
+def needs_autograd(gm: torch.fx.GraphModule, example_inputs) -> bool:
+    """Whether AOTAutograd would trace a training (joint) graph here: grad mode on and some
+    input or lifted tensor requiring grad."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad
+        for t in [*module_state(gm), *example_inputs])
+
+
+def dynamo_graph_text(gm: torch.fx.GraphModule, example_inputs) -> str:
+    """What AOTAutograd makes of dynamo's graph depends on, besides torch's version and
+    kiln's decompositions: the code of the graph and of each graph submodule, and the type
+    of each lifted tensor and each placeholder (shape with its symbols and their ranges,
+    strides, dtype, device, requires_grad); and the autocast state it is traced under."""
+    lines = [f"autocast {torch._C._is_any_autocast_enabled()}"]
+    for name, module in gm.named_modules():
+        if isinstance(module, torch.fx.GraphModule):
+            lines.append(f"module {name or '.'}:\n{module.code}")
+    state = (list(gm.named_parameters(remove_duplicate=False))
+             + list(gm.named_buffers(remove_duplicate=False)))
+    lines += [f"state {name}: {_value_text(t)}" for name, t in state]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, example in zip(placeholders, example_inputs):
+        value = node.meta.get("example_value", example)
+        lines.append(f"input {node.name}: {_value_text(value)}")
+    return "\n".join(lines)
+
+
+def _value_text(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return (f"{type(v).__name__} {v.dtype} {v.device} [{', '.join(map(_size_text, v.shape))}] "
+                f"strides [{', '.join(map(_size_text, v.stride()))}] grad={v.requires_grad}")
+    if isinstance(v, torch.SymInt):
+        return f"symint {_size_text(v)}"
+    return f"{type(v).__name__} {v!r}"
+
+
+def _size_text(d) -> str:
+    if not isinstance(d, torch.SymInt):
+        return str(d)
+    env, expr = torch_compat.shape_env_of(d), d.node.expr
+    ranges = ", ".join(f"{s} in {torch_compat.symbol_range(env, s)}"
+                       for s in sorted(expr.free_symbols, key=str))
+    return f"{expr} ({ranges})"
 
 
 def export_capture(program: "torch.export.ExportedProgram") -> tuple[Graph, list]:

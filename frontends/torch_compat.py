@@ -83,3 +83,32 @@ def on_frame_compile(started, ended) -> None:
 def compile_id(callback_args) -> str:
     """The frame's compile id ("0/1") from dynamo's callback arguments, or ""."""
     return str(getattr(callback_args, "compile_id", "") or "")
+
+
+def aot_passthrough(num_inputs: int, fx_gm) -> dict[int, int] | None:
+    """What AOTAutograd's run-time wrapper does around the inference graph it hands the
+    backend (`fx_gm`), when that is no more than passing the flat inputs through and
+    handing back as themselves the outputs that are inputs: {output index: input index} of
+    those outputs. That holds when the graph takes all `num_inputs` inputs (none
+    deduplicated, no synthetic bases, effect tokens or RNG state), every input mutation is
+    in the graph, no output aliases an input or an intermediate otherwise, and no input is
+    a tensor subclass. None when it does more, or when that is unknown (another torch)."""
+    try:
+        from torch._functorch._aot_autograd.schemas import MutationType, OutputType
+        meta = torch._guards.TracingContext.try_get().fw_metadata
+        placeholders = sum(1 for n in fx_gm.graph.nodes if n.op == "placeholder")
+        plain = (placeholders == num_inputs == len(meta.input_info)
+                 and all(not i.mutates_metadata and i.mutation_type != MutationType.MUTATED_OUT_GRAPH
+                         for i in meta.input_info)
+                 and all(o.output_type in (OutputType.non_alias, OutputType.is_input)
+                         for o in meta.output_info)
+                 and meta.num_intermediate_bases == 0 and not meta.tokens
+                 and not meta.is_rng_op_functionalized
+                 and all(isinstance(m, int) or type(m).__name__ == "PlainTensorMeta"
+                         for m in meta.subclass_inp_meta))
+        if not plain:
+            return None
+        return {i: o.base_idx for i, o in enumerate(meta.output_info)
+                if o.output_type == OutputType.is_input}
+    except (AttributeError, ImportError, TypeError):   # another torch's internals: unknown
+        return None

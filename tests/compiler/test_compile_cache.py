@@ -53,8 +53,9 @@ def test_second_compile_hits_and_computes_the_same(compile_cache_dir):
     first = compile_text()
     second = compile_text()
     assert (first.cached, second.cached) == (False, True)
-    assert kiln.stats()["compile_cache"] | {"capture": None} == {
-        "hit": 1, "miss": 1, "rebuilt": 0, "stored": 1, "unwritable": 0, "capture": None}
+    assert kiln.stats()["compile_cache"] | {"capture": None, "aot": None} == {
+        "hit": 1, "miss": 1, "rebuilt": 0, "stored": 1, "unwritable": 0, "capture": None,
+        "aot": None}
     assert second.source == first.source and second.stats == first.stats
     assert print_graph(second.graph) == print_graph(first.graph)
     assert "kiln.rms_norm" in print_graph(second.graph)
@@ -220,11 +221,39 @@ def test_a_fresh_process_hits_and_computes_the_same(compile_cache_dir, tmp_path)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.splitlines()[-1])
     assert report["cached"] == [True] and report["cache"]["hit"] == 1
+    assert report["cache"]["aot"]["hit"] == 1   # AOTAutograd skipped too
     assert torch.equal(torch.load(tmp_path / "out.pt"), want)
     tree = run.stderr[run.stderr.index("kiln timings"):]
-    for phase in ("torch.compile frame", "dynamo", "aot_autograd", "compile @forward",
+    for phase in ("torch.compile frame", "dynamo", "aot cache lookup", "compile @forward",
                   "parse cached IR", "first call @forward", "compile cache"):
         assert phase in tree, tree
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral_sw"])
+def test_a_cached_capture_skips_aot_autograd_and_computes_the_same(compile_cache_dir, name):
+    """A StaticCache loop (prefill and decode graphs; the sliding window's Python int and
+    the prefill's output that is an input) and a forward with transformers' default cache
+    (lifted empty-tensor constants), captured again after a dynamo reset: AOTAutograd does
+    not run, every call's logits are bit-identical."""
+    from capture import run_steps
+    from families import VOCAB, build
+    model = build(name)
+    ids = torch.randint(0, VOCAB, (1, 7))
+
+    def run():
+        torch._dynamo.reset()
+        compiled = []
+        fn = torch.compile(model, backend="kiln", options={"observer": compiled.append})
+        with torch.no_grad():
+            out = run_steps(fn, model, ids, 2) + [fn(ids).logits]
+        return out, len(compiled)
+
+    cold, graphs = run()
+    assert kiln.stats()["compile_cache"]["aot"]["stored"] == graphs
+    warm, _ = run()
+    assert kiln.stats()["compile_cache"]["aot"]["hit"] == graphs
+    for a, b in zip(warm, cold):
+        assert torch.equal(a, b)
 
 
 def test_the_serving_capture_is_cached_by_the_models_code_config_and_parameters(
