@@ -269,23 +269,37 @@ def _capture(args):
     return compiled
 
 
-def _graph_text(compiled, which: str, after: str | None) -> str:
-    index = {"prefill": 0, "decode": -1}[which]
-    cg = compiled[index]
-    snaps = cg.snapshots
+def _snapshot_index(cg, after: str | None) -> int:
+    names = [name for name, _ in cg.snapshots]
     if after is None:
-        return snaps[-1][1]
-    for name, text in snaps:
-        if name == after:
-            return text
-    ran = ", ".join(n for n, _ in snaps)
-    raise SystemExit(f"kiln dump: pass {after!r} did not run; passes that ran: {ran}")
+        return len(names) - 1
+    if after not in names:
+        raise SystemExit(f"kiln dump: pass {after!r} did not run; passes that ran: {', '.join(names)}")
+    return names.index(after)
+
+
+def _graph_text(compiled, which: str, after: str | None) -> str:
+    cg = compiled[{"prefill": 0, "decode": -1}[which]]
+    return cg.snapshots[_snapshot_index(cg, after)][1]
+
+
+def _mlir_text(kir_text: str, args) -> str:
+    from kiln.frontends.mlir import to_mlir
+    from kiln.ir import parse
+    return to_mlir(parse(kir_text), args.mlir_fused_ops or "custom", args.mlir_symbolic_shapes)
 
 
 def cmd_dump(args) -> int:
     from kiln.passes import pass_names
     if args.after and args.after not in pass_names() + ["input"]:
         print(f"kiln dump: unknown pass {args.after!r}; known: input, {', '.join(pass_names())}",
+              file=sys.stderr)
+        return 2
+    if args.format == "mlir":
+        from .extras import require
+        require("mlir", "kiln dump --format mlir")   # before the capture, not after it
+    elif args.mlir_fused_ops or args.mlir_symbolic_shapes:
+        print("kiln dump: --mlir-fused-ops and --mlir-symbolic-shapes go with --format mlir",
               file=sys.stderr)
         return 2
     import kiln
@@ -303,6 +317,10 @@ def cmd_dump(args) -> int:
             for i, (name, text) in enumerate(cg.snapshots):
                 (d / f"{i:03d}_{name}.kir").write_text(text)
             (d / "wrapper.py").write_text(cg.source)
+            if args.format == "mlir":
+                i = _snapshot_index(cg, args.after)
+                (d / f"{i:03d}_{cg.snapshots[i][0]}.mlir").write_text(
+                    _mlir_text(cg.snapshots[i][1], args))
             if cg.prepare is not None:
                 from kiln.ir import print_graph
                 (d / "prepare_weights.kir").write_text(print_graph(cg.prepare))
@@ -313,6 +331,8 @@ def cmd_dump(args) -> int:
     if args.format == "dot":
         from kiln.ir import parse
         text = to_dot(parse(text))
+    elif args.format == "mlir":
+        text = _mlir_text(text, args)
     sys.stdout.write(text)
     return 0
 
@@ -593,7 +613,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dump", help="print the IR of a model after a pass")
     d.add_argument("model", nargs="?", default="smollm2")
     d.add_argument("--after", help="pass name (default: the end of the pipeline); 'input' for the captured graph")
-    d.add_argument("--format", default="kir", choices=["kir", "dot"])
+    d.add_argument("--format", default="kir", choices=["kir", "dot", "mlir"],
+                   help="mlir: torch-mlir's torch dialect (with -o: beside the .kir files, for "
+                        "the --after pass of each graph)")
+    d.add_argument("--mlir-fused-ops", choices=["custom", "decompose"],
+                   help="kiln's fused ops as custom ops (torch.operator \"torch.kiln.rms_norm\"; the "
+                        "default) or as their reference implementation in ATen ops")
+    d.add_argument("--mlir-symbolic-shapes", action="store_true",
+                   help="also the relations and ranges of dynamic sizes (torch.symbolic_int, "
+                        "torch.bind_symbolic_shape: IREE reads them, torch-mlir's linalg "
+                        "lowering does not)")
     d.add_argument("--graph", default="prefill", choices=["prefill", "decode"])
     d.add_argument("--prompt", default="Hello")
     d.add_argument("--target", default="cpu")

@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "bench": ("httpx",),                            # kiln bench serve: the load generator
     "gguf": ("gguf", "accelerate"),                 # reading GGUF files (the default model)
     "triton": ("triton",),                          # Triton kernels: targets cuda and hip
+    "mlir": ("torch_mlir",),                        # kiln dump --format mlir
 }
 
 

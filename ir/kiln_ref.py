@@ -191,18 +191,22 @@ def quantize(x: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.
     return quant_fp8(x, None, qdtype)
 
 
-def rms_norm_quant(x, weight, eps, qdtype):
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize(rms_norm(x, weight, eps), qdtype)
 
 
-def fused_add_rms_norm_quant(x, residual, weight, eps, qdtype):
+def fused_add_rms_norm_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                             eps: float, qdtype: torch.dtype
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (q, scale, residual + x)."""
     normed, summed = fused_add_rms_norm(x, residual, weight, eps)
     q, scale = quantize(normed, qdtype)
     return q, scale, summed
 
 
-def silu_mul_quant(gate, up, qdtype):
+def silu_mul_quant(gate: torch.Tensor, up: torch.Tensor,
+                   qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize(silu_mul(gate, up), qdtype)
 
 

@@ -140,7 +140,7 @@ def _hide(monkeypatch, modules, reimport=()):
             monkeypatch.delitem(sys.modules, name)
 
 
-@pytest.mark.parametrize("extra", ["serve", "bench", "gguf", "triton"])
+@pytest.mark.parametrize("extra", ["serve", "bench", "gguf", "triton", "mlir"])
 def test_missing_extra_is_one_clear_message(extra, tmp_path, monkeypatch, capsys):
     from kiln.cli import main
     from kiln.extras import EXTRAS
@@ -156,9 +156,12 @@ def test_missing_extra_is_one_clear_message(extra, tmp_path, monkeypatch, capsys
         gguf = tmp_path / "model.gguf"
         gguf.write_bytes(b"GGUF" + bytes(60))
         argv = ["compile", str(gguf), "-t", "cpu", "-o", str(tmp_path / "out.kiln")]
-    else:
+    elif extra == "triton":
         _hide(monkeypatch, ["triton"], ["kiln.backends.triton"])
         argv = ["compile", str(tmp_path), "-t", "cuda", "--aot", "-o", str(tmp_path / "out.kiln")]
+    else:   # told before the model is even loaded
+        _hide(monkeypatch, ["torch_mlir"])
+        argv = ["dump", str(tmp_path / "no-such-model"), "--format", "mlir"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
