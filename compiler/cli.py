@@ -56,7 +56,8 @@ def _serving_config(args):
         enable_prefix_caching=not getattr(args, "no_prefix_caching", False),
         cudagraphs=not getattr(args, "no_cudagraphs", False),
         async_scheduling=False if getattr(args, "no_async_scheduling", False) else None,
-        lazy_mixed_graphs=getattr(args, "lazy_mixed_graphs", False))
+        lazy_mixed_graphs=getattr(args, "lazy_mixed_graphs", False),
+        background_graphs=getattr(args, "background_graphs", False))
 
 
 def _served(args):
@@ -516,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--lazy-mixed-graphs", action="store_true", help="cuda: capture the graphs "
                        "of batches with prefill chunks when first met instead of at start-up "
                        "(a faster start; each such bucket stalls its first step)")
+        q.add_argument("--background-graphs", action="store_true", help="cuda: capture the "
+                       "CUDA graphs while the engine is idle, smallest decode batch first, "
+                       "instead of at start-up (ready sooner; a request that arrives during a "
+                       "capture waits for that one)")
         q.add_argument("--no-async-scheduling", action="store_true", help="cuda: read each step's "
                        "tokens before planning the next (by default step N+1 is planned and "
                        "launched while step N runs)")

@@ -188,6 +188,7 @@ class ServingConfig:
     cudagraphs: bool = True               # cuda target: replay every step from bucket graphs
     async_scheduling: bool | None = None  # None: on where the runner is on a GPU (EngineConfig)
     lazy_mixed_graphs: bool = False       # capture buckets with prefill chunks on first use
+    background_graphs: bool = False       # capture while the engine is idle, not at start-up
 
 
 def default_max_model_len(config, cap: int = 4096) -> int:
@@ -234,6 +235,10 @@ def device_of(target: str) -> str:
 
 def _capture_graphs(runner, step, cfg: ServingConfig) -> None:
     if not runner.cudagraphs:
+        return
+    if cfg.background_graphs:   # ready now; the engine captures between requests
+        mixed = [] if cfg.lazy_mixed_graphs else runner.mixed_buckets()
+        runner.capture_later([(n, n) for n in runner.seq_buckets] + mixed)
         return
     with step(f"capture CUDA graphs (decode buckets {', '.join(map(str, runner.seq_buckets))})"):
         runner.capture_decode_buckets()

@@ -519,9 +519,12 @@ def serve_commands(eng: LLMEngine, next_command: Callable[[bool], tuple | None],
     """The engine loop, in whatever thread or process holds the engine: take the commands
     waiting (`next_command(block)` blocks only while there is nothing to run), run a step,
     `emit` its (request id, output) pairs; until `stopped()`. A failed step aborts the
-    requests in flight with an EngineStepError and the loop goes on."""
+    requests in flight with an EngineStepError and the loop goes on. While nothing runs,
+    the runner's background work (`capture_in_background`: CUDA graphs left out of
+    start-up) goes on one piece at a time, between looks for commands."""
+    background = getattr(eng.runner, "capture_in_background", None)
     while not stopped():
-        cmd = next_command(not eng.has_unfinished())
+        cmd = next_command(not eng.has_unfinished() and background is None)
         while cmd is not None:
             kind, arg = cmd
             if kind == "add":
@@ -535,7 +538,15 @@ def serve_commands(eng: LLMEngine, next_command: Callable[[bool], tuple | None],
                 if out is not None:
                     emit([(arg, out)])
             cmd = next_command(False)
-        if stopped() or not eng.has_unfinished():
+        if stopped():
+            continue
+        if not eng.has_unfinished():
+            try:
+                if background is not None and not background():
+                    background = None   # all done: block for commands again
+            except Exception:   # noqa: BLE001 - what is left is captured on first use
+                log.exception("background work of the runner failed; it stops")
+                background = None
             continue
         try:
             outputs = eng.step()

@@ -7,7 +7,8 @@ sequence's last new token.
 
 On a GPU (cudagraphs=True) every step replays a CUDA graph over static input buffers,
 one per bucket (T tokens, N sequences): `kiln serve` captures the decode buckets and the
-mixed ones at start-up (`capture_decode_buckets`, `capture_mixed_buckets`); a bucket not
+mixed ones at start-up (`capture_decode_buckets`, `capture_mixed_buckets`), or leaves them
+to the engine's idle time (`capture_later`, `capture_in_background`); a bucket not
 captured yet is captured on first use. A batch of t
 tokens in n sequences runs in a bucket of N >= n sequences; its sequences past n are
 scratch sequences (one token each, context 1, reading and writing only the scratch block).
@@ -238,6 +239,7 @@ class PagedModelRunner:
         # (T, N) -> (CUDAGraph, static output, the prepared weights the graph reads)
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._uncapturable: set[tuple[int, int]] = set()
+        self._background: list[tuple[int, int]] = []   # buckets left for idle time, in order
         self._pool = None
         self.steps = 0
         self.replays = 0
@@ -356,6 +358,22 @@ class PagedModelRunner:
             if key not in self._graphs and key not in self._uncapturable:
                 done += self._capture(key, self.buffers(key)) is not None
         return done
+
+    def capture_later(self, buckets) -> None:
+        """Leaves `buckets` to be captured while the engine is idle (`capture_in_background`),
+        in this order, instead of at start-up: the server is ready sooner."""
+        self._background = [b for b in buckets if b not in self._graphs] if self.cudagraphs else []
+
+    def capture_in_background(self) -> bool:
+        """Captures the next bucket left for idle time (one a step met first is captured
+        already); returns whether any is left. The engine calls it while no request runs: a
+        request that arrives meanwhile waits for at most this one capture."""
+        while self._background:
+            bucket = self._background.pop(0)
+            if bucket not in self._graphs and bucket not in self._uncapturable:
+                self._capture(bucket, self.buffers(bucket))
+                break
+        return bool(self._background)
 
     def _capture(self, bucket: tuple[int, int], buf: StepBuffers):
         """Warm up on a side stream (compiles kernels), then capture one step. The warm-up

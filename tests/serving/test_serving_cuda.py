@@ -73,6 +73,35 @@ def test_decode_buckets_captured_at_start_up_touch_only_the_scratch_block(compil
     assert len(graphs._graphs) == captured, "a decode step captured a graph"
 
 
+def test_buckets_captured_in_the_background_touch_only_the_scratch_block(compiled):
+    """`kiln serve --background-graphs`: the engine captures between requests what start-up
+    left; a step run in between captures its own bucket first, and later steps replay."""
+    model, cg = compiled
+    eager, graphs = runners(model, cg)
+    graphs.capture_later([(n, n) for n in graphs.seq_buckets] + graphs.mixed_buckets())
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (9, 4, 21)]
+    tables = [[4 * i + j for j in range(4)] for i in range(len(prompts))]
+    for r in (eager, graphs):
+        r.execute(build_batch([(p, 0, len(p), t) for p, t in zip(prompts, tables)], BLOCK))
+    graphs.capture_in_background()   # one bucket, as the engine does while idle
+    prefilled = {k: v.clone() for k, v in graphs.caches.items()}
+    while graphs.capture_in_background():
+        pass
+    for name, cache in graphs.caches.items():
+        assert torch.equal(cache[:graphs.num_blocks], prefilled[name][:graphs.num_blocks]), \
+            f"a background capture wrote {name}"
+    captured = len(graphs._graphs)
+    assert {(n, n) for n in graphs.seq_buckets} <= set(graphs._graphs)
+    for _ in range(3):
+        for p in prompts:
+            p.append(int(torch.randint(0, vocab, ())))
+        batch = build_batch([(p, len(p) - 1, 1, t) for p, t in zip(prompts, tables)], BLOCK)
+        a, b = eager.execute(batch), graphs.execute(batch)
+        assert ((b.double() - a.double()).norm() / a.double().norm()).item() < 1e-5
+    assert len(graphs._graphs) == captured and graphs.replays >= 3
+
+
 def test_mixed_buckets_replay_match_eager(compiled):
     """Steps that mix prefill chunks and decodes replay (T tokens, N sequences) graphs;
     steps 2, 4 and 5 share the bucket of 32 tokens in 4 sequences."""
