@@ -318,6 +318,7 @@ def cmd_dump(args) -> int:
             for i, (name, text) in enumerate(cg.snapshots):
                 (d / f"{i:03d}_{name}.kir").write_text(text)
             (d / "wrapper.py").write_text(cg.source)
+            (d / "passes.txt").write_text(cg.stats + "\n")
             if args.format == "mlir":
                 i = _snapshot_index(cg, args.after)
                 (d / f"{i:03d}_{cg.snapshots[i][0]}.mlir").write_text(
@@ -326,7 +327,17 @@ def cmd_dump(args) -> int:
                 from kiln.ir import print_graph
                 (d / "prepare_weights.kir").write_text(print_graph(cg.prepare))
         (out / "fallbacks.txt").write_text("".join(m + "\n" for m in fallbacks["events"]))
+        if args.format == "html":
+            from .report import compilation_of, write_report
+            write_report(compilation_of(compiled, args, fallbacks["events"]), out / "report.html")
         print(f"wrote {len(compiled)} graphs to {out}")
+        return 0
+    if args.format == "html":
+        from .report import build_data, compilation_of, render
+        index = {"prefill": 0, "decode": len(compiled) - 1}[args.graph]
+        comp = compilation_of([compiled[index]], args, fallbacks["events"], [args.graph])
+        start = _snapshot_index(compiled[index], args.after) if args.after else None
+        sys.stdout.write(render(build_data(comp, start_pass=start)))
         return 0
     text = _graph_text(compiled, args.graph, args.after)
     if args.format == "dot":
@@ -392,6 +403,26 @@ def cmd_diff(args) -> int:
     a, b = Path(args.a).read_text(), Path(args.b).read_text()
     sys.stdout.writelines(difflib.unified_diff(a.splitlines(True), b.splitlines(True),
                                                args.a, args.b))
+    return 0
+
+
+def cmd_report(args) -> int:
+    """kiln report: the page of a dump or an artifact, or of a model compiled here as
+    `kiln dump` compiles it (its prefill and decode graphs)."""
+    from .report import compilation_of, find_profiles, names_a_model, read_compilation, write_report
+    if names_a_model(args.model):
+        import kiln
+        kiln.stats(reset=True)
+        compiled = _capture(args)
+        comp = compilation_of(compiled, args, kiln.stats()["events"])
+    else:
+        comp = read_compilation(args.model)
+    data = write_report(comp, args.output, find_profiles(comp.profile_dir, args.profile))
+    size = Path(args.output).stat().st_size / 2**20
+    passes = sum(len(g["passes"]) - 1 for g in data["graphs"])
+    print(f"kiln report: wrote {args.output} ({size:.1f} MiB; {len(data['graphs'])} graph(s), "
+          f"{passes} passes, {len(data['profiles'])} profile(s)); open it in a browser"
+          + "".join(f"\n  note: {n}" for n in data["notes"]))
     return 0
 
 
@@ -618,9 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dump", help="print the IR of a model after a pass")
     d.add_argument("model", nargs="?", default="smollm2")
     d.add_argument("--after", help="pass name (default: the end of the pipeline); 'input' for the captured graph")
-    d.add_argument("--format", default="kir", choices=["kir", "dot", "mlir"],
+    d.add_argument("--format", default="kir", choices=["kir", "dot", "mlir", "html"],
                    help="mlir: torch-mlir's torch dialect (with -o: beside the .kir files, for "
-                        "the --after pass of each graph)")
+                        "the --after pass of each graph); html: kiln report's page for the graph, "
+                        "opened at the --after pass (with -o: DIR/report.html for every graph)")
     d.add_argument("--mlir-fused-ops", choices=["custom", "decompose"],
                    help="kiln's fused ops as custom ops (torch.operator \"torch.kiln.rms_norm\"; the "
                         "default) or as their reference implementation in ATen ops")
@@ -639,6 +671,21 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("cache_command", choices=["ls", "clear"],
                     help="ls: entries, sizes, ages, model and target; clear: remove them all")
     ca.set_defaults(fn=cmd_cache)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page of what the compiler did: "
+                                       "every pass, its changes by rule, graph pictures, kernels")
+    rp.add_argument("model", nargs="?", default="smollm2", metavar="DIR_OR_MODEL",
+                    help="a KILN_DUMP_DIR tree or kiln dump -o directory, an artifact (kiln "
+                         "compile -o), or a model to compile as kiln dump does: smollm2, a "
+                         "local HF directory or a GGUF file")
+    rp.add_argument("-o", "--output", default="report.html", help="the page (default: report.html)")
+    rp.add_argument("--profile", action="append", default=[], metavar="JSON",
+                    help="a step profile (bench/step_profile.py --out) or kiln bench serve --json "
+                         "report to show; *.json profiles in DIR are found by themselves")
+    rp.add_argument("--target", "-t", default="cpu", help="target when compiling a model")
+    rp.add_argument("--prompt", default="Hello", help="prompt when compiling a model")
+    rp.add_argument("--disable", help="comma-separated passes to switch off when compiling a model")
+    rp.set_defaults(fn=cmd_report)
 
     df = sub.add_parser("diff", help="unified diff of two IR dumps")
     df.add_argument("a")
