@@ -18,7 +18,7 @@ GPU_TESTS ?= tests/gpu tests/serving/test_serving_cuda.py tests/backends/test_tr
 	tests/backends/test_triton_paged_attention.py tests/backends/test_triton_moe_gemm.py \
 	tests/backends/test_triton_pointwise.py tests/backends/test_triton_gemv.py
 
-.PHONY: setup demo test test-gpu test-latest lock clean
+.PHONY: setup system-packages demo test test-gpu test-latest lock clean
 
 setup: $(STAMP)
 
@@ -36,8 +36,13 @@ demo: $(STAMP)
 	$(KILN) compile smollm2 -t cpu -o build/smollm2.kiln
 	$(KILN) generate build/smollm2.kiln --prompt "$(PROMPT)" --max-tokens 32
 
+# Chromium and chromium-driver (the kiln report browser test) and graphviz (its pictures):
+# distribution packages, installed where missing and this user may (root or sudo).
+system-packages:
+	@bash .ci/system-packages
+
 # CPU only: Triton kernels run under the interpreter.
-test: $(STAMP)
+test: $(STAMP) system-packages
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 # On a CUDA machine with the image's own python (torch, triton, transformers there); one

@@ -260,7 +260,8 @@ def replay_rules(before, before_text: str, after_text: str, rule_file: str) -> R
     from kiln.passes.pattern import KilnRuleError, apply_patterns
     from kiln.passes.rules import load_rules
     g = before.copy()
-    origin = {id(n): line for n, line in zip(g.nodes, node_lines(before_text))}
+    # Keyed by the nodes themselves, not id(): a removed node is freed and its id reused.
+    origin = dict(zip(g.nodes, node_lines(before_text)))
     groups: list[list] = []
     for p in load_rules(rule_file):
         if groups and groups[-1][0].name == p.name:
@@ -269,27 +270,25 @@ def replay_rules(before, before_text: str, after_text: str, rule_file: str) -> R
             groups.append([p])
     counts, removed_by, total = [], {}, 0
     for group in groups:
-        present = {id(n) for n in g.nodes}
+        present = set(g.nodes)
         why_not = None
         try:
             n = apply_patterns(g, group, require_match=True)
         except KilnRuleError as e:
             n, why_not = 0, e.bare
         total += n
-        for gone in present - {id(m) for m in g.nodes}:
-            if gone in origin:
-                removed_by[origin[gone]] = group[0].name
+        for gone in present.difference(g.nodes) & origin.keys():
+            removed_by[origin[gone]] = group[0].name
         counts.append(RuleCount(group[0].name, group[0].file, group[0].line, n, why_not))
     if total:
-        present = {id(n) for n in g.nodes}
+        present = set(g.nodes)
         dce(g)
-        for gone in present - {id(m) for m in g.nodes}:   # left unused by the rewrites
-            if gone in origin:
-                removed_by[origin[gone]] = "dce"
+        for gone in present.difference(g.nodes) & origin.keys():   # left unused by the rewrites
+            removed_by[origin[gone]] = "dce"
     if print_graph(g) != after_text:
         return None
     added_by = {line: n.meta["rule"] for n, line in zip(g.nodes, node_lines(after_text))
-                if id(n) not in origin and "rule" in n.meta}
+                if n not in origin and "rule" in n.meta}
     return Replay(counts, removed_by, added_by, g)
 
 
