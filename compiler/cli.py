@@ -256,9 +256,18 @@ def cmd_bench_serve(args) -> int:
 def _capture(args):
     """Compiles the model on a short prompt, recording the IR after every pass, for the
     prefill graph and (with one decode step) the decode graph."""
+    import os
+
     import torch
 
+    from kiln.backends.targets import get_target
+
     from .generate import chat_input_ids, greedy
+    if get_target(args.target).triton_backend and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"-t {args.target} compiles by running the model on the CPU, where "
+                         f"Triton kernels run only under Triton's interpreter: set "
+                         f"TRITON_INTERPRET=1 (slow), or compile without running (kiln compile "
+                         f"{args.model} -t {args.target} -o DIR) and read DIR (kiln report DIR)")
     model, tok = _load(args.model)
     compiled = []
     opts = {"target": args.target, "observer": compiled.append, "record": True}

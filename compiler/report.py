@@ -78,6 +78,7 @@ class Compilation:
     details: dict = field(default_factory=dict)   # shown in the header: target, model, ...
     fallbacks: list[str] = field(default_factory=list)
     profile_dir: Path | None = None          # where to look for profile JSON files
+    timings: str | None = None               # timings.txt of a KILN_DUMP_DIR: where compile time went
 
 
 # ---------------------------------------------------------------- reading what kiln wrote
@@ -166,7 +167,8 @@ def read_compilation(path: str | os.PathLike) -> Compilation:
         raise ReportError(f"{root} holds no kiln dump: expected NNN_<pass>.kir files in it or "
                           f"in its sub-folders (write them with KILN_DUMP_DIR={root} or "
                           f"kiln dump MODEL -o {root}), or an artifact's manifest.json")
-    return Compilation(str(root), graphs, {"dump": str(root)}, fallbacks, root)
+    return Compilation(str(root), graphs, {"dump": str(root)}, fallbacks, root,
+                       _read_text(root / "timings.txt"))
 
 
 def names_a_model(source: str) -> bool:
@@ -473,25 +475,36 @@ def triton_kernels_of(fn: str) -> list[str]:
                   if type(v).__module__.startswith("triton.") and callable(v) and k.endswith("kernel"))
 
 
-def launches(graph, kernels: list[dict], implementations: dict) -> list[dict]:
+def launches(graph, kernels: list[dict], implementations: dict, prepare=None) -> list[dict]:
     """What one call of the graph runs, from its final IR: per op (per callee for kiln.call)
-    the count and what runs it. View ops launch nothing and are counted apart."""
+    how many times and what runs it; view ops launch nothing and are counted together. Nodes
+    the weight preparation took out of the graph (`prepare`, prepare_weights.kir) run once
+    per set of weights instead, and are counted apart."""
     from kiln.ir import REGISTRY
     from kiln.ir.ops import get_op
     rows: dict = {}
     generated = {k["name"] for k in kernels}
-    for n in graph.nodes:
+
+    def count(n, field: str) -> None:
         if n.op == "kiln.call":
-            key, runs = n.attrs["callee"], ("generated kernel" if n.attrs["callee"] in generated
-                                              else "generated function")
+            key = n.attrs["callee"]
+            runs = "generated kernel" if key in generated else "generated function"
         elif n.op in implementations:
             key, runs = n.op, implementations[n.op]["fn"]
         elif n.op.startswith("sym.") or (n.op in REGISTRY and get_op(n.op).has("view")):
             key, runs = "views and sizes", "no kernel"
         else:
             key, runs = n.op, "torch"
-        row = rows.setdefault(key, {"op": key, "kind": node_kind(n.op), "runs": runs, "count": 0})
-        row["count"] += 1
+        row = rows.setdefault(key, {"op": key, "kind": node_kind(n.op), "runs": runs,
+                                    "count": 0, "per_weights": 0})
+        row[field] += 1
+
+    for n in graph.nodes:
+        count(n, "count")
+    for n in prepare.nodes if prepare is not None else ():
+        count(n, "per_weights")
+    for row in rows.values():   # the final IR still holds what preparation took out
+        row["count"] = max(row["count"] - row["per_weights"], 0)
     return sorted(rows.values(), key=lambda r: (r["runs"] == "no kernel", -r["count"], r["op"]))
 
 
@@ -626,8 +639,8 @@ def analyse(record: GraphRecord, blobs: Blobs, pool: ThreadPoolExecutor | None,
                     entry["rules_note"] = (
                         f"no per-rule counts: applying rules/{rule_file}.kiln again to the IR "
                         f"before this pass does not give the IR after it (the pass applies its "
-                        f"rules only under a condition, such as a target or an option, or "
-                        f"KILN_PASS_LIMIT stopped it)")
+                        f"rules only under a condition, such as a target or an option; "
+                        f"KILN_PASS_LIMIT stopped it; or the rules changed since the dump)")
                 else:
                     graphs.setdefault(text, replay.graph)
                     entry["rules"] = [vars(r) for r in replay.rules]
@@ -643,7 +656,8 @@ def analyse(record: GraphRecord, blobs: Blobs, pool: ThreadPoolExecutor | None,
         final_graph = graph_of(final)
         out["kernels"] = generated_kernels(record.wrapper, final)
         out["implementations"] = op_implementations(record.wrapper, final_graph)
-        out["launches"] = launches(final_graph, out["kernels"], out["implementations"])
+        out["launches"] = launches(final_graph, out["kernels"], out["implementations"],
+                                   parse(record.prepare) if record.prepare else None)
         out["target"] = wrapper_target(record.wrapper)
     return out
 
@@ -676,7 +690,8 @@ def build_data(comp: Compilation, profiles: list[dict] | None = None,
     return {"title": f"kiln report: {comp.source}", "source": comp.source,
             "details": comp.details, "kiln": kiln.__version__,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "notes": notes,
-            "fallbacks": comp.fallbacks, "graphs": graphs, "rules": rules,
+            "fallbacks": comp.fallbacks, "timings": blobs.add(comp.timings),
+            "graphs": graphs, "rules": rules,
             "profiles": profiles or [], "kinds": {k: list(v) for k, v in KINDS.items()},
             "start": None if start_pass is None else f"g0/p{start_pass}",
             "blobs": blobs.data, "raw_bytes": blobs.raw_bytes,

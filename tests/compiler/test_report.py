@@ -159,20 +159,24 @@ def test_report_of_an_artifact_and_a_profile_beside_it(dump_dir, tmp_path):
     assert "_rms_norm_kernel" in data["graphs"][0]["implementations"]["kiln.rms_norm"]["kernels"]
 
 
-@pytest.mark.parametrize("case", ["missing", "file", "empty", "bad profile"])
-def test_report_errors_are_one_clear_message(case, dump_dir, tmp_path, capsys):
+@pytest.mark.parametrize("case", ["missing", "file", "empty", "bad profile", "no interpreter"])
+def test_report_errors_are_one_clear_message(case, dump_dir, tmp_path, capsys, monkeypatch):
     argv = {"missing": [str(tmp_path / "nowhere")],
             "file": [str(tmp_path / "note.txt")],
             "empty": [str(tmp_path / "empty")],
-            "bad profile": [str(dump_dir), "--profile", str(tmp_path / "note.txt")]}[case]
+            "bad profile": [str(dump_dir), "--profile", str(tmp_path / "note.txt")],
+            # compiling a model runs it; Triton kernels on the CPU need the interpreter
+            "no interpreter": ["smollm2", "-t", "cuda"]}[case]
     (tmp_path / "note.txt").write_text("not a dump")
     (tmp_path / "empty").mkdir()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "report.html"
     assert main(["report", *argv, "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kiln report: ") and err.count("\n") == 1, err
     assert {"missing": "no such file or directory", "file": "is a file",
-            "empty": "holds no kiln dump", "bad profile": "not a readable profile"}[case] in err
+            "empty": "holds no kiln dump", "bad profile": "not a readable profile",
+            "no interpreter": "set TRITON_INTERPRET=1"}[case] in err
     assert argv[-1] in err and not out.exists()
 
 
