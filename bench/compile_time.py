@@ -33,17 +33,16 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from decode import SHAPES  # noqa: E402
-from provenance import code_version  # noqa: E402
+# Nothing heavy at the top (bench/decode.py imports torch): the child times its imports.
 
 PROMPT = "What is the capital of France?"
 
 
 # -- the child: one process, one first token through torch.compile ----------------------------------
-def first_token(args) -> None:
+def first_token(args, started: float) -> None:
     """Runs in a fresh process: load, torch.compile, one greedy token; prints one JSON line
     with wall-clock marks (time.time(), comparable with the parent's launch time)."""
-    marks = {"start": time.time()}
+    marks = {"start": started}
     import torch
 
     import kiln
@@ -97,7 +96,7 @@ def run_first_token(spec: str, args, root: Path) -> dict:
                       "imports": round(m["imported"] - m["start"], 3),
                       "load_model": round(m["loaded"] - m["imported"], 3),
                       "first_call": round(m["first_token"] - m["loaded"], 3)},
-            "cache": out["cache"], "timings": out["timings"]}
+            "cache": out["cache"], "hit": out["cache"]["hit"] > 0, "timings": out["timings"]}
 
 
 def run_kiln_compile(spec: str, args, root: Path, artifact: Path) -> dict:
@@ -112,7 +111,7 @@ def run_kiln_compile(spec: str, args, root: Path, artifact: Path) -> dict:
     steps = re.search(r"kiln: wrote \S+ \((.*?)\); serve", proc.stdout)
     tree = proc.stderr[proc.stderr.find("kiln timings"):]
     return {"seconds": round(seconds, 3), "steps": steps.group(1) if steps else None,
-            "timings": tree}
+            "hit": bool(re.search(r"compile cache .*: [1-9]\d* hit", tree)), "timings": tree}
 
 
 def free_port() -> int:
@@ -156,6 +155,7 @@ def run_serve(artifact: Path, args, root: Path) -> dict:
 
 def model_spec(name: str, args, work: Path) -> str:
     """A shape name becomes a random-weight HF directory (written once); others stay."""
+    from decode import SHAPES
     if name not in SHAPES:
         return name
     folder = work / f"{name}-{args.dtype}"
@@ -198,8 +198,10 @@ def _cell(result: dict | None) -> str:
 
 
 def print_table(rows: list[dict], args) -> None:
+    from provenance import code_version
     print(f"\ntarget={args.target} dtype={args.dtype} commit={code_version()} "
-          f"({len(rows)} models; seconds from process launch, warm = best of {args.repeats})")
+          f"({len(rows)} models; seconds from process launch, warm = best of {args.repeats} "
+          f"that hit the cache)")
     print(f"{'model':16s} {'measure':32s} {'cold s':>8s} {'warm s':>8s}")
     labels = {"first_token": "torch.compile first token", "kiln_compile": "kiln compile (process)",
               "serve_ready": "kiln serve ARTIFACT ready"}
@@ -207,9 +209,14 @@ def print_table(rows: list[dict], args) -> None:
         for key, label in labels.items():
             if key not in row:
                 continue
-            warm = [w for w in row[key]["warm"] if "error" not in w]
-            best = min(warm, key=lambda w: w["seconds"]) if warm else (row[key]["warm"] or [None])[0]
-            print(f"{row['model']:16s} {label:32s} {_cell(row[key]['cold']):>8s} {_cell(best):>8s}")
+            runs = row[key]["warm"]
+            # A warm run whose compile missed the cache (kiln's sources changed between the
+            # runs: an edited checkout) is not warm; serving never compiles.
+            warm = [w for w in runs if "error" not in w and w.get("hit", True)]
+            best = min(warm, key=lambda w: w["seconds"]) if warm else (runs or [None])[0]
+            note = "" if len(warm) == len(runs) else f"  ({len(runs) - len(warm)} of {len(runs)} warm runs missed or failed)"
+            print(f"{row['model']:16s} {label:32s} {_cell(row[key]['cold']):>8s} "
+                  f"{_cell(best) if warm else 'no hit':>8s}{note}")
     for row in rows:
         for key in labels:
             for which in ("cold", "warm"):
@@ -220,14 +227,16 @@ def print_table(rows: list[dict], args) -> None:
 
 
 def main() -> int:
+    started = time.time()
     if len(sys.argv) > 1 and sys.argv[1] == "child":
         ap = argparse.ArgumentParser()
         ap.add_argument("child")
         ap.add_argument("--model", required=True)
         ap.add_argument("--target", required=True)
         ap.add_argument("--dtype", required=True)
-        first_token(ap.parse_args())
+        first_token(ap.parse_args(), started)
         return 0
+    from decode import SHAPES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="comma-separated: smollm2, a .gguf file, "
                     f"an HF directory, or a shape ({', '.join(SHAPES)})")
@@ -250,9 +259,11 @@ def main() -> int:
     for name in args.model.split(","):
         rows.append(bench_model(name, args, work, real_root))
         print_table(rows[-1:], args)
+    from provenance import code_version
     result = {"command": "python " + " ".join(sys.argv), "commit": code_version(),
               "date": time.strftime("%Y-%m-%d"), "target": args.target, "dtype": args.dtype,
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+              "load_average_after": os.getloadavg(),
               "gpu": _gpu_name(args.target), "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -188,8 +188,8 @@ def versions() -> dict:
 
 
 def key_of(kind: str, what: dict) -> str:
-    """The name of an entry of `kind` ("compile", "capture") for `what` (JSON-able: every
-    input that changes its content), with kiln's versions and pipeline."""
+    """The name of an entry of `kind` ("compile", "capture", "aot") for `what` (JSON-able:
+    every input that changes its content), with kiln's versions and pipeline."""
     blob = json.dumps({"format": FORMAT, "kind": kind, "what": what, "versions": versions(),
                        "pipeline": pipeline()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
