@@ -51,7 +51,7 @@ RULE_FILE_IN_DOC = re.compile(r"rules/(\w+)\.kiln")
 VALUE_NUMBER = re.compile(r"%\d+\b")
 PICTURE_FANOUT = 3          # values with more users are not drawn as edges
 PICTURE_MAX_NODES = 5000    # larger graphs get no picture (dot would take minutes)
-DOT_TIMEOUT_S = 120
+DOT_TIMEOUT_S = 60
 PROFILE_KINDS = ("step profile (bench/step_profile.py --out)",
                  "kiln bench serve --profile --json report")
 
@@ -324,7 +324,8 @@ class Picture:
 
 def picture_of_graph(graph, text: str) -> Picture:
     """A box per node, named `L<its IR line>` and coloured by kind; inputs other than
-    weights as ellipses (`I<index>`). Labels are op (or callee) and first result, one a line."""
+    weights as ellipses beside their uses (`L<line>_<operand>`). Labels are op (or callee)
+    and first result, one a line."""
     from kiln.ir.printer import value_names
     from kiln.ir.roles import is_weight
     users: dict = {}
@@ -339,12 +340,8 @@ def picture_of_graph(graph, text: str) -> Picture:
            "  edge [arrowsize=0.4];"]
     nodes: dict[str, tuple[str, str]] = {}
     ids: dict = {}
-    for k, v in enumerate(graph.inputs):
-        if is_weight(v) or not 0 < users.get(v, 0) <= PICTURE_FANOUT:
-            continue
-        ids[v] = f"I{k}"
-        nodes[ids[v]] = ("%" + v.name, "input")
-        out.append(f"  I{k} [label={json.dumps(nodes[ids[v]][0])}, shape=ellipse];")
+    drawn_inputs = {v for v in graph.inputs if not is_weight(v)
+                    and 0 < users.get(v, 0) <= PICTURE_FANOUT}
     for n, line in zip(graph.nodes, node_lines(text)):
         node_id = f"L{line + 1}"
         label = n.attrs["callee"] if n.op == "kiln.call" else n.op
@@ -357,8 +354,13 @@ def picture_of_graph(graph, text: str) -> Picture:
             label += f"\n{widest} uses, not drawn"
         nodes[node_id] = (label, node_kind(n.op))
         out.append(f"  {node_id} [label={json.dumps(label)}];")
-        for v in dict.fromkeys(n.operands()):
-            if v in ids:
+        for k, v in enumerate(dict.fromkeys(n.operands())):
+            if v in drawn_inputs:   # beside each use: an input at the top would draw edges
+                stub = f"{node_id}_{k}"   # down the whole graph, which dot lays out slowly
+                nodes[stub] = ("%" + v.name, "input")
+                out.append(f"  {stub} [label={json.dumps(nodes[stub][0])}, shape=ellipse];")
+                out.append(f"  {stub} -> {node_id};")
+            elif v in ids:
                 out.append(f"  {ids[v]} -> {node_id};")
         for r in n.results:
             if users.get(r, 0) <= PICTURE_FANOUT:
@@ -390,7 +392,7 @@ def lay_out(dot: str, picture: Picture) -> tuple[str | None, str | None]:
             continue
         if word[0] == "graph":
             width, height = point(word[2]), point(word[3])
-        elif word[0] == "node":   # node NAME X Y W H LABEL...: the names are L<n> / I<n>
+        elif word[0] == "node":   # node NAME X Y W H LABEL...: names are L<line>[_<operand>]
             name = word[1]
             index[name] = len(nodes)
             label, kind = picture.nodes[name]
