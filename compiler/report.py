@@ -36,7 +36,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -713,12 +712,12 @@ def write_report(comp: Compilation, output: str | os.PathLike, profiles: list[di
     data = build_data(comp, profiles)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    # Not mkstemp: its file is private (0600); the page gets the umask's mode, as any file.
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(render(data))
+        tmp.write_text(render(data))
         os.replace(tmp, out)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return data
