@@ -150,7 +150,8 @@ class CapturedText:
 def compile_graph(graph: Graph | CapturedText, options: CompileOptions | None = None) -> CompiledGraph:
     """Runs the passes on `graph` (in place) and generates its wrapper, or takes both from
     the compile cache (compiler/compile_cache.py) when this captured graph was compiled
-    with these options before; then loads the wrapper."""
+    with these options before; then loads the wrapper. `graph` may be a CapturedText (a
+    cached capture), parsed only when the compile cache misses."""
     opts = options or CompileOptions()
     t0 = time.perf_counter()
     target = get_target(opts.target)
