@@ -24,7 +24,8 @@ Size. IR texts, the wrapper and the pictures are stored deflated and base64-enco
 inflated by the browser (DecompressionStream) when a view first needs them; identical IR
 texts (passes that changed nothing) are stored once. In a picture, weights and values used
 more than `PICTURE_FANOUT` times are not drawn as edges (a size symbol feeding hundreds of
-reshapes makes `dot` take minutes); their IR lines still name them.
+reshapes makes `dot` take minutes), and graph inputs are drawn beside each use; the IR
+lines name them all.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import shutil
 import subprocess
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -77,7 +78,7 @@ class Compilation:
     details: dict = field(default_factory=dict)   # shown in the header: target, model, ...
     fallbacks: list[str] = field(default_factory=list)
     profile_dir: Path | None = None          # where to look for profile JSON files
-    timings: str | None = None               # timings.txt of a KILN_DUMP_DIR: where compile time went
+    timings: str | None = None               # a KILN_DUMP_DIR's timings.txt
 
 
 # ---------------------------------------------------------------- reading what kiln wrote
@@ -112,7 +113,8 @@ def _read_text(path: Path) -> str | None:
 
 def read_graph_dir(folder: Path, name: str, ir_folder: Path | None = None) -> GraphRecord:
     """A graph folder of a dump (or an artifact, whose IR lives in `ir/`)."""
-    snapshots = [(pass_name, p.read_text()) for _, pass_name, p in _snapshot_files(ir_folder or folder)]
+    snapshots = [(pass_name, p.read_text())
+                 for _, pass_name, p in _snapshot_files(ir_folder or folder)]
     stats = parse_pass_stats(_read_text(folder / "passes.txt") or "")
     return GraphRecord(name, snapshots, stats, _read_text(folder / "wrapper.py"),
                        _read_text(folder / "prepare_weights.kir"))
@@ -332,7 +334,7 @@ def picture_of_graph(graph, text: str) -> Picture:
         for v in set(n.operands()):
             users[v] = users.get(v, 0) + 1
     names = value_names(graph)
-    out = [f"digraph {json.dumps(graph.name)} {{",
+    out = [f"digraph {_dot_string(graph.name)} {{",
            "  graph [nodesep=0.12, ranksep=0.22];",
            '  node [shape=box, fontname="DejaVu Sans Mono", fontsize=9, height=0.2, '
            'margin="0.05,0.02"];',
@@ -352,12 +354,12 @@ def picture_of_graph(graph, text: str) -> Picture:
         if widest > PICTURE_FANOUT:
             label += f"\n{widest} uses, not drawn"
         nodes[node_id] = (label, node_kind(n.op))
-        out.append(f"  {node_id} [label={json.dumps(label)}];")
+        out.append(f"  {node_id} [label={_dot_string(label)}];")
         for k, v in enumerate(dict.fromkeys(n.operands())):
             if v in drawn_inputs:   # beside each use: an input at the top would draw edges
                 stub = f"{node_id}_{k}"   # down the whole graph, which dot lays out slowly
                 nodes[stub] = ("%" + v.name, "input")
-                out.append(f"  {stub} [label={json.dumps(nodes[stub][0])}, shape=ellipse];")
+                out.append(f"  {stub} [label={_dot_string(nodes[stub][0])}, shape=ellipse];")
                 out.append(f"  {stub} -> {node_id};")
             elif v in ids:
                 out.append(f"  {ids[v]} -> {node_id};")
@@ -366,6 +368,11 @@ def picture_of_graph(graph, text: str) -> Picture:
                 ids[r] = node_id
     out.append("}")
     return Picture("\n".join(out) + "\n", nodes)
+
+
+def _dot_string(text: str) -> str:
+    """A DOT quoted string: JSON's escapes for quotes, backslashes and newlines are DOT's."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def lay_out(dot: str, picture: Picture) -> tuple[str | None, str | None]:
@@ -383,7 +390,8 @@ def lay_out(dot: str, picture: Picture) -> tuple[str | None, str | None]:
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no message"])[-1]
         return None, f"dot failed ({last}); no picture"
-    height, index, nodes, edges = 0.0, {}, [], []
+    width = height = 0
+    index, nodes, edges = {}, [], []
     point = lambda inches: round(float(inches) * 72)   # noqa: E731
     for line in r.stdout.splitlines():
         word = line.split()
@@ -464,16 +472,17 @@ def op_implementations(wrapper: str, graph) -> dict[str, dict]:
 
 
 def triton_kernels_of(fn: str) -> list[str]:
-    """Names of the Triton kernels defined in the module of "module:function" (what a
-    profiler calls them), where that module imports here."""
+    """Names of the Triton kernels in the module of "module:function" (what a profiler
+    calls them), where that module imports here. kiln names its kernels `*_kernel`; the
+    @triton.jit helpers they call are never launched."""
     import importlib
     module = fn.split(":")[0]
     try:
         mod = importlib.import_module(module)
     except ImportError:
         return []
-    return sorted(k for k, v in vars(mod).items()
-                  if type(v).__module__.startswith("triton.") and callable(v) and k.endswith("kernel"))
+    return sorted(name for name, v in vars(mod).items() if name.endswith("kernel")
+                  and callable(v) and type(v).__module__.startswith("triton."))
 
 
 def launches(graph, kernels: list[dict], implementations: dict, prepare=None) -> list[dict]:
@@ -572,16 +581,13 @@ class Blobs:
     def __init__(self):
         self.data: list[str] = []
         self.index: dict[str, int] = {}
-        self.raw_bytes = 0
 
     def add(self, text: str | None) -> int | None:
         if text is None:
             return None
         if text not in self.index:
-            raw = text.encode()
-            self.raw_bytes += len(raw)
             self.index[text] = len(self.data)
-            self.data.append(base64.b64encode(zlib.compress(raw, 9)).decode())
+            self.data.append(base64.b64encode(zlib.compress(text.encode(), 9)).decode())
         return self.index[text]
 
 
@@ -593,15 +599,14 @@ def _pass_stats_by_position(record: GraphRecord) -> list:
     return [by_name.get(name) for name in names]
 
 
-def analyse(record: GraphRecord, blobs: Blobs, pool: ThreadPoolExecutor | None,
-            dot: str | None) -> dict:
-    """The page's data for one graph; pictures are laid out on `pool` (futures, resolved
-    by `build_data`)."""
+def analyse(record: GraphRecord, blobs: Blobs, pool: ThreadPoolExecutor, dot: str | None) -> dict:
+    """The page's data for one graph. Each pass's "picture" is (layout, note) or, while dot
+    lays it out on `pool`, a Future of it (`build_data` waits for them)."""
     from kiln.ir import parse
     from kiln.passes import PIPELINE
     docs = {p.name: p.doc for p in PIPELINE}
     graphs: dict[str, object] = {}    # IR text -> its Graph (parsed, or a replay's result)
-    pictures: dict[str, object] = {}  # IR text -> future of (layout, note)
+    pictures: dict[str, object] = {}  # IR text -> (layout, note), or a Future of it
 
     def graph_of(text: str):
         if text not in graphs:
@@ -610,7 +615,7 @@ def analyse(record: GraphRecord, blobs: Blobs, pool: ThreadPoolExecutor | None,
 
     def picture_of(text: str):
         if dot is None:
-            return None
+            return None, None   # the page's notes say why
         if text not in pictures:
             g = graph_of(text)
             if len(g.nodes) > PICTURE_MAX_NODES:
@@ -668,26 +673,25 @@ def build_data(comp: Compilation, profiles: list[dict] | None = None,
     """Everything the page shows, as JSON-able data. `dot`: Graphviz's dot, found on PATH
     (None, or not found: no pictures, and the page says why). `start_pass`: the pass of
     the first graph the page opens at (default: the overview)."""
-    dot = shutil.which(dot) if dot else None
+    import kiln
     from kiln.passes.rules import RULES_DIR
+    dot = shutil.which(dot) if dot else None
     blobs = Blobs()
     notes = []
     if dot is None:
         notes.append("No graph pictures: Graphviz's dot is not installed here (Debian/Ubuntu: "
                      "apt-get install graphviz; macOS: brew install graphviz). Run kiln report "
                      "again once it is.")
-    t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         graphs = [analyse(g, blobs, pool, dot) for g in comp.graphs]
         for g in graphs:
             for p in g["passes"]:
-                picture = p.pop("picture")
-                layout, note = picture.result() if hasattr(picture, "result") else (picture or (None, None))
+                picture = p["picture"]
+                layout, note = picture.result() if isinstance(picture, Future) else picture
                 p["picture"], p["picture_note"] = blobs.add(layout), note
     rule_files = sorted({p["rule_file"] for g in graphs for p in g["passes"] if "rule_file" in p})
-    rules = {f: {"path": str(RULES_DIR.joinpath(f)), "text": blobs.add(RULES_DIR.joinpath(f).read_text())}
-             for f in rule_files}
-    import kiln
+    rules = {f: {"path": str(RULES_DIR.joinpath(f)),
+                 "text": blobs.add(RULES_DIR.joinpath(f).read_text())} for f in rule_files}
     return {"title": f"kiln report: {comp.source}", "source": comp.source,
             "details": comp.details, "kiln": kiln.__version__,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "notes": notes,
@@ -695,8 +699,7 @@ def build_data(comp: Compilation, profiles: list[dict] | None = None,
             "graphs": graphs, "rules": rules,
             "profiles": profiles or [], "kinds": {k: list(v) for k, v in KINDS.items()},
             "start": None if start_pass is None else f"g0/p{start_pass}",
-            "blobs": blobs.data, "raw_bytes": blobs.raw_bytes,
-            "seconds": time.perf_counter() - t0}
+            "blobs": blobs.data}
 
 
 def render(data: dict) -> str:
@@ -706,7 +709,8 @@ def render(data: dict) -> str:
     return page.replace("/*KILN_REPORT_DATA*/", blob, 1)
 
 
-def write_report(comp: Compilation, output: str | os.PathLike, profiles: list[dict] | None = None) -> dict:
+def write_report(comp: Compilation, output: str | os.PathLike,
+                 profiles: list[dict] | None = None) -> dict:
     """Writes the page to `output` (via a temporary file, so never half-written); returns
     the data it holds."""
     data = build_data(comp, profiles)

@@ -108,8 +108,9 @@ def test_report_of_a_dump_dir(dump_dir, tmp_path, capsys):
     assert norm["picture"] is not None and norm["picture_note"] is None
     layout = json.loads(inflate(data, norm["picture"]))
     names = {n[0]: n for n in layout["nodes"]}
-    rms = next(k for k, v in added.items())
-    assert names[f"L{rms + 1}"][1].startswith("kiln.rms_norm") and names[f"L{rms + 1}"][2] == "fused"
+    (rms_norm_line,) = added
+    label, kind = names[f"L{rms_norm_line + 1}"][1:3]
+    assert label.startswith("kiln.rms_norm") and kind == "fused"
     assert layout["edges"] and data["notes"] == []
 
 
@@ -118,7 +119,8 @@ def test_report_without_dot_says_so(dump_dir, tmp_path, monkeypatch):
     out = tmp_path / "report.html"
     assert main(["report", str(dump_dir), "-o", str(out)]) == 0
     data = page_data(out)
-    assert "dot is not installed" in data["notes"][0] and "apt-get install graphviz" in data["notes"][0]
+    (note,) = data["notes"]
+    assert "dot is not installed" in note and "apt-get install graphviz" in note
     assert all(p["picture"] is None for p in data["graphs"][0]["passes"])
 
 
@@ -154,7 +156,8 @@ def test_report_of_an_artifact_and_a_profile_beside_it(dump_dir, tmp_path):
     generated = run["kernels"][0]
     assert generated["calls_per_step"] == 2 and generated["us_per_call"] == 2.5
     assert generated["us_per_step"] == 5
-    assert serve["phase_us"]["forward"] == pytest.approx(400) and serve["step_us"] == pytest.approx(700)
+    assert serve["phase_us"]["forward"] == pytest.approx(400)
+    assert serve["step_us"] == pytest.approx(700)
     # the library kernel of kiln.rms_norm is found in the module that runs it
     assert "_rms_norm_kernel" in data["graphs"][0]["implementations"]["kiln.rms_norm"]["kernels"]
 
