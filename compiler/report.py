@@ -150,11 +150,12 @@ def read_compilation(path: str | os.PathLike) -> Compilation:
         if not (root / "ir").is_dir() or not _snapshot_files(root / "ir"):
             raise ReportError(f"artifact {root} has no ir/NNN_<pass>.kir files; recompile it "
                               f"with kiln compile")
+        versions = manifest.get("versions", {})
         details = {"artifact": str(root), "target": manifest.get("target"),
                    "model": manifest.get("model", {}).get("spec"),
                    "created": manifest.get("created"),
-                   "kiln": manifest.get("versions", {}).get("kiln"),
-                   "torch": manifest.get("versions", {}).get("torch")}
+                   "compiled with": ", ".join(f"{k} {versions[k]}" for k in ("kiln", "torch")
+                                              if versions.get(k))}
         graph = read_graph_dir(root, "serving", root / "ir")
         return Compilation(str(root), [graph], {k: v for k, v in details.items() if v},
                            fallbacks, root)
