@@ -97,9 +97,10 @@ def smollm2_report(smollm2_artifact, tmp_path_factory) -> tuple[Path, float]:
 
 
 @pytest.fixture
-def browser():
+def browser(monkeypatch):
     if MISSING:   # under CI, where make test installs them
         pytest.fail(MISSING)
+    monkeypatch.setenv("SE_OFFLINE", "true")   # should Selenium Manager run: never the network
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
@@ -114,10 +115,9 @@ def browser():
     driver.quit()
 
 
-def test_smollm2_report_in_chromium(browser, smollm2_report, tmp_path, monkeypatch):
+def test_smollm2_report_in_chromium(browser, smollm2_report, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    monkeypatch.setenv("SE_OFFLINE", "true")   # Selenium Manager: never the network
     report, seconds = smollm2_report
     assert report.stat().st_size < 4 * 2**20 and seconds < 60, (report.stat().st_size, seconds)
     wait = WebDriverWait(browser, 30)
