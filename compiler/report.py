@@ -68,6 +68,7 @@ class GraphRecord:
     stats: list = field(default_factory=list)   # PassStats per pass after the input, if recorded
     wrapper: str | None = None               # the generated wrapper.py
     prepare: str | None = None               # prepare_weights.kir, when weights are prepared
+    options: dict = field(default_factory=dict)   # the compile options known (target, quant)
 
 
 @dataclass
@@ -116,8 +117,9 @@ def read_graph_dir(folder: Path, name: str, ir_folder: Path | None = None) -> Gr
     snapshots = [(pass_name, p.read_text())
                  for _, pass_name, p in _snapshot_files(ir_folder or folder)]
     stats = parse_pass_stats(_read_text(folder / "passes.txt") or "")
-    return GraphRecord(name, snapshots, stats, _read_text(folder / "wrapper.py"),
-                       _read_text(folder / "prepare_weights.kir"))
+    wrapper = _read_text(folder / "wrapper.py")
+    return GraphRecord(name, snapshots, stats, wrapper, _read_text(folder / "prepare_weights.kir"),
+                       {"target": wrapper_target(wrapper) if wrapper else None})
 
 
 def _graph_folder_order(path: Path):
@@ -157,6 +159,8 @@ def read_compilation(path: str | os.PathLike) -> Compilation:
                    "compiled with": ", ".join(f"{k} {versions[k]}" for k in ("kiln", "torch")
                                               if versions.get(k))}
         graph = read_graph_dir(root, "serving", root / "ir")
+        graph.options = {"target": manifest.get("target"),
+                         "quant": manifest.get("options", {}).get("quant")}
         return Compilation(str(root), [graph], {k: v for k, v in details.items() if v},
                            fallbacks, root)
     if _snapshot_files(root):
@@ -186,7 +190,10 @@ def compilation_of(compiled: list, args, fallbacks: list[str],
                    names: list[str] | None = None) -> Compilation:
     """The Compilation of CompiledGraphs that `kiln dump`'s capture recorded (`args`: the
     command line's model, target and prompt)."""
-    return Compilation(str(args.model), records_from_compiled(compiled, names),
+    records = records_from_compiled(compiled, names)
+    for record in records:
+        record.options = {"target": args.target}
+    return Compilation(str(args.model), records,
                        {"model": str(args.model), "target": args.target,
                         "prompt": repr(args.prompt)}, list(fallbacks))
 
@@ -255,10 +262,29 @@ def rule_file_of(pass_name: str) -> str | None:
     return None
 
 
-def replay_rules(before, before_text: str, after_text: str, rule_file: str) -> Replay | None:
+class NotReproduced(Exception):
+    """Applying a pass's rules again did not give the IR the pass wrote."""
+
+
+def replay_context(options: dict):
+    """A PassContext with the compile options the rules may read (RuleContext.options):
+    those the dump or artifact records (target, quant); the rest as compile_graph's defaults."""
+    from kiln.backends.targets import get_target
+    from kiln.passes import PassContext
+    target = options.get("target")
+    try:
+        target = get_target(target) if target else None
+    except (KeyError, ValueError):
+        target = None
+    return PassContext({"target": target, "quant": options.get("quant")})
+
+
+def replay_rules(before, before_text: str, after_text: str, rule_file: str,
+                 ctx=None) -> Replay:
     """The rules of `rule_file` applied to a copy of `before` in file order, each with its
-    spellings, then dead code dropped, as rule_pass does. None when the result does not
-    print as `after_text` (the pass chose not to apply them, or KILN_PASS_LIMIT cut it)."""
+    spellings, then dead code dropped, as rule_pass does. Raises NotReproduced when that
+    fails or does not print as `after_text` (the pass chose not to apply them, the options
+    it saw differ from `ctx`'s, KILN_PASS_LIMIT cut it, or the rules changed since)."""
     from kiln.ir import print_graph
     from kiln.passes.canonicalize import dce
     from kiln.passes.pattern import KilnRuleError, apply_patterns
@@ -277,9 +303,13 @@ def replay_rules(before, before_text: str, after_text: str, rule_file: str) -> R
         present = set(g.nodes)
         why_not = None
         try:
-            n = apply_patterns(g, group, require_match=True)
+            n = apply_patterns(g, group, ctx, require_match=True)
         except KilnRuleError as e:
+            if not e.bare.startswith("matched nothing"):
+                raise NotReproduced(str(e)) from None
             n, why_not = 0, e.bare
+        except Exception as e:   # a rule's Python function failing where the pass's did not
+            raise NotReproduced(f"rule {group[0].name}: {type(e).__name__}: {e}") from None
         total += n
         for gone in present.difference(g.nodes) & origin.keys():
             removed_by[origin[gone]] = group[0].name
@@ -290,7 +320,7 @@ def replay_rules(before, before_text: str, after_text: str, rule_file: str) -> R
         for gone in present.difference(g.nodes) & origin.keys():   # left unused by the rewrites
             removed_by[origin[gone]] = "dce"
     if print_graph(g) != after_text:
-        return None
+        raise NotReproduced("the result differs from the IR after the pass")
     added_by = {line: n.meta["rule"] for n, line in zip(g.nodes, node_lines(after_text))
                 if n not in origin and "rule" in n.meta}
     return Replay(counts, removed_by, added_by, g)
@@ -641,13 +671,19 @@ def analyse(record: GraphRecord, blobs: Blobs, pool: ThreadPoolExecutor, dot: st
             rule_file = rule_file_of(name)
             if rule_file is not None:
                 entry["rule_file"] = f"{rule_file}.kiln"
-                replay = replay_rules(graph_of(before), before, text, rule_file)
-                if replay is None:
+                try:
+                    replay = replay_rules(graph_of(before), before, text, rule_file,
+                                          replay_context(record.options))
+                except NotReproduced as e:
                     entry["rules_note"] = (
                         f"no per-rule counts: applying rules/{rule_file}.kiln again to the IR "
-                        f"before this pass does not give the IR after it (the pass applies its "
-                        f"rules only under a condition, such as a target or an option; "
-                        f"KILN_PASS_LIMIT stopped it; or the rules changed since the dump)")
+                        f"before this pass does not give the IR after it ({e}); "
+                        f"KILN_PASS_LIMIT may have stopped the pass, it may have seen other "
+                        f"compile options, or the rules changed since."
+                        if entry["changed"] else
+                        f"This pass changed nothing: it applies its rules (rules/{rule_file}.kiln)"
+                        f" only under a condition (a target, an option) that did not hold here; "
+                        f"applied regardless, they would change the IR.")
                 else:
                     graphs.setdefault(text, replay.graph)
                     entry["rules"] = [vars(r) for r in replay.rules]

@@ -114,6 +114,27 @@ def test_report_of_a_dump_dir(dump_dir, tmp_path, capsys):
     assert layout["edges"] and data["notes"] == []
 
 
+def test_a_pass_that_did_not_apply_its_rules_says_so(tmp_path, monkeypatch):
+    """fuse.prologue applies rules/prologue.kiln on Triton targets only: on the CPU it
+    leaves a linear alone that its rules, applied regardless, would rewrite."""
+    linear = """func @forward(%x: f32[s0, 64], weight %w: f32[32, 64]) -> f32[s0, 32]
+    where s0 in [1, 64] {
+  %0 = aten.permute(%w, dims=[1, 0]) : f32[64, 32]
+  %1 = aten.mm(%x, %0) : f32[s0, 32]
+  return %1
+}
+"""
+    monkeypatch.setenv("KILN_DUMP_DIR", str(tmp_path / "dump"))
+    kiln.compile(parse(linear), target="cpu")
+    monkeypatch.delenv("KILN_DUMP_DIR")
+    out = tmp_path / "report.html"
+    assert main(["report", str(tmp_path / "dump"), "-o", str(out)]) == 0
+    prologue = pass_named(page_data(out)["graphs"][0], "fuse.prologue")
+    assert not prologue["changed"] and "rules" not in prologue
+    assert prologue["rules_note"].startswith("This pass changed nothing: it applies its rules "
+                                             "(rules/prologue.kiln) only under a condition")
+
+
 def test_report_without_dot_says_so(dump_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))   # no dot on it
     out = tmp_path / "report.html"
