@@ -69,6 +69,7 @@ class GraphRecord:
     wrapper: str | None = None               # the generated wrapper.py
     prepare: str | None = None               # prepare_weights.kir, when weights are prepared
     options: dict = field(default_factory=dict)   # the compile options known (target, quant)
+    folder: Path | None = None               # where it was read from, for messages
 
 
 @dataclass
@@ -119,7 +120,8 @@ def read_graph_dir(folder: Path, name: str, ir_folder: Path | None = None) -> Gr
     stats = parse_pass_stats(_read_text(folder / "passes.txt") or "")
     wrapper = _read_text(folder / "wrapper.py")
     return GraphRecord(name, snapshots, stats, wrapper, _read_text(folder / "prepare_weights.kir"),
-                       {"target": wrapper_target(wrapper) if wrapper else None})
+                       {"target": wrapper_target(wrapper) if wrapper else None},
+                       ir_folder or folder)
 
 
 def _graph_folder_order(path: Path):
@@ -633,7 +635,7 @@ def _pass_stats_by_position(record: GraphRecord) -> list:
 def analyse(record: GraphRecord, blobs: Blobs, pool: ThreadPoolExecutor, dot: str | None) -> dict:
     """The page's data for one graph. Each pass's "picture" is (layout, note) or, while dot
     lays it out on `pool`, a Future of it (`build_data` waits for them)."""
-    from kiln.ir import parse
+    from kiln.ir import KilnParseError, parse
     from kiln.passes import PIPELINE
     docs = {p.name: p.doc for p in PIPELINE}
     graphs: dict[str, object] = {}    # IR text -> its Graph (parsed, or a replay's result)
@@ -641,7 +643,14 @@ def analyse(record: GraphRecord, blobs: Blobs, pool: ThreadPoolExecutor, dot: st
 
     def graph_of(text: str):
         if text not in graphs:
-            graphs[text] = parse(text)
+            try:
+                graphs[text] = parse(text)
+            except KilnParseError as e:
+                after = next(name for name, t in record.snapshots if t == text)
+                first = str(e).splitlines()[0]
+                raise ReportError(f"{record.folder or record.name}: the IR after {after} does "
+                                  f"not parse ({first}); a dump of another kiln version? Write "
+                                  f"it again") from None
         return graphs[text]
 
     def picture_of(text: str):

@@ -183,15 +183,20 @@ def test_report_of_an_artifact_and_a_profile_beside_it(dump_dir, tmp_path):
     assert "_rms_norm_kernel" in data["graphs"][0]["implementations"]["kiln.rms_norm"]["kernels"]
 
 
-@pytest.mark.parametrize("case", ["missing", "file", "empty", "bad profile", "no interpreter"])
+@pytest.mark.parametrize("case", ["missing", "file", "empty", "bad profile", "no interpreter",
+                                  "bad IR"])
 def test_report_errors_are_one_clear_message(case, dump_dir, tmp_path, capsys, monkeypatch):
     argv = {"missing": [str(tmp_path / "nowhere")],
             "file": [str(tmp_path / "note.txt")],
             "empty": [str(tmp_path / "empty")],
             "bad profile": [str(dump_dir), "--profile", str(tmp_path / "note.txt")],
             # compiling a model runs it; Triton kernels on the CPU need the interpreter
-            "no interpreter": ["smollm2", "-t", "cuda"]}[case]
+            "no interpreter": ["smollm2", "-t", "cuda"],
+            "bad IR": [str(dump_dir)]}[case]
     (tmp_path / "note.txt").write_text("not a dump")
+    if case == "bad IR":
+        (snapshot,) = dump_dir.glob("*/006_fuse.norm.kir")
+        snapshot.write_text(snapshot.read_text() + "  %9 = garbage(\n")
     (tmp_path / "empty").mkdir()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "report.html"
@@ -200,7 +205,8 @@ def test_report_errors_are_one_clear_message(case, dump_dir, tmp_path, capsys, m
     assert err.startswith("kiln report: ") and err.count("\n") == 1, err
     assert {"missing": "no such file or directory", "file": "is a file",
             "empty": "holds no kiln dump", "bad profile": "not a readable profile",
-            "no interpreter": "set TRITON_INTERPRET=1"}[case] in err
+            "no interpreter": "set TRITON_INTERPRET=1",
+            "bad IR": "the IR after fuse.norm does not parse"}[case] in err
     assert argv[-1] in err and not out.exists()
 
 
