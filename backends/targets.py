@@ -41,6 +41,7 @@ class Target:
 
 
 _CPU_KERNELS = {"attention": "kiln.backends.cpu_kernels:attention",
+                "weight_int8_mm": "kiln.backends.cpu_kernels:weight_int8_mm",
                 "paged_attention": "kiln.backends.paged_attention:paged_attention"}
 # Triton modules and the fused ops each implements (launcher named like the op).
 _TRITON_MODULES = {

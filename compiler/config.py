@@ -17,7 +17,7 @@ class CompileOptions:
     verify: bool = False                       # verify after every pass
     cudagraphs: bool = True
     prepare_weights: bool = True               # weight-only work once per weight set, not per call
-    quant: str | None = None                   # None, "fp8" or "int8"
+    quant: str | None = None                   # None or kiln.passes.quantize.QUANT_MODES
     observer: Callable | None = None           # called with each CompiledGraph (tests, tools)
     record: bool = False                       # keep the IR text after every pass (kiln dump)
     serving: bool = False                      # run the serving-only passes (serve.kv_cache)
@@ -60,8 +60,8 @@ class CompileOptions:
             opts.timings = True
         from kiln.ir.fallback import policy
         opts.fallback = policy(opts.fallback)   # KILN_FALLBACK wins; a bad value is an error
-        if opts.quant not in (None, "fp8", "int8"):
-            raise ValueError(f"quant must be None, 'fp8' or 'int8', got {opts.quant!r}")
+        from kiln.passes.quantize import check_quant
+        check_quant(opts.quant)
         from kiln.backends.targets import get_target
         get_target(opts.target)
         return opts

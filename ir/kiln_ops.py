@@ -60,6 +60,7 @@ KILN_OPS = {
     "silu_mul_quant": (("gate", "up"), ("qdtype",), kiln_ref.silu_mul_quant, (), None),
     "scaled_mm": (("a", "a_scale", "b", "b_scale", "bias"), ("out_dtype",), kiln_ref.scaled_mm,
                   (), None),
+    "weight_int8_mm": (("x", "w_q", "w_scale", "bias"), (), kiln_ref.weight_int8_mm, (), None),
     # Serving (serve.kv_cache): writes k/v into k_cache/v_cache (operands 3 and 4).
     "paged_attention": (("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "block_tables",
                          "context_lens", "query_start"), ("scale", "window"), kiln_ref.paged_attention,

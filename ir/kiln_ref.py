@@ -224,6 +224,18 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     return out.to(out_dtype)
 
 
+def weight_int8_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """Weight-only int8 linear: x @ (w_q * w_scale).T (+ bias), in x's dtype.
+
+    x: [M, K] floating; w_q: [N, K] int8 (nn.Linear layout); w_scale: [N, 1] per output
+    channel (kiln_ref.quant_int8 of the weight). Accumulates in float32."""
+    out = torch.matmul(x.float(), (w_q.float() * w_scale.float().reshape(-1, 1)).t())
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
 def quantize_weight(w: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel weight quantisation of an nn.Linear weight [N, K]."""
     return quantize(w, qdtype)

@@ -53,7 +53,8 @@ MAX_DIM = 2**31 - 1
 # expand, slice or select, which would move or cut tokens.
 _TOKEN_ORDER_VIEWS = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.unsqueeze",
                       "aten.squeeze", "aten.alias"}
-_HEADS = {"aten.mm": 0, "aten.matmul": 0, "aten.linear": 0, "aten.addmm": 1, "kiln.scaled_mm": 0}
+_HEADS = {"aten.mm": 0, "aten.matmul": 0, "aten.linear": 0, "aten.addmm": 1, "kiln.scaled_mm": 0,
+          "kiln.weight_int8_mm": 0}
 
 
 class NotAServingCapture(ValueError):

@@ -33,3 +33,16 @@ def test_serving_flags_reach_the_serving_config(argv, async_scheduling, lazy):
         extra = ["--prompt", "hi"] if command == "generate" else []
         cfg = _serving_config(build_parser().parse_args([command, "smollm2", *extra, *argv]))
         assert cfg.async_scheduling is async_scheduling and cfg.lazy_mixed_graphs is lazy
+
+
+def test_the_cli_offers_every_quant_mode_and_nothing_else():
+    from kiln import cli
+    from kiln.passes.quantize import QUANT_MODES
+    assert tuple(cli.CLI_QUANT_MODES) == QUANT_MODES
+
+
+def test_a_bad_quant_mode_is_one_message():
+    from kiln.config import CompileOptions
+    with pytest.raises(ValueError, match=r"quant must be None or one of fp8, int8, "
+                                         r"int8_weight_only; got 'int4'"):
+        CompileOptions.make({"quant": "int4"})

@@ -428,3 +428,24 @@ def test_cuda_efficient_attention_capture_serves():
     assert "aten.constant_pad_nd" not in ops and "aten._scaled_dot_product_efficient_attention" not in ops
     (logits,) = cuda_form.outputs
     assert logits.type.shape[1] == model.config.vocab_size and not isinstance(logits.type.shape[0], int)
+
+
+def test_weight_only_int8_serves_with_its_lm_head_on_the_last_tokens():
+    """quant="int8_weight_only" quantises the LM head too: serve.kv_cache finds it as a
+    kiln.weight_int8_mm and runs it on each sequence's last token only; the paged graph
+    then gives what the same quantised graph gives eagerly on the whole context."""
+    model = models.TINY_MODELS["llama_gqa"]()
+    compiled = compile_serving(model, block_size=BLOCK, verify=True, quant="int8_weight_only")
+    ops = [n.op for n in compiled.graph.nodes]
+    layers = model.config.num_hidden_layers
+    assert ops.count("kiln.weight_int8_mm") == 7 * layers + 1 and "aten.mm" not in ops
+    runner = runner_for(model, compiled)
+    blocks = BlockManager(runner.num_blocks, BLOCK, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), blocks)
+    seq = Sequence(list(range(3, 14)), SamplingParams(max_tokens=1))
+    sched.add(seq)
+    st = sched.schedule()
+    logits = runner.execute(st.batch)
+    want = eager_last_logits(model, seq.token_ids)
+    assert logits.shape == (1, model.config.vocab_size)
+    assert rel_err(logits[0], want) < 0.05   # int8 weights against the fp32 model
