@@ -390,10 +390,10 @@ def picture_of_graph(graph, text: str) -> Picture:
         out.append(f"  {node_id} [label={_dot_string(label)}];")
         for k, v in enumerate(dict.fromkeys(n.operands())):
             if v in drawn_inputs:   # beside each use: an input at the top would draw edges
-                stub = f"{node_id}_{k}"   # down the whole graph, which dot lays out slowly
-                nodes[stub] = ("%" + v.name, "input")
-                out.append(f"  {stub} [label={_dot_string(nodes[stub][0])}, shape=ellipse];")
-                out.append(f"  {stub} -> {node_id};")
+                input_copy = f"{node_id}_{k}"   # down the whole graph, which dot lays out slowly
+                nodes[input_copy] = ("%" + v.name, "input")
+                out.append(f"  {input_copy} [label={_dot_string(nodes[input_copy][0])}, shape=ellipse];")
+                out.append(f"  {input_copy} -> {node_id};")
             elif v in ids:
                 out.append(f"  {ids[v]} -> {node_id};")
         for r in n.results:

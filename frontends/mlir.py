@@ -28,8 +28,7 @@ import sympy
 import torch
 
 from kiln.ir import Graph, get_op
-from kiln.ir.graph import map_values
-from kiln.ir.ops import callee_of
+from kiln.ir.interpreter import run
 from kiln.ir.types import SymIntType, TensorType
 
 FUSED_OPS = ("custom", "decompose")
@@ -149,41 +148,33 @@ class _GraphProgram(torch.nn.Module):
 
     def forward(self, *tensors):
         inputs = _tensor_inputs(self.graph)
-        env = dict(zip(inputs, tensors))
+        values = dict(zip(inputs, tensors))
         sizes = {}
         for v, t in zip(inputs, tensors):
             for d, size in zip(v.type.shape, t.shape):
                 sizes.setdefault(d, size)
         for v in self.graph.inputs:
             if isinstance(v.type, SymIntType):
-                env[v] = sizes[v.type.expr]
-        return tuple(_run(self.graph, env, self.fused_ops))
+                values[v] = sizes[v.type.expr]
+        return tuple(run(self.graph, [values[v] for v in self.graph.inputs],
+                         _traced_impl(self.fused_ops)))
 
 
-def _run(g: Graph, env: dict, fused_ops: str) -> list:
-    fetch = env.__getitem__
-    for n in g.nodes:
-        args = map_values(n.args, fetch)
-        attrs = {k: map_values(a, fetch) for k, a in n.attrs.items()}
-        try:
-            if n.op == "kiln.call":
-                callee = callee_of(g, n.attrs)
-                out = _run(callee, dict(zip(callee.inputs, args)), fused_ops)
-                out = out[0] if len(n.results) == 1 else out
-            elif n.op.startswith("kiln.") and fused_ops == "custom":
-                out = _custom_op(n.op)(*args, **attrs)
-            else:
-                out = get_op(n.op).impl(*args, **attrs)
-        except MlirExportError:
-            raise
-        except Exception as e:  # noqa: BLE001 - whatever stops the trace, it stopped at n
-            raise MlirExportError(_untraceable(n.op, fused_ops, e)) from e
-        if len(n.results) == 1:
-            env[n.results[0]] = out
-        elif n.results:
-            for r, o in zip(n.results, out):
-                env[r] = o
-    return [env[v] for v in g.outputs]
+def _traced_impl(fused_ops: str):
+    """The interpreter's `impl`: kiln's fused ops as custom ops or their reference bodies,
+    and whatever stops the trace reported as the op it stopped at."""
+    def impl(op: str):
+        def call(*args, **attrs):
+            try:
+                if op.startswith("kiln.") and fused_ops == "custom":
+                    return _custom_op(op)(*args, **attrs)
+                return get_op(op).impl(*args, **attrs)
+            except MlirExportError:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever stops the trace, it stopped here
+                raise MlirExportError(_untraceable(op, fused_ops, e)) from e
+        return call
+    return impl
 
 
 def _untraceable(op: str, fused_ops: str, error: Exception) -> str:
