@@ -239,6 +239,64 @@ def bench_attention(bw, rows):
               f"  sdpa {ts*1e6:7.1f} us ({row['sdpa_frac_copy_bw']:.2f})", flush=True)
 
 
+PREFILL_SWEEP = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
+                 (64, 128, 4, 3), (128, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 4)]
+DECODE_SWEEP = [(16, 64, 4, 3), (16, 128, 4, 3), (16, 64, 4, 4), (16, 128, 8, 3), (16, 32, 4, 4)]
+
+
+def sweep_attention(bw, rows):
+    """Every tile config in PREFILL_SWEEP / DECODE_SWEEP (block_m, block_n, warps, stages) and
+    decode partition sizes on this device: what the tables in backends/triton/attention.py
+    are chosen from. Rows carry the config; failures (shared memory) are recorded."""
+    h, hkv, d = 32, 8, 128
+    for s in (4096, 8192, 16384):
+        q = torch.randn(1, h, s, d, device=DEV, dtype=BF16)
+        k = torch.randn(1, hkv, s, d, device=DEV, dtype=BF16)
+        v = torch.randn(1, hkv, s, d, device=DEV, dtype=BF16)
+        flops = 4 * s * s * d * h / 2
+        ts = median_s(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True), rep=50)
+        for cfg in PREFILL_SWEEP:
+            c = attention.AttnConfig(*cfg)
+            try:
+                tk = median_s(lambda: attention.attention_prefill(q, k, v, None, d ** -0.5, True,
+                                                                  config=c), rep=50)
+            except Exception as e:  # noqa: BLE001  (a config that does not fit is a result)
+                rows.append(dict(kind="prefill_sweep", seq=s, config=cfg, error=str(e)[:200]))
+                print(f"prefill sweep s={s} {cfg}: {type(e).__name__}", flush=True)
+                continue
+            rows.append(dict(kind="prefill_sweep", seq=s, config=cfg, kiln_tflops=flops / tk / 1e12,
+                             sdpa_tflops=flops / ts / 1e12, frac_sdpa=ts / tk))
+            print(f"prefill sweep s={s:5d} {cfg}: {flops/tk/1e12:6.1f} TFLOP/s, sdpa "
+                  f"{flops/ts/1e12:6.1f}, ratio {ts/tk:.3f}", flush=True)
+    for b, skv in ((1, 8192), (1, 32768), (8, 8192)):
+        per = 2 * b * hkv * skv * d * 2
+        nset = max(2, -(-256 * 2**20 // per))
+        sets = [(torch.randn(b, 1, h, d, device=DEV, dtype=BF16).transpose(1, 2),
+                 torch.randn(b, hkv, skv, d, device=DEV, dtype=BF16),
+                 torch.randn(b, hkv, skv, d, device=DEV, dtype=BF16)) for _ in range(nset)]
+        ts = graph_s(lambda i: torch.nn.functional.scaled_dot_product_attention(
+            *sets[i % nset], enable_gqa=True))
+        for cfg in DECODE_SWEEP:
+            c = attention.AttnConfig(*cfg)
+            for split in (None, 256, 512, 1024, 2048):
+                if split is not None and split % c.block_n:
+                    continue
+                try:
+                    tk = graph_s(lambda i: attention.attention_decode(
+                        *sets[i % nset], None, d ** -0.5, False, config=c, split=split))
+                except Exception as e:  # noqa: BLE001
+                    print(f"decode sweep b={b} {cfg} split={split}: {type(e).__name__}", flush=True)
+                    continue
+                rows.append(dict(kind="decode_sweep", batch=b, context=skv, config=cfg, split=split,
+                                 kiln_us=tk * 1e6, frac_copy_bw=per / tk / bw,
+                                 sdpa_us=ts * 1e6, sdpa_frac_copy_bw=per / ts / bw))
+                print(f"decode sweep b={b} ctx={skv} {cfg} split={split}: {tk*1e6:6.1f} us "
+                      f"({per/tk/bw:.2f} of bw; sdpa {ts*1e6:6.1f} us, {per/ts/bw:.2f})", flush=True)
+        del sets
+        torch.cuda.empty_cache()
+
+
 def paged_decode_sets(b: int, ctx: int, hq: int, hkv: int, d: int, bs: int = 16):
     """Decode batches over one shared paged KV pool: enough sets (each b sequences of ctx
     tokens, every sequence in its own shuffled blocks) that one pass over them reads more
@@ -329,7 +387,8 @@ def bench_gemm_moe(rate, rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
-    ap.add_argument("--only", default="memory,attention,paged,gemm")
+    ap.add_argument("--only", default="memory,attention,paged,gemm",
+                    help="comma-separated parts; also attention-sweep (tile configs)")
     args = ap.parse_args()
     torch.manual_seed(0)
     bw, rate = copy_bandwidth(), matmul_rate()
@@ -341,6 +400,8 @@ def main():
         bench_memory_bound(bw, rows)
     if "attention" in parts:
         bench_attention(bw, rows)
+    if "attention-sweep" in parts:
+        sweep_attention(bw, rows)
     if "paged" in parts:
         bench_paged_decode(bw, rows)
     if "gemm" in parts:

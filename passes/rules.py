@@ -54,7 +54,7 @@ Reference (what the README documents):
   `not in {..}`, `and or not`, `+ - * /` (none if an operand is none), literals (numbers, true/false/none, dtypes
   like f32, lists), `%x`, `$c` and the functions in `FUNCTIONS`: dtype(%x), rank(%x),
   dim(%x, i), shape(%x), numel(%x), last_dim(%x, $d), is_float(x), is_int(x),
-  is_none(x), is_input(%x), is_iota(%x) (torch.arange(n)), present(%x), coalesce(a, b, ...), sqrt(x), len(x),
+  is_none(x), is_input(%x), is_weight(%x) (a weight input), is_iota(%x) (torch.arange(n)), present(%x), coalesce(a, b, ...), sqrt(x), len(x),
   promote(dtype, dtype), float(x), int(x), floordiv(a, b),
   divisible(a, b), may_be_at_most(a, b) (a <= b, or a size not known until run time),
   and for attention masks (kiln.ir.masks) index_mask(%mask, %q, %k)
@@ -96,6 +96,7 @@ import torch
 from kiln.ir import Value
 from kiln.ir.masks import mask_form
 from kiln.ir.ops import get_op, is_opaque
+from kiln.ir.roles import is_weight
 from kiln.ir.types import DTYPES, TensorType
 
 from .pattern import (MISSING, AttrPat, Const, Constraint, KilnRuleError, ListPat, Lit, Match,
@@ -224,6 +225,7 @@ FUNCTIONS: dict[str, Callable] = {
     "is_int": _is_int,
     "is_none": lambda x: x is None,
     "is_input": lambda v: isinstance(v, Value) and v.producer is None,
+    "is_weight": lambda v: isinstance(v, Value) and v.producer is None and is_weight(v),
     "is_iota": _is_iota,
     "coalesce": _coalesce,
     "sqrt": _sqrt,

@@ -119,6 +119,16 @@ def _mma(a, b, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _mma_acc(a, b, acc, FP32_DOT: tl.constexpr):
+    """acc + a @ b, accumulated by the MMA itself (no separate add over the tile)."""
+    if FP32_DOT:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
 def _exp(x, USE_EXP2: tl.constexpr):
     if USE_EXP2:
         y = tl.exp2(x)
@@ -182,7 +192,7 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, q_idx, row_ok, offs
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         else:
             v = tl.load(v_ptrs)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, FP32_DOT)
+        acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
         m_i = m_new
     return acc, l_i, m_i
 

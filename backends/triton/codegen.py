@@ -268,10 +268,45 @@ def _row_reduction(node) -> bool:
             and node.results[0].type.dtype in FLOATS)
 
 
+def _arange_bounds(node):
+    """(start, step) of `aten.arange` with int literals, else None."""
+    args = list(node.args)
+    if len(args) not in (1, 2, 3) or not all(type(a) is int for a in args):
+        return None
+    step = args[2] if len(args) == 3 else node.attrs.get("step", 1)
+    start = args[0] if len(args) >= 2 else 0
+    return (start, step) if type(step) is int else None
+
+
+def _index_source(v) -> bool:
+    """`v` is an index tensor a kernel computes from its own coordinates instead of loading:
+    an `aten.arange`, seen through unsqueezes that keep it aligned with the right end of
+    the shape (what a cache position or a mask's key positions are made of). Each costs a
+    launch of its own otherwise, for a few elements."""
+    n = v.producer if isinstance(v, Value) else None
+    if n is None:
+        return False
+    if n.op == "aten.arange":
+        return _arange_bounds(n) is not None and n.results[0].type.rank == 1
+    if n.op == "aten.unsqueeze":
+        x = n.args[0]
+        d = n.attrs.get("dim", 0)
+        d = d + x.type.rank + 1 if d < 0 else d
+        # Broadcasting aligns shapes at the right: inserting a 1 left of every non-1 dim of x
+        # leaves each element where it was.
+        return all(size == 1 for size in x.type.shape[:d]) and _index_source(x)
+    return False
+
+
+INDEX_SOURCES = {"aten.arange", "aten.unsqueeze"}
+
+
 def can_generate(node) -> bool:
     """Whether the pointwise codegen lowers this node (asked by the schedule pass)."""
     if len(node.results) != 1 or not _is_supported_tensor(node.results[0].type):
         return False
+    if node.op in INDEX_SOURCES:
+        return _index_source(node.results[0])
     if node.op in CONSTANTS:
         value = node.args[0] if node.args else None
         return isinstance(value, (int, float, bool)) and node.results[0].type.rank == 0
@@ -344,7 +379,16 @@ def generate(fn: Graph, name: str, host_fallback: str | None = None) -> str:
                                                           else int(value))
             env[r] = Operand(_literal(value), None, value)
             continue
-        if n.op in REDUCTIONS:
+        if n.op == "aten.arange":
+            start, step = _arange_bounds(n)
+            last = "cols" if by_row else f"c{rank - 1}"
+            # One element broadcasts along the domain's last dim: it is `start` everywhere.
+            expr = f"({start} + {0 if r.type.shape[-1] == 1 else step} * {last})"
+            if dtype in FLOATS:
+                expr = f"({expr}).to(tl.float32)"
+        elif n.op == "aten.unsqueeze":
+            expr = env[n.args[0]].expr
+        elif n.op in REDUCTIONS:
             fn_name, identity, mean = REDUCTIONS[n.op]
             x = env[n.args[0]].f32()
             expr = f"{fn_name}(tl.where(cmask, {x}, {identity}), axis=0)"
@@ -411,7 +455,10 @@ def generate(fn: Graph, name: str, host_fallback: str | None = None) -> str:
         on_host = " or ".join(f"{a}.device.type == 'cpu'" for a in args)
         launcher.append(f"    if not ON_HOST_OK and ({on_host}):")
         launcher.append(f"        return {host_fallback}({', '.join(args)})")
-    launcher.append(f"    shape = torch.broadcast_shapes({''.join(a + '.shape, ' for a in args)})")
+    # Index sources have static shapes that the inputs' shapes may not cover.
+    static = [tuple(n.results[0].type.shape) for n in fn.nodes if n.op in INDEX_SOURCES]
+    launcher.append(f"    shape = torch.broadcast_shapes({''.join(a + '.shape, ' for a in args)}"
+                    f"{''.join(repr(t) + ', ' for t in dict.fromkeys(static))})")
     device = "a0.device" if args else "None"
     outs = []
     for j, v in enumerate(fn.outputs):

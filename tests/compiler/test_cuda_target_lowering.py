@@ -34,14 +34,19 @@ def test_cuda_lowering_matches_eager_through_the_triton_interpreter(name):
     expected |= {"kiln.backends.triton.moe", "kiln.backends.triton.norm"} if name == "mixtral" else set()
     assert expected <= launched, launched
     # schedule: the decode graph's leftovers after the rules become exactly these generated
-    # kernels: the cache length update, the rotary angles (positions x inv_freq), cos and
-    # sin of them, and the additive mask.
+    # kernels: the cache position (an arange) plus the cache lengths, the rotary table
+    # (positions x inv_freq repeated by weight preparation, then cos and sin), the mask's
+    # key positions (an arange) against the query's, and the additive mask.
     decode = compiled[-1]
-    groups = sorted(tuple(n.op.split(".")[-1] for n in f.nodes) for f in decode.graph.functions.values())
-    assert groups == [("_to_copy", "mul"), ("add", "add"), ("cos", "sin"),
+    groups = sorted(tuple(n.op.split(".")[-1] for n in f.nodes if n.op != "aten.unsqueeze")
+                    for f in decode.graph.functions.values())
+    assert groups == [("_to_copy", "mul", "cos", "sin"), ("arange", "add", "add"), ("arange", "le"),
                       ("scalar_tensor", "scalar_tensor", "where")], groups
+    assert not {"aten.arange", "aten.bmm"} & {n.op for n in decode.graph.nodes}
+    # what cats are left read weights alone: weight preparation runs them once
+    assert all(a.role == "weight" for n in decode.graph.nodes if n.op == "aten.cat" for a in n.args[0])
     calls = [n for n in decode.graph.nodes if n.op == "kiln.call"]
-    assert len(calls) == 3 + model.config.num_hidden_layers - 1   # the length update per layer
+    assert len(calls) == 4, [n.attrs["callee"] for n in calls]
     assert "@triton.jit" in decode.source
     # fuse.rope_pair + fuse.rope_store: q and k of a layer rotated and the layer's k and v
     # written into the StaticCache in one launch

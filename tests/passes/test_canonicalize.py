@@ -122,3 +122,45 @@ def test_a_slice_as_long_as_its_dim_is_the_whole_dim():
     PassManager(passes=["canonicalize"]).run(g)
     assert [n.op for n in g.nodes] == ["aten.slice"] and g.nodes[0].args[0].name == "y"
     assert g.outputs[0] is g.inputs[0]
+
+
+ROTARY = """func @forward(%pos: i64[1, 1, 5], weight %inv_freq: f32[32]) -> (f32[1, 5, 64], f32[1, 5, 64]) {
+  %0 = aten.unsqueeze(%inv_freq, dim=0) : f32[1, 32]
+  %1 = aten.unsqueeze(%0, dim=2) : f32[1, 32, 1]
+  %2 = prims.convert_element_type(%pos, dtype=f32) : f32[1, 1, 5]
+  %3 = aten.bmm(%1, %2) : f32[1, 32, 5]
+  %4 = aten.permute(%3, dims=[0, 2, 1]) : f32[1, 5, 32]
+  %5 = aten.cat([%4, %4], dim=-1) : f32[1, 5, 64]
+  %6 = aten.cos(%5) : f32[1, 5, 64]
+  %7 = aten.sin(%5) : f32[1, 5, 64]
+  return %6, %7
+}
+"""
+ROTARY_AS_MUL = ROTARY.replace(
+    "%4 = aten.permute(%3, dims=[0, 2, 1]) : f32[1, 5, 32]\n",
+    "%4 = aten.permute(%3, dims=[0, 2, 1]) : f32[1, 5, 32]\n"
+    "  %9 = aten.reshape(%2, shape=[1, 5, 1]) : f32[1, 5, 1]\n"
+    "  %10 = aten.mul(%9, %inv_freq) : f32[1, 5, 32]\n").replace(
+    "aten.cat([%4, %4]", "aten.cat([%10, %10]")
+
+
+def test_rotary_table_forms():
+    """The bmm of length-1 contraction becomes a multiply (exactly), and a repeated product
+    with a weight repeats the weight instead, leaving no per-call cat."""
+    pos = torch.randint(0, 4096, (1, 1, 5))
+    inv = 1.0 / (500000.0 ** (torch.arange(0, 64, 2).float() / 64))
+    g = parse(ROTARY)
+    before = run(g, [pos, inv])
+    PassManager(passes=["canonicalize", "canonicalize.forms"], verify_each=True).run(g)
+    ops = [n.op for n in g.nodes]
+    assert "aten.bmm" not in ops and "aten.mul" in ops, print_graph(g)
+    for a, b in zip(before, run(g, [pos, inv])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    g = parse(ROTARY_AS_MUL)
+    before = run(g, [pos, inv])
+    PassManager(passes=["canonicalize", "canonicalize.forms"], verify_each=True).run(g)
+    cats = [n for n in g.nodes if n.op == "aten.cat"]
+    assert len(cats) == 1 and all(a.name == "inv_freq" for a in cats[0].args[0]), print_graph(g)
+    for a, b in zip(before, run(g, [pos, inv])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -247,13 +247,54 @@ HALF_MATH = """func @forward(%x: bf16[4, 8], %y: f16[4, 8]) -> bf16[4, 8] {
 """
 
 
-@pytest.mark.parametrize("text", [GLUE, NORM, HALF_MATH], ids=["flat", "row", "half_math"])
+# The cache position and a mask's key positions are aranges: computed from the kernel's own
+# coordinates, they cost no launch (a Llama-3.2-1B decode step had two for them).
+INDEX = """func @forward(%len: i64[1], %q: i64[1, 1, 1, 1], %x: f32[2, 7]) -> (i64[1], f32[1, 1, 1, 7], f32[2, 7])
+ {
+  %0 = aten.arange(0, 1, device=device("cpu"), pin_memory=false) : i64[1]
+  %1 = aten.add(%0, %len) : i64[1]
+  %2 = aten.arange(7, device=device("cpu"), pin_memory=false) : i64[7]
+  %3 = aten.unsqueeze(%2, dim=0) : i64[1, 7]
+  %4 = aten.unsqueeze(%3, dim=1) : i64[1, 1, 7]
+  %5 = aten.unsqueeze(%4, dim=2) : i64[1, 1, 1, 7]
+  %6 = aten.le(%5, %q) : bool[1, 1, 1, 7]
+  %7 = aten.scalar_tensor(-inf, dtype=f32) : f32[]
+  %8 = aten.where(%6, 0.0, %7) : f32[1, 1, 1, 7]
+  %10 = aten.arange(0, 7) : i64[7]
+  %12 = aten.mul(%x, %10) : f32[2, 7]
+  %13 = aten.amax(%12, dim=[-1], keepdim=true) : f32[2, 1]
+  %14 = aten.sub(%12, %13) : f32[2, 7]
+  return %1, %8, %14
+}
+"""
+
+
+@interpret
+def test_aranges_fold_into_the_kernels_that_read_them():
+    g, n = scheduled(INDEX)
+    assert n == 3, print_graph(g)
+    assert not [m for m in g.nodes if m.op == "aten.arange"], print_graph(g)
+    # an arange turned into a column is not aligned with the right end: not an index source
+    column = parse("""func @f() -> i64[7, 1] {
+  %0 = aten.arange(3, 10) : i64[7]
+  %1 = aten.unsqueeze(%0, dim=1) : i64[7, 1]
+  return %1
+}
+""")
+    assert can_generate(column.nodes[0]) and not can_generate(column.nodes[1])
+    inputs = [torch.tensor([5]), torch.tensor([[[[3]]]]), torch.randn(2, 7)]
+    out = wrapper.load(wrapper.generate(g, get_target("cuda")))(*inputs)
+    for a, b in zip(out, run(parse(INDEX), inputs)):
+        assert a.dtype == b.dtype and torch.equal(a, b), (a, b)
+
+
+@pytest.mark.parametrize("text", [GLUE, NORM, HALF_MATH, INDEX], ids=["flat", "row", "half_math", "index"])
 def test_generated_kernels_compile_for_cuda_and_hip(tmp_path, text):
     """Compiled in a child without TRITON_INTERPRET, where @triton.jit gives real kernels."""
     g, _ = scheduled(text)
-    (name, f), = g.functions.items()
     (tmp_path / "glue_kernels.py").write_text(
-        "import torch\nimport triton\nimport triton.language as tl\n\n\n" + generate(f, "glue"))
+        "import torch\nimport triton\nimport triton.language as tl\n\n\n"
+        + "\n\n".join(generate(f, name) for name, f in g.functions.items()))
     (tmp_path / "glue.kir").write_text(print_graph(g))
     script = textwrap.dedent(f"""
         import sys
@@ -263,11 +304,12 @@ def test_generated_kernels_compile_for_cuda_and_hip(tmp_path, text):
         from kiln.backends.triton.codegen import aot_spec
         from kiln.ir import parse
         g = parse(open({str(tmp_path / 'glue.kir')!r}).read())
-        spec = aot_spec(g.functions[{name!r}], "glue", glue_kernels.glue_kernel)
-        for target in ("cuda", "hip"):
-            binary = compile_spec(spec, target).binary
-            assert binary.startswith(ELF_MAGIC), target
-            print(target, len(binary))
+        for name, f in g.functions.items():
+            spec = aot_spec(f, name, getattr(glue_kernels, name + "_kernel"))
+            for target in ("cuda", "hip"):
+                binary = compile_spec(spec, target).binary
+                assert binary.startswith(ELF_MAGIC), target
+                print(target, len(binary))
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,

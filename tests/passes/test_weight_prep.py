@@ -63,9 +63,11 @@ def test_weight_quantisation_moves_to_the_preparation(target, gemms):
     split = split_weight_preparation(graph)
     prep = counts(split.prepare)
     assert prep["kiln.quant_int8"] == 2 * gemms, print_graph(split.prepare)
-    assert prep["aten.cat"] == (0 if target == "cpu" else 4)
-    # quantised (copied) weights are version-checked; the LM head's weight is only viewed
-    assert len(split.copied) == 14 and len(split.prepare.inputs) == 15
+    # the merged q/k/v and gate/up weights on cuda, and the rotary inv_freq repeated
+    # (canonicalize.forms) on both
+    assert prep["aten.cat"] == (0 if target == "cpu" else 4) + 1
+    # quantised or repeated (copied) weights are version-checked; the LM head's is only viewed
+    assert len(split.copied) == 15 and len(split.prepare.inputs) == 16
     fwd = counts(split.forward)
     assert fwd["kiln.scaled_mm"] == 2 * gemms
     assert not any(n.op == "aten.cat" and all(v.is_input for v in n.args[0])
