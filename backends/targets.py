@@ -40,9 +40,13 @@ class Target:
                 f"status={self.status}")
 
 
+# Collectives run as torch.distributed functional collectives on every target that runs.
+_COLLECTIVES = {op: f"kiln.backends.collectives:{op}"
+                for op in ("all_reduce", "all_gather", "reduce_scatter", "all_reduce_add_rms_norm")}
 _CPU_KERNELS = {"attention": "kiln.backends.cpu_kernels:attention",
                 "weight_int8_mm": "kiln.backends.cpu_kernels:weight_int8_mm",
-                "paged_attention": "kiln.backends.paged_attention:paged_attention"}
+                "paged_attention": "kiln.backends.paged_attention:paged_attention",
+                **_COLLECTIVES}
 # Triton modules and the fused ops each implements (launcher named like the op).
 _TRITON_MODULES = {
     "norm": ("rms_norm", "fused_add_rms_norm"),
@@ -58,6 +62,8 @@ _TRITON_MODULES = {
 }
 _TRITON_KERNELS = {op: f"kiln.backends.triton.{module}:{op}"
                    for module, ops in _TRITON_MODULES.items() for op in ops}
+_TRITON_KERNELS.update(_COLLECTIVES, all_reduce_add_rms_norm=
+                       "kiln.backends.collectives:all_reduce_add_rms_norm_triton")
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("cpu", "cpu", kernels=_CPU_KERNELS, merge_parallel_linears=False),

@@ -3,7 +3,7 @@ the KILN_* environment variables (which win, so a user can debug without editing
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 
@@ -25,6 +25,8 @@ class CompileOptions:
     fallback: str = "warn"                     # "error": raise instead of running eagerly
     cache: bool = True                         # the persistent compile cache (KILN_CACHE=0: off)
     timings: bool = False                      # print where compile time went at exit (KILN_TIMINGS=1)
+    tensor_parallel_size: int = 1              # > 1: shard.tensor_parallel over that many ranks
+    tensor_parallel_rank: int | None = None    # None: torch.distributed.get_rank() at compile time
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -62,6 +64,42 @@ class CompileOptions:
         opts.fallback = policy(opts.fallback)   # KILN_FALLBACK wins; a bad value is an error
         from kiln.passes.quantize import check_quant
         check_quant(opts.quant)
+        check_tensor_parallel(opts.tensor_parallel_size, opts.tensor_parallel_rank)
         from kiln.backends.targets import get_target
         get_target(opts.target)
         return opts
+
+
+def check_tensor_parallel(size, rank) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be an int >= 1, got {size!r}")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool)
+                             or not 0 <= rank < size):
+        raise ValueError(f"tensor_parallel_rank must be None (this process's rank in the "
+                         f"torch.distributed group) or an int in [0, {size}), got {rank!r}")
+
+
+def resolve_tensor_parallel(opts: CompileOptions) -> CompileOptions:
+    """`opts` with tensor_parallel_rank set: the process's rank in the default
+    torch.distributed group when the options leave it None, so the compiled graph (and the
+    compile cache's key) is this rank's shard. With an explicit rank nothing needs a group
+    at compile time (dumps, per-rank artifacts); the collectives need one when they run."""
+    size, rank = opts.tensor_parallel_size, opts.tensor_parallel_rank
+    check_tensor_parallel(size, rank)
+    if size == 1:
+        return opts if rank in (None, 0) else replace(opts, tensor_parallel_rank=None)
+    if rank is not None:
+        return opts
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"tensor_parallel_size={size} needs a torch.distributed process group, and none is "
+            f"initialised in this process: call torch.distributed.init_process_group(backend="
+            f"'nccl' (GPUs) or 'gloo' (CPU), world_size={size}, rank=...) in each of the {size} "
+            f"processes before the first compiled call (or start them with torchrun), or pass "
+            f"tensor_parallel_rank to compile one rank's shard without a group")
+    if dist.get_world_size() != size:
+        raise RuntimeError(
+            f"tensor_parallel_size={size}, but the torch.distributed group has "
+            f"{dist.get_world_size()} ranks: give the group's size, or start {size} ranks")
+    return replace(opts, tensor_parallel_rank=dist.get_rank())

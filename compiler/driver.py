@@ -20,7 +20,7 @@ from kiln.passes import PassManager
 from kiln.passes.weight_prep import split_weight_preparation
 
 from . import compile_cache
-from .config import CompileOptions
+from .config import CompileOptions, resolve_tensor_parallel
 
 _graph_ids = itertools.count()
 
@@ -152,7 +152,7 @@ def compile_graph(graph: Graph | CapturedText, options: CompileOptions | None = 
     the compile cache (compiler/compile_cache.py) when this captured graph was compiled
     with these options before; then loads the wrapper. `graph` may be a CapturedText (a
     cached capture), parsed only when the compile cache misses."""
-    opts = options or CompileOptions()
+    opts = resolve_tensor_parallel(options or CompileOptions())
     t0 = time.perf_counter()
     target = get_target(opts.target)
     dump = None
@@ -218,7 +218,9 @@ def _run_pipeline(graph: Graph, opts: CompileOptions, target, dump: Path | None)
                      dump_dir=dump, rewrite_limit=opts.pass_limit, serving=opts.serving,
                      options={"target": target, "quant": opts.quant, "block_size": opts.block_size,
                               "can_generate": wrapper.code_generator(target),
-                              "cudagraphs": opts.cudagraphs and not opts.serving})
+                              "cudagraphs": opts.cudagraphs and not opts.serving,
+                              "tensor_parallel_size": opts.tensor_parallel_size,
+                              "tensor_parallel_rank": opts.tensor_parallel_rank})
     with timings.phase("passes"):
         pm.run(graph, record=opts.record)
         for s in pm.stats:   # the pass manager times each pass itself

@@ -210,7 +210,7 @@ def _attention_shape(q, k, v, mask, scale, causal, window=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-def _fused_moe_shape(x, router_logits, w_gate_up, w_down, top_k, renormalize):
+def _fused_moe_shape(x, router_logits, w_gate_up, w_down, top_k, renormalize, expert_start=0):
     return torch.empty_like(x)
 
 

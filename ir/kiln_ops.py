@@ -32,6 +32,51 @@ def _rope_store_type(args, attrs):
     return [TensorType(dtype, q.shape), args[5].type, args[6].type]
 
 
+def _all_gather_type(args, attrs):
+    """x's type with dim `dim` world_size times longer."""
+    x = args[0].type
+    shape = list(x.shape)
+    d = _collective_dim(x, attrs)
+    shape[d] = shape[d] * attrs["world_size"]
+    return [TensorType(x.dtype, tuple(shape))]
+
+
+def _reduce_scatter_type(args, attrs):
+    """x's type with dim `dim` world_size times shorter (it must divide)."""
+    x = args[0].type
+    shape = list(x.shape)
+    d = _collective_dim(x, attrs)
+    n = attrs["world_size"]
+    if not isinstance(shape[d], int) or shape[d] % n:
+        raise ValueError(f"kiln.reduce_scatter: dim {attrs['dim']} of {x} does not split into "
+                         f"{n} equal parts")
+    shape[d] //= n
+    return [TensorType(x.dtype, tuple(shape))]
+
+
+def _collective_dim(x, attrs) -> int:
+    n, d = attrs["world_size"], attrs["dim"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"world_size must be a positive int, got {n!r}")
+    if not isinstance(d, int) or not -x.rank <= d < x.rank:
+        raise ValueError(f"dim {d!r} is not a dim of {x}")
+    return d % x.rank
+
+
+def _all_reduce_type(args, attrs):
+    n = attrs["world_size"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"world_size must be a positive int, got {n!r}")
+    return [args[0].type]
+
+
+def _all_reduce_add_rms_norm_type(args, attrs):
+    """fused_add_rms_norm's types (the sum has x's type whatever the rank count)."""
+    from .ops import infer_types
+    _all_reduce_type(args, attrs)
+    return infer_types("kiln.fused_add_rms_norm", list(args), {"eps": attrs["eps"]})
+
+
 # name: (operands, attributes, reference, traits, infer)
 KILN_OPS = {
     "rms_norm": (("x", "weight"), ("eps",), kiln_ref.rms_norm, (), None),
@@ -50,8 +95,8 @@ KILN_OPS = {
     "mm": (("x", "b"), (), kiln_ref.mm, (), None),
     "attention": (("q", "k", "v", "mask"), ("scale", "causal", "window"), kiln_ref.attention, (),
                   _attention_type),
-    "fused_moe": (("x", "router_logits", "w_gate_up", "w_down"), ("top_k", "renormalize"),
-                  kiln_ref.fused_moe, (), _like_first),
+    "fused_moe": (("x", "router_logits", "w_gate_up", "w_down"),
+                  ("top_k", "renormalize", "expert_start"), kiln_ref.fused_moe, (), _like_first),
     "quant_fp8": (("x", "scale"), ("fp8_dtype",), kiln_ref.quant_fp8, (), None),
     "quant_int8": (("x",), (), kiln_ref.quant_int8, (), None),
     "rms_norm_quant": (("x", "weight"), ("eps", "qdtype"), kiln_ref.rms_norm_quant, (), None),
@@ -65,13 +110,25 @@ KILN_OPS = {
     "paged_attention": (("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "block_tables",
                          "context_lens", "query_start"), ("scale", "window"), kiln_ref.paged_attention,
                         ("mutates",), _like_first),   # typed without running: reads metadata on the host
+    # Collectives over the ranks of the default torch.distributed group (shard.tensor_parallel
+    # inserts them; world_size=1 is the identity). Never CSE'd, dropped or hoisted.
+    "all_reduce": (("x",), ("world_size",), kiln_ref.all_reduce, ("collective",), _all_reduce_type),
+    "all_gather": (("x",), ("dim", "world_size"), kiln_ref.all_gather, ("collective",),
+                   _all_gather_type),
+    "reduce_scatter": (("x",), ("dim", "world_size"), kiln_ref.reduce_scatter, ("collective",),
+                       _reduce_scatter_type),
+    # fuse.collective: all_reduce, residual add, rms_norm -> (normed, new residual).
+    "all_reduce_add_rms_norm": (("x", "residual", "weight"), ("eps", "world_size"),
+                                kiln_ref.all_reduce_add_rms_norm, ("collective",),
+                                _all_reduce_add_rms_norm_type),
 }
 # Operands a `mutates` kiln op writes in place (default: its first operand).
 MUTATED_OPERANDS = {"paged_attention": (3, 4), "rope_pair_store": (5, 6)}
 # Attributes that may be left out, and the value they then have (the reference's default).
 # Like ATen's schema defaults, an attribute equal to its default is absent from the node, so
 # the IR text names a sliding window only where there is one.
-ATTR_DEFAULTS = {"attention": {"window": None}, "paged_attention": {"window": None}}
+ATTR_DEFAULTS = {"attention": {"window": None}, "paged_attention": {"window": None},
+                 "fused_moe": {"expert_start": 0}}
 
 for _name, (_operands, _attrs, _ref, _traits, _infer) in KILN_OPS.items():
     register(OpDef(f"kiln.{_name}", _ref, frozenset(_traits), infer=_infer,

@@ -145,17 +145,22 @@ def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
 
 
 def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor,
-              w_down: torch.Tensor, top_k: int, renormalize: bool) -> torch.Tensor:
+              w_down: torch.Tensor, top_k: int, renormalize: bool,
+              expert_start: int = 0) -> torch.Tensor:
     """Mixture of experts as transformers 5 writes it (Mixtral, Qwen3-MoE).
 
-    x: [T, H]; router_logits: [T, E]; w_gate_up: [E, 2I, H] (gate rows first, then up);
-    w_down: [E, H, I]. Each token goes to its top_k experts; expert e computes
+    x: [T, H]; router_logits: [T, E]; w_gate_up: [E', 2I, H] (gate rows first, then up);
+    w_down: [E', H, I]. Each token goes to its top_k of the E experts; expert e computes
     down(silu(gate) * up); outputs are summed weighted by the routing weights.
+    The weights hold experts expert_start .. expert_start + E' - 1 (all E of them by
+    default): the sum then runs over those experts' contributions only, routing still
+    over all E (expert parallelism: each rank holds some experts, an all_reduce adds the
+    ranks' sums).
     """
     weights, ids = moe_route(router_logits, top_k, renormalize, x.dtype)
     out = torch.zeros_like(x)
     for e in range(w_gate_up.shape[0]):
-        token, slot = torch.where(ids == e)
+        token, slot = torch.where(ids == expert_start + e)
         if token.numel() == 0:
             continue
         gate, up = torch.nn.functional.linear(x[token], w_gate_up[e]).chunk(2, dim=-1)
@@ -277,3 +282,58 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                       values.transpose(0, 1)[None], None, scale, True, window)
         out[lo:hi] = o[0].transpose(0, 1).to(q.dtype)
     return out
+
+
+# ---- collectives: the default torch.distributed process group of `world_size` ranks ----
+
+def process_group(world_size: int):
+    """The default process group, which must have `world_size` ranks."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"a kiln collective over {world_size} ranks runs, but no torch.distributed process "
+            f"group is initialised in this process: call torch.distributed.init_process_group("
+            f"backend='nccl' (GPUs) or 'gloo' (CPU), world_size={world_size}, rank=...) in every "
+            f"rank before running a graph compiled with tensor_parallel_size={world_size}, or "
+            f"start the ranks with torchrun")
+    if dist.get_world_size() != world_size:
+        raise RuntimeError(
+            f"a kiln collective over {world_size} ranks runs in a process group of "
+            f"{dist.get_world_size()}: compile with tensor_parallel_size="
+            f"{dist.get_world_size()}, or start {world_size} ranks")
+    return dist.group.WORLD
+
+
+def all_reduce(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The sum of `x` over the ranks (torch.distributed's functional all_reduce on the
+    default group); `x` itself with one rank."""
+    if world_size == 1:
+        return x
+    from torch.distributed import _functional_collectives as fc
+    return fc.wait_tensor(fc.all_reduce(x, "sum", process_group(world_size)))
+
+
+def all_gather(x: torch.Tensor, dim: int, world_size: int) -> torch.Tensor:
+    """The ranks' `x` concatenated along `dim` in rank order; `x` itself with one rank."""
+    if world_size == 1:
+        return x
+    from torch.distributed import _functional_collectives as fc
+    return fc.wait_tensor(fc.all_gather_tensor(x.contiguous(), dim % x.dim(),
+                                               process_group(world_size)))
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, world_size: int) -> torch.Tensor:
+    """The sum of `x` over the ranks, split along `dim` into world_size equal chunks:
+    rank r gets chunk r; `x` itself with one rank."""
+    if world_size == 1:
+        return x
+    from torch.distributed import _functional_collectives as fc
+    return fc.wait_tensor(fc.reduce_scatter_tensor(x.contiguous(), "sum", dim % x.dim(),
+                                                   process_group(world_size)))
+
+
+def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                            eps: float, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused_add_rms_norm` of the ranks' sum of `x`: (rms_norm(residual + sum), residual
+    + sum). A row-parallel linear's partial output, the residual add and the next norm."""
+    return fused_add_rms_norm(all_reduce(x, world_size), residual, weight, eps)

@@ -41,8 +41,10 @@ class OpDef:
 
     @property
     def pure(self) -> bool:
-        # Opaque ops may have side effects kiln cannot see: never CSE'd or dropped.
-        return not self.traits & {"mutates", "random", "opaque"}
+        # Opaque ops may have side effects kiln cannot see: never CSE'd or dropped. A
+        # collective (kiln.all_reduce, ...) meets the same op on every other rank: never
+        # merged with another, dropped or hoisted into weight preparation.
+        return not self.traits & {"mutates", "random", "opaque", "collective"}
 
     def has(self, trait: str) -> bool:
         return trait in self.traits
@@ -281,7 +283,10 @@ def is_opaque(name: str) -> bool:
 
 def written_values(node) -> list[Value]:
     """The values `node` writes in place: none for pure ops; for a `mutates` op its first
-    operand, or the operands its `mutated_operands` names (a kernel that updates caches)."""
+    operand, or the operands its `mutated_operands` names (a kernel that updates caches),
+    and, when such an operand is a view, the values it views (a write into
+    `slice(cache, ...)` writes `cache`: shard.tensor_parallel writes each rank's heads of a
+    KV-cache input through such a view)."""
     op = get_op(node.op)
     if not op.has("mutates"):
         return []
@@ -289,6 +294,11 @@ def written_values(node) -> list[Value]:
     for k in op.extra.get("mutated_operands", (0,)):
         arg = node.args[k] if k < len(node.args) else None
         out += [a for a in (arg if isinstance(arg, (list, tuple)) else [arg]) if isinstance(a, Value)]
+    for v in list(out):
+        while v.producer is not None and get_op(v.producer.op).has("view") and v.producer.args \
+                and isinstance(v.producer.args[0], Value):
+            v = v.producer.args[0]
+            out.append(v)
     return out
 
 

@@ -241,24 +241,29 @@ def _moe_down_kernel(ACT, W, OUT, SORTED, BLOCK_EXPERT, TOPW,
 
 
 def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor,
-              w_down: torch.Tensor, top_k: int, renormalize: bool, *,
+              w_down: torch.Tensor, top_k: int, renormalize: bool, expert_start: int = 0, *,
               config: MoeConfig | None = None) -> torch.Tensor:
-    """kiln_ref.fused_moe: x [T, H], router_logits [T, E], w_gate_up [E, 2I, H] (gate rows
-    then up rows), w_down [E, H, I]; returns [T, H] in x's dtype. `config` overrides the
-    tile table (tests use it)."""
+    """kiln_ref.fused_moe: x [T, H], router_logits [T, E], w_gate_up [E', 2I, H] (gate rows
+    then up rows), w_down [E', H, I] for experts expert_start .. expert_start + E' - 1;
+    returns [T, H] in x's dtype. `config` overrides the tile table (tests use it).
+
+    With fewer experts than the router's (expert parallelism), the slots routed to other
+    experts go to one more group, E', whose blocks are marked unused: the kernels compute
+    nothing for them and write zeros to their output rows."""
     if x.dim() != 2 or router_logits.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
         raise ValueError("fused_moe: expected x [T, H], router_logits [T, E], "
                          "w_gate_up [E, 2I, H], w_down [E, H, I]")
     t, hidden = x.shape
     e_num, two_i, h2 = w_gate_up.shape
+    e_all = router_logits.shape[1]
     inter = two_i // 2
     if (h2 != hidden or two_i % 2 or tuple(w_down.shape) != (e_num, hidden, inter)
-            or tuple(router_logits.shape) != (t, e_num)):
+            or router_logits.shape[0] != t or not 0 <= expert_start <= e_all - e_num):
         raise ValueError(f"fused_moe: shapes x {tuple(x.shape)}, router_logits "
                          f"{tuple(router_logits.shape)}, w_gate_up {tuple(w_gate_up.shape)}, "
-                         f"w_down {tuple(w_down.shape)} do not agree")
-    if not 1 <= top_k <= e_num:
-        raise ValueError(f"fused_moe: top_k {top_k} not in [1, {e_num}]")
+                         f"w_down {tuple(w_down.shape)} (experts from {expert_start}) do not agree")
+    if not 1 <= top_k <= e_all:
+        raise ValueError(f"fused_moe: top_k {top_k} not in [1, {e_all}]")
     if not (x.dtype == w_gate_up.dtype == w_down.dtype):
         raise ValueError(f"fused_moe: dtypes x {x.dtype}, w_gate_up {w_gate_up.dtype}, "
                          f"w_down {w_down.dtype} differ")
@@ -267,7 +272,13 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
     weights, ids = kiln_ref.moe_route(router_logits, top_k, renormalize, x.dtype)
     num_slots = t * top_k
     cfg = config or moe_config(num_slots, e_num)
-    sorted_slots, block_expert = moe_align(ids, e_num, cfg.block_m)
+    if e_num == e_all:
+        sorted_slots, block_expert = moe_align(ids, e_num, cfg.block_m)
+    else:   # local ids; the other experts' slots grouped as expert e_num, then dropped
+        local = ids - expert_start
+        local = torch.where((local < 0) | (local >= e_num), e_num, local)
+        sorted_slots, block_expert = moe_align(local, e_num + 1, cfg.block_m)
+        block_expert = torch.where(block_expert == e_num, -1, block_expert)
     max_blocks = block_expert.numel()
     # Unit stride along K for x and both weights (vectorised loads; no K stride argument).
     x, w_gate_up, w_down = (w if w.stride(-1) == 1 else w.contiguous()
