@@ -76,7 +76,8 @@ def _served(args):
         served = build_served(args.model, _serving_config(args), target=args.target,
                               dtype=args.dtype, block_size=getattr(args, "block_size", 16),
                               steps=steps, model_name=getattr(args, "served_model_name", None),
-                              trust_artifact=getattr(args, "trust_artifact", False))
+                              trust_artifact=getattr(args, "trust_artifact", False),
+                              tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
     took = ", ".join(f"{k} {v:.1f} s" for k, v in steps.seconds.items())
     print(f"kiln: {served.source} ({took})", file=sys.stderr)
     if getattr(args, "timings", False) and args.command == "serve":   # a server runs until killed
@@ -104,9 +105,30 @@ def _run_one(engine, prompt_ids, params, on_text=None):
     return text, tokens, last, first or 0.0, time.perf_counter() - t0
 
 
+def _follow_as_launched_rank(args) -> bool:
+    """Under torchrun, ranks > 0 only follow rank 0's steps (no server, no output)."""
+    import os
+
+    from . import tensor_parallel as tp
+    size = getattr(args, "tensor_parallel_size", 1)
+    if size <= 1 or not tp.launched() or int(os.environ["RANK"]) == 0:
+        return False
+    tp.check_size(size, "cuda" if args.target in ("cuda", "hip") else "cpu")
+    tp.follower_main(int(os.environ["RANK"]), size,
+                     (args.model, _serving_config(args), args.target, args.dtype,
+                      getattr(args, "block_size", 16)))
+    return True
+
+
 def cmd_generate(args) -> int:
     if args.backend != "kiln":
+        if getattr(args, "tensor_parallel_size", 1) > 1:
+            print("kiln generate: --tensor-parallel-size runs on the kiln engine; drop "
+                  f"--backend {args.backend}", file=sys.stderr)
+            return 2
         return _generate_static(args)
+    if _follow_as_launched_rank(args):
+        return 0
     from kiln.runtime.sequence import SamplingParams
 
     from .generate import chat_input_ids
@@ -183,6 +205,8 @@ def cmd_serve(args) -> int:
     from kiln.runtime.server import ServerLimits, create_app, serve
     limits = ServerLimits(max_body_bytes=args.max_body_bytes,
                           max_prompt_chars=args.max_prompt_chars).validate()
+    if _follow_as_launched_rank(args):
+        return 0
     if args.engine_thread:
         from kiln.runtime.engine import AsyncEngine
         engine, info = served_engine(args)
@@ -569,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "tokens before planning the next (by default step N+1 is planned and "
                        "launched while step N runs)")
         q.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+        q.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+                       help="shard the model over N ranks, one process per GPU (NCCL; gloo on "
+                            "the CPU); under torchrun, the ranks the launcher started")
         q.add_argument("--trust-artifact", action="store_true",
                        help="load an artifact kiln did not build on this machine (or by this "
                             "user): its wrapper.py is Python that will run, so read it first; "

@@ -251,15 +251,19 @@ def _capture_graphs(runner, step, cfg: ServingConfig) -> None:
 
 def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: str = "float32",
                  block_size: int = 16, steps=None, model_name: str | None = None,
-                 trust_artifact: bool = False) -> Served:
+                 trust_artifact: bool = False, tensor_parallel_size: int = 1) -> Served:
     """`source` is an artifact directory (loaded, never recompiled) or a model spec (smollm2,
     an HF directory, a GGUF file: compiled in memory first). `trust_artifact` accepts an
-    artifact kiln did not build on this machine (its wrapper runs; see kiln.artifact)."""
+    artifact kiln did not build on this machine (its wrapper runs; see kiln.artifact).
+    `tensor_parallel_size` > 1: this process is rank 0 of that many (compiler.tensor_parallel)."""
     from pathlib import Path
 
     from . import artifact as art
     step = steps or art.Steps(False)
     p = Path(source).expanduser()
+    if tensor_parallel_size > 1:
+        return _build_served_tp(source, cfg, target, dtype, block_size, step, model_name,
+                                tensor_parallel_size)
     if art.is_artifact(p):
         with step(f"load artifact {p}"):
             a = art.load_artifact(p, trust=trust_artifact)
@@ -276,14 +280,68 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
         raise art.StaleArtifact(f"{p} is neither a kiln artifact (no {art.MANIFEST}) nor a model "
                                 f"directory (no config.json); recompile with: kiln compile MODEL "
                                 f"-t {target} -o {p}")
+    runner, tok = _compiled_runner(source, cfg, target, dtype, block_size, step, device_of(target))
+    name = model_name or Path(str(source)).name
+    return Served(make_engine(runner, tok, cfg), tok, name, f"compiled {source}", step.seconds)
+
+
+def _compiled_runner(source, cfg: ServingConfig, target, dtype, block_size, step, device,
+                     **options):
+    """Load `source`, compile its serving graph (with `options`), allocate the runner and
+    capture its graphs: (runner, tokenizer)."""
     from kiln.frontends import hf
     with step(f"load {source}"):
         model, tok = hf.load(source, dtype=getattr(torch, dtype))
-    compiled = compile_serving(model, target=target, block_size=block_size, steps=step)
+    compiled = compile_serving(model, target=target, block_size=block_size, steps=step, **options)
     max_len = cfg.max_model_len or default_max_model_len(model.config)
     with step("allocate KV cache"):
         runner = make_runner(compiled.fn, compiled.graph, model_weights(model, compiled.graph),
-                             model.config.vocab_size, max_len, cfg, device_of(target))
+                             model.config.vocab_size, max_len, cfg, device)
     _capture_graphs(runner, step, cfg)
+    return runner, tok
+
+
+def build_rank_runner(rank: int, size: int, source, cfg: ServingConfig, target, dtype, block_size,
+                      step=None):
+    """Rank `rank` of `size`: join the group, compile this rank's shard of the serving graph,
+    allocate its KV cache (its heads) and capture its graphs: (runner, step group, tokenizer)."""
+    import contextlib
+
+    from .tensor_parallel import init_rank, rank_device
+    step = step or (lambda name: contextlib.nullcontext())
+    device_type = device_of(target)
+    group = init_rank(rank, size, device_type)
+    runner, tok = _compiled_runner(source, cfg, target, dtype, block_size, step,
+                                   rank_device(device_type), tensor_parallel_size=size,
+                                   tensor_parallel_rank=rank)
+    return runner, group, tok
+
+
+def _build_served_tp(source, cfg: ServingConfig, target, dtype, block_size, step, model_name,
+                     size: int) -> Served:
+    from pathlib import Path
+
+    from kiln.runtime.tensor_parallel import LeaderRunner
+
+    from . import artifact as art
+    from . import tensor_parallel as tp
+    tp.check_size(size, device_of(target))
+    if art.is_artifact(Path(source).expanduser()):
+        raise ValueError(f"{source} is an artifact, compiled for one device; with "
+                         f"--tensor-parallel-size {size}, serve the model itself (kiln serve MODEL "
+                         f"--tensor-parallel-size {size}) and every rank compiles its shard")
+    if cfg.background_graphs:
+        raise ValueError("--background-graphs captures between requests on one rank; with "
+                         "--tensor-parallel-size every rank captures at start-up: leave it out")
+    if cfg.async_scheduling:
+        raise ValueError("async scheduling reads the sampled tokens on rank 0's device; with "
+                         "--tensor-parallel-size leave it to the default (off)")
+    build = (source, cfg, target, dtype, block_size)
+    followers = [] if tp.launched() else tp.spawn_followers(size, build)
+    runner, group, tok = build_rank_runner(0, size, *build, step=step)
+    leader = LeaderRunner(runner, group, size, followers)
+    import atexit
+    atexit.register(leader.close)
     name = model_name or Path(str(source)).name
-    return Served(make_engine(runner, tok, cfg), tok, name, f"compiled {source}", step.seconds)
+    return Served(make_engine(leader, tok, cfg), tok, name,
+                  f"compiled {source} on {size} ranks (tensor parallel)", step.seconds)
