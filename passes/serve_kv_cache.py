@@ -56,6 +56,10 @@ _TOKEN_ORDER_VIEWS = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.un
 _HEADS = {"aten.mm": 0, "aten.matmul": 0, "aten.linear": 0, "aten.addmm": 1, "kiln.scaled_mm": 0,
           "kiln.weight_int8_mm": 0}
 
+# The logits of a column-parallel LM head (shard.tensor_parallel), gathered along the vocab
+# dim: as token-wise as the views, so the LM head's rows can be cut to the last tokens.
+_GATHERS_VOCAB = lambda n: n.op == "kiln.all_gather" and n.attrs.get("dim") == -1  # noqa: E731
+
 
 class NotAServingCapture(ValueError):
     pass
@@ -286,7 +290,8 @@ def _gather_last_tokens(g: Graph, query_start: Value, T) -> None:
         n = v.producer
         op = get_op(n.op)
         tensors = [a for a in n.operands() if isinstance(a.type, TensorType)]
-        if not (n.op in _TOKEN_ORDER_VIEWS or op.has("elementwise")) or len(tensors) != 1 or len(n.results) != 1:
+        if not (n.op in _TOKEN_ORDER_VIEWS or op.has("elementwise") or _GATHERS_VOCAB(n)) \
+                or len(tensors) != 1 or len(n.results) != 1:
             raise NotAServingCapture(f"serve.kv_cache: cannot find the LM head: the logits come "
                                      f"from {n.op}")
         chain.append((n, tensors[0]))
