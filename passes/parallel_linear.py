@@ -11,11 +11,11 @@ launch-bound decode step of a small model pays for. The results are column slice
 kiln.rope, kiln.silu_mul, cache writes).
 
 Targets say whether they want it (`Target.merge_parallel_linears`: GPUs yes, the CPU no).
-The weights W are graph inputs ([N, K], one dtype, one K); their `cat` depends on weights
-only, so the compiler computes it once per set of weight tensors (compiler/driver.py,
-weight preparation), not on every call. Left alone: MoE routers (a linear that feeds
-softmax / top-k: fuse.moe matches its output), and linears whose weight is not a graph
-input (MoE experts index a stacked weight).
+The weights W are graph inputs ([N, K], one dtype, one K), or a rank's slices of them
+(shard.tensor_parallel); their `cat` depends on weights only, so the compiler computes it
+once per set of weight tensors (compiler/driver.py, weight preparation), not on every call.
+Left alone: MoE routers (a linear that feeds softmax / top-k: fuse.moe matches its output),
+and linears whose weight is not a graph input (MoE experts index a stacked weight).
 
 Why Python and not a `.kiln` rule: a rule matches a fixed number of statements, and this
 merges however many linears read one input (two for gate/up, three for q/k/v, more in
@@ -30,14 +30,26 @@ from .manager import PassContext, register_pass
 from .pattern import feeds_router, match_linear
 
 
+def _from_input(v: Value) -> bool:
+    """A graph input, or a slice of one (shard.tensor_parallel's rows or columns of a
+    weight, made contiguous): weight preparation computes the `cat` of such once too."""
+    while not v.is_input:
+        p = v.producer
+        if p.op not in ("aten.slice", "aten.contiguous") or not isinstance(p.args[0], Value):
+            return False
+        v = p.args[0]
+    return True
+
+
 def _linear(n: Node):
-    """(input, weight, bias) of a linear whose weight (and bias) are graph inputs."""
+    """(input, weight, bias) of a linear whose weight (and bias) are graph inputs or
+    slices of them."""
     lin = match_linear(n)
     if lin is None:
         return None
     _, w, bias = lin
-    bias_ok = bias is None or (isinstance(bias, Value) and bias.is_input and bias.type.rank == 1)
-    return lin if w.is_input and bias_ok else None
+    bias_ok = bias is None or (isinstance(bias, Value) and _from_input(bias) and bias.type.rank == 1)
+    return lin if _from_input(w) and bias_ok else None
 
 
 @register_pass("fuse.parallel_linear", "linears reading the same input (q/k/v, gate/up) -> one "

@@ -343,3 +343,30 @@ def test_triton_fused_moe_expert_range():
                             config=moe.MoeConfig(16, 32, 32, 4, 1))
         ref = kiln_ref.fused_moe(x, logits, wgu[lo:lo + 2], wd[lo:lo + 2], 2, True, expert_start=lo)
         assert _rel_err(got.cpu(), ref.cpu()) <= TOL
+
+
+def test_serving_graph_of_one_rank():
+    """The flat-batch serving capture through the whole serving pipeline for rank 1 of 2
+    (an explicit rank compiles without a process group): every pass verifies; q/k/v and
+    gate/up of the rank's slices still merge into one GEMM each (cuda target); the paged
+    KV cache holds the rank's one KV head of two; serve.kv_cache still finds the LM head
+    behind the all_gather of its logits."""
+    import models
+    from kiln.backends.targets import get_target
+    from kiln.passes import PassManager
+    from kiln.serving import capture_serving
+    model = models.tiny_llama_gqa()
+    g = capture_serving(model)
+    pm = PassManager(verify_each=True, serving=True, options={
+        "target": get_target("cuda"), "block_size": 16, "tensor_parallel_size": WORLD,
+        "tensor_parallel_rank": 1})
+    pm.run(g)
+    caches = [v for v in g.inputs if v.name.startswith("kv_cache.")]
+    assert len(caches) == 4 and all(v.type.shape[2] == 1 for v in caches)   # [NB, BS, Hkv, D]
+    assert _count(g, "kiln.paged_attention") == 2
+    cats = [n for n in g.nodes if n.op == "aten.cat" and all(
+        a.producer is not None and a.producer.op == "aten.slice" for a in n.args[0])]
+    assert len(cats) == 4, "q/k/v and gate/up of each layer: one GEMM over the rank's slices"
+    (out,) = g.outputs
+    assert out.producer.op == "kiln.all_gather" and out.type.shape[-1] == model.config.vocab_size
+    assert _count(g, "kiln.all_reduce_add_rms_norm") == 4
