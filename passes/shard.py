@@ -460,8 +460,6 @@ class Analysis:
         return Plan([joined], needs)
 
     def _narrow_need(self, s: Shard) -> Shard:
-        if not _dims_equal(s.outer, 1):
-            raise ShardFail("a replicated operand would be sliced inside a merged dim", s.blame)
         return self.narrowed(s)
 
     def _reshape(self, n: Node, states) -> Plan:
@@ -820,7 +818,11 @@ class Analysis:
                     raise ShardFail("operands split differently", self._blame_of(n))
                 split.setdefault(lab[s.dim], (t, s))
         if len(split) != 1:
-            raise ShardFail("a contraction split along several dims", self._blame_of(n))
+            # Heads split along the batch of a bmm (hand-written attention) win: the other
+            # operand's split (a head's features) is what stays replicated.
+            others = [st for lab, (_, st) in split.items() if lab != "b"] if "b" in split else []
+            raise ShardFail("a contraction split along several dims",
+                            frozenset().union(*(st.blame for st in others)) or self._blame_of(n))
         (label, (_, s)), = split.items()
         needs = {}
         for t, lab in ((a, la), (b, lb)):
@@ -905,13 +907,31 @@ class Rewriter:
         return self.narrowed[key]
 
     def narrow(self, v: Value, need: Shard) -> Value:
+        """A replicated v's part on this rank: a slice (a view, which for a cache input is
+        where the rank's writes land), or inside a merged dim ([B * H, ...] of hand-written
+        attention) a reshape that splits the dim, the slice, and a reshape back."""
         lo, hi = self.local_range(need)
-        key = (v, need.dim, lo, hi)
-        if key not in self.narrowed:
-            into = self.prologue if v.is_input else None
-            self.narrowed[key] = self._emit("aten.slice", [v], {"dim": need.dim, "start": lo,
-                                                               "end": hi}, into)
-        return self.narrowed[key]
+        key = (v, need.dim, need.outer, lo, hi)
+        if key in self.narrowed:
+            return self.narrowed[key]
+        into = self.prologue if v.is_input else None
+        d = need.dim
+        if _dims_equal(need.outer, 1):
+            out = self._emit("aten.slice", [v], {"dim": d, "start": lo, "end": hi}, into)
+        else:
+            sizes = [x if isinstance(x, int) else self._emit("sym.size", [v], {"dim": i}, into)
+                     for i, x in enumerate(v.type.shape)]
+            outer = need.outer if isinstance(need.outer, int) else \
+                self._emit("sym.floordiv", [sizes[d], need.size], {}, into)
+            split = self._emit("aten.reshape", [v], {"shape": sizes[:d] + [outer, need.size]
+                                                     + sizes[d + 1:]}, into)
+            part = self._emit("aten.slice", [split], {"dim": d + 1, "start": lo, "end": hi}, into)
+            merged = outer * (hi - lo) if isinstance(outer, int) else \
+                self._emit("sym.mul", [outer, hi - lo], {}, into)
+            out = self._emit("aten.reshape", [part], {"shape": sizes[:d] + [merged] + sizes[d + 1:]},
+                             into)
+        self.narrowed[key] = out
+        return out
 
     def reduce(self, v: Value) -> Value:
         if v not in self.reduced:
