@@ -34,7 +34,12 @@ Anything the analysis cannot prove -- a reduction over the sharded dim (an MoE r
 softmax, a norm over the features), a view that cuts across a head, an op it has no rule
 for -- blames the candidates whose split reached it; they stay replicated and the analysis
 runs again, until a round goes through without a failure. So the pass never produces a
-wrong graph, only, at worst, a less sharded one.
+wrong graph, only, at worst, a less sharded one. Known such cases: a q/k/v or gate/up
+projection stored as one weight and split after the GEMM (a split of the split dim; the
+whole projection stays replicated), and a KV projection with fewer heads than ranks whose
+head dim RoPE slices (it stays replicated; each rank slices out the heads its queries read,
+which inside the [B * H] of hand-written attention is a reshape, a slice and a reshape
+back, where fuse.attention then finds no repeat_kv to fold).
 
 Graph outputs must keep their meaning: a sharded output is gathered (`kiln.all_gather`,
 then slices when ranks' parts overlap). That is how the LM head is sharded: it is an
@@ -62,10 +67,13 @@ the experts stay replicated.
 Collectives meet across ranks in graph order, so every rank must compile the same graph
 up to the slice bounds: the analysis depends on shapes and options only, never on the
 rank, which picks the ranges at rewrite time. KILN_PASS_LIMIT counts the whole sharding as
-one rewrite (half a sharding is not a smaller correct one).
+one rewrite (half a sharding is not a smaller correct one). The sharded graph's
+`meta["tensor_parallel"]` says which share it is ({"size", "rank"}); the pass leaves such
+a graph alone.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
@@ -82,8 +90,8 @@ from .canonicalize import dce
 from .manager import PassContext, register_pass
 
 PARTIAL = "partial"   # the state of a partial sum; None is replicated; a Shard is sharded
-SLICE_END = 2**63 - 1
 MAX_ROUNDS = 256
+log = logging.getLogger("kiln.passes")
 
 
 class ShardFail(Exception):
@@ -245,7 +253,6 @@ _NORMS = {"aten.rms_norm", "aten._fused_rms_norm", "aten.native_layer_norm"}
 _SDPA = {"aten._scaled_dot_product_flash_attention_for_cpu", "aten.scaled_dot_product_attention",
          "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
          "aten._scaled_dot_product_cudnn_attention"}
-_INDEX_PUTS = {"aten.index_put", "aten.index_put_"}
 
 
 class Analysis:
@@ -353,7 +360,9 @@ class Analysis:
     def _check_gather(self, s: Shard) -> None:
         if not _dims_equal(s.outer, 1):
             raise ShardFail("an output sharded inside a merged dim", s.blame)
-        self.ranges(s)
+        if len({hi - lo for lo, hi in self.ranges(s)}) != 1:
+            raise ShardFail("an output whose parts differ in size (all_gather takes equal "
+                            "parts)", s.blame)
 
     def state(self, v):
         """v's state; what a candidate blamed earlier in this round split reads as
@@ -376,6 +385,8 @@ class Analysis:
         if all(s is None or s is PARTIAL for s in states.values()):
             if n.op in _PARTIAL_VIEWS and self._partial_view_ok(n):
                 return Plan([PARTIAL], {tensors[0]: PARTIAL})
+            if n.op == "sym.size":   # the sum's shape is the summands'
+                return Plan([None], {tensors[0]: PARTIAL})
             return Plan([None] * len(n.results), {v: None for v in tensors})
         op = get_op(n.op)
         if n.op in _RESHAPES:
@@ -395,12 +406,6 @@ class Analysis:
 
     def _partial_view_ok(self, n: Node) -> bool:
         return n.op != "aten.squeeze" or _attr(n, "dim", None) is not None
-
-    def _sharded_operand(self, n: Node, states) -> tuple[Value, Shard]:
-        for v, s in states.items():
-            if isinstance(s, Shard):
-                return v, s
-        raise AssertionError(n.op)
 
     def _only(self, n: Node, states, v: Value) -> None:
         """Every sharded tensor operand of n is v."""
@@ -451,7 +456,7 @@ class Analysis:
                     joined = replace(joined, blame=joined.blame | s.blame)
                 needs[v] = s
         for v in tensors:
-            if states[v] is None:
+            if states[v] is None or states[v] is PARTIAL:
                 od = joined.dim - (out.rank - v.type.rank)
                 if od >= 0 and v.type.shape[od] != 1:
                     needs[v] = self._narrow_need(joined.moved(od))
@@ -889,19 +894,21 @@ class Rewriter:
     def get(self, v: Value, need) -> Value:
         """v as operand `need` wants it on this rank."""
         s = self.ana.state(v)
-        if need is PARTIAL or (s is None and need is None):
+        if need is PARTIAL:
             return v
         if s is PARTIAL:
-            return self.reduce(v)
-        if s is None:   # a replicated value sliced to the rank's part
-            return self.narrow(v, need)
+            v, s = self.reduce(v), None
+        if s is None:   # a replicated value, or sliced to the rank's part
+            return v if need is None else self.narrow(v, need)
         if need is None:
             raise AssertionError("a sharded value where a replicated one is needed")
-        have, want = self.local_range(s), self.local_range(need)
-        if have == want:
+        if self.ana.ranges(s) == self.ana.ranges(need):
             return v
+        # A superset (KV heads several ranks hold): its part. Decided on every rank's
+        # ranges, not this one's, so that all ranks build the same graph.
+        have, want = self.local_range(s), self.local_range(need)
         key = (v, want)
-        if key not in self.narrowed:   # a superset (KV heads several ranks hold): its part
+        if key not in self.narrowed:
             self.narrowed[key] = self._emit("aten.slice", [v], {"dim": s.dim, "start": want[0] - have[0],
                                                                "end": want[1] - have[0]})
         return self.narrowed[key]
@@ -1089,12 +1096,16 @@ def tensor_parallel(g: Graph, ctx: PassContext) -> int:
     if opts is None:
         return 0
     world, rank = opts
+    if "tensor_parallel" in g.meta:
+        return 0   # already this rank's share
     dropped: set[int] = set()
-    for _ in range(MAX_ROUNDS):
+    for i in range(MAX_ROUNDS):
         ana = Analysis(g, world, dropped)
         ana.run()
         if not ana.failed:
             break
+        log.debug("shard.tensor_parallel round %d: %d candidate(s) stay replicated: %s", i,
+                  len(ana.failed - dropped), "; ".join(sorted(set(ana.reasons))))
         dropped |= ana.failed
     else:
         ctx.note(f"the sharding analysis did not settle in {MAX_ROUNDS} rounds; nothing sharded")
@@ -1108,6 +1119,7 @@ def tensor_parallel(g: Graph, ctx: PassContext) -> int:
     rw = Rewriter(g, ana, rank)
     rw.run()
     dce(g)
+    g.meta["tensor_parallel"] = {"size": world, "rank": rank}
     return rw.sharded_linears + rw.collectives
 
 
