@@ -286,6 +286,11 @@ def test_fuse_collective_rule_matches_either_operand_order():
         y, res, w = torch.randn(3, 16), torch.randn(3, 16), torch.randn(16)
         ref = run(parse(text.replace("world_size=2", "world_size=1")), [y, res, w])
         assert all(_rel_err(a, b) <= TOL for a, b in zip(run(g1, [y, res, w]), ref))
+    # switched off by name (KILN_DISABLE_PASSES=fuse.collective), to measure what it buys
+    from kiln.backends.targets import get_target
+    g = parse(_ADD_NORM.format(n=2))
+    PassManager(disabled={"fuse.collective"}, options={"target": get_target("cpu")}).run(g)
+    assert _count(g, "kiln.all_reduce") == 1 and _count(g, "kiln.all_reduce_add_rms_norm") == 0
 
 
 def test_tensor_parallel_without_a_process_group_says_how_to_start_one():
