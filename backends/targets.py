@@ -26,6 +26,9 @@ class Target:
     # decode step is bound by; a CPU's batch-1 GEMV streams the same weight bytes either
     # way, so there it buys nothing and costs a copy of those weights.
     merge_parallel_linears: bool = True
+    # quant="int4_weight_only": the dtype of each group's (scale, zero) that the target's
+    # kiln.weight_int4_mm reads (torch's CPU int4 GEMM: its activations' dtype, bf16).
+    int4_scale_dtype: torch.dtype = torch.float32
 
     def kernel(self, op: str) -> str:
         """"module:function" implementing kiln op `op` (e.g. "kiln.rms_norm")."""
@@ -45,6 +48,8 @@ _COLLECTIVES = {op: f"kiln.backends.collectives:{op}"
                 for op in ("all_reduce", "all_gather", "reduce_scatter", "all_reduce_add_rms_norm")}
 _CPU_KERNELS = {"attention": "kiln.backends.cpu_kernels:attention",
                 "weight_int8_mm": "kiln.backends.cpu_kernels:weight_int8_mm",
+                "quant_int4": "kiln.backends.cpu_kernels:quant_int4",
+                "weight_int4_mm": "kiln.backends.cpu_kernels:weight_int4_mm",
                 "paged_attention": "kiln.backends.paged_attention:paged_attention",
                 **_COLLECTIVES}
 # Triton modules and the fused ops each implements (launcher named like the op).
@@ -66,7 +71,8 @@ _TRITON_KERNELS.update(_COLLECTIVES, all_reduce_add_rms_norm=
                        "kiln.backends.collectives:all_reduce_add_rms_norm_triton")
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
-    Target("cpu", "cpu", kernels=_CPU_KERNELS, merge_parallel_linears=False),
+    Target("cpu", "cpu", kernels=_CPU_KERNELS, merge_parallel_linears=False,
+           int4_scale_dtype=torch.bfloat16),
     Target("cuda", "cuda", "cuda", (80, 90), 32, torch.float8_e4m3fn, "torch.cuda.CUDAGraph",
            kernels=_TRITON_KERNELS),
     Target("hip", "cuda", "hip", ("gfx942", "gfx950"), 64, torch.float8_e4m3fnuz,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 # kiln.passes.quantize.QUANT_MODES, spelled here so that building the parser imports no
 # torch (a test keeps the two equal)
-CLI_QUANT_MODES = ("fp8", "int8", "int8_weight_only")
+CLI_QUANT_MODES = ("fp8", "int8", "int8_weight_only", "int4_weight_only", "int4_weight_only_g64",
+                   "int4_weight_only_g128")
 
 
 def _load(spec: str, dtype: str = "float32", attn: str = "sdpa"):

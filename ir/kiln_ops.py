@@ -63,6 +63,19 @@ def _collective_dim(x, attrs) -> int:
     return d % x.rank
 
 
+def _quant_int4_type(args, attrs):
+    """(w_q uint8 [N, K/2], w_sz [K/G, N, 2]): typed without running (the reference's grid
+    search reads the values)."""
+    w = args[0].type
+    g = attrs.get("group_size", 32)
+    n, k = w.shape
+    why = kiln_ref.int4_fits(n, k, g)
+    if why is not None:
+        raise ValueError(f"kiln.quant_int4: weight {w}: {why}")
+    return [TensorType(torch.uint8, (n, k // 2)),
+            TensorType(attrs.get("scale_dtype", torch.float32), (k // g, n, 2))]
+
+
 def _all_reduce_type(args, attrs):
     n = attrs["world_size"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -106,6 +119,11 @@ KILN_OPS = {
     "scaled_mm": (("a", "a_scale", "b", "b_scale", "bias"), ("out_dtype",), kiln_ref.scaled_mm,
                   (), None),
     "weight_int8_mm": (("x", "w_q", "w_scale", "bias"), (), kiln_ref.weight_int8_mm, (), None),
+    "quant_int4": (("w",), ("group_size", "scale_dtype"), kiln_ref.quant_int4, (), _quant_int4_type),
+    "weight_int4_mm": (("x", "w_q", "w_sz", "bias"), ("group_size",), kiln_ref.weight_int4_mm,
+                       (), None),
+    "refine_top_logits": (("logits", "x", "w", "bias"), ("k",), kiln_ref.refine_top_logits, (),
+                          _like_first),
     # Serving (serve.kv_cache): writes k/v into k_cache/v_cache (operands 3 and 4).
     "paged_attention": (("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "block_tables",
                          "context_lens", "query_start"), ("scale", "window"), kiln_ref.paged_attention,
@@ -128,7 +146,9 @@ MUTATED_OPERANDS = {"paged_attention": (3, 4), "rope_pair_store": (5, 6)}
 # Like ATen's schema defaults, an attribute equal to its default is absent from the node, so
 # the IR text names a sliding window only where there is one.
 ATTR_DEFAULTS = {"attention": {"window": None}, "paged_attention": {"window": None},
-                 "fused_moe": {"expert_start": 0}}
+                 "fused_moe": {"expert_start": 0},
+                 "quant_int4": {"group_size": 32, "scale_dtype": torch.float32},
+                 "weight_int4_mm": {"group_size": 32}, "refine_top_logits": {"k": 16}}
 
 for _name, (_operands, _attrs, _ref, _traits, _infer) in KILN_OPS.items():
     register(OpDef(f"kiln.{_name}", _ref, frozenset(_traits), infer=_infer,

@@ -246,6 +246,138 @@ def quantize_weight(w: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor,
     return quantize(w, qdtype)
 
 
+# Weight-only int4, grouped along K. kiln's int4 layout is the one torch's CPU int4 GEMM
+# reads (`torch._convert_weight_to_int4pack_for_cpu`'s output for N % 64 == 0), written
+# here in plain torch so that the op is defined without that kernel:
+#   w_q: uint8 [N, K / 2]; viewed as [N / 64, K, 32], byte [b, k, j] holds the code of
+#        row 64 b + j in its low nibble and of row 64 b + 32 + j in its high nibble;
+#   w_sz: [K / G, N, 2]: (scale, zero) of each group of G weights along K;
+#   weight[n, k] = (code - 8) * scale + zero, code in 0..15.
+INT4_BLOCK_N = 64
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+# A group's values lie on a grid of L evenly spaced levels when each (w - min) / (max - min)
+# * L is within this of a whole number (fp32 rounding of values a 4-bit format stored).
+INT4_GRID_TOL = 1e-3
+# Every grid of 1..15 steps is one of lcm(1..15) steps; fp32 positions scaled by it are
+# within 0.05 of whole numbers (a random group passes with odds ~0.3^32).
+_LCM_1_15 = 360360.0
+_LCM_TOL = 0.15
+
+
+def int4_fits(n: int, k: int, group_size: int) -> str | None:
+    """None when an [n, k] weight has kiln's int4 layout with `group_size`; else why not."""
+    if group_size not in INT4_GROUP_SIZES:
+        return f"group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {group_size!r}"
+    if not isinstance(n, int) or n % INT4_BLOCK_N:
+        return f"output features {n} are not a multiple of {INT4_BLOCK_N}"
+    if not isinstance(k, int) or k % group_size:
+        return f"input features {k} are not a multiple of the group size {group_size}"
+    return None
+
+
+def int4_codes(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit quantisation of w [N, K] per group of `group_size` along K:
+    (codes uint8 [N, K] in 0..15, scale [N, K / G], zero [N, K / G]) in float32, with
+    w ~= (code - 8) * scale + zero: codes count steps of scale = (max - min) / L up from the
+    group's min, zero = min + 8 * scale. L is 15 (all 16 codes) unless the group's values
+    lie on fewer evenly spaced levels (to fp32 rounding): then the fewest steps that hold
+    them all, so that a group a 4-bit format stored (GGUF Q4_0 / Q4_1 blocks of 32: d * q +
+    m, whose codes need not reach both 0 and 15) comes back exactly. Only groups whose
+    positions are whole multiples of span / lcm(1..15) are searched (one pass rules out the
+    groups of a checkpoint that was never 4-bit)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = torch.aminmax(g, dim=-1, keepdim=True)
+    span = (hi - lo).clamp_(min=torch.finfo(torch.float32).tiny)
+    levels = torch.full(lo.shape, 15.0)
+    c = (g - lo).mul_(15.0 / span)                    # position in steps of span / 15
+    q = c.round()
+    off = (c.sub_(q).abs_() > INT4_GRID_TOL).any(-1)  # [N, K/G]: not on the 15-step grid
+    del c
+    if off.any():
+        t = (g[off] - lo[off]) / span[off]              # [groups, G] in [0, 1]
+        c = t * _LCM_1_15
+        some_grid = ((c - c.round()).abs() <= _LCM_TOL).all(-1)
+        if some_grid.any():
+            t = t[some_grid]
+            found = torch.full((t.shape[0], 1), 15.0)
+            for steps in range(14, 0, -1):              # the fewest steps that hold it wins
+                ts = t * steps
+                fits = ((ts - ts.round()).abs() <= INT4_GRID_TOL).all(-1, keepdim=True)
+                found = torch.where(fits, float(steps), found)
+            where = off.nonzero()[some_grid]
+            levels[where[:, 0], where[:, 1]] = found
+            q[where[:, 0], where[:, 1]] = (t * found).round()
+    scale = (hi - lo) / levels
+    codes = q.clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    return codes, scale.squeeze(-1), (lo + 8 * scale).squeeze(-1)
+
+
+def int4_pack(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] (0..15) -> kiln's int4 layout, uint8 [N, K / 2]."""
+    n, k = codes.shape
+    v = codes.reshape(n // INT4_BLOCK_N, INT4_BLOCK_N, k).transpose(1, 2)   # [N/64, K, 64]
+    half = INT4_BLOCK_N // 2
+    return (v[..., :half] | (v[..., half:] << 4)).contiguous().reshape(n, k // 2)
+
+
+def int4_unpack(w_q: torch.Tensor) -> torch.Tensor:
+    """kiln's int4 layout uint8 [N, K / 2] -> codes uint8 [N, K]."""
+    n, k = w_q.shape[0], w_q.shape[1] * 2
+    v = w_q.reshape(n // INT4_BLOCK_N, k, INT4_BLOCK_N // 2)
+    both = torch.cat([v & 15, v >> 4], dim=-1)                              # [N/64, K, 64]
+    return both.transpose(1, 2).reshape(n, k)
+
+
+def int4_dequantize(w_q: torch.Tensor, w_sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The float32 weight [N, K] that kiln's int4 layout and (scale, zero) stand for."""
+    codes = int4_unpack(w_q).float()
+    n, k = codes.shape
+    scale = w_sz[..., 0].float().t().unsqueeze(-1)                           # [N, K/G, 1]
+    zero = w_sz[..., 1].float().t().unsqueeze(-1)
+    w = (codes.reshape(n, k // group_size, group_size) - 8) * scale + zero
+    return w.reshape(n, k)
+
+
+def quant_int4(w: torch.Tensor, group_size: int = 32,
+               scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight-only int4 of an nn.Linear weight [N, K], grouped along K (int4_codes): (w_q
+    uint8 [N, K / 2] in kiln's int4 layout, w_sz [K / G, N, 2] (scale, zero) in
+    `scale_dtype`). A group on a grid of at most 16 evenly spaced levels (a 4-bit GGUF
+    block) comes back exactly in float32 scales; bfloat16 (what torch's CPU kernel reads)
+    rounds scale and zero to 8 significant bits."""
+    why = int4_fits(w.shape[0], w.shape[1], group_size)
+    if why is not None:
+        raise ValueError(f"kiln.quant_int4: weight {tuple(w.shape)}: {why}")
+    codes, scale, zero = int4_codes(w, group_size)
+    w_sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(scale_dtype)
+    return int4_pack(codes), w_sz
+
+
+def weight_int4_mm(x: torch.Tensor, w_q: torch.Tensor, w_sz: torch.Tensor,
+                   bias: torch.Tensor | None, group_size: int = 32) -> torch.Tensor:
+    """Weight-only int4 linear: x @ W.T (+ bias) in x's dtype, W = int4_dequantize(w_q,
+    w_sz, group_size) (kiln.quant_int4's layout). Accumulates in float32."""
+    out = torch.matmul(x.float(), int4_dequantize(w_q, w_sz, group_size).t())
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def refine_top_logits(logits: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                      bias: torch.Tensor | None, k: int = 16) -> torch.Tensor:
+    """logits [M, V] (an approximation of x @ w.T + bias, e.g. through quantised weights)
+    with each row's k largest entries recomputed from x [M, K] and the full-precision w
+    [V, K] in float32: the greedy token and the top of the distribution are the
+    unquantised model's whenever its best token is among the approximation's k best."""
+    idx = logits.float().topk(min(k, logits.shape[-1]), dim=-1).indices     # [M, k]
+    rows = w[idx].float()                                                   # [M, k, K]
+    exact = torch.matmul(rows, x.float().unsqueeze(-1)).squeeze(-1)         # [M, k]
+    if bias is not None:
+        exact = exact + bias.float()[idx]
+    return logits.scatter(-1, idx, exact.to(logits.dtype))
+
+
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 

@@ -1,6 +1,11 @@
 """quantize: opt-in weight + activation quantisation of linear layers (`quant="fp8"` or
-`"int8"` in the compile options; off by default), or of the weights alone
-(`quant="int8_weight_only"`: `kiln.weight_int8_mm`, the LM head included, no layer kept).
+`"int8"` in the compile options; off by default), or of the weights alone, every linear
+including the LM head, no layer kept: `quant="int8_weight_only"` (per output channel,
+`kiln.weight_int8_mm`) or `"int4_weight_only"` (asymmetric, groups of 32 along K;
+`_g64` / `_g128` for larger groups; `kiln.quant_int4` + `kiln.weight_int4_mm`; a weight
+whose shape kiln's int4 layout does not take, kiln_ref.int4_fits, gets int8). A
+weight-only LM head is followed by `kiln.refine_top_logits`, which recomputes each row's
+16 best logits from the unquantised weight: the greedy token is the unquantised head's.
 
 Each linear layer, `aten.mm(a, permute(W, [1, 0]))` or `aten.addmm(bias, a, permute(W,
 [1, 0]))` with W an [N, K] weight (a graph input, or a `cat` of graph inputs as
@@ -38,7 +43,7 @@ import re
 
 import torch
 
-from kiln.ir import Graph, Value
+from kiln.ir import Graph, Value, kiln_ref
 
 from .canonicalize import canonicalize
 from .manager import PassContext, register_pass
@@ -48,14 +53,22 @@ from .rules import load_rules, register_function
 
 MIN_LAYERS_TO_KEEP_ENDS = 8
 # The `quant` compile option's values: weights and activations (per-token, dynamic) in fp8
-# or int8, or the weights alone in int8 (activations stay in their dtype).
-QUANT_MODES = ("fp8", "int8", "int8_weight_only")
-WEIGHT_ONLY = "int8_weight_only"
+# or int8, or the weights alone in int8 or int4 (activations stay in their dtype). Each
+# int4 mode's group size (weights per (scale, zero) along K).
+INT4_GROUPS = {"int4_weight_only": 32, "int4_weight_only_g64": 64, "int4_weight_only_g128": 128}
+QUANT_MODES = ("fp8", "int8", "int8_weight_only", *INT4_GROUPS)
+WEIGHT_ONLY = ("int8_weight_only", *INT4_GROUPS)
 
 
 def check_quant(mode) -> None:
     if mode is not None and mode not in QUANT_MODES:
         raise ValueError(f"quant must be None or one of {', '.join(QUANT_MODES)}; got {mode!r}")
+
+
+def _int4_fits(w, group_size) -> bool:
+    t = w.type if isinstance(w, Value) else None
+    return (t is not None and t.rank == 2 and group_size is not None
+            and kiln_ref.int4_fits(t.shape[0], t.shape[1], group_size) is None)
 
 
 def _qdtype(options: dict) -> torch.dtype | None:
@@ -99,7 +112,7 @@ def _keep_policy(g: Graph, options: dict):
     if patterns is not None:
         regs = [re.compile(p) for p in ([patterns] if isinstance(patterns, str) else patterns)]
         return lambda w: any(r.search(n) for r in regs for n in _weight_names(w))
-    if options.get("quant") == WEIGHT_ONLY:
+    if options.get("quant") in WEIGHT_ONLY:
         # Weights alone lose less than weights and activations (SmolLM2: 94.5% top-1 with
         # every linear in int8, against 91.8% for int8 W8A8 with the ends kept; BENCHMARKS),
         # and the CPU target it is for reads every layer's bytes each token.
@@ -118,16 +131,23 @@ def _quant_keeps(cx: RuleContext, w: Value) -> bool:
 
 
 register_function("quant_dtype", lambda cx: _qdtype(cx.options), context=True)
-register_function("quant_weight_only", lambda cx: cx.options.get("quant") == WEIGHT_ONLY,
+register_function("quant_weight_only", lambda cx: cx.options.get("quant") in WEIGHT_ONLY,
                   context=True)
+register_function("quant_int4_group", lambda cx: INT4_GROUPS.get(cx.options.get("quant")),
+                  context=True)
+register_function("int4_scale_dtype",
+                  lambda cx: getattr(cx.options.get("target"), "int4_scale_dtype", torch.float32),
+                  context=True)
+register_function("int4_fits", _int4_fits)
 register_function("quant_weight", lambda w: isinstance(w, Value) and _quant_weight(w))
 register_function("quant_keeps", _quant_keeps, context=True)
 
 
 @register_pass("quantize", "opt-in (quant='fp8'|'int8'): linear layers -> per-channel weight "
                "+ per-token activation quantisation and kiln.scaled_mm (LM head and MoE "
-               "routers stay full precision); quant='int8_weight_only': int8 weights, "
-               "kiln.weight_int8_mm (rules/quantize.kiln)")
+               "routers stay full precision); quant='int8_weight_only' / 'int4_weight_only': "
+               "int8 / grouped int4 weights, kiln.weight_int8_mm / kiln.weight_int4_mm, the LM "
+               "head's top logits refined (rules/quantize.kiln)")
 def quantize(g: Graph, ctx: PassContext) -> int:
     if _qdtype(ctx.options) is None:
         return 0

@@ -55,6 +55,8 @@ _TOKEN_ORDER_VIEWS = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.un
                       "aten.squeeze", "aten.alias"}
 _HEADS = {"aten.mm": 0, "aten.matmul": 0, "aten.linear": 0, "aten.addmm": 1, "kiln.scaled_mm": 0,
           "kiln.weight_int8_mm": 0}
+# A quantised LM head's refinement (rules/quantize.kiln): refines the logits of one of _HEADS.
+_REFINE = "kiln.refine_top_logits"
 
 # The logits of a column-parallel LM head (shard.tensor_parallel), gathered along the vocab
 # dim: as token-wise as the views, so the LM head's rows can be cut to the last tokens.
@@ -286,7 +288,7 @@ def _gather_last_tokens(g: Graph, query_start: Value, T) -> None:
     chain: list[tuple[Node, Value]] = []   # (node, its tensor operand): LM head -> output
     v = g.outputs[0]
     uses = g.use_counts()
-    while not v.is_input and v.producer.op not in _HEADS:
+    while not v.is_input and v.producer.op not in _HEADS and v.producer.op != _REFINE:
         n = v.producer
         op = get_op(n.op)
         tensors = [a for a in n.operands() if isinstance(a.type, TensorType)]
@@ -301,6 +303,13 @@ def _gather_last_tokens(g: Graph, query_start: Value, T) -> None:
     head = v.producer
     if uses.get(v, 0) != 1 or any(uses.get(c.results[0], 0) != 1 for c, _ in chain[1:]):
         raise NotAServingCapture("serve.kv_cache: the LM head's output has other users")
+    refine = None
+    if head.op == _REFINE:   # a quantised head whose top logits are recomputed: both run on
+        refine, v = head, head.args[0]    # the last tokens
+        if v.is_input or v.producer.op not in _HEADS or uses.get(v, 0) != 1:
+            raise NotAServingCapture(f"serve.kv_cache: cannot find the LM head: {_REFINE} "
+                                     f"refines logits that are not a linear's alone")
+        head = v.producer
     a_index = _HEADS[head.op]
     a = head.args[a_index]
     if a.type.rank != 2 or a.type.shape[0] != T:
@@ -311,9 +320,16 @@ def _gather_last_tokens(g: Graph, query_start: Value, T) -> None:
         rows[1] = _insert(g, head, "aten.index_select", head.args[1], dim=0, index=last)
     for i, r in rows.items():
         head.args[i] = r
-    head.results[0].type = infer_types(head.op, head.args, head.attrs, g, g.meta.get("_serve_fake_env"))[0]
-    # Views put the token dim back ([T, V] -> [1, T, V]); drop them, re-type the rest.
+    env = g.meta.get("_serve_fake_env")
+    head.results[0].type = infer_types(head.op, head.args, head.attrs, g, env)[0]
     out = head.results[0]
+    if refine is not None:
+        x = refine.args[1]
+        refine.args[1] = rows[a_index] if x is a else _insert(g, head, "aten.index_select", x,
+                                                              dim=0, index=last)
+        refine.results[0].type = infer_types(refine.op, refine.args, refine.attrs, g, env)[0]
+        out = refine.results[0]
+    # Views put the token dim back ([T, V] -> [1, T, V]); drop them, re-type the rest.
     dead = []
     for n, x in reversed(chain):
         if n.op in _TOKEN_ORDER_VIEWS:

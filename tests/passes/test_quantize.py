@@ -208,3 +208,125 @@ def test_cpu_weight_int8_mm_matches_the_reference(dtype, bias):
     got, want = cpu_kernels.weight_int8_mm(x, q, s, b), kiln_ref.weight_int8_mm(x, q, s, b)
     assert got.dtype == want.dtype == dtype and got.shape == (5, 40)
     assert rel_err(got, want) < 1e-2
+
+
+# -- weight-only int4 ------------------------------------------------------------------------------
+def _q4_1_blocks(n: int, k: int, codes_lo: int = 0, codes_hi: int = 15) -> torch.Tensor:
+    """An [n, k] weight as a GGUF Q4_1 file stores it, dequantised to fp32 the way gguf-py
+    does: blocks of 32 along k, w = d * q + m with d and m float16 and q in codes_lo..codes_hi
+    (each block using both ends, as llama.cpp's quantiser makes them)."""
+    blocks = k // 32
+    d = (torch.rand(n, blocks, 1) * 0.02 + 1e-3).half().float()
+    m = (-torch.rand(n, blocks, 1) * 0.1).half().float()
+    q = torch.randint(codes_lo, codes_hi + 1, (n, blocks, 32)).float()
+    q[..., 0], q[..., 1] = codes_lo, codes_hi
+    return (d * q + m).reshape(n, k)
+
+
+def test_int4_layout_is_torch_cpu_packing():
+    """kiln's int4 layout, written in plain torch by kiln_ref, is byte for byte what torch's
+    CPU int4 GEMM reads (a torch upgrade that changes it fails here), and unpacks back."""
+    from kiln.backends import cpu_kernels
+    for n, k in [(64, 64), (192, 96), (128, 576)]:
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        packed = kiln_ref.int4_pack(codes)
+        assert torch.equal(packed, torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
+        assert torch.equal(kiln_ref.int4_unpack(packed), codes)
+    w = torch.randn(128, 96)
+    for scale_dtype in (torch.float32, torch.bfloat16):
+        got = cpu_kernels.quant_int4(w, 32, scale_dtype)
+        want = kiln_ref.quant_int4(w, 32, scale_dtype)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert got[1].dtype == scale_dtype and got[1].shape == (3, 128, 2)
+
+
+@pytest.mark.parametrize("codes", [(0, 15), (1, 13), (3, 9)])
+def test_q4_blocks_come_back_exactly(codes):
+    """A group of 32 that a 4-bit GGUF stored (Q4_1: d * q + m; codes that need not reach
+    0 or 15, as in Q4_0) is on a grid of at most 16 evenly spaced levels, and kiln's int4
+    (scale = d, zero = m + 8 d, in float32) gives every weight back bit for bit; in bf16
+    scales (torch's CPU kernel) only to bf16's 8 significant bits."""
+    w = _q4_1_blocks(128, 96, *codes)
+    w_q, w_sz = kiln_ref.quant_int4(w, 32)
+    back = kiln_ref.int4_dequantize(w_q, w_sz, 32)
+    assert torch.equal(back, w), (back - w).abs().max()
+    w_q, w_sz = kiln_ref.quant_int4(w, 32, torch.bfloat16)
+    assert 0 < rel_err(kiln_ref.int4_dequantize(w_q, w_sz, 32), w) < 4e-3
+
+
+def test_int4_of_weights_that_were_never_4_bit():
+    """Ordinary weights: 16 levels from each group's min to its max (the usual asymmetric
+    int4 error, a step of (max - min) / 15), and a group of one value exactly."""
+    w = torch.randn(64, 64)
+    w[3, :32] = 0.25
+    w_q, w_sz = kiln_ref.quant_int4(w, 32)
+    back = kiln_ref.int4_dequantize(w_q, w_sz, 32)
+    assert torch.equal(back[3, :32], w[3, :32])
+    step = w_sz[..., 0].t().repeat_interleave(32, dim=1)
+    assert ((back - w).abs() <= step / 2 + 1e-6).all()
+    assert 0.03 < rel_err(back, w) < 0.12
+
+
+def test_quant_int4_names_a_shape_it_cannot_take():
+    with pytest.raises(ValueError, match=r"output features 40 are not a multiple of 64"):
+        kiln_ref.quant_int4(torch.randn(40, 64), 32)
+    with pytest.raises(ValueError, match=r"input features 96 are not a multiple of the group size 64"):
+        kiln_ref.quant_int4(torch.randn(64, 96), 64)
+    with pytest.raises(ValueError, match=r"group_size must be one of 32, 64, 128, 256"):
+        kiln_ref.quant_int4(torch.randn(64, 96), 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_cpu_weight_int4_mm_matches_the_reference(dtype, bias, group_size):
+    """The cpu target's kiln.weight_int4_mm (torch's int4 GEMM on bf16 activations) against
+    kiln_ref's float32 one: bf16's bound. An fp32 x goes in as two bf16 halves, which must
+    beat feeding it as one bf16 row (the point of the split)."""
+    from kiln.backends import cpu_kernels
+    w_q, w_sz = cpu_kernels.quant_int4(torch.randn(128, 192) * 0.1, group_size, torch.bfloat16)
+    x = torch.randn(5, 192, dtype=dtype)
+    b = torch.randn(128, dtype=dtype) if bias else None
+    got = cpu_kernels.weight_int4_mm(x, w_q, w_sz, b, group_size=group_size)
+    want = kiln_ref.weight_int4_mm(x, w_q, w_sz, b, group_size=group_size)
+    assert got.dtype == want.dtype == dtype and got.shape == (5, 128)
+    assert rel_err(got, want) < 1e-2
+    if dtype == torch.float32:
+        one_row = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w_q, group_size, w_sz)
+        one_row = one_row.float() + (b if bias else 0)
+        assert rel_err(got, want) < 0.9 * rel_err(one_row, want)
+
+
+def test_refine_top_logits_recomputes_the_best_entries():
+    x, w, b = torch.randn(3, 32), torch.randn(100, 32), torch.randn(100)
+    exact = x @ w.t() + b
+    approx = exact + 0.05 * torch.randn(3, 100)
+    out = kiln_ref.refine_top_logits(approx, x, w, b, k=5)
+    top = approx.topk(5, dim=-1).indices
+    torch.testing.assert_close(out.gather(-1, top), exact.gather(-1, top), rtol=1e-5, atol=1e-5)
+    rest = torch.ones_like(out, dtype=torch.bool).scatter(-1, top, False)
+    assert torch.equal(out[rest], approx[rest])
+    assert torch.equal(out.argmax(-1), exact.argmax(-1))
+
+
+@pytest.mark.parametrize("quant, group", [("int4_weight_only", 32), ("int4_weight_only_g64", 64)])
+def test_int4_rule_on_the_tiny_llama(quant, group):
+    """Every linear of a layer whose shape kiln's int4 layout takes (q, o, gate, up, down:
+    64 or 128 outputs) runs as kiln.weight_int4_mm; k and v (32 outputs) and the LM head as
+    kiln.weight_int8_mm, the head's top logits refined; nothing stays in aten.mm."""
+    model = models.TINY_MODELS["llama_gqa"]()
+    graphs, outs, ref = compile_and_compare(model, options={"quant": quant})
+    errs = [rel_err(a, b) for a, b in zip(outs, ref)]
+    print(f"llama_gqa {quant}: logits relative error per call", ["%.3f" % e for e in errs])
+    # Random weights are not 4-bit: 16 levels a group cost them ~8% (measured 0.18-0.21 on
+    # the logits with groups of 32); a wrong layout or scale gives ~1.
+    assert max(errs) < 0.35
+    for g in graphs:
+        c = counts(g)
+        assert c["kiln.weight_int4_mm"] == 2 * 5 and c["kiln.quant_int4"] == 2 * 5
+        assert c["kiln.weight_int8_mm"] == 2 * 2 + 1 and c["kiln.refine_top_logits"] == 1
+        assert c["aten.mm"] == c["aten.addmm"] == c["kiln.scaled_mm"] == 0
+        sizes = {n.attrs.get("group_size", 32) for n in g.nodes if n.op == "kiln.weight_int4_mm"}
+        assert sizes == {group}
+        assert all(n.attrs["scale_dtype"] == torch.bfloat16 for n in g.nodes
+                   if n.op == "kiln.quant_int4")

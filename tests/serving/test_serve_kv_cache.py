@@ -449,3 +449,38 @@ def test_weight_only_int8_serves_with_its_lm_head_on_the_last_tokens():
     want = eager_last_logits(model, seq.token_ids)
     assert logits.shape == (1, model.config.vocab_size)
     assert rel_err(logits[0], want) < 0.05   # int8 weights against the fp32 model
+
+
+def test_weight_only_int4_serves_with_its_refined_lm_head_on_the_last_tokens():
+    """quant="int4_weight_only": int4 where the layout takes the weight (q, o, gate, up,
+    down), int8 for k/v and the LM head, whose logits kiln.refine_top_logits refines.
+    serve.kv_cache cuts head and refinement to each sequence's last token; the paged graph
+    gives what the same quantisation gives through torch.compile on the whole context."""
+    model = models.TINY_MODELS["llama_gqa"]()
+    compiled = compile_serving(model, block_size=BLOCK, verify=True, quant="int4_weight_only")
+    ops = [n.op for n in compiled.graph.nodes]
+    layers = model.config.num_hidden_layers
+    assert ops.count("kiln.weight_int4_mm") == 5 * layers and "aten.mm" not in ops
+    assert ops.count("kiln.weight_int8_mm") == 2 * layers + 1
+    (refine,) = [n for n in compiled.graph.nodes if n.op == "kiln.refine_top_logits"]
+    assert refine.results[0] is compiled.graph.outputs[0]
+    assert refine.args[0].producer.op == "kiln.weight_int8_mm"
+    assert refine.args[1] is refine.args[0].producer.args[0]   # one gather of the last rows
+    runner = runner_for(model, compiled)
+    blocks = BlockManager(runner.num_blocks, BLOCK, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), blocks)
+    seqs = [Sequence(list(range(3, 14)), SamplingParams(max_tokens=1)),
+            Sequence(list(range(20, 27)), SamplingParams(max_tokens=1))]
+    for s in seqs:
+        sched.add(s)
+    logits = runner.execute(sched.schedule().batch)
+    assert logits.shape == (2, model.config.vocab_size)
+    torch._dynamo.reset()
+    quantised = torch.compile(model, backend="kiln", options={"quant": "int4_weight_only"})
+    with torch.no_grad():
+        for row, s in zip(logits, seqs):
+            want = quantised(torch.tensor([s.token_ids])).logits[0, -1]
+            assert rel_err(row, want) < 1e-2
+            # int4 of random weights (~8% a weight) against the float32 model
+            assert rel_err(row, eager_last_logits(model, s.token_ids)) < 0.35
+    torch._dynamo.reset()
