@@ -86,9 +86,7 @@ def resolve_tensor_parallel(opts: CompileOptions) -> CompileOptions:
     at compile time (dumps, per-rank artifacts); the collectives need one when they run."""
     size, rank = opts.tensor_parallel_size, opts.tensor_parallel_rank
     check_tensor_parallel(size, rank)
-    if size == 1:
-        return opts if rank in (None, 0) else replace(opts, tensor_parallel_rank=None)
-    if rank is not None:
+    if size == 1 or rank is not None:
         return opts
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):

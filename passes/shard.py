@@ -555,7 +555,6 @@ class Analysis:
         g = hq // hkv
         q_ranges = self.ranges(sq)
         kv_ranges = tuple((lo // g, -(-hi // g)) for lo, hi in q_ranges)
-        lo, hi = q_ranges[0]
         for (qlo, qhi), (klo, khi) in zip(q_ranges, kv_ranges):
             nq, nk = qhi - qlo, khi - klo
             if nq % nk or any((qlo + i) // g - klo != i // (nq // nk) for i in range(nq)):
@@ -1117,7 +1116,13 @@ def tensor_parallel(g: Graph, ctx: PassContext) -> int:
     if not ctx.allow():
         return 0
     rw = Rewriter(g, ana, rank)
-    rw.run()
+    try:
+        rw.run()
+    except AssertionError as e:   # the analysis and the rewrite disagree: a kiln bug
+        raise RuntimeError(f"shard.tensor_parallel could not shard @{g.name} ({e}); compile "
+                           f"without it (KILN_DISABLE_PASSES=shard.tensor_parallel: every rank "
+                           f"computes the whole model) and report the graph "
+                           f"(KILN_DUMP_DIR)") from None
     dce(g)
     g.meta["tensor_parallel"] = {"size": world, "rank": rank}
     return rw.sharded_linears + rw.collectives
