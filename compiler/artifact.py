@@ -175,6 +175,8 @@ def recompile_hint(manifest: dict | None, path: Path) -> str:
         extra += f" --block-size {opts['block_size']}"
     if opts.get("dtype", "float32") != "float32":
         extra += f" --dtype {opts['dtype']}"
+    if opts.get("quant"):
+        extra += f" --quant {opts['quant']}"
     if opts.get("aot"):
         extra += " --aot"
     return f"recompile with: kiln compile {spec} -t {target}{extra} -o {path}"
@@ -280,14 +282,17 @@ def _check_seal(manifest: dict, trust: bool, path: Path, stale) -> None:
 def compile_artifact(spec: str, target: str, out: str | os.PathLike, block_size: int = 16,
                      dtype: str = "float32", disable_passes: list[str] | None = None,
                      quant: str | None = None, aot: bool = False,
-                     steps: "Steps | None" = None) -> Path:
+                     steps: "Steps | None" = None, on_choice=None) -> Path:
     """Compile `spec` (smollm2, an HF directory or a GGUF file) for `target` into `out`.
-    `aot` (GPU targets) also writes aot/: kernel binaries with C launchers. `steps` shows
-    progress (and keeps each step's seconds)."""
+    `quant`: a mode, None / "none", or "auto" (kiln.quant_choice: int4 weights on the cpu
+    when the model's are exactly 4-bit); `on_choice` gets the QuantChoice. `aot` (GPU
+    targets) also writes aot/: kernel binaries with C launchers. `steps` shows progress
+    (and keeps each step's seconds)."""
     import torch
 
     from kiln.frontends import hf
 
+    from .quant_choice import choose
     from .serving import compile_serving, model_weights
     out = Path(out).resolve()
     if aot:
@@ -308,8 +313,12 @@ def compile_artifact(spec: str, target: str, out: str | os.PathLike, block_size:
         from transformers import AutoModelForCausalLM   # the tokenizer is read at serve time
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
                                                      attn_implementation="sdpa").eval()
+    choice = choose(quant, model, target)
+    options["quant"] = choice.quant
+    if on_choice is not None:
+        on_choice(choice)
     compiled = compile_serving(model, target=target, block_size=block_size, record=True, steps=step,
-                               disable_passes=set(disable_passes or ()), quant=quant)
+                               disable_passes=set(disable_passes or ()), quant=choice.quant)
     binaries = None
     if aot:
         from kiln.backends.triton.aot import AotCompileError, compile_specs

@@ -11,6 +11,11 @@ from pathlib import Path
 # torch (a test keeps the two equal)
 CLI_QUANT_MODES = ("fp8", "int8", "int8_weight_only", "int4_weight_only", "int4_weight_only_g64",
                    "int4_weight_only_g128")
+# --quant's default, "auto", and "none": kiln.quant_choice.
+QUANT_HELP = ("weights: auto (the default: on the cpu target int4 when every linear weight is "
+              "exactly 4-bit already, as in a Q4 GGUF such as smollm2's, else float32), none "
+              "(float32), or a mode: fp8 / int8 (weights and activations), int8_weight_only, "
+              "int4_weight_only (groups of 32; _g64, _g128)")
 
 
 def _load(spec: str, dtype: str = "float32", attn: str = "sdpa"):
@@ -78,13 +83,19 @@ def _served(args):
                               dtype=args.dtype, block_size=getattr(args, "block_size", 16),
                               steps=steps, model_name=getattr(args, "served_model_name", None),
                               trust_artifact=getattr(args, "trust_artifact", False),
-                              tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
+                              tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+                              quant=getattr(args, "quant", None), on_choice=_say_choice)
     took = ", ".join(f"{k} {v:.1f} s" for k, v in steps.seconds.items())
     print(f"kiln: {served.source} ({took})", file=sys.stderr)
     if getattr(args, "timings", False) and args.command == "serve":   # a server runs until killed
         from .driver import kiln_timings
         print(kiln_timings(), end="", file=sys.stderr)
     return served
+
+
+def _say_choice(choice) -> None:
+    """The weights kiln compiles with, and why (kiln.quant_choice), on stderr."""
+    print(f"kiln: {choice.describe()}", file=sys.stderr)
 
 
 def _run_one(engine, prompt_ids, params, on_text=None):
@@ -127,6 +138,11 @@ def cmd_generate(args) -> int:
             print("kiln generate: --tensor-parallel-size runs on the kiln engine; drop "
                   f"--backend {args.backend}", file=sys.stderr)
             return 2
+        if args.quant not in ("auto", "none"):
+            print(f"kiln generate: --quant {args.quant} compiles for the kiln engine; --backend "
+                  f"{args.backend} runs the model's own weights: drop one of the two",
+                  file=sys.stderr)
+            return 2
         return _generate_static(args)
     if _follow_as_launched_rank(args):
         return 0
@@ -141,7 +157,8 @@ def cmd_generate(args) -> int:
     print(text.strip())
     decode = len(tokens) - 1
     rate = decode / (total - ttft) if decode > 0 and total > ttft else 0.0
-    print(f"\n[kiln engine, {served.engine.runner.device}] prompt {len(ids)} tokens, first token {ttft:.2f} s | "
+    print(f"\n[kiln engine, {served.engine.runner.device}, weights {served.quant or 'float32'}] "
+          f"prompt {len(ids)} tokens, first token {ttft:.2f} s | "
           f"{len(tokens)} tokens ({last.finish_reason if last else '-'}) | decode {rate:.1f} tokens/s",
           file=sys.stderr)
     return 0
@@ -183,7 +200,7 @@ def cmd_compile(args) -> int:
         out = compile_artifact(args.model, args.target, args.output, block_size=args.block_size,
                                dtype=args.dtype, quant=args.quant,
                                disable_passes=args.disable.split(",") if args.disable else None,
-                               aot=args.aot, steps=steps)
+                               aot=args.aot, steps=steps, on_choice=_say_choice)
     took = ", ".join(f"{k} {v:.1f} s" for k, v in steps.seconds.items())
     print(f"kiln: wrote {out} ({took}); serve it with: kiln serve {out}")
     return 0
@@ -571,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "smollm2, a local HF directory or a GGUF file (compiled first)")
         q.add_argument("-t", "--target", default="cpu", help="target when compiling a model")
         q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        q.add_argument("--quant", default="auto", choices=("auto", "none", *CLI_QUANT_MODES),
+                       help=QUANT_HELP + " (when compiling a model; an artifact keeps its own)")
         q.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV-cache block "
                        "(when compiling a model)")
         q.add_argument("--max-model-len", type=positive_int, help="longest sequence (default: the "
@@ -626,9 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="artifact directory (replaced atomically)")
     c.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV-cache block")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    c.add_argument("--quant", choices=CLI_QUANT_MODES,
-                   help="fp8 / int8: weights and activations; int8_weight_only: int8 weights "
-                        "(a CPU's decode reads a quarter of the fp32 bytes)")
+    c.add_argument("--quant", default="auto", choices=("auto", "none", *CLI_QUANT_MODES),
+                   help=QUANT_HELP)
     c.add_argument("--disable", help="comma-separated passes to switch off")
     c.add_argument("--aot", action="store_true",
                    help="GPU targets: also write aot/, the binaries of the graph's Triton kernels "

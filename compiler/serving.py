@@ -226,6 +226,7 @@ class Served:
     model_name: str         # what clients pass as "model"
     source: str             # "artifact DIR" or "compiled MODEL"
     seconds: dict           # per step (load, capture, ...)
+    quant: str | None = None   # the weights' quantisation (the compile option)
 
 
 def device_of(target: str) -> str:
@@ -251,22 +252,35 @@ def _capture_graphs(runner, step, cfg: ServingConfig) -> None:
 
 def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: str = "float32",
                  block_size: int = 16, steps=None, model_name: str | None = None,
-                 trust_artifact: bool = False, tensor_parallel_size: int = 1) -> Served:
+                 trust_artifact: bool = False, tensor_parallel_size: int = 1,
+                 quant: str | None = None, on_choice=None) -> Served:
     """`source` is an artifact directory (loaded, never recompiled) or a model spec (smollm2,
     an HF directory, a GGUF file: compiled in memory first). `trust_artifact` accepts an
     artifact kiln did not build on this machine (its wrapper runs; see kiln.artifact).
-    `tensor_parallel_size` > 1: this process is rank 0 of that many (compiler.tensor_parallel)."""
+    `tensor_parallel_size` > 1: this process is rank 0 of that many (compiler.tensor_parallel).
+    `quant` (a model compiled here): a mode, None / "none", or "auto" (kiln.quant_choice;
+    `on_choice` gets the QuantChoice); an artifact keeps its own, and a mode that differs
+    from it is an error."""
     from pathlib import Path
 
     from . import artifact as art
     step = steps or art.Steps(False)
     p = Path(source).expanduser()
     if tensor_parallel_size > 1:
+        if quant not in (None, "auto", "none"):
+            raise ValueError(f"--quant {quant} is not supported with --tensor-parallel-size "
+                             f"yet; drop --quant (tensor-parallel ranks run unquantised weights)")
         return _build_served_tp(source, cfg, target, dtype, block_size, step, model_name,
                                 tensor_parallel_size)
     if art.is_artifact(p):
         with step(f"load artifact {p}"):
             a = art.load_artifact(p, trust=trust_artifact)
+            built = a.manifest["options"].get("quant")
+            if quant not in (None, "auto") and (None if quant == "none" else quant) != built:
+                raise ValueError(f"artifact {p} was compiled with weights {built or 'float32'}; "
+                                 f"--quant {quant} needs a new artifact: kiln compile "
+                                 f"{a.manifest['model']['spec']} -t {a.target} --quant {quant} "
+                                 f"-o DIR (or drop --quant)")
             device = device_of(a.target)
             weights = a.load_weights("cpu")
             tok = a.tokenizer()
@@ -275,23 +289,39 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
             runner = make_runner(a.fn, a.graph, weights, a.vocab_size, max_len, cfg, device)
         _capture_graphs(runner, step, cfg)
         name = model_name or Path(a.manifest["model"]["spec"]).name
-        return Served(make_engine(runner, tok, cfg), tok, name, f"artifact {a.path}", step.seconds)
+        return Served(make_engine(runner, tok, cfg), tok, name, f"artifact {a.path}", step.seconds,
+                      built)
     if p.is_dir() and not (p / "config.json").is_file():
         raise art.StaleArtifact(f"{p} is neither a kiln artifact (no {art.MANIFEST}) nor a model "
                                 f"directory (no config.json); recompile with: kiln compile MODEL "
                                 f"-t {target} -o {p}")
-    runner, tok = _compiled_runner(source, cfg, target, dtype, block_size, step, device_of(target))
+    chosen = []
+
+    def note(choice):
+        chosen.append(choice)
+        if on_choice is not None:
+            on_choice(choice)
+    runner, tok = _compiled_runner(source, cfg, target, dtype, block_size, step, device_of(target),
+                                   on_choice=note, quant=quant)
     name = model_name or Path(str(source)).name
-    return Served(make_engine(runner, tok, cfg), tok, name, f"compiled {source}", step.seconds)
+    return Served(make_engine(runner, tok, cfg), tok, name, f"compiled {source}", step.seconds,
+                  chosen[0].quant)
 
 
 def _compiled_runner(source, cfg: ServingConfig, target, dtype, block_size, step, device,
-                     **options):
+                     on_choice=None, **options):
     """Load `source`, compile its serving graph (with `options`), allocate the runner and
-    capture its graphs: (runner, tokenizer)."""
+    capture its graphs: (runner, tokenizer). options["quant"] may be "auto" or "none"
+    (kiln.quant_choice, decided on the loaded model; `on_choice` gets the QuantChoice)."""
     from kiln.frontends import hf
+
+    from .quant_choice import choose
     with step(f"load {source}"):
         model, tok = hf.load(source, dtype=getattr(torch, dtype))
+    choice = choose(options.get("quant"), model, target)
+    options["quant"] = choice.quant
+    if on_choice is not None:
+        on_choice(choice)
     compiled = compile_serving(model, target=target, block_size=block_size, steps=step, **options)
     max_len = cfg.max_model_len or default_max_model_len(model.config)
     with step("allocate KV cache"):

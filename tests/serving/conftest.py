@@ -1,4 +1,6 @@
-"""SmolLM2 compiled once per session into a temporary artifact, by the real `kiln compile`;
+"""SmolLM2 compiled once per session into a temporary artifact, by the real `kiln compile`
+with float32 weights (`--quant none`: these tests hold the engine to HF's greedy tokens; the
+CPU's default int4 weights are tested in tests/compiler/test_quant_default.py);
 a tiny Llama saved as an HF directory (with a small tokenizer) and compiled once per
 session, for the artifact tests that need no real weights."""
 from __future__ import annotations
@@ -16,7 +18,8 @@ from serving_helpers import KILN, kiln_env  # noqa: E402
 @pytest.fixture(scope="session")
 def smollm2_artifact(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("artifacts") / "smollm2.kiln"
-    r = subprocess.run(KILN + ["compile", "smollm2", "-t", "cpu", "-o", str(out)], env=kiln_env(),
+    r = subprocess.run(KILN + ["compile", "smollm2", "-t", "cpu", "--quant", "none", "-o", str(out)],
+                       env=kiln_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "manifest.json").is_file()
