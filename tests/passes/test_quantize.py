@@ -171,28 +171,63 @@ def test_smollm2_teacher_forced_top1(smollm2_reference, quant, bound):
     assert agree.mean().item() >= 0.9
 
 
-@pytest.mark.slow
-def test_smollm2_int8_weight_only_keeps_top1(smollm2_reference):
-    """Weight-only int8 (every linear, the LM head included; activations stay fp32; the CPU
-    kernel feeds them as bf16): the CPU's fast path. Teacher-forced top-1 agreement with
-    fp32 over the texts above: 94.5% measured (per-channel scales over weights that were
-    Q4_1 in 32-element blocks); a broken quantisation agrees on almost nothing."""
-    model, ids, ref = smollm2_reference
+def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                            ids[:, 1:].reshape(-1))
+    return nll.exp().item()
+
+
+def _weight_only(model, ids, quant):
     torch._dynamo.reset()
     graphs = []
-    fn = torch.compile(model, backend="kiln", options={"quant": "int8_weight_only",
-                                                        "observer": graphs.append})
+    fn = torch.compile(model, backend="kiln", options={"quant": quant, "observer": graphs.append})
     with torch.no_grad():
         out = fn(input_ids=ids, use_cache=False).logits
     torch._dynamo.reset()
-    c = counts(graphs[0].graph)
-    assert c["kiln.weight_int8_mm"] == 30 * 7 + 1 and c["aten.mm"] == 0
-    assert c["kiln.scaled_mm"] == 0
+    return out, counts(graphs[0].graph)
+
+
+@pytest.mark.slow
+def test_smollm2_int8_weight_only_keeps_top1(smollm2_reference):
+    """Weight-only int8 (every linear, the LM head included, whose 16 best logits are then
+    recomputed in fp32; activations fed to the CPU kernel as bf16): teacher-forced top-1
+    agreement with fp32 over the texts above: 96.1% measured (per-channel scales over
+    weights that were Q4_1 in 32-element blocks; 94.5% before the head's refinement); a
+    broken quantisation agrees on almost nothing."""
+    model, ids, ref = smollm2_reference
+    out, c = _weight_only(model, ids, "int8_weight_only")
+    assert c["kiln.weight_int8_mm"] == 30 * 7 + 1 and c["kiln.refine_top_logits"] == 1
+    assert c["aten.mm"] == 0 and c["kiln.scaled_mm"] == 0
     agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
     err = rel_err(out, ref)
     print(f"SmolLM2 int8_weight_only: logits relative error {err:.4f}; teacher-forced top-1 "
-          f"agreement {agree:.4f}")
+          f"agreement {agree:.4f}; perplexity {_perplexity(out, ids):.3f} (fp32 "
+          f"{_perplexity(ref, ids):.3f})")
     assert err < 0.07 and agree >= 0.93
+
+
+@pytest.mark.slow
+def test_smollm2_int4_weight_only_keeps_top1(smollm2_reference):
+    """The CPU's default path. SmolLM2's GGUF stores its linears as Q4_1 blocks of 32, which
+    kiln's int4 takes back exactly (in fp32 scales); on the cpu target what is left is bf16
+    scale and zero, bf16 arithmetic on activations fed as two bf16 halves, and the int8 LM
+    head refined at the top. Teacher-forced top-1 agreement with fp32 over the texts above
+    is issue #14's goal, >= 99% (measured 99.6%: one token of 256), perplexity within 1%."""
+    from kiln.quant_choice import int4_inexact
+    model, ids, ref = smollm2_reference
+    assert int4_inexact(model) is None            # every Q4_1 block comes back exactly
+    out, c = _weight_only(model, ids, "int4_weight_only")
+    assert c["kiln.weight_int4_mm"] == 30 * 7 and c["kiln.quant_int4"] == 30 * 7
+    assert c["kiln.weight_int8_mm"] == 1 and c["kiln.refine_top_logits"] == 1
+    assert c["aten.mm"] == 0
+    agree = (out.argmax(-1) == ref.argmax(-1)).float()
+    err = rel_err(out, ref)
+    ppl, ppl_ref = _perplexity(out, ids), _perplexity(ref, ids)
+    print(f"SmolLM2 int4_weight_only: logits relative error {err:.4f}; teacher-forced top-1 "
+          f"agreement {agree.mean().item():.4f} ({int((1 - agree).sum())} of {agree.numel()} "
+          f"differ); perplexity {ppl:.3f} (fp32 {ppl_ref:.3f})")
+    assert agree.mean().item() >= 0.99
+    assert err < 0.03 and abs(ppl / ppl_ref - 1) < 0.01
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
