@@ -81,8 +81,9 @@ def test_weight_quantisation_moves_to_the_preparation(target, gemms):
 
 
 def test_int4_packing_moves_to_the_preparation():
-    """quant="int4_weight_only" on cpu: every kiln.quant_int4 (grouping, the grid search and
-    the packing into torch's CPU layout) and the LM head's int8 quantisation read weights
+    """quant="int4_weight_only" on cpu: the merged q/k/v and gate/up weights (the cpu merges
+    under weight-only quant), every kiln.quant_int4 (grouping, the grid search and the
+    packing into torch's CPU layout) and the LM head's int8 quantisation read weights
     alone, so they run once per weight set; the forward graph keeps the GEMMs and the
     head's refinement, which reads the head's unquantised weight at run time."""
     _, compiled = captured("llama_gqa")
@@ -90,9 +91,10 @@ def test_int4_packing_moves_to_the_preparation():
     PassManager(options={"target": get_target("cpu"), "quant": "int4_weight_only"}).run(graph)
     split = split_weight_preparation(graph)
     prep, fwd = counts(split.prepare), counts(split.forward)
-    assert prep["kiln.quant_int4"] == 2 * 5 and prep["kiln.quant_int8"] == 2 * 2 + 1
+    assert prep["kiln.quant_int4"] == 2 * 4 and prep["kiln.quant_int8"] == 1
+    assert prep["aten.cat"] == 2 * 2 + 1     # q/k/v, gate/up; the rotary inv_freq repeated
     assert fwd["kiln.quant_int4"] == fwd["kiln.quant_int8"] == 0
-    assert fwd["kiln.weight_int4_mm"] == 2 * 5 and fwd["kiln.refine_top_logits"] == 1
+    assert fwd["kiln.weight_int4_mm"] == 2 * 4 and fwd["kiln.refine_top_logits"] == 1
     (refine,) = [n for n in split.forward.nodes if n.op == "kiln.refine_top_logits"]
     assert refine.args[2].is_input and refine.args[2].name == "lm_head.weight"
     verify(parse(print_graph(split.prepare)))
