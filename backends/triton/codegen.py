@@ -301,6 +301,17 @@ def _index_source(v) -> bool:
 INDEX_SOURCES = {"aten.arange", "aten.unsqueeze"}
 
 
+def _source_device(fn: Graph) -> str:
+    """Where a kernel that reads no tensor (it computes index sources only) puts its
+    outputs: the device its aranges name (the compiler points them at the target's), else
+    torch's default device."""
+    for n in fn.nodes:
+        dev = n.attrs.get("device") if n.op == "aten.arange" else None
+        if isinstance(dev, torch.device):
+            return f"torch.device({str(dev)!r})"
+    return "torch.get_default_device()"
+
+
 def can_generate(node) -> bool:
     """Whether the pointwise codegen lowers this node (asked by the schedule pass)."""
     if len(node.results) != 1 or not _is_supported_tensor(node.results[0].type):
@@ -459,7 +470,7 @@ def generate(fn: Graph, name: str, host_fallback: str | None = None) -> str:
     static = [tuple(n.results[0].type.shape) for n in fn.nodes if n.op in INDEX_SOURCES]
     launcher.append(f"    shape = torch.broadcast_shapes({''.join(a + '.shape, ' for a in args)}"
                     f"{''.join(repr(t) + ', ' for t in dict.fromkeys(static))})")
-    device = "a0.device" if args else "None"
+    device = "a0.device" if args else _source_device(fn)
     outs = []
     for j, v in enumerate(fn.outputs):
         dims = "shape[:-1] + (1,)" if j in reduced_out else "shape"

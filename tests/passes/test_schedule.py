@@ -288,6 +288,22 @@ def test_aranges_fold_into_the_kernels_that_read_them():
         assert a.dtype == b.dtype and torch.equal(a, b), (a, b)
 
 
+def test_a_kernel_of_index_sources_alone_allocates_on_their_device():
+    """No tensor to take the device from (a sliding window's key positions, seen on the
+    H200): the outputs go where the aranges say, not to the CPU."""
+    text = """func @forward() -> (f32[1, 6], i64[1, 6]) {
+  %0 = aten.arange(6, device=device("cuda")) : i64[6]
+  %1 = aten.unsqueeze(%0, dim=0) : i64[1, 6]
+  %2 = aten._to_copy(%1, dtype=f32) : f32[1, 6]
+  %3 = aten.add(%1, 1) : i64[1, 6]
+  return %2, %3
+}
+"""
+    g, n = scheduled(text)
+    (name, f), = g.functions.items()
+    assert n == 1 and "device=torch.device('cuda')" in generate(f, name)
+
+
 @pytest.mark.parametrize("text", [GLUE, NORM, HALF_MATH, INDEX], ids=["flat", "row", "half_math", "index"])
 def test_generated_kernels_compile_for_cuda_and_hip(tmp_path, text):
     """Compiled in a child without TRITON_INTERPRET, where @triton.jit gives real kernels."""
