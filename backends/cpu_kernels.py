@@ -59,21 +59,24 @@ def weight_int4_mm(x, w_q, w_sz, bias, group_size=32):
     registers (SmolLM2's projections at one token on 2 cores: 4-16 us, against 7-50 us in
     fp32). Only its bf16-activation path is vectorised (fp32 or fp16 activations: ~650 us
     for a 1536 x 576 weight), and it returns bf16. Rounding x and the result to bf16 costs
-    accuracy (SmolLM2, teacher-forced top-1 against fp32 over 832 tokens: 11 differ instead
-    of 7), so an fp32 or fp16 x goes in as two bf16 rows, x_hi = bf16(x) and x_lo =
-    bf16(x - x_hi), whose products are summed in fp32: x to 16 significant bits. At one
-    token that costs ~20% more GEMM time (the weight read dominates); a prefill's rows are
-    compute-bound, and they double. Every row is fed the same way whatever the batch, so a
-    token's result does not depend on what it is batched with."""
-    m = x.shape[0]
-    scales = w_sz if w_sz.dtype == torch.bfloat16 else w_sz.to(torch.bfloat16)
+    accuracy (SmolLM2, teacher-forced top-1 against fp32: 11 of 832 tokens differ, 5 of
+    the test's 256, against 7 and 1), so an fp32 or fp16 x goes in as two bf16 rows, x_hi =
+    bf16(x) and x_lo = bf16(x - x_hi), whose products are summed in fp32: x to 16
+    significant bits. The price (SmolLM2 on 2 cores, BENCHMARKS.md): decode 71-73 tok/s
+    instead of 79-85 (host time for the extra ops more than the GEMM's second row), and a
+    prefill's compute-bound rows double (480 tokens: ~550 tok/s instead of ~1050; fp32
+    ~740). Every row is fed the same way whatever the batch, so a token's result does not
+    depend on what it is batched with."""
+    if w_sz.dtype != torch.bfloat16:
+        w_sz = w_sz.to(torch.bfloat16)
     hi = x.to(torch.bfloat16)
     if x.dtype == torch.bfloat16:
-        y = torch._weight_int4pack_mm_for_cpu(hi, w_q, group_size, scales)
+        y = torch._weight_int4pack_mm_for_cpu(hi, w_q, group_size, w_sz)
     else:
-        lo = (x - hi).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(torch.cat([hi, lo]), w_q, group_size, scales)
+        m = x.shape[0]
+        y = torch._weight_int4pack_mm_for_cpu(torch.cat([hi, (x - hi).to(torch.bfloat16)]), w_q,
+                                              group_size, w_sz)
         y = y.view(2, m, -1).sum(0, dtype=torch.float32)
     if bias is not None:
         y = y.float() + bias.float()
-    return y.to(x.dtype)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
