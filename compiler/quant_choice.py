@@ -39,7 +39,7 @@ class QuantChoice:
     reason: str             # why, for the one line the command prints
 
     def describe(self) -> str:
-        return f"weights {self.quant or 'float32'} ({self.reason})"
+        return f"weights {self.quant or 'not quantised'} ({self.reason})"
 
 
 def choose(requested: str | None, model, target: str) -> QuantChoice:
@@ -57,7 +57,7 @@ def choose(requested: str | None, model, target: str) -> QuantChoice:
                                  f"--quant {CPU_DEFAULT} asks for it anyway")
     return QuantChoice(CPU_DEFAULT, f"auto: every linear weight is on a 4-bit grid in its "
                                     f"groups of {GROUP_SIZE}, so int4 keeps it exactly; "
-                                    f"--quant none keeps float32")
+                                    f"--quant none keeps the model's dtype")
 
 
 def int4_inexact(model) -> str | None:

@@ -102,5 +102,5 @@ def test_compile_and_generate_default_to_int4_for_a_4_bit_model(tmp_path, capsys
     plain = tmp_path / "plain.kiln"
     assert main(["compile", str(d), "-t", "cpu", "--block-size", "8", "--quant", "none",
                  "-o", str(plain)]) == 0
-    assert "kiln: weights float32 (--quant none)" in capsys.readouterr().err
+    assert "kiln: weights not quantised (--quant none)" in capsys.readouterr().err
     assert json.loads((plain / "manifest.json").read_text())["options"]["quant"] is None
