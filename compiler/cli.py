@@ -67,7 +67,18 @@ def _serving_config(args):
         cudagraphs=not getattr(args, "no_cudagraphs", False),
         async_scheduling=False if getattr(args, "no_async_scheduling", False) else None,
         lazy_mixed_graphs=getattr(args, "lazy_mixed_graphs", False),
-        background_graphs=getattr(args, "background_graphs", False))
+        background_graphs=getattr(args, "background_graphs", False),
+        speculative=_speculative(args))
+
+
+def _speculative(args):
+    """--speculative METHOD:K as a SpeculativeConfig (None: off); a wrong spelling is a
+    SpeculativeError (a ValueError: main prints it) before any model loads."""
+    text = getattr(args, "speculative", None)
+    if not text:
+        return None
+    from kiln.runtime.spec_decode import SpeculativeConfig
+    return SpeculativeConfig.parse(text)
 
 
 def _served(args):
@@ -157,10 +168,13 @@ def cmd_generate(args) -> int:
     print(text.strip())
     decode = len(tokens) - 1
     rate = decode / (total - ttft) if decode > 0 and total > ttft else 0.0
+    spec = served.engine.spec
+    drafted = (f" | {spec.config}: mean accepted length {spec.stats.mean_accepted_length:.2f}"
+               if spec is not None else "")
     print(f"\n[kiln engine, {served.engine.runner.device}, weights {served.quant or 'float32'}] "
           f"prompt {len(ids)} tokens, first token {ttft:.2f} s | "
-          f"{len(tokens)} tokens ({last.finish_reason if last else '-'}) | decode {rate:.1f} tokens/s",
-          file=sys.stderr)
+          f"{len(tokens)} tokens ({last.finish_reason if last else '-'}) | decode {rate:.1f} tokens/s"
+          f"{drafted}", file=sys.stderr)
     return 0
 
 
@@ -613,6 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "tokens before planning the next (by default step N+1 is planned and "
                        "launched while step N runs)")
         q.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+        q.add_argument("--speculative", metavar="METHOD:K",
+                       help="speculative decoding: draft K tokens a step and verify them in one "
+                            "model step (greedy output unchanged, sampling keeps its "
+                            "distribution); ngram:K drafts by prompt lookup (no extra weights)")
         q.add_argument("--tensor-parallel-size", type=positive_int, default=1,
                        help="shard the model over N ranks, one process per GPU (NCCL; gloo on "
                             "the CPU); under torchrun, the ranks the launcher started")

@@ -163,7 +163,9 @@ def _compile_captured(graph: Graph | CapturedText, target, block_size, record,
     if get_target(target).device_type != "cpu":
         if isinstance(graph, CapturedText):
             graph = graph.parse()
-        retarget_devices(graph, get_target(target).device_type)
+        # torch_device(): npu's name exists only once torch_npu (or kiln) declared it,
+        # which must follow the capture (dynamo's RNG forking asks for torch.npu).
+        retarget_devices(graph, get_target(target).torch_device())
     return compile_graph(graph, opts)
 
 
@@ -189,6 +191,7 @@ class ServingConfig:
     async_scheduling: bool | None = None  # None: on where the runner is on a GPU (EngineConfig)
     lazy_mixed_graphs: bool = False       # capture buckets with prefill chunks on first use
     background_graphs: bool = False       # capture while the engine is idle, not at start-up
+    speculative: object = None            # runtime.spec_decode.SpeculativeConfig, or None: off
 
 
 def default_max_model_len(config, cap: int = 4096) -> int:
@@ -215,7 +218,7 @@ def make_engine(runner, tokenizer, cfg: ServingConfig):
     return LLMEngine(runner, tokenizer, EngineConfig(
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
         max_waiting=cfg.max_waiting, enable_prefix_caching=cfg.enable_prefix_caching,
-        async_scheduling=cfg.async_scheduling))
+        async_scheduling=cfg.async_scheduling, speculative=cfg.speculative))
 
 
 # -- engines from a model or an artifact ------------------------------------------------------------

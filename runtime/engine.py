@@ -29,6 +29,7 @@ from .kv_cache import BlockManager
 from .metrics import DeviceTimer, EngineMetrics
 from .sampler import make_generator, sample_on_device
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from .spec_decode import SpecDecoder, SpeculativeConfig
 from .sequence import PENDING, InvalidParam, SamplingParams, Sequence, Status
 
 log = logging.getLogger("kiln.runtime")
@@ -65,6 +66,9 @@ class EngineConfig:
     # (scheduling, batch assembly, outputs, detokenization) overlaps the device's. None:
     # on for a CUDA runner that accepts pending inputs (batch.PendingInputs).
     async_scheduling: bool | None = None
+    # Draft tokens and verify them in one step (runtime.spec_decode); None: off. Each step
+    # then needs the previous one's tokens to draft from: no async scheduling.
+    speculative: SpeculativeConfig | None = None
 
 
 @dataclass
@@ -164,14 +168,21 @@ class LLMEngine:
             raise ValueError(f"async_scheduling needs a runner that applies batch.pending "
                              f"(accepts_pending_inputs = True); {type(runner).__name__} does not: "
                              f"set async_scheduling=False")
+        if config.async_scheduling and config.speculative is not None:
+            raise ValueError(f"speculative decoding ({config.speculative}) drafts from the tokens "
+                             f"of the step before, which async scheduling has not read yet: set "
+                             f"async_scheduling=False (--no-async-scheduling) or drop --speculative")
         on_gpu = self.device_timer.on
-        self.async_scheduling = (accepts and on_gpu if config.async_scheduling is None
-                                 else config.async_scheduling)
+        self.async_scheduling = (accepts and on_gpu and config.speculative is None
+                                 if config.async_scheduling is None else config.async_scheduling)
+        self.spec = SpecDecoder(config.speculative) if config.speculative is not None else None
         self._inflight: _InFlight | None = None
         self._timers = (self.device_timer, DeviceTimer(device))   # alternate: two steps at once
         self._token_copies = None   # likewise: per timer, pinned host memory and an event (CUDA)
         self.metrics.bind(self.blocks.num_used_blocks, self.blocks.usage,
                           lambda: len(self.scheduler.running), lambda: len(self.scheduler.waiting))
+        if self.spec is not None:
+            self.metrics.bind_spec(self.spec.stats)
         self._preemptions_seen = 0
 
     # -- requests -----------------------------------------------------------------------------
@@ -217,6 +228,8 @@ class LLMEngine:
     def _step_sync(self) -> list[RequestOutput]:
         clock = time.perf_counter
         t_start = clock()
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         step = self.scheduler.schedule()
         self._count_preemptions()
         if step is None:
@@ -225,6 +238,8 @@ class LLMEngine:
         self.device_timer.start()
         logits = self.runner.execute(step.batch)
         t_forward = clock()
+        if step.drafts is not None:
+            return self._verify(step, logits, [t_start, t_scheduled, t_forward])
         seqs, tokens = self._sample(step, logits, self.scheduler.advance(step))
         self.device_timer.stop()
         tokens = tokens.tolist() if tokens is not None else []   # the step's one wait for the device
@@ -233,6 +248,47 @@ class LLMEngine:
         self.metrics.generation_tokens.inc(len(outputs))
         self.metrics.observe_step([t_start, t_scheduled, t_forward, t_sampled, clock()],
                                   step.batch.num_seqs, step.batch.num_tokens, self.device_timer.seconds())
+        return outputs
+
+    def _verify(self, step: ScheduledStep, logits, times: list[float]) -> list[RequestOutput]:
+        """The rest of a step in which some sequences verified drafts: accept, append each
+        sequence's new tokens (several for one with accepted drafts: one output holds them),
+        count the accepted drafts as computed and free the blocks of the rejected ones."""
+        ready = self.scheduler.advance(step)
+        if not all(ready):   # rows of prefill chunks that sample nothing
+            keep = np.repeat(ready, [1 + len(d) for d in step.drafts])
+            logits = logits.index_select(0, to_device(np.flatnonzero(keep), logits.device))
+        seqs = list(itertools.compress(step.seqs, ready))
+        drafts = list(itertools.compress(step.drafts, ready))
+        for s in seqs:
+            if s.params.seed is not None and s.generator is None:
+                s.generator = make_generator(s.params.seed, logits.device)
+        accepted = self.spec.accept(logits, seqs, drafts)
+        self.device_timer.stop()
+        times.append(time.perf_counter())
+        outputs = []
+        for seq, draft, tokens in zip(seqs, drafts, accepted):
+            out = None
+            for token in tokens:
+                one = self._append(seq, token)
+                if out is None:
+                    out = one
+                else:
+                    merge_outputs(out, one)
+                if one.finished:
+                    break
+            outputs.append(out)
+            if draft:
+                self.metrics.spec_draft_tokens.inc(len(draft))
+                self.metrics.spec_accepted_tokens.inc(len(tokens) - 1)
+                if seq.status is Status.RUNNING:
+                    seq.num_computed += len(tokens) - 1   # the accepted drafts' KV stands
+                    self.blocks.commit(seq)
+                    self.blocks.trim(seq, seq.num_tokens)
+            seq.draft = []
+        self.metrics.generation_tokens.inc(sum(len(o.token_ids) for o in outputs))
+        self.metrics.observe_step(times + [time.perf_counter()], step.batch.num_seqs,
+                                  step.batch.num_tokens, self.device_timer.seconds())
         return outputs
 
     def _step_async(self) -> list[RequestOutput]:

@@ -113,6 +113,18 @@ class BlockManager:
                 block.hash, block.tokens = h, tokens
                 self.cached.setdefault(h, block.id)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the blocks past those that hold the sequence's first `num_tokens` tokens (a
+        verify step's rejected drafts). They were allocated for this step alone: no hash,
+        no other owner."""
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            block.ref_count -= 1
+            assert block.ref_count == 0 and block.hash is None, block.id
+            self.free[block.id] = None
+            self.free.move_to_end(block.id, last=False)
+
     def free_seq(self, seq: Sequence) -> None:
         """Drop a sequence's blocks (finish, abort, preemption). Its tail is freed first so
         it is evicted before its prefix, which other requests are likelier to share."""

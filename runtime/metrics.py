@@ -68,6 +68,18 @@ class EngineMetrics:
                                    registry=r)
         self.step_tokens = Histogram("kiln_step_tokens", "New tokens in a step (prefill chunks and "
                                      "decodes)", buckets=SIZE_BUCKETS, registry=r)
+        # Speculative decoding (runtime.spec_decode); zero while it is off.
+        self.spec_draft_tokens = Counter("kiln_spec_draft_tokens", "Draft tokens verified "
+                                         "(speculative decoding)", registry=r)
+        self.spec_accepted_tokens = Counter("kiln_spec_accepted_tokens", "Draft tokens accepted "
+                                            "(speculative decoding)", registry=r)
+        self.spec_verify_steps = Gauge("kiln_spec_verify_steps", "Sequence-steps that verified "
+                                       "drafts (speculative decoding)", registry=r)
+        self.spec_mean_accepted_length = Gauge(
+            "kiln_spec_mean_accepted_length", "Tokens a sequence gained per verify step: accepted "
+            "drafts plus the one sampled after them (speculative decoding; 0 before any)", registry=r)
+        self.spec_auto_off = Gauge("kiln_spec_auto_off", "Times a sequence stopped drafting for "
+                                   "low acceptance (speculative decoding)", registry=r)
 
     def bind(self, kv_used: Callable[[], float], kv_usage: Callable[[], float],
              running: Callable[[], float], waiting: Callable[[], float]) -> None:
@@ -75,6 +87,12 @@ class EngineMetrics:
         self.kv_usage.set_function(kv_usage)
         self.running.set_function(running)
         self.waiting.set_function(waiting)
+
+    def bind_spec(self, stats) -> None:
+        """Read a spec_decode.SpecStats when scraped."""
+        self.spec_verify_steps.set_function(lambda: stats.verify_steps)
+        self.spec_mean_accepted_length.set_function(lambda: stats.mean_accepted_length)
+        self.spec_auto_off.set_function(lambda: stats.auto_off)
 
     def observe_step(self, times: list[float], num_seqs: int, num_tokens: int,
                      device_seconds: float | None) -> None:

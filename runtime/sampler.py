@@ -53,26 +53,48 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
     greedy = argmax(logits)
     if all(p.greedy for p in params):
         return greedy
+    x, is_greedy = processed_logits(logits, params)
+    u = uniforms(params, generators, logits.device)
+    sampled = draw(torch.softmax(x, -1), u, greedy)
+    return torch.where(is_greedy, greedy, sampled)
+
+
+def processed_logits(logits: torch.Tensor, params: list[SamplingParams]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 logits each row samples from (temperature applied, -inf outside its
+    top-k and top-p; greedy rows at temperature 1, untruncated) and the rows' greedy mask:
+    softmax of the first is the distribution a sampled row draws from."""
     logits = logits.float()
-    n, vocab = logits.shape
-    dev = logits.device
+    vocab = logits.shape[1]
     rows = to_device([(p.temperature if not p.greedy else 1.0,
                        p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, p.greedy)
-                      for p in params], dev, torch.float64)
+                      for p in params], logits.device, torch.float64)
     temps, top_k, top_p, is_greedy = rows.unbind(1)
     x = logits / temps[:, None].float()
     if any(0 < p.top_k < vocab or p.top_p < 1 for p in params if not p.greedy):
         x = _truncate(x, top_k.long(), top_p.float())
-    u = torch.rand(n, 1, device=dev, dtype=torch.float64)
+    return x, is_greedy.bool()
+
+
+def uniforms(params: list[SamplingParams], generators: list[torch.Generator | None],
+             device: torch.device) -> torch.Tensor:
+    """[N, 1] float64 uniforms in [0, 1), one a row; a seeded row's from its own generator."""
+    u = torch.rand(len(params), 1, device=device, dtype=torch.float64)
     for i, g in enumerate(generators):
         if g is not None and not params[i].greedy:
-            u[i] = torch.rand(1, generator=g, device=g.device, dtype=torch.float64).to(dev)
-    cdf = torch.softmax(x, -1).double().cumsum(-1)   # (cumsum(dtype=float64) is 10x slower on a CPU)
+            u[i] = torch.rand(1, generator=g, device=g.device, dtype=torch.float64).to(device)
+    return u
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """probs [N, V] (each row's weights, not necessarily summing to 1), u [N, 1] -> [N]: the
+    token whose CDF interval holds u, by inverting each row's CDF; `fallback` [N] where
+    rounding runs past the end."""
+    cdf = probs.double().cumsum(-1)   # (cumsum(dtype=float64) is 10x slower on a CPU)
     # First token whose CDF passes u: a token of zero probability never does. u * total
-    # rounding up to the total (u within 1e-16 of 1) would run past the end: argmax then.
+    # rounding up to the total (u within 1e-16 of 1) would run past the end: fallback then.
     sampled = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
-    sampled = torch.where(sampled < vocab, sampled, greedy)
-    return torch.where(is_greedy.bool(), greedy, sampled)
+    return torch.where(sampled < probs.shape[1], sampled, fallback)
 
 
 def _truncate(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,13 @@ With async scheduling (the engine's) a step is scheduled while the previous one 
 sequence's last token may be pending (`sequence.PENDING`, read after the step is planned);
 it is still one token to run, and a sequence marked `final` (its pending token ends it) is
 not scheduled again.
+
+With speculative decoding a decoding sequence may carry draft tokens (`seq.draft`, set by
+spec_decode before the step is planned): it runs its last token and its drafts, one row
+each in the batch (spec_decode explains the layout), within the same token budget; the
+drafts are cut to what the budget has left, and so that the batch has no more rows than
+`max_num_seqs` (the largest decode bucket). `advance` counts only the last token as
+computed: the engine adds the accepted drafts after verifying them.
 """
 from __future__ import annotations
 
@@ -34,8 +41,9 @@ class SchedulerConfig:
 @dataclass
 class ScheduledStep:
     seqs: list[Sequence]
-    num_new: list[int]     # tokens each sequence runs this step
+    num_new: list[int]     # tokens each sequence runs this step (drafts included)
     batch: FlatBatch
+    drafts: list[list[int]] | None = None   # per sequence, the draft tokens it verifies
 
 
 class Scheduler:
@@ -77,9 +85,16 @@ class Scheduler:
         head, end = 0, len(queue)   # the queue is queue[head:end]: preemption takes from the end
         seqs, num_new = [], []
         allocate = self.blocks.allocate
+        # Rows a batch may have besides one per running sequence: for drafts.
+        spare_rows, draft_rows = self.config.max_num_seqs - len(self.running), 0
         while head < end and budget > 0:
             seq, pending = queue[head]
             head += 1
+            if seq.draft:
+                seq.draft = seq.draft[:max(0, min(budget - 1, spare_rows))]
+                spare_rows -= len(seq.draft)
+                draft_rows += len(seq.draft)
+                pending += len(seq.draft)
             n = pending if pending < budget else budget
             while not allocate(seq, n):
                 if head < end:
@@ -95,7 +110,7 @@ class Scheduler:
                 num_new.append(n)
                 budget -= n
         # Waiting sequences, while budget, seats and blocks last (none if we just preempted).
-        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+        while (self.waiting and budget > 0 and len(self.running) + draft_rows < self.config.max_num_seqs
                and self.num_preemptions == preempted):
             seq = self.waiting[0]
             self.blocks.match_prefix(seq)
@@ -111,6 +126,16 @@ class Scheduler:
             budget -= n
         if not seqs:
             return None
+        if draft_rows:
+            drafts = [s.draft for s in seqs]
+            items = []
+            for s, n, d in zip(seqs, num_new, drafts):
+                if not d:
+                    items.append((s.token_ids, s.num_computed, n, s.block_table))
+                    continue
+                tokens = s.token_ids + d
+                items += [(tokens, s.num_computed + j, 1, s.block_table) for j in range(n)]
+            return ScheduledStep(seqs, num_new, build_batch(items, self.blocks.block_size), drafts)
         batch = build_batch([(s.token_ids, s.num_computed, n, s.block_table) for s, n in zip(seqs, num_new)],
                             self.blocks.block_size)
         return ScheduledStep(seqs, num_new, batch)
@@ -125,13 +150,14 @@ class Scheduler:
             if seq.status is not Status.RUNNING:   # preempted or aborted meanwhile
                 ready.append(False)
                 continue
-            seq.num_computed += n
+            seq.num_computed += n - len(seq.draft)   # (drafts count once accepted)
             if commit:
                 self.blocks.commit(seq)
             ready.append(seq.num_pending == 0)
         return ready
 
     def _preempt(self, seq: Sequence) -> None:
+        seq.draft = []
         self.running.remove(seq)
         self.blocks.free_seq(seq)
         seq.status = Status.WAITING

@@ -78,6 +78,8 @@ class Sequence:
         self.num_preemptions = 0
         self.generator: torch.Generator | None = None   # made on the logits' device when seeded
         self.final = False       # its last token is pending and will end it (length): not scheduled
+        self.draft: list[int] = []   # speculative tokens to verify after its last one (spec_decode)
+        self.spec = None             # spec_decode.SpecState, once it has drafted
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
