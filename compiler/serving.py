@@ -163,7 +163,9 @@ def _compile_captured(graph: Graph | CapturedText, target, block_size, record,
     if get_target(target).device_type != "cpu":
         if isinstance(graph, CapturedText):
             graph = graph.parse()
-        retarget_devices(graph, get_target(target).device_type)
+        # torch_device(): npu's name exists only once torch_npu (or kiln) declared it,
+        # which must follow the capture (dynamo's RNG forking asks for torch.npu).
+        retarget_devices(graph, get_target(target).torch_device())
     return compile_graph(graph, opts)
 
 
