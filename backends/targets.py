@@ -124,7 +124,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            lowering="Triton AMD (gfx942, gfx950) for every fused op, generated Triton "
                     "kernels, GEMMs through torch (hipBLAS); HIP graphs through torch.cuda "
                     "on ROCm builds",
-           verified="compiled for gfx942 + Triton interpreter (CI); never run on an AMD GPU",
+           verified="compiled for gfx942/gfx950 + its wrapper run under the Triton "
+                    "interpreter (CI); never run on an AMD GPU",
            first_run=_first_run("hip")),
     Target("xpu", "xpu", None, (), 16, torch.float8_e4m3fn, "torch.xpu.XPUGraph",
            lowering="torch ops (no installable Triton Intel backend compiles kiln's "

@@ -49,6 +49,28 @@ from triton.backends.compiler import GPUTarget
 
 TARGETS = {"cuda": GPUTarget("cuda", 90, 32), "hip": GPUTarget("hip", "gfx942", 64)}
 BINARY_KIND = {"cuda": "cubin", "hip": "hsaco"}
+
+
+def family(target: str) -> str:
+    """"hip" of "hip:gfx950": a compile target is a TARGETS key, or one with ":ARCH" naming
+    another architecture of that target (one of its archs in kiln's targets table)."""
+    return target.split(":", 1)[0]
+
+
+def gpu_target(target: str) -> GPUTarget:
+    """The GPUTarget of "cuda", "hip" (their default archs) or "hip:gfx950", "cuda:80"."""
+    name, _, arch = target.partition(":")
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; known: {sorted(TARGETS)}, each with an "
+                         f"optional :ARCH")
+    if not arch:
+        return TARGETS[name]
+    from kiln.backends.targets import get_target
+    archs = [str(a) for a in get_target(name).archs]
+    if arch not in archs:
+        raise ValueError(f"target {name} has archs {archs} (kiln targets), not {arch!r}")
+    default = TARGETS[name]
+    return GPUTarget(default.backend, int(arch) if arch.isdigit() else arch, default.warp_size)
 KERNEL_MODULES = ("norm", "rope", "activation", "quant", "attention", "paged_attention", "moe", "gemm",
                   "gemv")
 _PACKAGE = "kiln.backends.triton"
@@ -162,19 +184,18 @@ def _json_safe(value):
 
 
 def _compile_in_process(spec: KernelSpec, target: str) -> CompiledBinary:
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; known: {sorted(TARGETS)}")
+    gpu = gpu_target(target)
     start = time.perf_counter()
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages,
                # The default is changing in Triton 3.10; say what we want.
                "enable_fp_fusion": True}
-    kernel = triton.compile(_make_source(spec), target=TARGETS[target], options=options)
+    kernel = triton.compile(_make_source(spec), target=gpu, options=options)
     md = kernel.metadata
     md = md._asdict() if hasattr(md, "_asdict") else dict(vars(md))
     asm = {k: v for k, v in kernel.asm.items() if isinstance(v, str)}
     return CompiledBinary(
         spec_name=spec.name, target=target, kernel_name=str(md.get("name", spec.fn.__name__)),
-        binary=bytes(kernel.asm[BINARY_KIND[target]]), asm=asm,
+        binary=bytes(kernel.asm[BINARY_KIND[family(target)]]), asm=asm,
         metadata={k: _json_safe(v) for k, v in md.items()},
         signature=dict(spec.signature), constants=dict(spec.constants),
         compile_s=time.perf_counter() - start)
@@ -266,7 +287,7 @@ def compile_specs(specs: list[KernelSpec], targets=tuple(TARGETS), jobs: int | N
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"duplicate kernel spec names: {dupes}")
-    work = [(s, t) for s in specs for t in targets if t in s.targets]
+    work = [(s, t) for s in specs for t in targets if family(t) in s.targets]
     jobs = jobs or min(os.cpu_count() or 1, 8)
     jobs = max(1, min(jobs, len(work)))
     if jobs == 1 and all(_is_jit_function(s.fn) for s, _ in work):
@@ -285,8 +306,8 @@ def compile_specs(specs: list[KernelSpec], targets=tuple(TARGETS), jobs: int | N
 
 
 def compile_spec(spec: KernelSpec, target: str) -> CompiledBinary:
-    """Compile one spec for "cuda" (sm_90) or "hip" (gfx942)."""
-    if target not in spec.targets:
+    """Compile one spec for "cuda" (sm_90), "hip" (gfx942) or another arch ("hip:gfx950")."""
+    if family(target) not in spec.targets:
         raise ValueError(f"kernel spec {spec.name!r} is not meant for {target!r} "
                          f"(targets: {spec.targets})")
     if _is_jit_function(spec.fn):
@@ -298,7 +319,7 @@ def binary_bytes(compiled, target: str) -> bytes:
     """The cubin (cuda) or hsaco (hip) of a CompiledBinary or a triton CompiledKernel."""
     if isinstance(compiled, CompiledBinary):
         return compiled.binary
-    return bytes(compiled.asm[BINARY_KIND[target]])
+    return bytes(compiled.asm[BINARY_KIND[family(target)]])
 
 
 def all_specs() -> list[KernelSpec]:
@@ -317,7 +338,7 @@ def write_artifacts(results: list[CompiledBinary], out_dir: str) -> str:
     tmp = tempfile.mkdtemp(prefix=".aot-", dir=parent)
     manifest = []
     for r in results:
-        fname = f"{r.spec_name}.{r.target}.{BINARY_KIND[r.target]}"
+        fname = f"{r.spec_name}.{r.target.replace(':', '-')}.{BINARY_KIND[family(r.target)]}"
         with open(os.path.join(tmp, fname), "wb") as f:
             f.write(r.binary)
         manifest.append({"spec": r.spec_name, "target": r.target, "file": fname,

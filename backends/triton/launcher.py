@@ -147,7 +147,7 @@ def _c_name(name: str) -> str:
 
 def launcher_params(b: aot.CompiledBinary) -> list[Param]:
     """The launcher's arguments: the kernel signature minus its constexprs."""
-    api = API[b.target]
+    api = API[aot.family(b.target)]
     params = []
     for name, ty in b.signature.items():
         if ty == "constexpr":
@@ -208,15 +208,15 @@ def amdgcn_param_sizes(amdgcn: str, kernel_name: str) -> list[int] | None:
 
 
 def _compiled_param_sizes(b: aot.CompiledBinary) -> tuple[list[int] | None, str]:
-    if b.target == "cuda" and "ptx" in b.asm:
+    if aot.family(b.target) == "cuda" and "ptx" in b.asm:
         return ptx_param_sizes(b.asm["ptx"], b.kernel_name), "ptx"
-    if b.target == "hip" and "amdgcn" in b.asm:
+    if aot.family(b.target) == "hip" and "amdgcn" in b.asm:
         return amdgcn_param_sizes(b.asm["amdgcn"], b.kernel_name), "amdgcn"
     return None, "metadata"
 
 
 def kernel_abi(b: aot.CompiledBinary) -> KernelAbi:
-    if b.target not in API:
+    if aot.family(b.target) not in API:
         raise LauncherError(f"no C launcher for target {b.target!r}; known: {sorted(API)}")
     md = b.metadata
     where = f"kernel {b.spec_name!r} ({b.target})"
@@ -244,7 +244,7 @@ def kernel_abi(b: aot.CompiledBinary) -> KernelAbi:
     scratch = int(md.get("global_scratch_size", 0) or 0)
     if scratch and "global_scratch" not in hidden:
         raise LauncherError(f"{where}: needs global scratch but takes no scratch pointer")
-    warp = int(md.get("warp_size") or aot.TARGETS[b.target].warp_size)
+    warp = int(md.get("warp_size") or aot.gpu_target(b.target).warp_size)
     return KernelAbi(tuple(params), hidden, int(md["num_warps"]) * warp, int(md.get("shared", 0)),
                      scratch, source)
 
@@ -266,7 +266,7 @@ def _macro_prefix(b: aot.CompiledBinary) -> str:
 
 
 def _launch_signature(b: aot.CompiledBinary, abi: KernelAbi) -> str:
-    api = API[b.target]
+    api = API[aot.family(b.target)]
     args = [f"{api.stream} stream", "unsigned int gridX", "unsigned int gridY",
             "unsigned int gridZ"]
     if abi.global_scratch:
@@ -288,7 +288,7 @@ def _describe(b: aot.CompiledBinary, abi: KernelAbi) -> list[str]:
     """Comment lines that say what a kernel is."""
     md = b.metadata
     const = ", ".join(f"{k}={v}" for k, v in b.constants.items()) or "none"
-    arch = md.get("arch") or aot.TARGETS[b.target].arch
+    arch = md.get("arch") or aot.gpu_target(b.target).arch
     out = [f"{b.spec_name}: Triton kernel {b.kernel_name} for {b.target} {arch}",
            f"  Triton {md.get('triton_version', '?')}, {md.get('num_warps')} warps, "
            f"{abi.threads} threads a block, {abi.shared} bytes of shared memory",
