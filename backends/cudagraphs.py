@@ -1,4 +1,8 @@
-"""CUDA graph capture for a compiled wrapper (also HIP graphs on ROCm builds).
+"""Graph capture for a compiled wrapper: CUDA graphs, HIP graphs (the same torch.cuda API
+on ROCm builds), XPU graphs (torch.xpu.XPUGraph) and ACL graphs (torch.npu.NPUGraph, once
+torch_npu is imported). Each device module offers the same calls (a graph class, `graph`,
+`graph_pool_handle`, `synchronize`); the targets table names the class, and `GraphAPI`
+finds the rest beside it.
 
 One graph per input signature (shapes, dtypes and size values). A signature runs eagerly
 the first time (which also compiles every Triton kernel it launches) and is captured the
@@ -21,6 +25,54 @@ from kiln.ir.fallback import report
 
 
 
+@dataclass(frozen=True)
+class GraphAPI:
+    """The capture calls of one device module, e.g. GraphAPI("torch.cuda", "CUDAGraph")."""
+    module: str        # "torch.cuda", "torch.xpu", "torch.npu"
+    graph_class: str   # "CUDAGraph", "XPUGraph", "NPUGraph"
+
+    @classmethod
+    def of(cls, target) -> "GraphAPI | None":
+        """The API of a target's `graph_capture` ("torch.xpu.XPUGraph"); None without one."""
+        if not target.graph_capture:
+            return None
+        module, graph_class = target.graph_capture.rsplit(".", 1)
+        return cls(module, graph_class)
+
+    @property
+    def device_type(self) -> str:
+        return self.module.rsplit(".", 1)[1]
+
+    def device_module(self):
+        """torch.cuda / torch.xpu / torch.npu (the last exists once torch_npu is imported)."""
+        mod = getattr(torch, self.device_type, None)
+        if mod is None or not hasattr(mod, self.graph_class):
+            raise RuntimeError(f"{self.module}.{self.graph_class} is not in this torch "
+                               f"({torch.__version__}): graph capture for {self.device_type} "
+                               f"needs its plug-in (torch_npu for npu) or a torch that has it")
+        return mod
+
+    def available(self) -> bool:
+        """A device to capture on is present (and the module that captures for it)."""
+        mod = getattr(torch, self.device_type, None)
+        return (mod is not None and hasattr(mod, self.graph_class)
+                and bool(getattr(mod, "is_available", lambda: False)()))
+
+    def new_graph(self):
+        return getattr(self.device_module(), self.graph_class)()
+
+    def capturing(self, graph, pool):
+        return self.device_module().graph(graph, pool=pool)
+
+    def pool_handle(self):
+        return self.device_module().graph_pool_handle()
+
+    def synchronize(self) -> None:
+        self.device_module().synchronize()
+
+
+CUDA_GRAPHS = GraphAPI("torch.cuda", "CUDAGraph")
+
 # Different non-tensor values for the same tensor shapes before a graph stops capturing them.
 SCALAR_VARIANTS = 8
 
@@ -36,7 +88,7 @@ def _ptrs(args) -> tuple:
 
 @dataclass
 class _Entry:
-    graph: "torch.cuda.CUDAGraph"
+    graph: object            # the API's graph (torch.cuda.CUDAGraph, ...)
     static_args: list
     copied: list[int]        # inputs copied into static buffers before replay
     write_back: list[int]    # copied inputs the graph mutates
@@ -49,10 +101,12 @@ class _Entry:
                              if not isinstance(a, torch.Tensor)]
 
 
-class CudaGraphCache:
+class GraphCache:
     def __init__(self, fn, mutated_inputs: set[int] = frozenset(), max_graphs: int = 32,
-                 copy_outputs: bool = True, fallback: str | None = None):
+                 copy_outputs: bool = True, fallback: str | None = None,
+                 api: GraphAPI = CUDA_GRAPHS):
         self.fn = fn
+        self.api = api
         self.fallback = fallback            # the policy for a failed capture (kiln.ir.fallback)
         self.mutated = set(mutated_inputs)
         self.max_graphs = max_graphs
@@ -101,7 +155,8 @@ class CudaGraphCache:
         if entry is None:
             if key in self.uncapturable or len(self.entries) >= self.max_graphs:
                 return self.fn(*args)
-            if any(isinstance(a, torch.Tensor) and not a.is_cuda for a in args):
+            if any(isinstance(a, torch.Tensor) and a.device.type != self.api.device_type
+                   for a in args):
                 # Work on host tensors would run once at capture and be baked in. (A
                 # StaticCache prefill on transformers 5.17 reads its lengths on the host:
                 # prefill runs without graphs by design, so this is no fallback.)
@@ -190,17 +245,18 @@ class CudaGraphCache:
                 pinned.append(None)
         for i in copied:
             static_args[i].copy_(args[i])
-        graph = torch.cuda.CUDAGraph()
+        api = self.api
+        graph = api.new_graph()
         if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+            self.pool = api.pool_handle()
         try:
-            torch.cuda.synchronize()
-            with timings.phase("cuda graph capture"), torch.cuda.graph(graph, pool=self.pool):
+            api.synchronize()
+            with timings.phase(f"{api.device_type} graph capture"), api.capturing(graph, self.pool):
                 outputs = self.fn(*static_args)
         except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
             self.uncapturable.add(key)
-            torch.cuda.synchronize()
-            report("cudagraph", str(key), f"kiln: CUDA graph capture failed for {key} "
+            api.synchronize()
+            report("cudagraph", str(key), f"kiln: {api.graph_class} capture failed for {key} "
                    f"({type(e).__name__}: {e}); these shapes run eagerly", self.fallback)
             return None
         entry = _Entry(graph, static_args, copied, [i for i in copied if i in self.mutated],

@@ -69,6 +69,9 @@ class Target:
 _COLLECTIVES = {op: f"kiln.backends.collectives:{op}"
                 for op in ("all_reduce", "all_gather", "reduce_scatter", "all_reduce_add_rms_norm")}
 _CPU_KERNELS = {"attention": "kiln.backends.cpu_kernels:attention",
+                # TVM kernels where they beat torch (kiln.backends.cpu_kernels.TVM_OPS)
+                **{op: f"kiln.backends.cpu_kernels:{op}"
+                   for op in ("rms_norm", "fused_add_rms_norm", "rope", "silu_mul")},
                 "weight_int8_mm": "kiln.backends.cpu_kernels:weight_int8_mm",
                 "quant_int4": "kiln.backends.cpu_kernels:quant_int4",
                 "weight_int4_mm": "kiln.backends.cpu_kernels:weight_int4_mm",
@@ -92,6 +95,11 @@ _TRITON_KERNELS = {op: f"kiln.backends.triton.{module}:{op}"
 _TRITON_KERNELS.update(_COLLECTIVES, all_reduce_add_rms_norm=
                        "kiln.backends.collectives:all_reduce_add_rms_norm_triton")
 
+# Devices without a kernel generator here (xpu): the fused ops with a torch-op version
+# that keeps shapes static (paged attention's decode path: graph-capturable); the others
+# run their reference implementations, which are torch ops too.
+_TORCH_KERNELS = {"paged_attention": "kiln.backends.paged_attention:paged_attention",
+                  **_COLLECTIVES}
 # npu: each fused op as the torch_npu operators that implement it (backends/npu.py).
 _NPU_OPS = ("rms_norm", "fused_add_rms_norm", "rope", "rope_pair", "silu_mul", "attention",
             "paged_attention", "fused_moe", "quant_int8")
@@ -128,9 +136,12 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
                     "interpreter (CI); never run on an AMD GPU",
            first_run=_first_run("hip")),
     Target("xpu", "xpu", None, (), 16, torch.float8_e4m3fn, "torch.xpu.XPUGraph",
-           lowering="torch ops (no installable Triton Intel backend compiles kiln's "
-                    "kernels here); XPU graphs",
-           verified="not tested; never run on an Intel GPU",
+           kernels=_TORCH_KERNELS,
+           lowering="torch ops for every fused op (no Triton Intel backend installs beside "
+                    "the triton the cuda/hip kernels need); XPU graphs",
+           verified="wrapper run on the CPU vs HF eager (xpu device literals mapped to the "
+                    "CPU, test-only) + torch.xpu graph API present (CI); never run on an "
+                    "Intel GPU",
            first_run=_first_run("xpu")),
     Target("npu", "npu", None, (), 32, None, "torch.npu.NPUGraph", kernels=_NPU_KERNELS,
            declare_device="kiln.backends.npu:declare_device",

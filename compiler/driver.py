@@ -36,7 +36,7 @@ class CompiledGraph:
                  target: str, prepare: Graph | None = None, cuda_graphs=None,
                  cached: bool = False):
         self.graph = graph
-        self.cuda_graphs = cuda_graphs      # the CudaGraphCache replaying the forward, if any
+        self.cuda_graphs = cuda_graphs      # the GraphCache replaying the forward, if any
         self.prepare = prepare              # the weight preparation split off `graph`, if any
         self.source = source
         self.fn = fn
@@ -62,7 +62,7 @@ class CompiledGraph:
 
     def bind(self, args, varying: list[int]):
         """A replay of this graph's captured CUDA graph for calls like `args` whose only new
-        tensors are at `varying` (CudaGraphCache.bind), with the weight preparation taken
+        tensors are at `varying` (GraphCache.bind), with the weight preparation taken
         as it is now; None without a replayable graph. For a loop that owns every other
         argument and writes no weight while bound (kiln.generate's DirectDecode)."""
         if self.cuda_graphs is None or isinstance(self.fn, ScalarInputs):
@@ -190,15 +190,16 @@ def compile_graph(graph: Graph | CapturedText, options: CompileOptions | None = 
         with timings.phase("load wrapper"):
             module = wrapper.load_module(source, f"kiln_{graph.name}")
         cuda_graphs = None
-        if target.graph_capture and target.device_type == "cuda" and opts.cudagraphs:
-            if torch.cuda.is_available():
-                from kiln.backends.cudagraphs import CudaGraphCache
+        if target.graph_capture and opts.cudagraphs:
+            from kiln.backends.cudagraphs import GraphAPI, GraphCache
+            api = GraphAPI.of(target)
+            if api.available():
                 # Graphs capture the forward only (the wrapper's `forward` looks
                 # `forward_prepared` up at call time): prepared weights are inputs of the
                 # replay, so a weight written in place is prepared again, not baked in.
                 core = "forward" if split is None else "forward_prepared"
-                cuda_graphs = module[core] = CudaGraphCache(module[core], mutated_inputs(graph),
-                                                            fallback=opts.fallback)
+                cuda_graphs = module[core] = GraphCache(module[core], mutated_inputs(graph),
+                                                        fallback=opts.fallback, api=api)
         fn = module["forward"]
         if any(v.role == SCALAR for v in graph.inputs):
             fn = ScalarInputs(fn, graph)
