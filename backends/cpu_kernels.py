@@ -1,12 +1,108 @@
-"""CPU implementations of fused ops where torch has a faster kernel than the reference.
-Each must match its `kiln.ir.kiln_ref` function (tests check)."""
+"""CPU implementations of fused ops where torch or a TVM kernel is faster than the reference.
+Each must match its `kiln.ir.kiln_ref` function (tests check).
+
+TVM kernels (`kiln.backends.tvm`) run the ops in `TVM_OPS`, each chosen because it beat
+the torch code it replaces at SmolLM2's decode shapes on the machine measured
+(bench/cpu_kernels.py; BENCHMARKS.md, "CPU kernels: TVM against torch"); an op left out
+lost there and stays torch. A call runs TVM when its operands are what the kernel takes
+(float32, contiguous; the GEMVs only at one row of x, the decode shape they were chosen
+for), else the torch code, as do all of them without the `cpu` extra (one warning) or
+with KILN_TVM=0. `kiln.backends.tvm.counts()` counts each call by the path it took
+("tvm:rms_norm", "torch:rms_norm:<why>"), so a test can tell which one ran.
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
 from kiln.ir import kiln_ref
 from kiln.ir.kiln_ref import visible_keys
+
+from .tvm import build as tvm_build
+
+# The ops whose TVM kernel won against torch (bench/cpu_kernels.py, BENCHMARKS.md).
+TVM_OPS = frozenset({"rms_norm", "fused_add_rms_norm", "rope", "weight_int4_mm"})
+_counts = tvm_build._counts
+
+
+def _tvm_kernel(op: str, kernel: str, **params):
+    """The compiled TVM function, or None (counted, with why) when torch runs `op`."""
+    if op not in TVM_OPS:
+        _counts[f"torch:{op}:not chosen"] += 1
+        return None
+    if os.environ.get("KILN_TVM", "1") == "0":
+        _counts[f"torch:{op}:KILN_TVM=0"] += 1
+        return None
+    if not tvm_build.available():
+        tvm_build.warn_once("no-tvm", tvm_build.EXTRA_MESSAGE + "; running torch code for the "
+                            "CPU's fused ops instead")
+        _counts[f"torch:{op}:no tvm"] += 1
+        return None
+    from .tvm import kernels
+    _counts[f"tvm:{op}"] += 1
+    return tvm_build.get(kernel, params, getattr(kernels, kernel))
+
+
+def _fp32(*ts) -> bool:
+    return all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in ts)
+
+
+def _operands(op: str, ok: bool) -> bool:
+    if not ok:
+        _counts[f"torch:{op}:operands"] += 1
+    return ok
+
+
+def rms_norm(x, weight, eps):
+    """kiln.rms_norm: a TVM kernel for float32 rows (kiln_ref's torch code otherwise)."""
+    if _operands("rms_norm", _fp32(x, weight) and x.dim() >= 2 and weight.dim() == 1):
+        fn = _tvm_kernel("rms_norm", "rms_norm", rank=x.dim(), d=x.shape[-1], eps=float(eps))
+        if fn is not None:
+            out = torch.empty_like(x)
+            fn(x, weight, out)
+            return out
+    return kiln_ref.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x, residual, weight, eps):
+    """kiln.fused_add_rms_norm: (rms_norm(residual + x), residual + x) in one TVM kernel."""
+    if _operands("fused_add_rms_norm", _fp32(x, residual, weight) and x.dim() >= 2
+                 and x.shape == residual.shape and weight.dim() == 1):
+        fn = _tvm_kernel("fused_add_rms_norm", "fused_add_rms_norm", rank=x.dim(),
+                         d=x.shape[-1], eps=float(eps))
+        if fn is not None:
+            out, summed = torch.empty_like(x), torch.empty_like(x)
+            fn(x, residual, weight, out, summed)
+            return out, summed
+    return kiln_ref.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rope(x, cos, sin):
+    """kiln.rope: x [B, H, S, D] with cos, sin [B, S, D]. A decode step's q and k are views
+    of the projection's output that are contiguous where their sizes are not 1 (S = 1), so
+    they go in without a copy; a prefill's permuted q runs torch's code."""
+    if _operands("rope", _fp32(x, cos, sin) and x.dim() == 4 and cos.dim() == 3
+                 and cos.shape == sin.shape == (x.shape[0], x.shape[2], x.shape[3])
+                 and x.shape[3] % 2 == 0):
+        fn = _tvm_kernel("rope", "rope", d=x.shape[-1])
+        if fn is not None:
+            out = torch.empty(x.shape, dtype=x.dtype)
+            fn(x, cos, sin, out)
+            return out
+    return kiln_ref.rope(x, cos, sin)
+
+
+def silu_mul(gate, up):
+    """kiln.silu_mul: silu(gate) * up."""
+    if _operands("silu_mul", _fp32(gate, up) and gate.shape == up.shape and gate.dim() >= 2):
+        fn = _tvm_kernel("silu_mul", "silu_mul", rank=gate.dim(), d=gate.shape[-1])
+        if fn is not None:
+            out = torch.empty_like(gate)
+            fn(gate, up, out)
+            return out
+    return kiln_ref.silu_mul(gate, up)
 
 
 def attention(q, k, v, mask, scale, causal, window=None):
@@ -32,6 +128,20 @@ def attention(q, k, v, mask, scale, causal, window=None):
 
 
 def weight_int8_mm(x, w_q, w_scale, bias):
+    """kiln.weight_int8_mm: TVM's GEMV at one row of float32 x when chosen (TVM_OPS), else
+    weight_int8_mm_torch."""
+    if _operands("weight_int8_mm", x.dim() == 2 and x.shape[0] == 1
+                 and _fp32(x) and w_q.is_contiguous() and w_scale.dtype == torch.float32
+                 and w_scale.is_contiguous() and x.shape[1] % 16 == 0):
+        fn = _tvm_kernel("weight_int8_mm", "weight_int8_mv", k=w_q.shape[1], n=w_q.shape[0])
+        if fn is not None:
+            y = torch.empty(1, w_q.shape[0])
+            fn(x, w_q, w_scale, y)
+            return y if bias is None else y + bias.float()
+    return weight_int8_mm_torch(x, w_q, w_scale, bias)
+
+
+def weight_int8_mm_torch(x, w_q, w_scale, bias):
     """kiln.weight_int8_mm through torch's int8-weight CPU GEMM, which dequantises in
     registers: it reads a quarter of fp32's weight bytes, and decode on a CPU is bound by
     them. Its bf16-activation path is the vectorised one (SmolLM2's projections at one token
@@ -55,6 +165,23 @@ def quant_int4(w, group_size=32, scale_dtype=torch.float32):
 
 
 def weight_int4_mm(x, w_q, w_sz, bias, group_size=32):
+    """kiln.weight_int4_mm: TVM's GEMV at one row of float32 x when chosen (TVM_OPS), else
+    weight_int4_mm_torch. TVM's keeps x in float32 (no bf16 halves), so it is also the
+    more exact of the two."""
+    n, k = w_q.shape[0], w_q.shape[1] * 2
+    if _operands("weight_int4_mm", x.dim() == 2 and x.shape[0] == 1 and _fp32(x)
+                 and w_q.is_contiguous() and w_sz.is_contiguous() and k % 64 == 0 and n % 64 == 0
+                 and w_sz.dtype in (torch.float32, torch.bfloat16)):
+        fn = _tvm_kernel("weight_int4_mm", "weight_int4_mv", k=k, n=n, group_size=group_size,
+                         scale_dtype=str(w_sz.dtype).split(".")[-1])
+        if fn is not None:
+            y = torch.empty(1, n)
+            fn(x, w_q, w_sz, y)
+            return y if bias is None else y + bias.float()
+    return weight_int4_mm_torch(x, w_q, w_sz, bias, group_size)
+
+
+def weight_int4_mm_torch(x, w_q, w_sz, bias, group_size=32):
     """kiln.weight_int4_mm through torch's int4-weight CPU GEMM, which dequantises in
     registers (SmolLM2's projections at one token on 2 cores: 4-16 us, against 7-50 us in
     fp32). Only its bf16-activation path is vectorised (fp32 or fp16 activations: ~650 us

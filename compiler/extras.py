@@ -19,6 +19,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "gguf": ("gguf", "accelerate"),                 # reading GGUF files (the default model)
     "triton": ("triton",),                          # Triton kernels: targets cuda and hip
     "mlir": ("torch_mlir",),                        # kiln dump --format mlir
+    "cpu": ("tvm",),                                # the cpu target's TVM kernels
 }
 
 

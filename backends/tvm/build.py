@@ -1,0 +1,150 @@
+"""Building TVM kernels: for this machine's CPU, once per (kernel, parameters), cached on disk.
+
+    <kiln cache>/tvm/          $KILN_CACHE_DIR/tvm (~/.cache/kiln/tvm)
+        <kernel>-<key>.so      a module TVM's LLVM backend compiled, linked by the system
+                               compiler (export_library)
+
+The key is a hash of the kernel's name and parameters (the sizes it is specialised for,
+eps, the group size), the LLVM target (triple and CPU), TVM's version and the source of
+`kernels.py` (an edit is a new key). A module is written to a temporary file beside it and
+renamed into place, so a reader sees a whole file or none; one that fails to load is
+removed and rebuilt, never trusted. A directory that cannot be written costs a rebuild
+per process, not an error. `counts()` says what happened: builds, disk hits, rebuilds,
+and which ops ran on TVM or on torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+import threading
+import warnings
+from collections import Counter
+from pathlib import Path
+
+_lock = threading.Lock()
+_counts: Counter = Counter()
+_loaded: dict[tuple, object] = {}   # (kernel, *params) -> the module's packed function
+_warned: set[str] = set()
+EXTRA_MESSAGE = ("the CPU target's TVM kernels need the 'cpu' extra (apache-tvm not "
+                 "installed): pip install 'kiln[cpu]'")
+
+
+class TVMUnavailable(ImportError):
+    """TVM is not installed; the message names the extra that provides it."""
+
+
+def available() -> bool:
+    return importlib.util.find_spec("tvm") is not None
+
+
+def require() -> None:
+    if not available():
+        raise TVMUnavailable(EXTRA_MESSAGE, name="tvm")
+
+
+def count(what: str) -> None:
+    with _lock:
+        _counts[what] += 1
+
+
+def counts(reset: bool = False) -> dict:
+    """{"build": n, "disk_hit": n, "rebuilt": n, "unwritable": n,
+    "tvm:<op>": calls run by a TVM kernel, "torch:<op>:<why>": calls run by torch}."""
+    with _lock:
+        out = dict(_counts)
+        if reset:
+            _counts.clear()
+    return out
+
+
+def warn_once(topic: str, message: str) -> None:
+    with _lock:
+        if topic in _warned:
+            return
+        _warned.add(topic)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "tvm"
+
+
+_TARGET = None
+
+
+def target():
+    """TVM's LLVM target for this machine's CPU. TVM's wheel reports its build's conda
+    triple, with which LLVM refuses -mcpu=native; the system triple with the CPU name LLVM
+    detects gives the same vector instructions (AVX-512 where the CPU has it)."""
+    global _TARGET
+    if _TARGET is None:
+        import tvm
+        from tvm.target import codegen
+        _TARGET = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
+                                     "mcpu": codegen.llvm_get_system_cpu()})
+    return _TARGET
+
+
+def _source_hash() -> str:
+    return hashlib.sha256(Path(__file__).with_name("kernels.py").read_bytes()).hexdigest()[:16]
+
+
+def key(kernel: str, params: dict) -> str:
+    import tvm
+    text = json.dumps({"kernel": kernel, "params": params, "tvm": tvm.__version__,
+                       "target": str(target()), "source": _source_hash()}, sort_keys=True)
+    return f"{kernel}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+
+
+def get(kernel: str, params: dict, define):
+    """The compiled function for `kernel` with `params`: from memory (keyed by the
+    parameters themselves: this runs on every call of an op), from the disk cache, or
+    built from `define(**params)` (a scheduled IRModule) and stored."""
+    fast = (kernel, *sorted(params.items()))
+    fn = _loaded.get(fast)
+    if fn is not None:
+        return fn
+    import tvm
+    k = key(kernel, params)
+    path = cache_dir() / f"{k}.so"
+    fn = None
+    if path.exists():
+        try:
+            fn = tvm.runtime.load_module(str(path))["main"]
+            count("disk_hit")
+        except Exception as e:    # a truncated or foreign file: rebuilt, never trusted
+            warn_once(f"corrupt:{path}", f"kiln TVM cache: {path} did not load ({e}); rebuilding it")
+            count("rebuilt")
+            path.unlink(missing_ok=True)
+    if fn is None:
+        lib = tvm.compile(define(**params), target=target())
+        count("build")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", prefix=f".{k}.", dir=path.parent)
+            os.close(fd)
+            try:
+                lib.export_library(tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            fn = tvm.runtime.load_module(str(path))["main"]
+        except OSError as e:
+            count("unwritable")
+            warn_once("unwritable", f"kiln TVM cache: cannot write {path.parent} ({e}); TVM "
+                      f"kernels are rebuilt in every process. Set KILN_CACHE_DIR to a "
+                      f"writable directory")
+            fn = lib["main"]
+    with _lock:
+        _loaded[fast] = fn
+    return fn
+
+
+def clear_memory() -> None:
+    """Forgets the in-process modules (tests: the next get reads the disk cache)."""
+    with _lock:
+        _loaded.clear()
