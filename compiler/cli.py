@@ -518,7 +518,10 @@ def cmd_ops(args) -> int:
 
 
 def cmd_targets(args) -> int:
-    from kiln.backends.targets import TARGETS
+    from kiln.backends.targets import TARGETS, support_matrix
+    if getattr(args, "markdown", False):
+        print(support_matrix())
+        return 0
     for t in TARGETS.values():
         print(t.describe())
     return 0
@@ -775,7 +778,11 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("ops", help="list the op registry")
     o.add_argument("--family", help="aten, kiln, sym, prims")
     o.set_defaults(fn=cmd_ops)
-    sub.add_parser("targets", help="list compilation targets").set_defaults(fn=cmd_targets)
+    tg = sub.add_parser("targets", help="list compilation targets: kernels, graph capture, how "
+                                        "each is verified, the first command on its hardware")
+    tg.add_argument("--markdown", action="store_true",
+                    help="print the README's support matrix instead")
+    tg.set_defaults(fn=cmd_targets)
     rl = sub.add_parser("rules", help="list the rewrite rules (or: kiln rules trace FILE:FUNC)")
     rl.set_defaults(fn=cmd_rules)
     rsub = rl.add_subparsers(dest="rules_command")
