@@ -213,9 +213,9 @@ def make_runner(compiled_fn, graph: Graph, weights: dict, vocab_size: int, max_m
                             max_num_batched_tokens=cfg.max_num_batched_tokens)
 
 
-def make_engine(runner, tokenizer, cfg: ServingConfig):
+def make_engine(runner, tokenizer, cfg: ServingConfig, draft_runner=None):
     from kiln.runtime.engine import EngineConfig, LLMEngine
-    return LLMEngine(runner, tokenizer, EngineConfig(
+    return LLMEngine(runner, tokenizer, draft_runner=draft_runner, config=EngineConfig(
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
         max_waiting=cfg.max_waiting, enable_prefix_caching=cfg.enable_prefix_caching,
         async_scheduling=cfg.async_scheduling, speculative=cfg.speculative))
@@ -276,6 +276,11 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
         return _build_served_tp(source, cfg, target, dtype, block_size, step, model_name,
                                 tensor_parallel_size)
     if art.is_artifact(p):
+        if cfg.speculative is not None and cfg.speculative.method == "layerskip":
+            raise ValueError(f"--speculative {cfg.speculative} derives its draft graph from the "
+                             f"model's capture, which artifact {p} does not keep: serve the model "
+                             f"itself (kiln serve MODEL --speculative {cfg.speculative}), or use "
+                             f"--speculative ngram:K with the artifact")
         with step(f"load artifact {p}"):
             a = art.load_artifact(p, trust=trust_artifact)
             built = a.manifest["options"].get("quant")
@@ -304,11 +309,11 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
         chosen.append(choice)
         if on_choice is not None:
             on_choice(choice)
-    runner, tok = _compiled_runner(source, cfg, target, dtype, block_size, step, device_of(target),
-                                   on_choice=note, quant=quant)
+    runner, tok, draft = _compiled_runner(source, cfg, target, dtype, block_size, step,
+                                          device_of(target), on_choice=note, quant=quant)
     name = model_name or Path(str(source)).name
-    return Served(make_engine(runner, tok, cfg), tok, name, f"compiled {source}", step.seconds,
-                  chosen[0].quant)
+    return Served(make_engine(runner, tok, cfg, draft), tok, name, f"compiled {source}",
+                  step.seconds, chosen[0].quant)
 
 
 def _compiled_runner(source, cfg: ServingConfig, target, dtype, block_size, step, device,
@@ -331,7 +336,47 @@ def _compiled_runner(source, cfg: ServingConfig, target, dtype, block_size, step
         runner = make_runner(compiled.fn, compiled.graph, model_weights(model, compiled.graph),
                              model.config.vocab_size, max_len, cfg, device)
     _capture_graphs(runner, step, cfg)
-    return runner, tok
+    draft = None
+    if cfg.speculative is not None and cfg.speculative.method == "layerskip":
+        draft = layer_skip_runner(model, runner, cfg, target, block_size, step, device, options)
+    return runner, tok, draft
+
+
+def compile_layer_skip(model: torch.nn.Module, skipped: list[int], target: str = "cpu",
+                       block_size: int = 16, **options) -> CompiledGraph:
+    """The serving graph of `model` without the decoder layers `skipped` (passes/spec.py's
+    spec.draft on a copy of the capture): the draft graph of layerskip speculation."""
+    from kiln.passes.spec import layer_skip_draft
+    graph = cached_capture(model, compile_cache.enabled(options.get("cache", True)))
+    graph = graph.parse() if isinstance(graph, CapturedText) else graph.copy()
+    layer_skip_draft(graph, skipped)
+    return _compile_captured(graph, target, block_size, False, options)
+
+
+def layer_skip_runner(model, runner, cfg: ServingConfig, target, block_size, step, device, options):
+    """The draft runner of `--speculative layerskip:K`: its graph compiled, its KV caches
+    those of the full runner's kept layers (the draft's caches are numbered in layer order)."""
+    from kiln.runtime.model_runner import PagedModelRunner, cache_inputs
+    num_layers = model.config.num_hidden_layers
+    skipped = cfg.speculative.skipped_layers(num_layers)
+    with step(f"compile the layer-skip draft graph (skipping layers {skipped[0]}-{skipped[-1]} "
+              f"of {num_layers})"):
+        draft = compile_layer_skip(model, skipped, target, block_size, **options)
+    kept = [i for i in range(num_layers) if i not in set(skipped)]
+    names = [v.name for v in cache_inputs(draft.graph)]
+    if len(names) != 2 * len(kept):
+        raise ValueError(f"--speculative {cfg.speculative}: the draft graph has {len(names)} "
+                         f"KV caches for {len(kept)} kept layers; layerskip supports models with "
+                         f"one attention a layer")
+    caches = {}
+    for name in names:
+        _, j, which = name.split(".")
+        caches[name] = runner.caches[f"kv_cache.{kept[int(j)]}.{which}"]
+    return PagedModelRunner(draft.fn, draft.graph, model_weights(model, draft.graph),
+                            num_blocks=runner.num_blocks, max_model_len=runner.max_model_len,
+                            vocab_size=runner.vocab_size, device=device,
+                            cudagraphs=runner.cudagraphs, seq_buckets=runner.seq_buckets,
+                            max_num_batched_tokens=cfg.max_num_batched_tokens, caches=caches)
 
 
 def build_rank_runner(rank: int, size: int, source, cfg: ServingConfig, target, dtype, block_size,
@@ -344,9 +389,12 @@ def build_rank_runner(rank: int, size: int, source, cfg: ServingConfig, target, 
     step = step or (lambda name: contextlib.nullcontext())
     device_type = device_of(target)
     group = init_rank(rank, size, device_type)
-    runner, tok = _compiled_runner(source, cfg, target, dtype, block_size, step,
-                                   rank_device(device_type), tensor_parallel_size=size,
-                                   tensor_parallel_rank=rank)
+    if cfg.speculative is not None and cfg.speculative.method != "ngram":
+        raise ValueError(f"--speculative {cfg.speculative} is not supported with "
+                         f"--tensor-parallel-size yet; use ngram:K")
+    runner, tok, _ = _compiled_runner(source, cfg, target, dtype, block_size, step,
+                                      rank_device(device_type), tensor_parallel_size=size,
+                                      tensor_parallel_rank=rank)
     return runner, group, tok
 
 

@@ -143,7 +143,8 @@ class LLMEngine:
     each output comes one call later, and a sequence that stops (EOS, a stop string) has
     run one more token on the device, which is dropped."""
 
-    def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig | None = None):
+    def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig | None = None,
+                 draft_runner: ModelRunner | None = None):
         self.runner, self.tokenizer = runner, tokenizer
         self.config = config = config or EngineConfig()
         self.max_model_len = runner.max_model_len
@@ -175,7 +176,11 @@ class LLMEngine:
         on_gpu = self.device_timer.on
         self.async_scheduling = (accepts and on_gpu and config.speculative is None
                                  if config.async_scheduling is None else config.async_scheduling)
-        self.spec = SpecDecoder(config.speculative) if config.speculative is not None else None
+        self.spec = None
+        if config.speculative is not None:   # (draft_runner: layerskip's draft graph, which drafts)
+            from .spec_decode import LayerSkipProposer
+            self.spec = SpecDecoder(config.speculative, None if draft_runner is None
+                                    else LayerSkipProposer(draft_runner, self.blocks))
         self._inflight: _InFlight | None = None
         self._timers = (self.device_timer, DeviceTimer(device))   # alternate: two steps at once
         self._token_copies = None   # likewise: per timer, pinned host memory and an event (CUDA)

@@ -195,12 +195,15 @@ class PagedModelRunner:
     def __init__(self, fn, graph: Graph, weights: dict[str, torch.Tensor], num_blocks: int,
                  max_model_len: int, vocab_size: int, device: str | torch.device = "cpu",
                  cudagraphs: bool = False, seq_buckets=SEQ_BUCKETS,
-                 max_num_batched_tokens: int = 512, pad_batches: bool | None = None):
+                 max_num_batched_tokens: int = 512, pad_batches: bool | None = None,
+                 caches: dict[str, torch.Tensor] | None = None):
         self.fn = fn
         self._core, self._prepare = capture_parts(fn)
         self.device = torch.device(device)
         self.block_size = self.block_size_of(graph)
         self.num_blocks = num_blocks
+        # `caches`: the K/V tensors by graph input name, shared with another runner (a
+        # layer-skip draft graph reads and writes its model's kept layers); else allocated.
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.seq_buckets = tuple(sorted(seq_buckets))
@@ -220,7 +223,8 @@ class PagedModelRunner:
                 self._binding.append(v.name)
             elif is_cache_input(v.name):
                 _, bs, hkv, d = v.type.shape
-                cache = torch.zeros(num_blocks + 1, bs, hkv, d, dtype=v.type.dtype, device=self.device)
+                cache = caches[v.name] if caches is not None else torch.zeros(
+                    num_blocks + 1, bs, hkv, d, dtype=v.type.dtype, device=self.device)
                 self.caches[v.name] = cache
                 self._binding.append(cache)
             elif v.name in weights:

@@ -46,7 +46,9 @@ AUTO_OFF_MIN_ACCEPTED = 0.5   # accepted draft tokens per verify step, at least,
 AUTO_OFF_COOLDOWN = 32        # generated tokens a sequence decodes plainly before drafting again
 
 # The methods `--speculative` knows, with their spelling (for messages).
-METHODS = {"ngram": "ngram:K (prompt lookup: no extra weights)"}
+METHODS = {"ngram": "ngram:K (prompt lookup: no extra weights)",
+           "layerskip": "layerskip:K[:layers=A-B] (the model minus decoder layers A..B; "
+                        "default: the middle half)"}
 SPELLINGS = ", ".join(METHODS.values())
 
 
@@ -60,6 +62,7 @@ class SpeculativeConfig:
     k: int                         # draft tokens per step, 1..MAX_K
     ngram_max: int = 4             # ngram: the longest suffix looked up
     ngram_min: int = 2             # ngram: the shortest
+    layers: tuple[int, int] | None = None   # layerskip: the decoder layers skipped, A..B inclusive
 
     @classmethod
     def parse(cls, text: str) -> "SpeculativeConfig":
@@ -72,9 +75,17 @@ class SpeculativeConfig:
             raise SpeculativeError(f"--speculative {text!r}: the number of draft tokens is "
                                    f"missing; write {METHODS[method]}, e.g. {method}:4")
         k_text, _, extra = rest.partition(":")
-        if extra:
+        layers = None
+        if extra and method != "layerskip":
             raise SpeculativeError(f"--speculative {text!r}: {method} takes no options after "
                                    f"K; write {METHODS[method]}")
+        if extra:
+            a, dash, b = extra.removeprefix("layers=").partition("-")
+            if not extra.startswith("layers=") or not dash or not (a.isdigit() and b.isdigit()) \
+                    or int(a) > int(b):
+                raise SpeculativeError(f"--speculative {text!r}: the layers skipped are written "
+                                       f"layers=A-B (0-based, A <= B), e.g. layerskip:3:layers=8-15")
+            layers = (int(a), int(b))
         try:
             k = int(k_text)
         except ValueError:
@@ -83,10 +94,18 @@ class SpeculativeConfig:
             raise SpeculativeError(f"--speculative {text!r}: K must be a whole number of draft "
                                    f"tokens a step in [1, {MAX_K}], got {k_text!r}; write "
                                    f"{METHODS[method]}, e.g. {method}:4")
-        return cls(method, k)
+        return cls(method, k, layers=layers)
 
     def __str__(self) -> str:
-        return f"{self.method}:{self.k}"
+        layers = f":layers={self.layers[0]}-{self.layers[1]}" if self.layers else ""
+        return f"{self.method}:{self.k}{layers}"
+
+    def skipped_layers(self, num_layers: int) -> list[int]:
+        """layerskip: the decoder layers the draft leaves out."""
+        from kiln.passes.spec import default_skipped_layers
+        if self.layers is None:
+            return default_skipped_layers(num_layers)
+        return list(range(self.layers[0], self.layers[1] + 1))
 
 
 class NgramProposer:
@@ -109,6 +128,33 @@ class NgramProposer:
                 start = int(hits[-1]) + n
                 return arr[start:start + k].tolist()
         return []
+
+    def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        return [self.propose(s.token_ids, k) for s, k in zip(seqs, ks)]
+
+
+class LayerSkipProposer:
+    """Self-speculation: the draft runner (the model minus some decoder layers, passes/spec.py,
+    its KV caches those of the full model's kept layers) decodes k tokens greedily, one
+    decode batch of all drafting sequences per token. Its KV writes land at the positions
+    the verify step then rewrites; the blocks for them are allocated here (a sequence the
+    pool has no room for drafts nothing)."""
+
+    def __init__(self, runner, blocks):
+        self.runner, self.blocks = runner, blocks
+
+    def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        from .batch import build_batch
+        drafts: list[list[int]] = [[] for _ in seqs]
+        live = [i for i, (s, k) in enumerate(zip(seqs, ks)) if self.blocks.allocate(s, 1 + k)]
+        for j in range(max((ks[i] for i in live), default=0)):
+            live = [i for i in live if len(drafts[i]) < ks[i]]
+            items = [(seqs[i].token_ids + drafts[i], seqs[i].num_computed + j, 1, seqs[i].block_table)
+                     for i in live]
+            tokens = argmax(self.runner.execute(build_batch(items, self.blocks.block_size))).tolist()
+            for i, t in zip(live, tokens):
+                drafts[i].append(t)
+        return drafts
 
 
 @dataclass
@@ -143,15 +189,20 @@ class SpecStats:
 class SpecDecoder:
     """Drafts for the engine's decoding sequences and accepts what their verify step says."""
 
-    def __init__(self, config: SpeculativeConfig):
+    def __init__(self, config: SpeculativeConfig, proposer=None):
         self.config = config
-        self.proposer = NgramProposer(config.ngram_max, config.ngram_min)
+        if proposer is None and config.method != "ngram":
+            raise SpeculativeError(f"--speculative {config}: {config.method} drafts with a "
+                                   f"compiled draft graph; build the engine with kiln.serving "
+                                   f"(kiln generate / kiln serve MODEL), which compiles it")
+        self.proposer = proposer or NgramProposer(config.ngram_max, config.ngram_min)
         self.stats = SpecStats()
 
     def propose(self, seqs: list[Sequence]) -> None:
         """Set `seq.draft` of each sequence about to decode one token (the scheduler runs it
         and may shorten it); the others get none."""
         k = self.config.k
+        drafting, rooms = [], []
         for seq in seqs:
             seq.draft = []
             if seq.final or seq.num_pending != 1:
@@ -164,7 +215,11 @@ class SpecDecoder:
             # The step emits up to 1 + k tokens; the sequence may end after fewer.
             room = min(k, seq.max_num_tokens - seq.num_tokens - 1)
             if room > 0:
-                seq.draft = self.proposer.propose(seq.token_ids, room)
+                drafting.append(seq)
+                rooms.append(room)
+        if drafting:
+            for seq, draft in zip(drafting, self.proposer.propose_batch(drafting, rooms)):
+                seq.draft = draft
 
     def accept(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]
                ) -> list[list[int]]:

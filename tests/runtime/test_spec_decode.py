@@ -61,7 +61,7 @@ def test_ngram_proposes_what_followed_the_latest_match():
 
 
 # -- greedy: exactly the tokens of plain decoding ------------------------------------------------
-class Oracle:
+class Oracle(NgramProposer):
     """Drafts the true continuation (`reference`), corrupted at random positions: every
     acceptance length, 0 to k, occurs."""
 
@@ -185,7 +185,7 @@ def test_sampled_requests_with_drafts_stay_in_their_top_k_and_reproduce_with_a_s
 
 
 # -- auto-off --------------------------------------------------------------------------------
-class Wrong:
+class Wrong(NgramProposer):
     def __init__(self, allowed):
         self.allowed = allowed
 
@@ -213,3 +213,44 @@ def test_speculation_and_async_scheduling_are_exclusive(tok):
     with pytest.raises(ValueError, match="--no-async-scheduling"):
         toy_engine(tok, "ngram:4", async_scheduling=True)
     assert not toy_engine(tok, "ngram:4").async_scheduling
+
+
+# -- layerskip: the model minus some decoder layers drafts --------------------------------------
+def test_layerskip_greedy_matches_plain_decoding():
+    """A 4-layer Llama drafting with layers skipped (the default rule: 1-2), its KV caches
+    those of the kept layers: every token that of plain decoding."""
+    import contextlib
+
+    from transformers import LlamaConfig
+
+    from kiln.serving import ServingConfig, layer_skip_runner
+    model = models._build(LlamaConfig(**{**models.COMMON, "num_hidden_layers": 4}), "sdpa")
+    compiled = compile_serving(model, block_size=4)
+    runner = PagedModelRunner(compiled.fn, compiled.graph, model_weights(model, compiled.graph),
+                              num_blocks=64, max_model_len=128, vocab_size=model.config.vocab_size)
+    config = SpeculativeConfig.parse("layerskip:3")
+    draft = layer_skip_runner(model, runner, ServingConfig(speculative=config), "cpu", 4,
+                              lambda name: contextlib.nullcontext(), "cpu", {})
+    assert len(draft.caches) == 2 * 2 and all(
+        any(c is t for t in runner.caches.values()) for c in draft.caches.values())
+    rng = random.Random()
+    prompts = [[rng.randrange(3, 300) for _ in range(n)] for n in (6, 13, 3)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = LLMEngine(runner, toy_tokenizer(), EngineConfig(max_num_seqs=4)).generate(prompts, params)
+    eng = LLMEngine(runner, toy_tokenizer(), EngineConfig(max_num_seqs=4, speculative=config),
+                    draft_runner=draft)
+    assert [o.token_ids for o in eng.generate(prompts, params)] == [o.token_ids for o in plain]
+    assert eng.spec.stats.verify_steps > 0
+    assert eng.blocks.num_free_blocks() == eng.blocks.num_blocks
+
+
+def test_layerskip_spelling_and_a_model_it_cannot_skip():
+    assert SpeculativeConfig.parse("layerskip:3:layers=8-15").skipped_layers(30) == list(range(8, 16))
+    assert SpeculativeConfig.parse("layerskip:3").skipped_layers(30) == list(range(7, 23))
+    with pytest.raises(SpeculativeError, match="layers=A-B"):
+        SpeculativeConfig.parse("layerskip:3:layers=15-8")
+    from kiln.passes.spec import LayerSkipError, layer_skip_draft
+    from kiln.serving import capture_serving
+    g = capture_serving(models.tiny_llama())
+    with pytest.raises(LayerSkipError, match="decoder layers 0-1"):
+        layer_skip_draft(g, [2])
