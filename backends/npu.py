@@ -37,8 +37,8 @@ def npu_ops():
         if not hasattr(torch.ops.npu, _REQUIRED):
             try:
                 import torch_npu  # noqa: F401  registers torch.ops.npu and the "npu" device
-            except ImportError as e:
-                raise RuntimeError(
+            except (ImportError, OSError) as e:   # not installed; CANN's libraries missing
+                raise ImportError(
                     f"target npu runs torch_npu operators, and importing torch_npu failed "
                     f"({e}): install the torch-npu release built for torch {torch.__version__} "
                     f"and source Ascend's CANN set_env.sh, or compile for another target "
@@ -47,11 +47,16 @@ def npu_ops():
     return _ops
 
 
-def declare_device() -> torch.device:
+def declare_device(to_run: bool = False) -> torch.device:
     """torch.device("npu"). torch_npu names torch's privateuse1 backend "npu" when imported;
     where torch_npu is missing (compiling on a machine without an NPU), kiln gives it the
     same name, so that graphs and artifacts for npu can name their device. torch_npu,
-    imported later in the same process, gives the same name again, which torch allows."""
+    imported later in the same process, gives the same name again, which torch allows.
+    Torch then takes "npu" for the process's accelerator, which breaks dynamo's capture:
+    name it only after capturing (kiln.serving does). `to_run`: the operators must be
+    there too (npu_ops: torch_npu, or one error naming what to install)."""
+    if to_run:
+        npu_ops()
     try:
         return torch.device("npu")
     except RuntimeError:

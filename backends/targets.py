@@ -30,8 +30,8 @@ class Target:
     lowering: str = ""           # what runs the fused ops, in words (README, kiln targets)
     verified: str = ""           # how this lowering is checked (see the module docstring)
     first_run: str = ""          # the command a first user with the hardware runs first
-    # "module:function" returning torch.device(device_type) for a device type torch knows
-    # only once its plug-in named it (npu); None: torch always knows it.
+    # "module:function(to_run)" returning torch.device(device_type) for a device type torch
+    # knows only once its plug-in named it (npu); None: torch always knows it.
     declare_device: str | None = None
     # fuse.parallel_linear: one GEMM for q/k/v and for gate/up saves launches, which a GPU
     # decode step is bound by; a CPU's batch-1 GEMV streams the same weight bytes either
@@ -46,14 +46,15 @@ class Target:
         short = op.split(".", 1)[1]
         return self.kernels.get(short, f"kiln.ir.kiln_ref:{short}")
 
-    def torch_device(self) -> torch.device:
+    def torch_device(self, to_run: bool = False) -> torch.device:
         """torch.device(device_type), after making torch know the name where it needs to
-        (graphs and artifacts for the target name their device on any machine)."""
+        (graphs and artifacts for the target name their device on any machine). `to_run`:
+        also what running on it needs (npu: torch_npu), or one error saying what is missing."""
         if self.declare_device is None:
             return torch.device(self.device_type)
         import importlib
         module, fn = self.declare_device.split(":")
-        return getattr(importlib.import_module(module), fn)()
+        return getattr(importlib.import_module(module), fn)(to_run)
 
     def describe(self) -> str:
         arch = ", ".join(str(a) for a in self.archs) or "-"

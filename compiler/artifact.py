@@ -562,7 +562,8 @@ def load_artifact(path: str | os.PathLike, check_weights: bool = True,
             raise stale(f"the config hash differs: {model_dir / 'config.json'} or the compile "
                         f"options changed since compilation")
         from kiln.backends.targets import get_target
-        get_target(manifest["target"]).torch_device()   # the graph names the target's device
+        # The graph names the target's device; loading is for running there.
+        get_target(manifest["target"]).torch_device(to_run=True)
         try:
             graph = parse(content[FINAL_IR].decode())
         except (KilnParseError, UnicodeDecodeError) as e:

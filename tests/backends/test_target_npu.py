@@ -155,6 +155,11 @@ _COMPILE_AND_RUN = textwrap.dedent("""
     models.tiny_llama_dir(out + "/model")
     assert main(["compile", out + "/model", "-t", "npu", "-o", out + "/npu.kiln",
                  "--block-size", "4"]) == 0
+    try:   # running needs torch_npu: one error that says so
+        load_artifact(out + "/npu.kiln")
+        raise SystemExit("an npu artifact loaded without torch_npu")
+    except ImportError as e:
+        assert "torch_npu" in str(e) and "CANN" in str(e), e
     npu_reference_ops.register()
     art = load_artifact(out + "/npu.kiln")
     forward = wrapper.load(map_device_to_cpu((art.path / "wrapper.py").read_text(), "npu"))
