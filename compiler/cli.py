@@ -359,8 +359,31 @@ def _mlir_text(kir_text: str, args) -> str:
     return to_mlir(parse(kir_text), args.mlir_fused_ops or "custom", args.mlir_symbolic_shapes)
 
 
+def _dump_draft(args) -> int:
+    """`kiln dump --graph draft --speculative layerskip:K`: the layer-skip draft graph
+    (passes/spec.py), as the serving pipeline compiles it."""
+    from kiln.runtime.spec_decode import SpeculativeConfig
+
+    from .serving import compile_layer_skip
+    spec = SpeculativeConfig.parse(args.speculative or "")
+    if spec.method != "layerskip":
+        print(f"kiln dump: --speculative {spec} drafts without a graph of its own; only "
+              f"layerskip:K has a draft graph (the verify step runs the serving graph: kiln "
+              f"compile {args.model} -o DIR writes it as DIR/serving.kir)", file=sys.stderr)
+        return 2
+    model, _ = _load(args.model)
+    skipped = spec.skipped_layers(model.config.num_hidden_layers)
+    cg = compile_layer_skip(model, skipped, args.target, record=True)
+    print(f"kiln dump: the {spec} draft graph: decoder layers {skipped[0]}-{skipped[-1]} of "
+          f"{model.config.num_hidden_layers} skipped", file=sys.stderr)
+    sys.stdout.write(cg.snapshots[_snapshot_index(cg, args.after)][1])
+    return 0
+
+
 def cmd_dump(args) -> int:
     from kiln.passes import pass_names
+    if args.graph == "draft":
+        return _dump_draft(args)
     if args.after and args.after not in pass_names() + ["input"]:
         print(f"kiln dump: unknown pass {args.after!r}; known: input, {', '.join(pass_names())}",
               file=sys.stderr)
@@ -633,7 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--speculative", metavar="METHOD:K",
                        help="speculative decoding: draft K tokens a step and verify them in one "
                             "model step (greedy output unchanged, sampling keeps its "
-                            "distribution); ngram:K drafts by prompt lookup (no extra weights)")
+                            "distribution); ngram:K drafts by prompt lookup (no extra weights), "
+                            "layerskip:K[:layers=A-B] with the model minus decoder layers A-B "
+                            "(default: the middle half; a model, not an artifact)")
         q.add_argument("--tensor-parallel-size", type=positive_int, default=1,
                        help="shard the model over N ranks, one process per GPU (NCCL; gloo on "
                             "the CPU); under torchrun, the ranks the launcher started")
@@ -742,7 +767,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the relations and ranges of dynamic sizes (torch.symbolic_int, "
                         "torch.bind_symbolic_shape: IREE reads them, torch-mlir's linalg "
                         "lowering does not)")
-    d.add_argument("--graph", default="prefill", choices=["prefill", "decode"])
+    d.add_argument("--graph", default="prefill", choices=["prefill", "decode", "draft"],
+                   help="draft: the serving draft graph of --speculative layerskip:K")
+    d.add_argument("--speculative", metavar="METHOD:K", help="with --graph draft: layerskip:K"
+                   "[:layers=A-B]")
     d.add_argument("--prompt", default="Hello")
     d.add_argument("--target", default="cpu")
     d.add_argument("--disable", help="comma-separated passes to switch off")

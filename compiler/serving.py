@@ -343,14 +343,14 @@ def _compiled_runner(source, cfg: ServingConfig, target, dtype, block_size, step
 
 
 def compile_layer_skip(model: torch.nn.Module, skipped: list[int], target: str = "cpu",
-                       block_size: int = 16, **options) -> CompiledGraph:
+                       block_size: int = 16, record: bool = False, **options) -> CompiledGraph:
     """The serving graph of `model` without the decoder layers `skipped` (passes/spec.py's
     spec.draft on a copy of the capture): the draft graph of layerskip speculation."""
     from kiln.passes.spec import layer_skip_draft
     graph = cached_capture(model, compile_cache.enabled(options.get("cache", True)))
     graph = graph.parse() if isinstance(graph, CapturedText) else graph.copy()
     layer_skip_draft(graph, skipped)
-    return _compile_captured(graph, target, block_size, False, options)
+    return _compile_captured(graph, target, block_size, record, options)
 
 
 def layer_skip_runner(model, runner, cfg: ServingConfig, target, block_size, step, device, options):
