@@ -1,7 +1,8 @@
 """Speculative decoding through the serving engine: decode tok/s and mean accepted length,
 speculation off beside each drafter, on the same compiled model in the same run.
 
-    python bench/spec_decode.py --model smollm2 --target cpu --out bench/results/spec-cpu
+    python bench/spec_decode.py --model smollm2 --target cpu --quant int8_weight_only \
+        --methods off,ngram:2,ngram:4,layerskip:2 --out bench/results/spec-cpu
     python bench/spec_decode.py --model smollm2 --target cuda --dtype bfloat16 \\
         --methods off,ngram:4,ngram:8 --streams 1,64 --out bench/results/spec-h200
 
@@ -119,10 +120,16 @@ def main() -> int:
     configs = {m: None if m == "off" else SpeculativeConfig.parse(m) for m in methods}
     streams = [int(s) for s in args.streams.split(",")]
     load_start = load_average()
+    # layerskip's draft graph is compiled with the model (one set of skipped layers a run).
+    skips = {c.layers for c in configs.values() if c is not None and c.method == "layerskip"}
+    if len(skips) > 1:
+        raise SystemExit("bench/spec_decode.py: one layerskip layer set a run (K may differ)")
+    layerskip = next((c for c in configs.values() if c is not None and c.method == "layerskip"), None)
     cfg = ServingConfig(max_model_len=1024, max_num_seqs=max(256, max(streams)),
-                        enable_prefix_caching=False)
+                        enable_prefix_caching=False, speculative=layerskip)
     served = build_served(args.model, cfg, target=args.target, dtype=args.dtype, quant=args.quant)
     runner, tok = served.engine.runner, served.tokenizer
+    draft_runner = served.engine.spec.proposer.runner if layerskip is not None else None
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=False)
 
     rows = []
@@ -133,7 +140,8 @@ def main() -> int:
             for method in methods:
                 engine = LLMEngine(runner, tok, EngineConfig(
                     max_num_seqs=cfg.max_num_seqs, enable_prefix_caching=False,
-                    speculative=configs[method]))
+                    speculative=configs[method]),
+                    draft_runner=draft_runner if method.startswith("layerskip") else None)
                 run_requests(engine, [prompt], SamplingParams(max_tokens=8, temperature=0))   # warm-up
                 if engine.spec is not None:
                     engine.spec.stats.__init__()
