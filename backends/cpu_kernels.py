@@ -40,9 +40,8 @@ def _tvm_kernel(op: str, kernel: str, **params):
                             "CPU's fused ops instead")
         _counts[f"torch:{op}:no tvm"] += 1
         return None
-    from .tvm import kernels
     _counts[f"tvm:{op}"] += 1
-    return tvm_build.get(kernel, params, getattr(kernels, kernel))
+    return tvm_build.get(kernel, params)
 
 
 def _fp32(*ts) -> bool:

@@ -5,8 +5,9 @@
                                compiler (export_library)
 
 The key is a hash of the kernel's name and parameters (the sizes it is specialised for,
-eps, the group size), the LLVM target (triple and CPU), TVM's version and the source of
-`kernels.py` (an edit is a new key). A module is written to a temporary file beside it and
+eps, the group size), the CPU (model and instruction-set flags), TVM's version and the
+source of `kernels.py` (an edit is a new key). A cached module is loaded through TVM's FFI
+and runtime library alone; TVM's compiler is imported only to build one. A module is written to a temporary file beside it and
 renamed into place, so a reader sees a whole file or none; one that fails to load is
 removed and rebuilt, never trusted. A directory that cannot be written costs a rebuild
 per process, not an error. `counts()` says what happened: builds, disk hits, rebuilds,
@@ -14,10 +15,14 @@ and which ops ran on TVM or on torch.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
+import platform
 import tempfile
 import threading
 import warnings
@@ -92,34 +97,70 @@ def _source_hash() -> str:
     return hashlib.sha256(Path(__file__).with_name("kernels.py").read_bytes()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=None)
+def _machine() -> str:
+    """What the key needs of the machine without importing TVM's compiler (seconds, and not
+    needed to run a cached module): TVM's version and the CPU (model and instruction-set
+    flags, which decide what LLVM generates for it)."""
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n", 1)[0].splitlines()
+                        if ":" in line)
+        cpu += "|" + info.get("model name\t", "").strip() + "|" + info.get("flags\t\t", "").strip()
+    except OSError:
+        pass
+    return f"tvm {importlib.metadata.version('apache-tvm')} | {hashlib.sha256(cpu.encode()).hexdigest()[:16]}"
+
+
 def key(kernel: str, params: dict) -> str:
-    import tvm
-    text = json.dumps({"kernel": kernel, "params": params, "tvm": tvm.__version__,
-                       "target": str(target()), "source": _source_hash()}, sort_keys=True)
+    text = json.dumps({"kernel": kernel, "params": params, "machine": _machine(),
+                       "source": _source_hash()}, sort_keys=True)
     return f"{kernel}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
-def get(kernel: str, params: dict, define):
+_RUNTIME = False
+
+
+def _load(path: Path):
+    """A cached module's `main` through TVM's FFI and runtime library only: `import tvm`
+    loads its compiler too (LLVM; seconds at start-up), which only a build needs."""
+    global _RUNTIME
+    import tvm_ffi
+    if not _RUNTIME:
+        spec = importlib.util.find_spec("tvm")
+        lib = Path(spec.origin).parent / "lib" / "libtvm_runtime.so"
+        # The modules call into it (TVM's thread pool for their parallel loops).
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        _RUNTIME = True
+    return tvm_ffi.load_module(str(path))["main"]
+
+
+def get(kernel: str, params: dict, define=None):
     """The compiled function for `kernel` with `params`: from memory (keyed by the
     parameters themselves: this runs on every call of an op), from the disk cache, or
-    built from `define(**params)` (a scheduled IRModule) and stored."""
+    built from `define(**params)` (a scheduled IRModule; by default the function of
+    kernels.py named `kernel`) and stored."""
     fast = (kernel, *sorted(params.items()))
     fn = _loaded.get(fast)
     if fn is not None:
         return fn
-    import tvm
     k = key(kernel, params)
     path = cache_dir() / f"{k}.so"
     fn = None
     if path.exists():
         try:
-            fn = tvm.runtime.load_module(str(path))["main"]
+            fn = _load(path)
             count("disk_hit")
         except Exception as e:    # a truncated or foreign file: rebuilt, never trusted
             warn_once(f"corrupt:{path}", f"kiln TVM cache: {path} did not load ({e}); rebuilding it")
             count("rebuilt")
             path.unlink(missing_ok=True)
     if fn is None:
+        import tvm
+        if define is None:
+            from . import kernels
+            define = getattr(kernels, kernel)
         lib = tvm.compile(define(**params), target=target())
         count("build")
         try:
@@ -132,7 +173,7 @@ def get(kernel: str, params: dict, define):
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-            fn = tvm.runtime.load_module(str(path))["main"]
+            fn = _load(path)
         except OSError as e:
             count("unwritable")
             warn_once("unwritable", f"kiln TVM cache: cannot write {path.parent} ({e}); TVM "
