@@ -41,7 +41,10 @@ class TVMUnavailable(ImportError):
     """TVM is not installed; the message names the extra that provides it."""
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
+    # Cached: every op call asks, and until TVM's package is imported (a warm start never
+    # imports it) find_spec searches sys.path each time (~30 us).
     return importlib.util.find_spec("tvm") is not None
 
 
