@@ -23,7 +23,7 @@ from kiln.ir.kiln_ref import visible_keys
 from .tvm import build as tvm_build
 
 # The ops whose TVM kernel won against torch (bench/cpu_kernels.py, BENCHMARKS.md).
-TVM_OPS = frozenset({"rms_norm", "fused_add_rms_norm", "rope", "weight_int4_mm"})
+TVM_OPS = frozenset({"rms_norm", "fused_add_rms_norm", "rope"})
 _counts = tvm_build._counts
 
 
