@@ -1,0 +1,51 @@
+"""Speculative decoding on a GPU (target cuda): with CUDA-graph replay of the decode
+buckets (the verify rows and the layer-skip draft steps both run as decode batches), greedy
+output with ngram:4 and layerskip:3 is token for token that of plain decoding (with its
+async scheduling). Skipped without CUDA."""
+from __future__ import annotations
+
+import contextlib
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+import models
+from kiln.runtime.engine import EngineConfig, LLMEngine
+from kiln.runtime.model_runner import PagedModelRunner
+from kiln.runtime.sequence import SamplingParams
+from kiln.runtime.spec_decode import SpeculativeConfig
+from kiln.serving import ServingConfig, compile_serving, layer_skip_runner, model_weights
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+class Tok:
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("spec", ["ngram:4", "layerskip:3"])
+def test_greedy_with_speculation_matches_plain_decoding_under_cuda_graphs(spec):
+    model = models._build(LlamaConfig(**{**models.COMMON, "num_hidden_layers": 4}), "sdpa").cuda()
+    cg = compile_serving(model, target="cuda", block_size=16)
+    runner = PagedModelRunner(cg.fn, cg.graph, model_weights(model, cg.graph), num_blocks=64,
+                              max_model_len=256, vocab_size=model.config.vocab_size, device="cuda",
+                              cudagraphs=True, seq_buckets=(1, 2, 4, 8, 16, 32))
+    config = SpeculativeConfig.parse(spec)
+    draft = None
+    if config.method == "layerskip":
+        draft = layer_skip_runner(model, runner, ServingConfig(speculative=config), "cuda", 16,
+                                  lambda name: contextlib.nullcontext(), "cuda", {})
+    rng = random.Random()
+    loop = [rng.randrange(3, 300) for _ in range(6)]
+    prompts = [loop * 4, [rng.randrange(3, 300) for _ in range(19)], loop * 2 + [9]]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    plain = LLMEngine(runner, Tok(), EngineConfig(max_num_seqs=32)).generate(prompts, params)
+    eng = LLMEngine(runner, Tok(), EngineConfig(max_num_seqs=32, speculative=config), draft_runner=draft)
+    assert [o.token_ids for o in eng.generate(prompts, params)] == [o.token_ids for o in plain]
+    assert eng.spec.stats.verify_steps > 0 and runner.replays > 0
