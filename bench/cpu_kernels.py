@@ -4,6 +4,7 @@ SmolLM2-135M's decode shapes (one token: M = 1; hidden 576, intermediate 1536, 9
 them under weight-only quantisation).
 
     python bench/cpu_kernels.py [--json bench/results/cpu_kernels_tvm.json]
+    python bench/cpu_kernels.py --accuracy     # SmolLM2 int4 with the TVM GEMV at every row
 
 Each case times both sides in the same process, alternating, as the median of rounds of
 back-to-back calls (output allocation included, as the generated wrapper pays it), and
@@ -75,12 +76,57 @@ def cases():
                lambda xv=xv, a=w_q, b=w_scale: cpu_kernels.weight_int8_mm_torch(xv, a, b, None))
 
 
+def accuracy() -> dict:
+    """Teacher-forced top-1 agreement with fp32 and perplexity of SmolLM2 with int4 weights
+    when every int4 GEMM is the TVM kernel (all rows of a prefill, which the cpu target
+    gives torch's kernel), over tests/passes/test_quantize.py's four texts (64 tokens
+    each): the accuracy of the decode path the TVM GEMV serves, where x stays float32."""
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    sys.path[:0] = [str(tests), str(tests / "passes")]
+    from test_quantize import TEXTS
+
+    from kiln.frontends.hf import load
+    model, tok = load("smollm2")
+    ids = torch.stack([tok(t, return_tensors="pt")["input_ids"][0, :64] for t in TEXTS])
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+
+    def every_row_on_tvm(x, w_q, w_sz, bias, group_size=32):
+        n, k = w_q.shape[0], w_q.shape[1] * 2
+        fn = tvm_build.get("weight_int4_mv", dict(k=k, n=n, group_size=group_size,
+                                                   scale_dtype=str(w_sz.dtype).split(".")[-1]))
+        y = torch.empty(x.shape[0], n)
+        fn(x.contiguous(), w_q, w_sz, y)
+        return y if bias is None else y + bias.float()
+    out = {}
+    for name, impl in (("torch kernel (bf16 halves)", cpu_kernels.weight_int4_mm_torch),
+                       ("TVM kernel (fp32 x)", every_row_on_tvm)):
+        cpu_kernels.weight_int4_mm = impl      # what the generated wrapper imports
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend="kiln", options={"quant": "int4_weight_only", "cache": False})
+        with torch.no_grad():
+            logits = fn(input_ids=ids, use_cache=False).logits
+        agree = (logits.argmax(-1) == ref.argmax(-1)).float()
+        nll = lambda lg: torch.nn.functional.cross_entropy(            # noqa: E731
+            lg[:, :-1].reshape(-1, lg.shape[-1]).float(), ids[:, 1:].reshape(-1)).exp().item()
+        out[name] = {"top1": round(agree.mean().item(), 4), "differ": int((1 - agree).sum()),
+                     "of": agree.numel(), "perplexity": round(nll(logits), 3),
+                     "perplexity_fp32": round(nll(ref), 3)}
+        print(name, out[name])
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the table here")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--accuracy", action="store_true", help="SmolLM2 int4 top-1 and perplexity "
+                    "with the TVM GEMV, instead of the timings")
     args = ap.parse_args()
     tvm_build.require()
+    if args.accuracy:
+        accuracy()
+        return 0
     cpu_kernels.TVM_OPS = frozenset({"rms_norm", "fused_add_rms_norm", "rope", "silu_mul",
                                      "weight_int4_mm", "weight_int8_mm"})
     rows = []
