@@ -19,6 +19,7 @@ import ctypes
 import functools
 import hashlib
 import importlib.metadata
+import importlib.resources
 import importlib.util
 import json
 import os
@@ -97,7 +98,8 @@ def target():
 
 
 def _source_hash() -> str:
-    return hashlib.sha256(Path(__file__).with_name("kernels.py").read_bytes()).hexdigest()[:16]
+    source = importlib.resources.files("kiln.backends.tvm").joinpath("kernels.py").read_bytes()
+    return hashlib.sha256(source).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=None)
