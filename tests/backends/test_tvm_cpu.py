@@ -152,3 +152,17 @@ def test_tiny_llama_decodes_on_tvm_kernels(tvm_cache, monkeypatch):
     _, torch_logits = eager_greedy(fn, ids, 4)
     assert max(rel_err(a, b) for a, b in zip(logits, torch_logits)) < 1e-2
     torch._dynamo.reset()
+
+
+def test_without_tvm_torch_runs_with_one_warning(monkeypatch):
+    """No `cpu` extra: the ops run kiln_ref's torch code, counted, and one warning names
+    the extra to install."""
+    monkeypatch.setattr(tvm_build, "available", lambda: False)
+    monkeypatch.setattr(tvm_build, "_warned", set())
+    counts(reset=True)
+    x, w = torch.randn(2, 96), torch.randn(96)
+    with pytest.warns(RuntimeWarning, match=r"pip install 'kiln\[cpu\]'"):
+        got = cpu_kernels.rms_norm(x, w, 1e-6)
+    assert torch.equal(got, kiln_ref.rms_norm(x, w, 1e-6))
+    cpu_kernels.rms_norm(x, w, 1e-6)
+    assert counts() == {"torch:rms_norm:no tvm": 2}
