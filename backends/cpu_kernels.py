@@ -5,8 +5,8 @@ TVM kernels (`kiln.backends.tvm`) run the ops in `TVM_OPS`, each chosen because 
 the torch code it replaces at SmolLM2's decode shapes on the machine measured
 (bench/cpu_kernels.py; BENCHMARKS.md, "CPU kernels: TVM against torch"); an op left out
 lost there and stays torch. A call runs TVM when its operands are what the kernel takes
-(float32, contiguous; the GEMVs only at one row of x, the decode shape they were chosen
-for), else the torch code, as do all of them without the `cpu` extra (one warning) or
+(float32, contiguous; the GEMVs only at one row of x, the decode shape they were
+measured at), else the torch code, as do all of them without the `cpu` extra (one warning) or
 with KILN_TVM=0. `kiln.backends.tvm.counts()` counts each call by the path it took
 ("tvm:rms_norm", "torch:rms_norm:<why>"), so a test can tell which one ran.
 """
