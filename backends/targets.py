@@ -130,9 +130,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            first_run="make test-gpu"),
     Target("hip", "cuda", "hip", ("gfx942", "gfx950"), 64, torch.float8_e4m3fnuz,
            "torch.cuda.CUDAGraph", kernels=_TRITON_KERNELS,
-           lowering="Triton AMD (gfx942, gfx950) for every fused op, generated Triton "
-                    "kernels, GEMMs through torch (hipBLAS); HIP graphs through torch.cuda "
-                    "on ROCm builds",
+           lowering="Triton AMD (gfx942, gfx950) for every fused op, tiles sized for "
+                    "MI300's 64 KiB LDS, generated Triton kernels, GEMMs through torch "
+                    "(hipBLAS); fp8 as e4m3fnuz (gfx942's: gfx950 upcasts it to fp16); HIP "
+                    "graphs through torch.cuda on ROCm builds",
            verified="compiled for gfx942/gfx950 + its wrapper run under the Triton "
                     "interpreter (CI); never run on an AMD GPU",
            first_run=_first_run("hip")),

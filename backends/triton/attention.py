@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from .aot import make_spec
+from .tiles import on_hip, variants
 
 LOG2E = 1.4426950408889634
 # Query lengths up to this take the flash-decoding path.
@@ -96,6 +97,33 @@ DECODE_CONFIGS = {
     128: AttnConfig(16, 64, 4, 3),
     256: AttnConfig(16, 32, 4, 2),
 }
+
+
+# hip (tiles.py): the prefill tables above ask gfx942 for 128-160 KiB of LDS at d=128, and
+# the masked decode for 68-72 KiB; these fit its 64 KiB (32-48 KiB compiled), in the shape
+# ROCm's own Triton flash attention uses (128 x 64 tiles, 4 waves, one stage). Not tuned
+# on an AMD GPU; d=256 has no AOT variant, so its LDS is unchecked.
+HIP_PREFILL_CONFIGS = {
+    64: PREFILL_CONFIGS[64],
+    128: AttnConfig(128, 64, 4, 1),
+    256: AttnConfig(64, 32, 4, 1),
+}
+HIP_DECODE_CONFIGS = {
+    64: AttnConfig(16, 64, 4, 2),
+    128: AttnConfig(16, 64, 4, 2),
+    256: AttnConfig(16, 32, 4, 2),
+}
+
+
+def prefill_configs(kind: int, hip: bool | None = None) -> dict:
+    """The prefill tile table for a mask kind, on hip (default: this torch's) or cuda."""
+    if on_hip() if hip is None else hip:
+        return HIP_PREFILL_CONFIGS
+    return PREFILL_MASKED_CONFIGS if kind else PREFILL_CONFIGS
+
+
+def decode_configs(hip: bool | None = None) -> dict:
+    return HIP_DECODE_CONFIGS if (on_hip() if hip is None else hip) else DECODE_CONFIGS
 
 
 def _config(table: dict, block_d: int) -> AttnConfig:
@@ -463,7 +491,7 @@ def attention_prefill(q, k, v, mask=None, scale=None, causal=False, window=None,
     if out.numel() == 0:
         return out
     block_d = max(16, triton.next_power_of_2(d))
-    cfg = config or _config(PREFILL_MASKED_CONFIGS if kind else PREFILL_CONFIGS, block_d)
+    cfg = config or _config(prefill_configs(kind), block_d)
     grid = (triton.cdiv(sq, cfg.block_m), b * hq)
     _attn_prefill_kernel[grid](
         q, k, v, out, mt, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *mstr,
@@ -512,7 +540,7 @@ def attention_decode(q, k, v, mask=None, scale=None, causal=False, window=None, 
         return out
     group = hq // hkv
     block_d = max(16, triton.next_power_of_2(d))
-    base = config or _config(DECODE_CONFIGS, block_d)
+    base = config or _config(decode_configs(), block_d)
     rows = group * sq
     block_m = config.block_m if config else min(64, max(base.block_m, triton.next_power_of_2(rows)))
     row_blocks = triton.cdiv(rows, block_m)
@@ -583,31 +611,36 @@ def _attn_types(dt: str, extra: dict) -> dict:
     return types
 
 
-def _prefill_spec(dt: str, d: int, causal: bool, kind: int, window: bool):
-    cfg = (PREFILL_MASKED_CONFIGS if kind else PREFILL_CONFIGS)[d]
+def _prefill_specs(dt: str, d: int, causal: bool, kind: int, window: bool):
     name = f"attn_prefill_{_DT[dt]}_d{d}{_variant_name(causal, kind, window)}"
     types = _attn_types(dt, {"H": "i32", "SQ": "i32", "SKV": "i32", "GROUP": "i32",
                              "qk_scale": "fp32"})
-    return make_spec(name, _attn_prefill_kernel, types,
-                     {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                      "CAUSAL": causal, "HAS_WINDOW": window, "MASK_KIND": kind,
-                      "FP32_DOT": False},
-                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                     divisible_by_16=("Q", "K", "V", "O", *_STRIDES))
+
+    def make(cfg, targets, suffix):
+        return make_spec(name + suffix, _attn_prefill_kernel, types,
+                         {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_M": cfg.block_m,
+                          "BLOCK_N": cfg.block_n, "CAUSAL": causal, "HAS_WINDOW": window,
+                          "MASK_KIND": kind, "FP32_DOT": False},
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                         divisible_by_16=("Q", "K", "V", "O", *_STRIDES), targets=targets)
+    return variants(make, prefill_configs(kind, hip=False)[d], prefill_configs(kind, hip=True)[d])
 
 
-def _decode_spec(dt: str, d: int, causal: bool, kind: int, window: bool):
-    cfg = DECODE_CONFIGS[d]
+def _decode_specs(dt: str, d: int, causal: bool, kind: int, window: bool):
     name = f"attn_decode_{_DT[dt]}_d{d}{_variant_name(causal, kind, window)}"
     types = _attn_types(dt, {"PACC": "*fp32", "PML": "*fp32", "HKV": "i32", "SQ": "i32",
                              "SKV": "i32", "GROUP": "i32", "qk_scale": "fp32", "SPLIT": "i32",
                              "NUM_SPLITS": "i32"})
-    return make_spec(name, _attn_decode_kernel, types,
-                     {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                      "CAUSAL": causal, "HAS_WINDOW": window, "MASK_KIND": kind,
-                      "FP32_DOT": False, "DIRECT": False},
-                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                     divisible_by_16=("Q", "K", "V", "O", "PACC", "PML", *_STRIDES))
+
+    def make(cfg, targets, suffix):
+        return make_spec(name + suffix, _attn_decode_kernel, types,
+                         {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_M": cfg.block_m,
+                          "BLOCK_N": cfg.block_n, "CAUSAL": causal, "HAS_WINDOW": window,
+                          "MASK_KIND": kind, "FP32_DOT": False, "DIRECT": False},
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                         divisible_by_16=("Q", "K", "V", "O", "PACC", "PML", *_STRIDES),
+                         targets=targets)
+    return variants(make, decode_configs(hip=False)[d], decode_configs(hip=True)[d])
 
 
 def _reduce_spec(dt: str, d: int):
@@ -619,7 +652,9 @@ def _reduce_spec(dt: str, d: int):
 
 
 AOT_SPECS = (
-    [_prefill_spec(dt, d, *variant) for dt in _DT for d in (64, 128) for variant in _AOT_VARIANTS]
-    + [_decode_spec(dt, d, *variant) for dt in _DT for d in (64, 128) for variant in _AOT_VARIANTS]
+    [s for dt in _DT for d in (64, 128) for variant in _AOT_VARIANTS
+     for s in _prefill_specs(dt, d, *variant)]
+    + [s for dt in _DT for d in (64, 128) for variant in _AOT_VARIANTS
+       for s in _decode_specs(dt, d, *variant)]
     + [_reduce_spec(dt, d) for dt in _DT for d in (64, 128)]
 )

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .aot import make_spec
+from .tiles import on_hip, variants
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -49,10 +50,24 @@ GEMM_CONFIGS = (
 FP8_PRECISE_LARGE = GemmConfig(128, 128, 128, 8, 8, 4)
 
 
-def gemm_config(m: int, fp8_precise: bool = False) -> GemmConfig:
-    if fp8_precise and m > GEMM_CONFIGS[-2][0]:
-        return FP8_PRECISE_LARGE
-    for limit, cfg in GEMM_CONFIGS:
+# hip (tiles.py): 3-4 stages of the 64- to 256-wide tiles ask gfx942 for 96 KiB of LDS;
+# two stages of 128 x 128 fit its 64 KiB (32 KiB compiled). Not tuned on an AMD GPU.
+HIP_GEMM_CONFIGS = (
+    GEMM_CONFIGS[0],
+    (64, GemmConfig(64, 128, 128, 8, 4, 2)),
+    (256, GemmConfig(128, 128, 128, 8, 8, 2)),
+    (None, GemmConfig(128, 128, 128, 8, 8, 2)),
+)
+HIP_FP8_PRECISE_LARGE = GemmConfig(128, 128, 128, 8, 8, 2)
+
+
+def gemm_config(m: int, fp8_precise: bool = False, hip: bool | None = None) -> GemmConfig:
+    """The tiles for M rows, on hip (default: this torch's) or cuda."""
+    configs, precise = ((HIP_GEMM_CONFIGS, HIP_FP8_PRECISE_LARGE) if (on_hip() if hip is None else hip)
+                        else (GEMM_CONFIGS, FP8_PRECISE_LARGE))
+    if fp8_precise and m > configs[-2][0]:
+        return precise
+    for limit, cfg in configs:
         if limit is None or m <= limit:
             return cfg
     raise AssertionError("unreachable")
@@ -199,9 +214,17 @@ def _gemm_spec(op: str, opname: str, targets, out: str, bias: bool, tag: str, cf
                      targets=targets)
 
 
-AOT_SPECS = [_gemm_spec(op, opname, targets, out, bias, tag, cfg)
-             for op, opname, targets in _AOT_OPERANDS
+def _gemm_specs(op: str, opname: str, targets, out: str, bias: bool, tag: str, m: int):
+    """The variant for M rows (small_m: 1, large_m: many), per target's tiles (tiles.py)."""
+    def make(cfg, spec_targets, suffix):
+        return _gemm_spec(op, opname, spec_targets, out, bias, tag + suffix, cfg)
+    precise = op != "i8"
+    return variants(make, gemm_config(m, precise, hip=False), gemm_config(m, precise, hip=True),
+                    targets)
+
+
+AOT_SPECS = [s for op, opname, targets in _AOT_OPERANDS
              for out in ("bf16",)
              for bias in (False, True)
-             for tag, cfg in (("small_m", GEMM_CONFIGS[0][1]),
-                              ("large_m", GEMM_CONFIGS[-1][1] if op == "i8" else FP8_PRECISE_LARGE))]
+             for tag, m in (("small_m", 1), ("large_m", 1 << 20))
+             for s in _gemm_specs(op, opname, targets, out, bias, tag, m)]

@@ -25,6 +25,7 @@ import triton.language as tl
 from kiln.ir import kiln_ref
 
 from .aot import make_spec
+from .tiles import on_hip, variants
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,18 @@ MOE_CONFIGS = (
 )
 
 
-def moe_config(num_slots: int, num_experts: int) -> MoeConfig:
+# hip (tiles.py): 3-4 stages ask gfx942 for 96-108 KiB of LDS; two fit its 64 KiB (36-48
+# KiB compiled). Not tuned on an AMD GPU.
+HIP_MOE_CONFIGS = tuple((limit, MoeConfig(c.block_m, c.block_n, c.block_k, c.num_warps,
+                                          min(c.num_stages, 2)))
+                        for limit, c in MOE_CONFIGS)
+
+
+def moe_config(num_slots: int, num_experts: int, hip: bool | None = None) -> MoeConfig:
+    """The tiles for an average of num_slots / num_experts rows per expert, on hip
+    (default: this torch's) or cuda."""
     avg = num_slots / max(num_experts, 1)
-    for limit, cfg in MOE_CONFIGS:
+    for limit, cfg in HIP_MOE_CONFIGS if (on_hip() if hip is None else hip) else MOE_CONFIGS:
         if limit is None or avg <= limit:
             return cfg
     raise AssertionError("unreachable")
@@ -308,11 +318,11 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
 _DT = {"fp16": "f16", "bf16": "bf16"}
 
 
-def _moe_specs(dt: str, cfg: MoeConfig, tag: str):
+def _moe_specs(dt: str, cfg: MoeConfig, tag: str, targets=("cuda", "hip")):
     p = "*" + dt
     consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
               "FP32_DOT": False}
-    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "targets": targets}
     gate_up = make_spec(
         f"moe_gate_up_{_DT[dt]}_{tag}", _moe_gate_up_kernel,
         {"X": p, "W": p, "ACT": p, "SORTED": "*i32", "BLOCK_EXPERT": "*i32",
@@ -341,6 +351,8 @@ def _align_spec(num_experts: int, block_m: int):
 # Decode-sized and prefill-sized tiles, fp16 and bf16; the align kernel for decode tiles
 # and 8 (Mixtral), 64 and 128 (Qwen3-MoE) experts.
 AOT_SPECS = ([s for dt in _DT
-              for tag, cfg in (("decode", MOE_CONFIGS[0][1]), ("prefill", MOE_CONFIGS[-1][1]))
-              for s in _moe_specs(dt, cfg, tag)]
+              for tag, row in (("decode", 0), ("prefill", -1))
+              for pair in variants(lambda cfg, targets, suffix: _moe_specs(dt, cfg, tag + suffix, targets),
+                                   MOE_CONFIGS[row][1], HIP_MOE_CONFIGS[row][1])
+              for s in pair]
              + [_align_spec(e, MOE_CONFIGS[0][1].block_m) for e in (8, 64, 128)])

@@ -1,7 +1,9 @@
 """The hip target without an AMD GPU: a tiny Llama's serving graph compiled for hip, every
 Triton kernel its wrapper launches compiled to hsaco for gfx942 and gfx950 (a child
-process without TRITON_INTERPRET), and the hip wrapper itself run end to end on the CPU
-under Triton's interpreter (its host code and kernel launches), against HF eager.
+process without TRITON_INTERPRET) within each one's LDS, and the hip wrapper itself run
+end to end on the CPU under Triton's interpreter (its host code and kernel launches, with
+the hip tile tables a ROCm build of torch selects), against HF eager; the kernels whose
+hip tiles differ from cuda's, run with them against kiln's references.
 
 Every shipped AOT variant of every kernel compiles for gfx942 in test_triton_aot; here
 each kernel function the model uses compiles for gfx950 too, in one bf16 variant (all of
@@ -41,9 +43,52 @@ def test_hip_target_row():
     assert t.archs == ("gfx942", "gfx950") and t.graph_capture == "torch.cuda.CUDAGraph"
 
 
-def test_hip_wrapper_runs_on_cpu_under_the_interpreter(compiled):
+ROCM = "6.4 (test: launches pick the hip tile tables, as on a ROCm build of torch)"
+
+
+def interpreter_only():
     if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("runs the hip wrapper's Triton kernels under TRITON_INTERPRET=1")
+        pytest.skip("runs Triton kernels on the CPU under TRITON_INTERPRET=1")
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    err = ((a - b).norm() / b.norm()).item()
+    assert err == err, "NaN"
+    return err
+
+
+def test_hip_tile_tables_compute_the_reference(monkeypatch):
+    """The kernels whose hip tiles differ from cuda's (attention at d=128, masked decode,
+    MoE, large-M scaled GEMM), launched with the hip tables, against kiln's references."""
+    interpreter_only()
+    from kiln.backends.triton import attention, gemm, moe
+    from kiln.backends.triton.tiles import on_hip
+    from kiln.ir import kiln_ref
+    monkeypatch.setattr(torch.version, "hip", ROCM)
+    assert on_hip()
+    q, k, v = torch.randn(1, 4, 80, 128), torch.randn(1, 2, 80, 128), torch.randn(1, 2, 80, 128)
+    got = attention.attention_prefill(q, k, v, None, 0.1, True)
+    assert rel_err(got, kiln_ref.attention(q, k, v, None, 0.1, True)) < 1e-5
+    qd, mask = torch.randn(2, 4, 1, 64), torch.rand(2, 1, 1, 40) > 0.2
+    kd, vd = torch.randn(2, 2, 40, 64), torch.randn(2, 2, 40, 64)
+    got = attention.attention_decode(qd, kd, vd, mask, 0.1, False)
+    assert rel_err(got, kiln_ref.attention(qd, kd, vd, mask, 0.1, False)) < 1e-5
+    x, logits = torch.randn(40, 64), torch.randn(40, 4)
+    w_gate_up, w_down = torch.randn(4, 96, 64) * 0.1, torch.randn(4, 64, 48) * 0.1
+    got = moe.fused_moe(x, logits, w_gate_up, w_down, 2, True)
+    assert rel_err(got, kiln_ref.fused_moe(x, logits, w_gate_up, w_down, 2, True)) < 1e-5
+    a = torch.randint(-127, 128, (300, 128), dtype=torch.int8)
+    b = torch.randint(-127, 128, (96, 128), dtype=torch.int8)
+    a_s, b_s = torch.rand(300, 1) + 0.5, torch.rand(96, 1) + 0.5
+    got = gemm.scaled_mm(a, a_s, b, b_s, None, torch.float32)
+    assert gemm.gemm_config(300) == gemm.HIP_GEMM_CONFIGS[-1][1]
+    assert rel_err(got, kiln_ref.scaled_mm(a, a_s, b, b_s, None, torch.float32)) < 1e-5
+
+
+def test_hip_wrapper_runs_on_cpu_under_the_interpreter(compiled, monkeypatch):
+    interpreter_only()
+    monkeypatch.setattr(torch.version, "hip", ROCM)
     model, cg = compiled
     assert "from kiln.backends.triton" in cg.source
     runner = PagedModelRunner(cg.fn, cg.graph, model_weights(model, cg.graph), num_blocks=16,
@@ -82,7 +127,7 @@ _COMPILE = textwrap.dedent("""
     for spec, target in jobs:
         b = aot.compile_spec(spec, target)
         assert b.binary.startswith(aot.ELF_MAGIC)
-        print("OK", spec.name, target, b.metadata.get("arch"))
+        print("OK", spec.name, target, b.metadata.get("arch"), b.metadata.get("shared"))
 """)
 
 
@@ -99,7 +144,11 @@ def test_every_kernel_the_model_uses_compiles_for_gfx942_and_gfx950(compiled, tm
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     lines = [line.split() for line in done.stdout.splitlines() if line.startswith("OK")]
-    archs = {(name, arch) for _, name, _, arch in lines}
+    archs = {(name, arch) for _, name, _, arch, _ in lines}
+    from kiln.backends.triton.tiles import HIP_LDS_BYTES
+    over = [(name, arch, shared) for _, name, _, arch, shared in lines
+            if int(shared) > (HIP_LDS_BYTES if arch == "gfx942" else 160 * 1024)]
+    assert not over, f"past the LDS of gfx942 (64 KiB) / gfx950 (160 KiB): {over}"
     generated = list(cg.graph.functions)
     for name in generated:
         assert {(name, "gfx942"), (name, "gfx950")} <= archs, name

@@ -42,6 +42,18 @@ def test_every_kernel_compiles_for_cuda_and_hip(compiled):
         raise aot.AotCompileError(failures)
 
 
+def test_every_hip_kernel_fits_mi300_lds(compiled):
+    """Triton compiles a kernel for gfx942 whatever LDS it asks for; a launch on an MI300
+    would refuse one past its 64 KiB (the H100 tile tables asked up to 160 KiB): the hip
+    tile tables (kiln.backends.triton.tiles) must keep every hip variant within it."""
+    from kiln.backends.triton.tiles import HIP_LDS_BYTES
+    _, work, results = compiled
+    over = {spec.name: res.metadata.get("shared") for (spec, target), res in zip(work, results)
+            if target == "hip" and not isinstance(res, str)
+            and res.metadata.get("shared", 0) > HIP_LDS_BYTES}
+    assert not over, f"hip kernels past MI300's {HIP_LDS_BYTES} bytes of LDS: {over}"
+
+
 def test_specs_are_well_formed():
     specs = aot.all_specs()
     names = [s.name for s in specs]
