@@ -5,7 +5,7 @@ TVM kernels (`kiln.backends.tvm`) run the ops in `TVM_OPS`, each chosen because 
 the torch code it replaces at SmolLM2's decode shapes on the machine measured
 (bench/cpu_kernels.py; BENCHMARKS.md, "CPU kernels: TVM against torch"); an op left out
 lost there and stays torch. A call runs TVM when its operands are what the kernel takes
-(float32, contiguous; the GEMVs only at one row of x, the decode shape they were
+(float32, contiguous, 64-byte aligned; the GEMVs only at one row of x, the decode shape they were
 measured at), else the torch code, as do all of them without the `cpu` extra (one warning) or
 with KILN_TVM=0. `kiln.backends.tvm.counts()` counts each call by the path it took
 ("tvm:rms_norm", "torch:rms_norm:<why>"), so a test can tell which one ran.
@@ -44,8 +44,19 @@ def _tvm_kernel(op: str, kernel: str, **params):
     return tvm_build.get(kernel, params)
 
 
+# TVM's LLVM code assumes every buffer starts on a 64-byte boundary (its allocator's
+# alignment) and loads it with aligned vector moves; a tensor that does not (a view at an
+# odd offset, a weight mmapped from a safetensors file) would fault, so torch runs it.
+TVM_ALIGNMENT = 64
+
+
+def _aligned(*ts) -> bool:
+    return all(t.is_contiguous() and t.device.type == "cpu" and t.data_ptr() % TVM_ALIGNMENT == 0
+               for t in ts)
+
+
 def _fp32(*ts) -> bool:
-    return all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in ts)
+    return all(t.dtype == torch.float32 for t in ts) and _aligned(*ts)
 
 
 def _operands(op: str, ok: bool) -> bool:
@@ -130,8 +141,8 @@ def weight_int8_mm(x, w_q, w_scale, bias):
     """kiln.weight_int8_mm: TVM's GEMV at one row of float32 x when chosen (TVM_OPS), else
     weight_int8_mm_torch."""
     if _operands("weight_int8_mm", x.dim() == 2 and x.shape[0] == 1
-                 and _fp32(x) and w_q.is_contiguous() and w_scale.dtype == torch.float32
-                 and w_scale.is_contiguous() and x.shape[1] % 16 == 0):
+                 and _fp32(x) and _aligned(w_q, w_scale) and w_scale.dtype == torch.float32
+                 and x.shape[1] % 16 == 0):
         fn = _tvm_kernel("weight_int8_mm", "weight_int8_mv", k=w_q.shape[1], n=w_q.shape[0])
         if fn is not None:
             y = torch.empty(1, w_q.shape[0])
@@ -169,7 +180,7 @@ def weight_int4_mm(x, w_q, w_sz, bias, group_size=32):
     more exact of the two."""
     n, k = w_q.shape[0], w_q.shape[1] * 2
     if _operands("weight_int4_mm", x.dim() == 2 and x.shape[0] == 1 and _fp32(x)
-                 and w_q.is_contiguous() and w_sz.is_contiguous() and k % 64 == 0 and n % 64 == 0
+                 and _aligned(w_q, w_sz) and k % 64 == 0 and n % 64 == 0
                  and w_sz.dtype in (torch.float32, torch.bfloat16)):
         fn = _tvm_kernel("weight_int4_mm", "weight_int4_mv", k=k, n=n, group_size=group_size,
                          scale_dtype=str(w_sz.dtype).split(".")[-1])

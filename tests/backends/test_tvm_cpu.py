@@ -88,6 +88,18 @@ def test_other_operands_run_torch_and_are_counted(every_op_on_tvm):
     assert counts() == {"torch:rms_norm:operands": 1}
 
 
+def test_a_weight_off_the_64_byte_boundary_runs_torch(every_op_on_tvm):
+    """TVM's code loads its buffers with aligned vector moves: a weight that starts 16 bytes
+    into its storage (as a tensor mmapped from a safetensors file can) crashed the process
+    with SIGSEGV before kiln checked the alignment."""
+    storage = torch.randn(4 + 96)
+    w = storage[4:]
+    assert w.data_ptr() % 64 != 0
+    x = torch.randn(2, 3, 96)
+    assert rel_err(cpu_kernels.rms_norm(x, w, 1e-6), kiln_ref.rms_norm(x, w, 1e-6)) < 1e-5
+    assert counts() == {"torch:rms_norm:operands": 1}
+
+
 def test_module_cache_hit_on_a_second_build(tmp_path, monkeypatch):
     """A fresh process (memory forgotten) loads the module from disk instead of building
     it; a file that does not load is rebuilt, not trusted."""
