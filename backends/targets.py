@@ -139,8 +139,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            first_run=_first_run("hip")),
     Target("xpu", "xpu", None, (), 16, torch.float8_e4m3fn, "torch.xpu.XPUGraph",
            kernels=_TORCH_KERNELS,
-           lowering="torch ops for every fused op (no Triton Intel backend installs beside "
-                    "the triton the cuda/hip kernels need); XPU graphs",
+           lowering="torch ops for every fused op (Intel's Triton backend compiles kiln's "
+                    "kernels to SPIR-V, checked by hand, but replaces the triton the cuda/hip "
+                    "kernels need, so CI cannot check it); XPU graphs",
            verified="wrapper run on the CPU vs HF eager (xpu device literals mapped to the "
                     "CPU, test-only) + torch.xpu graph API present (CI); never run on an "
                     "Intel GPU",
