@@ -23,7 +23,7 @@ GPU_PY ?= python3
 GPU_SITE ?= /tmp/kiln-site
 # The GPU gate: every GPU-marked test, the Triton kernel tests compiled for the device (bf16
 # too), and every architecture family with target="cuda".
-GPU_TESTS ?= tests/gpu tests/serving/test_serving_cuda.py tests/backends/test_triton_attention.py \
+GPU_TESTS ?= tests/gpu tests/serving/test_serving_cuda.py tests/serving/test_spec_cuda.py tests/backends/test_triton_attention.py \
 	tests/backends/test_triton_paged_attention.py tests/backends/test_triton_moe_gemm.py \
 	tests/backends/test_triton_pointwise.py tests/backends/test_triton_gemv.py
 
