@@ -280,7 +280,8 @@ def test_aot_specs_are_well_formed():
         assert set(spec.signature) == set(spec.fn.arg_names)
         assert all(spec.signature[c] == "constexpr" for c in spec.constants)
         if "HAS_WINDOW" in spec.constants:
-            assert spec.constants["HAS_WINDOW"] == spec.name.endswith("_window"), spec.name
+            base = spec.name.removesuffix("_hip")    # a hip tile table's variant of the same kernel
+            assert spec.constants["HAS_WINDOW"] == base.endswith("_window"), spec.name
     for dt in ("f16", "bf16"):
         for path in ("prefill", "decode"):
             assert f"attn_{path}_{dt}_d128_causal_window" in names

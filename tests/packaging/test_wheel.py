@@ -62,8 +62,13 @@ def _data_files() -> set[str]:
     return out
 
 
+# Modules of extras that cannot be installed on a machine without their hardware, with
+# the distribution that provides them (torch_npu needs Ascend's CANN to install usefully).
+NOT_INSTALLED_HERE = {"torch_npu": "torch-npu"}
+
+
 def _module_distributions() -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
+    out: dict[str, set[str]] = {m: {_norm(d)} for m, d in NOT_INSTALLED_HERE.items()}
     for module, dists in md.packages_distributions().items():
         out.setdefault(module, set()).update(_norm(d) for d in dists)
     return out
