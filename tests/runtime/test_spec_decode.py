@@ -13,7 +13,8 @@ import models
 from kiln.runtime.engine import EngineConfig, LLMEngine
 from kiln.runtime.model_runner import PagedModelRunner
 from kiln.runtime.sequence import SamplingParams, Sequence
-from kiln.runtime.spec_decode import (AUTO_OFF_COOLDOWN, AUTO_OFF_WINDOW, MAX_K, NgramProposer,
+from kiln.runtime.spec_decode import (AUTO_OFF_COOLDOWN, AUTO_OFF_WINDOW, MAX_K, MAX_VERIFY_ROWS,
+                                      NgramProposer,
                                       SpecDecoder, SpeculativeConfig, SpeculativeError, SpecState)
 from kiln.serving import compile_serving, model_weights
 from toy import ToyRunner, reference, toy_tokenizer, word_tokens
@@ -209,6 +210,20 @@ def test_low_acceptance_turns_drafting_off_for_a_while(tok):
     assert f"kiln_spec_draft_tokens_total {float(3 * s.verify_steps)}" in text
     assert "kiln_spec_accepted_tokens_total 0.0" in text
     assert "kiln_spec_mean_accepted_length 1.0" in text and "kiln_spec_auto_off 2.0" in text
+
+
+def test_a_large_batch_drafts_nothing(tok):
+    """Past MAX_VERIFY_ROWS verify rows a step drafts for nobody (a large batch reads the
+    weights once for many tokens already); the output stays plain decoding's."""
+    k = 4
+    n = MAX_VERIFY_ROWS // (1 + k) + 1
+    eng = toy_engine(tok, f"ngram:{k}", num_blocks=256, max_num_seqs=n)
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6] for _ in range(n)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outs = eng.generate(prompts, params)
+    assert all(o.token_ids == reference(p, 12, eng.runner.allowed) for o, p in zip(outs, prompts))
+    s = eng.spec.stats
+    assert s.large_batch_steps > 0 and s.verify_steps == 0, s
 
 
 def test_speculation_and_async_scheduling_are_exclusive(tok):
