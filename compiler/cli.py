@@ -366,16 +366,42 @@ def _dump_draft(args) -> int:
 
     from .serving import compile_layer_skip
     spec = SpeculativeConfig.parse(args.speculative or "")
+    if spec.method == "draft":
+        return _dump_draft_model(args, spec)
     if spec.method != "layerskip":
         print(f"kiln dump: --speculative {spec} drafts without a graph of its own; only "
-              f"layerskip:K has a draft graph (the verify step runs the serving graph: kiln "
-              f"compile {args.model} -o DIR writes it as DIR/serving.kir)", file=sys.stderr)
+              f"layerskip:K and draft:PATH:K have a draft graph (the verify step runs the "
+              f"serving graph: kiln compile {args.model} -o DIR writes it as DIR/serving.kir)",
+              file=sys.stderr)
         return 2
     model, _ = _load(args.model)
     skipped = spec.skipped_layers(model.config.num_hidden_layers)
     cg = compile_layer_skip(model, skipped, args.target, record=True)
     print(f"kiln dump: the {spec} draft graph: decoder layers {skipped[0]}-{skipped[-1]} of "
           f"{model.config.num_hidden_layers} skipped", file=sys.stderr)
+    sys.stdout.write(cg.snapshots[_snapshot_index(cg, args.after)][1])
+    return 0
+
+
+def _dump_draft_model(args, spec) -> int:
+    """`kiln dump --graph draft --speculative draft:PATH:K`: the draft model's serving graph,
+    as `kiln serve --speculative` compiles it (an artifact's, as it was compiled)."""
+    from . import artifact as art
+    from .serving import compile_serving
+    path = Path(spec.draft_model).expanduser()
+    if art.is_artifact(path):   # it keeps the IR after every pass: ir/NNN_<pass>.kir
+        passes = {f.stem.partition("_")[2]: f for f in sorted((path / "ir").glob("*.kir"))}
+        if args.after and args.after not in passes:
+            print(f"kiln dump: pass {args.after!r} did not run in artifact {path}; passes that "
+                  f"ran: {', '.join(passes)}", file=sys.stderr)
+            return 2
+        print(f"kiln dump: the {spec} draft graph: artifact {path}", file=sys.stderr)
+        sys.stdout.write((passes[args.after] if args.after else path / art.FINAL_IR).read_text())
+        return 0
+    model, _ = _load(spec.draft_model)
+    cg = compile_serving(model, args.target, record=True)
+    print(f"kiln dump: the {spec} draft graph: the serving graph of {spec.draft_model}",
+          file=sys.stderr)
     sys.stdout.write(cg.snapshots[_snapshot_index(cg, args.after)][1])
     return 0
 
@@ -658,7 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "model step (greedy output unchanged, sampling keeps its "
                             "distribution); ngram:K drafts by prompt lookup (no extra weights), "
                             "layerskip:K[:layers=A-B] with the model minus decoder layers A-B "
-                            "(default: the middle half; a model, not an artifact)")
+                            "(default: the middle half; a model, not an artifact), "
+                            "draft:PATH:K with a smaller model of the same tokenizer (PATH: a "
+                            "model as for MODEL, or an artifact)")
         q.add_argument("--tensor-parallel-size", type=positive_int, default=1,
                        help="shard the model over N ranks, one process per GPU (NCCL; gloo on "
                             "the CPU); under torchrun, the ranks the launcher started")
@@ -768,9 +796,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch.bind_symbolic_shape: IREE reads them, torch-mlir's linalg "
                         "lowering does not)")
     d.add_argument("--graph", default="prefill", choices=["prefill", "decode", "draft"],
-                   help="draft: the serving draft graph of --speculative layerskip:K")
+                   help="draft: the serving draft graph of --speculative layerskip:K or "
+                        "draft:PATH:K")
     d.add_argument("--speculative", metavar="METHOD:K", help="with --graph draft: layerskip:K"
-                   "[:layers=A-B]")
+                   "[:layers=A-B] or draft:PATH:K")
     d.add_argument("--prompt", default="Hello")
     d.add_argument("--target", default="cpu")
     d.add_argument("--disable", help="comma-separated passes to switch off")

@@ -8,6 +8,7 @@ runtime's KV-cache blocks). `PagedModelRunner` runs the result for the engine.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -297,7 +298,9 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
             runner = make_runner(a.fn, a.graph, weights, a.vocab_size, max_len, cfg, device)
         _capture_graphs(runner, step, cfg)
         name = model_name or Path(a.manifest["model"]["spec"]).name
-        return Served(make_engine(runner, tok, cfg), tok, name, f"artifact {a.path}", step.seconds,
+        draft = draft_model_runner(cfg, runner, tok, str(source), target, dtype, block_size, step,
+                                   quant, trust_artifact)
+        return Served(make_engine(runner, tok, cfg, draft), tok, name, f"artifact {a.path}", step.seconds,
                       built)
     if p.is_dir() and not (p / "config.json").is_file():
         raise art.StaleArtifact(f"{p} is neither a kiln artifact (no {art.MANIFEST}) nor a model "
@@ -311,6 +314,8 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
             on_choice(choice)
     runner, tok, draft = _compiled_runner(source, cfg, target, dtype, block_size, step,
                                           device_of(target), on_choice=note, quant=quant)
+    draft = draft or draft_model_runner(cfg, runner, tok, str(source), target, dtype, block_size,
+                                        step, quant, trust_artifact)
     name = model_name or Path(str(source)).name
     return Served(make_engine(runner, tok, cfg, draft), tok, name, f"compiled {source}",
                   step.seconds, chosen[0].quant)
@@ -375,8 +380,76 @@ def layer_skip_runner(model, runner, cfg: ServingConfig, target, block_size, ste
     return PagedModelRunner(draft.fn, draft.graph, model_weights(model, draft.graph),
                             num_blocks=runner.num_blocks, max_model_len=runner.max_model_len,
                             vocab_size=runner.vocab_size, device=device,
-                            cudagraphs=runner.cudagraphs, seq_buckets=runner.seq_buckets,
+                            seq_buckets=runner.seq_buckets, **runner.graph_options,
                             max_num_batched_tokens=cfg.max_num_batched_tokens, caches=caches)
+
+
+def draft_model_runner(cfg: ServingConfig, target_runner, target_tokenizer, target_name: str,
+                       target: str, dtype: str, block_size: int, step, quant: str | None = None,
+                       trust_artifact: bool = False):
+    """The draft runner of `--speculative draft:PATH:K` (None for any other method): PATH
+    loaded as is when it is an artifact, else compiled as the target model is (the same
+    target, dtype, --quant and block size). Its KV pool holds as many tokens as the
+    target's, and its tokenizer must be the target's (the drafts are token ids)."""
+    from pathlib import Path
+
+    from kiln.frontends import hf
+    from kiln.runtime.model_runner import PagedModelRunner
+
+    from . import artifact as art
+    from .quant_choice import choose
+    spec = cfg.speculative
+    if spec is None or spec.method != "draft":
+        return None
+    path = Path(spec.draft_model).expanduser()
+    device = str(target_runner.device)
+
+    def draft_step(name):
+        return step(f"draft model: {name}")
+    if art.is_artifact(path):
+        with draft_step(f"load artifact {path}"):
+            a = art.load_artifact(path, trust=trust_artifact)
+            if device_of(a.target) != torch.device(device).type:
+                raise ValueError(f"--speculative {spec}: artifact {path} was compiled for "
+                                 f"{a.target}, the target model runs on {device}; compile the "
+                                 f"draft for it: kiln compile {a.manifest['model']['spec']} -t "
+                                 f"{target} -o DIR")
+            check_draft_tokenizer(a.tokenizer(), target_tokenizer, spec, target_name)
+            fn, graph, weights, vocab_size = a.fn, a.graph, a.load_weights("cpu"), a.vocab_size
+    else:
+        with draft_step(f"load {spec.draft_model}"):
+            try:
+                model, tok = hf.load(spec.draft_model, dtype=getattr(torch, dtype))
+            except ValueError as e:
+                raise ValueError(f"--speculative {spec}: the draft model: {e}") from None
+        check_draft_tokenizer(tok, target_tokenizer, spec, target_name)
+        compiled = compile_serving(model, target=target, block_size=block_size, steps=draft_step,
+                                   quant=choose(quant, model, target).quant)
+        fn, graph, vocab_size = compiled.fn, compiled.graph, model.config.vocab_size
+        weights = model_weights(model, compiled.graph)
+    tokens = target_runner.num_blocks * target_runner.block_size
+    draft_cfg = dataclasses.replace(
+        cfg, speculative=None, num_blocks=math.ceil(tokens / PagedModelRunner.block_size_of(graph)))
+    with draft_step("allocate KV cache"):
+        runner = make_runner(fn, graph, weights, vocab_size, target_runner.max_model_len,
+                             draft_cfg, device)
+    _capture_graphs(runner, draft_step, draft_cfg)
+    return runner
+
+
+def check_draft_tokenizer(draft_tokenizer, target_tokenizer, spec, target_name: str) -> None:
+    """A draft model proposes token ids: they must mean the same to the target model."""
+    draft_vocab, target_vocab = draft_tokenizer.get_vocab(), target_tokenizer.get_vocab()
+    if draft_vocab == target_vocab:
+        return
+    differ = sorted(set(draft_vocab.items()) ^ set(target_vocab.items()), key=lambda x: x[1])
+    token, index = differ[0]
+    where = "the draft's" if draft_vocab.get(token) == index else "the target's"
+    raise ValueError(f"--speculative {spec}: the draft model {spec.draft_model} and the target "
+                     f"model {target_name} have different tokenizers ({len(draft_vocab)} and "
+                     f"{len(target_vocab)} tokens; id {index} is {token!r} in {where} only); "
+                     f"draft with a model of the target's tokenizer (a smaller model of the same "
+                     f"family), or use --speculative ngram:K")
 
 
 def build_rank_runner(rank: int, size: int, source, cfg: ServingConfig, target, dtype, block_size,

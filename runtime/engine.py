@@ -177,10 +177,9 @@ class LLMEngine:
         self.async_scheduling = (accepts and on_gpu and config.speculative is None
                                  if config.async_scheduling is None else config.async_scheduling)
         self.spec = None
-        if config.speculative is not None:   # (draft_runner: layerskip's draft graph, which drafts)
-            from .spec_decode import LayerSkipProposer
+        if config.speculative is not None:   # (draft_runner: the graph that drafts, if any)
             self.spec = SpecDecoder(config.speculative, None if draft_runner is None
-                                    else LayerSkipProposer(draft_runner, self.blocks))
+                                    else self._proposer(config.speculative, draft_runner))
         self._inflight: _InFlight | None = None
         self._timers = (self.device_timer, DeviceTimer(device))   # alternate: two steps at once
         self._token_copies = None   # likewise: per timer, pinned host memory and an event (CUDA)
@@ -189,6 +188,16 @@ class LLMEngine:
         if self.spec is not None:
             self.metrics.bind_spec(self.spec.stats)
         self._preemptions_seen = 0
+
+    def _proposer(self, speculative: SpeculativeConfig, draft_runner: ModelRunner):
+        """The drafter that runs `draft_runner`: a draft model keeps its KV in a pool of its
+        own (spec_draft); layerskip's draft graph writes the kept layers' KV in this engine's
+        blocks."""
+        if speculative.method == "draft":
+            from .spec_draft import DraftModelProposer
+            return DraftModelProposer(draft_runner, self.runner.vocab_size)
+        from .spec_decode import LayerSkipProposer
+        return LayerSkipProposer(draft_runner, self.blocks)
 
     # -- requests -----------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -413,6 +422,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.drop_pending()
         self.scheduler.finish(seq, reason)
+        if self.spec is not None:
+            self.spec.release(seq)
         del self.seqs[seq.request_id], self.detok[seq.request_id]
         self.metrics.requests.labels(reason).inc()
         self.metrics.e2e.observe(time.monotonic() - seq.arrival_time)

@@ -54,7 +54,9 @@ MAX_VERIFY_ROWS = 32          # rows a step's drafting sequences may verify; pas
 # The methods `--speculative` knows, with their spelling (for messages).
 METHODS = {"ngram": "ngram:K (prompt lookup: no extra weights)",
            "layerskip": "layerskip:K[:layers=A-B] (the model minus decoder layers A..B; "
-                        "default: the middle half)"}
+                        "default: the middle half)",
+           "draft": "draft:PATH:K (a smaller model of the same tokenizer drafts: PATH is "
+                    "what kiln generate takes as MODEL, or an artifact directory)"}
 SPELLINGS = ", ".join(METHODS.values())
 
 
@@ -69,6 +71,7 @@ class SpeculativeConfig:
     ngram_max: int = 4             # ngram: the longest suffix looked up
     ngram_min: int = 2             # ngram: the shortest
     layers: tuple[int, int] | None = None   # layerskip: the decoder layers skipped, A..B inclusive
+    draft_model: str | None = None # draft: the draft model's PATH (a model spec or an artifact)
 
     @classmethod
     def parse(cls, text: str) -> "SpeculativeConfig":
@@ -80,6 +83,8 @@ class SpeculativeConfig:
         if not rest:
             raise SpeculativeError(f"--speculative {text!r}: the number of draft tokens is "
                                    f"missing; write {METHODS[method]}, e.g. {method}:4")
+        if method == "draft":
+            return cls._parse_draft(text, rest)
         k_text, _, extra = rest.partition(":")
         layers = None
         if extra and method != "layerskip":
@@ -92,17 +97,21 @@ class SpeculativeConfig:
                 raise SpeculativeError(f"--speculative {text!r}: the layers skipped are written "
                                        f"layers=A-B (0-based, A <= B), e.g. layerskip:3:layers=8-15")
             layers = (int(a), int(b))
-        try:
-            k = int(k_text)
-        except ValueError:
-            k = None
-        if k is None or not 1 <= k <= MAX_K:
-            raise SpeculativeError(f"--speculative {text!r}: K must be a whole number of draft "
-                                   f"tokens a step in [1, {MAX_K}], got {k_text!r}; write "
-                                   f"{METHODS[method]}, e.g. {method}:4")
-        return cls(method, k, layers=layers)
+        return cls(method, _tokens_per_step(text, method, k_text), layers=layers)
+
+    @classmethod
+    def _parse_draft(cls, text: str, rest: str) -> "SpeculativeConfig":
+        """`draft:PATH:K`: K is after the last ':', so PATH may hold colons of its own."""
+        path, colon, k_text = rest.rpartition(":")
+        if not colon or not path:
+            raise SpeculativeError(f"--speculative {text!r}: write {METHODS['draft']}, the draft "
+                                   f"model and then the number of draft tokens, e.g. "
+                                   f"draft:smollm2:4")
+        return cls("draft", _tokens_per_step(text, "draft", k_text), draft_model=path)
 
     def __str__(self) -> str:
+        if self.method == "draft":
+            return f"draft:{self.draft_model}:{self.k}"
         layers = f":layers={self.layers[0]}-{self.layers[1]}" if self.layers else ""
         return f"{self.method}:{self.k}{layers}"
 
@@ -112,6 +121,20 @@ class SpeculativeConfig:
         if self.layers is None:
             return default_skipped_layers(num_layers)
         return list(range(self.layers[0], self.layers[1] + 1))
+
+
+def _tokens_per_step(text: str, method: str, k_text: str) -> int:
+    """K of a `--speculative` value: a whole number in [1, MAX_K]."""
+    try:
+        k = int(k_text)
+    except ValueError:
+        k = None
+    if k is None or not 1 <= k <= MAX_K:
+        example = "draft:smollm2:4" if method == "draft" else f"{method}:4"
+        raise SpeculativeError(f"--speculative {text!r}: K must be a whole number of draft "
+                               f"tokens a step in [1, {MAX_K}], got {k_text!r}; write "
+                               f"{METHODS[method]}, e.g. {example}")
+    return k
 
 
 class NgramProposer:
@@ -315,3 +338,9 @@ class SpecDecoder:
         if state.off_until != before:
             s.auto_off += 1
 
+    def release(self, seq: Sequence) -> None:
+        """The sequence is done (finished or aborted): a drafter that keeps state of its own
+        per sequence (the draft model's KV blocks, spec_draft.py) lets it go."""
+        release = getattr(self.proposer, "release", None)
+        if release is not None:
+            release(seq)
