@@ -193,6 +193,7 @@ class ServingConfig:
     lazy_mixed_graphs: bool = False       # capture buckets with prefill chunks on first use
     background_graphs: bool = False       # capture while the engine is idle, not at start-up
     speculative: object = None            # runtime.spec_decode.SpeculativeConfig, or None: off
+    batch_invariant: bool = False         # decode rows computed as in a batch of one (GPU kernels)
 
 
 def default_max_model_len(config, cap: int = 4096) -> int:
@@ -211,7 +212,8 @@ def make_runner(compiled_fn, graph: Graph, weights: dict, vocab_size: int, max_m
                             max_model_len=max_model_len, vocab_size=vocab_size, device=device,
                             cudagraphs=cfg.cudagraphs and torch.device(device).type == "cuda",
                             seq_buckets=decode_buckets(cfg.max_num_seqs),
-                            max_num_batched_tokens=cfg.max_num_batched_tokens)
+                            max_num_batched_tokens=cfg.max_num_batched_tokens,
+                            batch_invariant=cfg.batch_invariant)
 
 
 def make_engine(runner, tokenizer, cfg: ServingConfig, draft_runner=None):

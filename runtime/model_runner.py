@@ -30,6 +30,7 @@ import operator
 import numpy as np
 import torch
 
+from kiln.backends.batch_invariance import invariant_calls
 from kiln.backends.cudagraphs import capture_parts
 from kiln.ir import Graph, TensorType, timings
 from kiln.ir.fallback import report
@@ -196,9 +197,14 @@ class PagedModelRunner:
                  max_model_len: int, vocab_size: int, device: str | torch.device = "cpu",
                  cudagraphs: bool = False, seq_buckets=SEQ_BUCKETS,
                  max_num_batched_tokens: int = 512, pad_batches: bool | None = None,
-                 caches: dict[str, torch.Tensor] | None = None):
-        self.fn = fn
+                 caches: dict[str, torch.Tensor] | None = None, batch_invariant: bool = False):
         self._core, self._prepare = capture_parts(fn)
+        # batch_invariant: each row computed as in a one-row batch (backends/batch_invariance.py),
+        # in eager calls and in what the graphs capture.
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            fn, self._core = invariant_calls(fn), invariant_calls(self._core)
+        self.fn = fn
         self.device = torch.device(device)
         self.block_size = self.block_size_of(graph)
         self.num_blocks = num_blocks

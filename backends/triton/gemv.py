@@ -11,10 +11,12 @@ saved; large weights (Llama-3-8B) must still stream at close to copy bandwidth.
 
 Layout: x (or gate and up) is [..., K] with a unit last stride and any row stride (gate and
 up may be the two column halves of one [M, 2I] tensor); b is [K, N] with any strides,
-usually `W.permute(1, 0)` of an nn.Linear weight W [N, K] (stride (1, K)). The grid is one
-program per BLOCK_N output columns, and every program handles all M rows (M <= BLOCK_M),
-so the weight is read exactly once whatever M is; each program loops over K in BLOCK_K
-chunks. An rms_norm prologue first makes a pass over its rows of x to get each row's sum
+usually `W.permute(1, 0)` of an nn.Linear weight W [N, K] (stride (1, K)). The tl.dot
+path has one program per BLOCK_N output columns, which handles all M rows (M <= BLOCK_M),
+so the weight is read exactly once whatever M is; the FMA path has one program per
+(BLOCK_N columns, row), the rows of a column block adjacent, so a row is computed by the
+same code whatever M is (batch invariance) and the block's weight tile comes from L2 after
+the first row. Each program loops over K in BLOCK_K chunks. An rms_norm prologue first makes a pass over its rows of x to get each row's sum
 of squares (a row is at most 16384 elements in the models kiln targets and comes from L2:
 cheap next to the weight), then normalises each x chunk on the fly in the main loop. The fused-add variant recomputes
 h = residual + x in both passes rather than reading back the stored h, and only the
@@ -46,7 +48,9 @@ Why these choices:
 Configs: GEMV_CONFIGS, keyed by (M, N, K); every launcher takes `config=` to override it
 (tests and bench/gemv.py's sweep use that). Above FUSED_MAX_M rows (1: the tl.dot path
 measured slower than the unfused pair) the launchers run the unfused pair, kiln's norm or
-activation kernel then torch.mm, so each implements its kiln op for any M.
+activation kernel then torch.mm, so each implements its kiln op for any M. Under
+`batch_invariant()` (backends/batch_invariance.py) every M up to MAX_M takes the one-row
+config, a program per row, so each row is rounded exactly as in a one-row batch.
 """
 from __future__ import annotations
 
@@ -55,6 +59,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from kiln.backends import batch_invariance
 
 from . import activation, norm
 from .activation import _silu_mul
@@ -106,6 +112,8 @@ FUSED_MAX_M = 1
 
 
 def gemv_config(m: int, n: int, k: int) -> GemvConfig:
+    if batch_invariance.enabled():
+        m = 1   # every row as in a one-row batch: the same tile, a program per row
     for max_m, max_n, max_k, cfg in GEMV_CONFIGS:
         if m <= max_m and (max_n is None or n <= max_n) and (max_k is None or k <= max_k):
             return fit_config(cfg, k)
@@ -144,13 +152,22 @@ def _gemv_kernel(X, X2, NW, B, Y, H, M, N, stride_x, stride_x2, stride_h, stride
 
     RMS: X = x, NW = norm weight (X2, H unused). ADD_RMS: X = x, X2 = residual, H = the
     sum (stored by program 0). SILU: X = gate, X2 = up (NW, H unused). NONE: X = x (X2,
-    NW, H unused). BLOCK_M == 1 takes the FMA path, larger BLOCK_M tl.dot. BLOCK_K1 is the
-    chunk of the rms prologues' first pass (see `pass1_block`)."""
-    pid_n = tl.program_id(0)
+    NW, H unused). BLOCK_M == 1 takes the FMA path, one program per (column block, row),
+    M * cdiv(N, BLOCK_N) of them; larger BLOCK_M tl.dot, one program per column block for
+    all rows. BLOCK_K1 is the chunk of the rms prologues' first pass (see `pass1_block`)."""
     XDT: tl.constexpr = X.dtype.element_ty
     USE_DOT: tl.constexpr = BLOCK_M > 1
     EVEN_K: tl.constexpr = K % BLOCK_K == 0
-    rows = tl.arange(0, BLOCK_M)
+    if USE_DOT:
+        pid_n = tl.program_id(0)
+        rows = tl.arange(0, BLOCK_M)
+    else:
+        # One row per program, M programs per column block, adjacent in launch order so
+        # they share the block's weight tile through L2: each row runs exactly the code of
+        # a one-row launch, whatever M is (see backends/batch_invariance.py).
+        pid = tl.program_id(0)
+        pid_n = pid // M
+        rows = pid % M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows = tl.where(row_ok, rows, 0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -253,12 +270,15 @@ def _rows(name: str, x: torch.Tensor) -> torch.Tensor:
 
 def _many_rows(x: torch.Tensor) -> bool:
     """More rows than the fused kernel pays for (FUSED_MAX_M, at most MAX_M): the launchers
-    then run the unfused pair, kiln's norm or activation kernel and torch.mm."""
-    return x.numel() // max(x.shape[-1], 1) > min(FUSED_MAX_M, MAX_M)
+    then run the unfused pair, kiln's norm or activation kernel and torch.mm. Under
+    batch_invariant() up to MAX_M rows take the one-row kernel, a program per row (torch.mm
+    would round each row as its batch's shape leads cuBLAS to)."""
+    limit = MAX_M if batch_invariance.enabled() else min(FUSED_MAX_M, MAX_M)
+    return x.numel() // max(x.shape[-1], 1) > limit
 
 
 def _check_config(cfg: GemvConfig, m: int) -> None:
-    if cfg.block_m < m:
+    if cfg.use_dot and cfg.block_m < m:   # (the FMA path runs a program per row: any M)
         raise ValueError(f"gemv: config block_m {cfg.block_m} < M = {m}")
     blocks = (cfg.block_m, cfg.block_n, cfg.block_k)
     if any(v & (v - 1) for v in blocks):
@@ -282,7 +302,7 @@ def _launch(prologue, x2, x2b, nw, b, h2, eps, config):
     x2b = dummy if x2b is None else x2b
     nw = dummy if nw is None else nw
     h2 = dummy if h2 is None else h2
-    grid = (triton.cdiv(n, cfg.block_n),)
+    grid = (triton.cdiv(n, cfg.block_n) * (1 if cfg.use_dot else m),)
     _gemv_kernel[grid](
         x2, x2b, nw, b, y, h2, m, n, x2.stride(0), x2b.stride(0), h2.stride(0),
         b.stride(0), b.stride(1), y.stride(0), float(eps), K=k, PROLOGUE=prologue,

@@ -44,7 +44,8 @@ Why it is shaped the way it is:
   to fill the machine: each program takes one of NUM_SPLITS slices of its sequence's
   keys and writes a partial (m, l, acc), and attention.py's reduction kernel combines
   them. NUM_SPLITS is chosen from the block table's width (the padded maximum context), N
-  and Hkv, never from context_lens, so it is fixed per captured bucket; but the slices
+  (1 under batch_invariant(): a row's split must not depend on its batch) and Hkv, never
+  from context_lens, so it is fixed per captured bucket; but the slices
   cut each sequence's own keys into NUM_SPLITS runs of whole tiles, on the device, so
   every program has work: fixed slices of width / NUM_SPLITS left the second of two
   splits empty for every 200-key context under a 4096-key table. With a window the keys
@@ -64,6 +65,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kiln.backends import batch_invariance
 
 from .aot import make_spec
 from .attention import (DECODE_CONFIGS, LOG2E, REDUCE_BLOCK_S, AttnConfig, _attn_reduce_kernel,
@@ -386,7 +389,9 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
     if window is not None:
         span = min(span, window + cfg.block_n - 1)
     if split is None:
-        num_splits = decode_num_splits(n, hkv, span, cfg.block_n, _num_sms(q.device))
+        # Batch-invariant: each row split as in a batch of one, however many rows run.
+        rows = 1 if batch_invariance.enabled() else n
+        num_splits = decode_num_splits(rows, hkv, span, cfg.block_n, _num_sms(q.device))
     elif split % cfg.block_n:
         raise ValueError(f"paged_attention: split {split} is not a multiple of BLOCK_N "
                          f"{cfg.block_n}")

@@ -327,8 +327,8 @@ def test_errors():
         gemv.silu_mul_mm(x, x.to(f16), b)
     with pytest.raises(ValueError, match="K mismatch"):
         gemv.silu_mul_mm(randn(2, 64), randn(2, 64), b)
-    with pytest.raises(ValueError, match="block_m 1 < M = 2"):
-        gemv.rms_norm_mm(x, w, b, EPS, config=G(1, 16, 32, 4, 2))
+    with pytest.raises(ValueError, match="block_m 16 < M = 17"):
+        gemv.rms_norm_mm(randn(17, 96), w, b, EPS, config=G(16, 16, 32, 4, 2))
     with pytest.raises(ValueError, match=">= 16"):
         gemv.rms_norm_mm(x, w, b, EPS, config=G(16, 8, 32, 4, 2))
     with pytest.raises(ValueError, match="powers of two"):
