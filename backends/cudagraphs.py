@@ -1,8 +1,9 @@
 """Graph capture for a compiled wrapper: CUDA graphs, HIP graphs (the same torch.cuda API
 on ROCm builds), XPU graphs (torch.xpu.XPUGraph) and ACL graphs (torch.npu.NPUGraph, once
 torch_npu is imported). Each device module offers the same calls (a graph class, `graph`,
-`graph_pool_handle`, `synchronize`); the targets table names the class, and `GraphAPI`
-finds the rest beside it.
+`graph_pool_handle`, `synchronize`, streams and events); the targets table names the class,
+and `GraphAPI` finds the rest beside it. The serving runner (kiln.runtime.model_runner)
+captures its bucket graphs through the same calls.
 
 One graph per input signature (shapes, dtypes and size values). A signature runs eagerly
 the first time (which also compiles every Triton kernel it launches) and is captured the
@@ -30,6 +31,10 @@ class GraphAPI:
     """The capture calls of one device module, e.g. GraphAPI("torch.cuda", "CUDAGraph")."""
     module: str        # "torch.cuda", "torch.xpu", "torch.npu"
     graph_class: str   # "CUDAGraph", "XPUGraph", "NPUGraph"
+    # "module:function" mapping a decode step's sequence lengths to the host arguments a
+    # captured graph's operators take (the target's `graph_host_arguments`); None: its
+    # kernels read everything from device memory.
+    host_arguments: str | None = None
 
     @classmethod
     def of(cls, target) -> "GraphAPI | None":
@@ -37,7 +42,7 @@ class GraphAPI:
         if not target.graph_capture:
             return None
         module, graph_class = target.graph_capture.rsplit(".", 1)
-        return cls(module, graph_class)
+        return cls(module, graph_class, target.graph_host_arguments)
 
     @property
     def device_type(self) -> str:
@@ -61,14 +66,38 @@ class GraphAPI:
     def new_graph(self):
         return getattr(self.device_module(), self.graph_class)()
 
-    def capturing(self, graph, pool):
-        return self.device_module().graph(graph, pool=pool)
+    def capturing(self, graph, pool, host_arguments: bool = False):
+        """The capture context. `host_arguments`: the caller will set the host arguments
+        before every replay (`update_host_arguments`), so the graph records the operators
+        that take them where the API needs telling (torch_npu: auto_dispatch_capture;
+        such a graph waits for an update before each replay, so only callers that
+        update ask for it)."""
+        options = {"auto_dispatch_capture": True} if host_arguments and self.host_arguments else {}
+        return self.device_module().graph(graph, pool=pool, **options)
+
+    def update_host_arguments(self, graph, context_lens: list[int]) -> None:
+        """Before a replay of a graph captured with `host_arguments`: its operators' host
+        arguments for a step whose sequences have these lengths."""
+        import importlib
+        module, fn = self.host_arguments.split(":")
+        graph.update(getattr(importlib.import_module(module), fn)(context_lens))
 
     def pool_handle(self):
         return self.device_module().graph_pool_handle()
 
     def synchronize(self) -> None:
         self.device_module().synchronize()
+
+    def stream(self):
+        """A new stream of the device (a side stream to warm up on before a capture)."""
+        return self.device_module().Stream()
+
+    def current_stream(self):
+        return self.device_module().current_stream()
+
+    def on_stream(self, stream):
+        """Context in which work goes to `stream`."""
+        return self.device_module().stream(stream)
 
 
 CUDA_GRAPHS = GraphAPI("torch.cuda", "CUDAGraph")

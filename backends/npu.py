@@ -123,13 +123,30 @@ def attention(q, k, v, mask, scale, causal, window=None):
     return out
 
 
+# The host argument of paged decode attention that an ACL graph gets before each replay.
+_DECODE_LENGTHS = "actual_seq_lengths_kv"
+
+
+def _capturing() -> bool:
+    """Inside an ACL graph capture (torch.npu exists once torch_npu is imported)."""
+    npu_module = getattr(torch, "npu", None)
+    return npu_module is not None and npu_module.is_current_stream_capturing()
+
+
 def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens,
                     query_start, scale, window=None):
     """kiln.paged_attention: the cache written with torch indexing, then the fused
     inference attention over the block table (its paged form, BSH layout): decode
     batches in one call, each prefill chunk in its own call (the operator's TND layout,
     which would take them all at once, has no paged form). A sliding window runs the
-    torch version (the operator's band mode is not lowered)."""
+    torch version (the operator's band mode is not lowered).
+
+    The operator takes the sequences' lengths as a host list. Under ACL graph capture
+    (decode buckets only: kiln's runner never captures prefill on npu) reading them back
+    would stop the capture, and the graph would keep them anyway: the capture passes the
+    block table's full width (the workspace torch_npu sizes then fits every later step),
+    and the runner gives each replay its step's lengths (`graph_host_arguments`,
+    NPUGraph.update)."""
     if window is not None:
         return torch_paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables,
                                      context_lens, query_start, scale, window)
@@ -142,11 +159,18 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
     fia = npu_ops().npu_fused_infer_attention_score
     common = dict(num_heads=hq, num_key_value_heads=hkv, scale=scale, input_layout="BSH",
                   block_size=block_size)
-    lengths = context_lens.tolist()
+    capturing = _capturing()
     if t == n:   # one new token a sequence
+        lengths = ([block_tables.shape[1] * block_size] * n if capturing
+                   else context_lens.tolist())
         out, _ = fia(q.reshape(n, 1, hq * d), keys, values, block_table=block_tables,
-                     actual_seq_lengths_kv=lengths, **common)
+                     **{_DECODE_LENGTHS: lengths}, **common)
         return out.view(t, hq, d)
+    if capturing:
+        raise RuntimeError("kiln's npu paged attention reads a batch with prefill chunks on "
+                           "the host, which an ACL graph cannot capture: capture decode "
+                           "batches only (the npu target's graph_captures_prefill=False)")
+    lengths = context_lens.tolist()
     out = torch.zeros_like(q)
     starts = query_start.tolist()
     for i, length in enumerate(lengths):
@@ -161,6 +185,14 @@ def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, conte
                    sparse_mode=3, **common)
         out[lo:hi] = o.view(hi - lo, hq, d)
     return out
+
+
+def graph_host_arguments(context_lens: list[int]) -> list[dict]:
+    """NPUGraph.update's input before a replay of a decode bucket captured with
+    auto_dispatch_capture: the step's sequence lengths (the bucket's scratch sequences
+    included) for every fused attention call the graph recorded. torch_npu 2.14 gives a
+    one-entry list to each recorded call (every layer's attention sees the same lengths)."""
+    return [{_DECODE_LENGTHS: context_lens}]
 
 
 _CAUSAL_2048: dict = {}

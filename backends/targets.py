@@ -26,6 +26,21 @@ class Target:
     # before its name provides graph(), graph_pool_handle() and synchronize() too
     # (kiln.backends.cudagraphs.GraphAPI).
     graph_capture: str | None = None
+    # Serving graphs (kiln.runtime.model_runner): batches with prefill chunks are captured
+    # too only where every kernel finds the batch's layout in device memory (cuda/hip: the
+    # Triton paged attention). xpu's and npu's attention read a prefill batch's layout on
+    # the host, which a graph would freeze: there only decode buckets are captured and
+    # prefill runs eagerly.
+    graph_captures_prefill: bool = True
+    # "module:function" mapping a decode step's sequence lengths to the host arguments of
+    # the captured graph's operators, set before every replay (npu: the lengths its fused
+    # attention operator takes as a host list; NPUGraph.update); None: the graph's kernels
+    # read everything from device memory.
+    graph_host_arguments: str | None = None
+    # Speculative decoding: decode buckets in multiples of 1 + k rows (the verify step of a
+    # sequence is 1 + k decode rows), so a step whose sequences all draft k fills its
+    # bucket, as vllm-ascend sizes its ACL graphs for MTP.
+    verify_group_buckets: bool = False
     kernels: dict[str, str] = field(default_factory=dict)
     lowering: str = ""           # what runs the fused ops, in words (README, kiln targets)
     verified: str = ""           # how this lowering is checked (see the module docstring)
@@ -138,7 +153,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
                     "interpreter (CI); never run on an AMD GPU",
            first_run=_first_run("hip")),
     Target("xpu", "xpu", None, (), 16, torch.float8_e4m3fn, "torch.xpu.XPUGraph",
-           kernels=_TORCH_KERNELS,
+           kernels=_TORCH_KERNELS, graph_captures_prefill=False,
            lowering="torch ops for every fused op (Intel's Triton backend compiles kiln's "
                     "kernels to SPIR-V, checked by hand, but replaces the triton the cuda/hip "
                     "kernels need, so CI cannot check it); XPU graphs",
@@ -147,6 +162,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
                     "Intel GPU",
            first_run=_first_run("xpu")),
     Target("npu", "npu", None, (), 32, None, "torch.npu.NPUGraph", kernels=_NPU_KERNELS,
+           graph_captures_prefill=False, verify_group_buckets=True,
+           graph_host_arguments="kiln.backends.npu:graph_host_arguments",
            declare_device="kiln.backends.npu:declare_device",
            lowering="torch_npu operators for the fused ops, torch ops for the rest; "
                     "ACL graphs (torch.npu.NPUGraph)",
@@ -164,6 +181,18 @@ def support_matrix() -> str:
         rows.append(f"| `{t.name}` | {t.lowering} | {f'`{t.graph_capture}`' if t.graph_capture else '-'} "
                     f"| {t.verified} | `{t.first_run}` |")
     return "\n".join(rows)
+
+
+def target_of_device(device_type: str) -> Target:
+    """The first target of TARGETS running on `device_type`: what a runner on that device
+    captures graphs with. cuda and hip share the device type "cuda" and capture alike
+    (torch.cuda's API on either build of torch)."""
+    for target in TARGETS.values():
+        if target.device_type == device_type:
+            return target
+    raise ValueError(f"no target runs on device type {device_type!r}; targets run on "
+                     f"{', '.join(sorted({t.device_type for t in TARGETS.values()}))} "
+                     f"(`kiln targets` lists them)")
 
 
 def get_target(name: str) -> Target:

@@ -188,7 +188,7 @@ class ServingConfig:
     max_num_batched_tokens: int = 512
     max_waiting: int = 256
     enable_prefix_caching: bool = True
-    cudagraphs: bool = True               # cuda target: replay every step from bucket graphs
+    cudagraphs: bool = True               # targets with graph capture: replay steps from bucket graphs
     async_scheduling: bool | None = None  # None: on where the runner is on a GPU (EngineConfig)
     lazy_mixed_graphs: bool = False       # capture buckets with prefill chunks on first use
     background_graphs: bool = False       # capture while the engine is idle, not at start-up
@@ -202,7 +202,10 @@ def default_max_model_len(config, cap: int = 4096) -> int:
 
 def make_runner(compiled_fn, graph: Graph, weights: dict, vocab_size: int, max_model_len: int,
                 cfg: ServingConfig, device: str = "cpu"):
-    from kiln.runtime.model_runner import PagedModelRunner, cache_bytes_per_block, decode_buckets
+    from kiln.backends.targets import target_of_device
+    from kiln.runtime.model_runner import (PagedModelRunner, cache_bytes_per_block, decode_buckets,
+                                           graph_settings)
+    graphs = graph_settings(target_of_device(torch.device(device).type), cfg.speculative)
     per_block = cache_bytes_per_block(graph)
     num_blocks = cfg.num_blocks
     if num_blocks is None:
@@ -210,10 +213,10 @@ def make_runner(compiled_fn, graph: Graph, weights: dict, vocab_size: int, max_m
                          math.ceil(max_model_len / PagedModelRunner.block_size_of(graph)))
     return PagedModelRunner(compiled_fn, graph, weights, num_blocks=num_blocks,
                             max_model_len=max_model_len, vocab_size=vocab_size, device=device,
-                            cudagraphs=cfg.cudagraphs and torch.device(device).type == "cuda",
+                            cudagraphs=cfg.cudagraphs and graphs["graph_api"] is not None,
                             seq_buckets=decode_buckets(cfg.max_num_seqs),
                             max_num_batched_tokens=cfg.max_num_batched_tokens,
-                            batch_invariant=cfg.batch_invariant)
+                            batch_invariant=cfg.batch_invariant, **graphs)
 
 
 def make_engine(runner, tokenizer, cfg: ServingConfig, draft_runner=None):
@@ -243,15 +246,16 @@ def device_of(target: str) -> str:
 def _capture_graphs(runner, step, cfg: ServingConfig) -> None:
     if not runner.cudagraphs:
         return
+    # (xpu and npu capture decode buckets only: runner.capture_prefill)
+    mixed = [] if cfg.lazy_mixed_graphs or not runner.capture_prefill else runner.mixed_buckets()
     if cfg.background_graphs:   # ready now; the engine captures between requests
-        mixed = [] if cfg.lazy_mixed_graphs else runner.mixed_buckets()
         runner.capture_later([(n, n) for n in runner.seq_buckets] + mixed)
         return
-    with step(f"capture CUDA graphs (decode buckets {', '.join(map(str, runner.seq_buckets))})"):
+    graphs = f"{runner.graph_api.device_type.upper()} graphs"   # CUDA, XPU, NPU
+    with step(f"capture {graphs} (decode buckets {', '.join(map(str, runner.seq_buckets))})"):
         runner.capture_decode_buckets()
-    if not cfg.lazy_mixed_graphs:
-        mixed = runner.mixed_buckets()
-        with step(f"capture CUDA graphs ({len(mixed)} buckets with prefill chunks, up to "
+    if mixed:
+        with step(f"capture {graphs} ({len(mixed)} buckets with prefill chunks, up to "
                   f"{mixed[-1][0] if mixed else 0} tokens)"):
             runner.capture_mixed_buckets()
 

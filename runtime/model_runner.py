@@ -5,14 +5,18 @@ the extra last block is scratch that padded batch rows write to), binds every gr
 by name (batch fields, caches, weights), and returns the [N, vocab] logits of each
 sequence's last new token.
 
-On a GPU (cudagraphs=True) every step replays a CUDA graph over static input buffers,
-one per bucket (T tokens, N sequences): `kiln serve` captures the decode buckets and the
+On a device with graph capture (cudagraphs=True) every step replays a graph over static
+input buffers, one per bucket (T tokens, N sequences), through the target's capture API
+(`graph_api`, kiln.backends.cudagraphs.GraphAPI: CUDA graphs, HIP graphs through the same
+torch.cuda calls, XPU graphs, ACL graphs): `kiln serve` captures the decode buckets and the
 mixed ones at start-up (`capture_decode_buckets`, `capture_mixed_buckets`), or leaves them
 to the engine's idle time (`capture_later`, `capture_in_background`); a bucket not
 captured yet is captured on first use. A batch of t
 tokens in n sequences runs in a bucket of N >= n sequences; its sequences past n are
 scratch sequences (one token each, context 1, reading and writing only the scratch block).
-A decode batch (one token a sequence) runs in (N, N), N from `decode_buckets(max_num_seqs)`;
+A decode batch (one token a sequence) runs in (N, N), N from `decode_buckets(max_num_seqs)`
+(with speculative decoding on a target with `verify_group_buckets`, each rounded up to a
+multiple of 1 + k: a sequence's verify step is 1 + k decode rows);
 a batch with prefill chunks in the smallest N of `mixed_seq_buckets` and T of
 `token_buckets()` that hold its sequences and its tokens with the scratch ones, the tokens
 past those belonging to no sequence (attention leaves them zero; they write the scratch
@@ -20,7 +24,10 @@ block).
 Block tables are padded to the width that max_model_len needs. Batches past the largest
 buckets run eagerly. Every kernel of a serving graph on cuda/hip is launched from shapes
 alone (the Triton paged attention finds each tile's sequence on the device), so one
-captured graph serves any batch of its bucket.
+captured graph serves any batch of its bucket. On xpu and npu only decode batches are
+captured (`capture_prefill=False`: their attention reads a prefill batch's layout on the
+host), and npu's fused attention takes even a decode step's lengths on the host, so its
+graphs are given them before every replay (`GraphAPI.update_host_arguments`).
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ import numpy as np
 import torch
 
 from kiln.backends.batch_invariance import invariant_calls
-from kiln.backends.cudagraphs import capture_parts
+from kiln.backends.cudagraphs import CUDA_GRAPHS, GraphAPI, capture_parts
 from kiln.ir import Graph, TensorType, timings
 from kiln.ir.fallback import report
 from kiln.ir.roles import BATCH_INPUTS, is_cache_input
@@ -57,6 +64,22 @@ def mixed_seq_buckets(seq_buckets: tuple) -> tuple:
     return tuple(b for b in seq_buckets[:-1]
                  if (b & (b - 1) == 0 and b.bit_length() % 2 and b <= 64) or (b > 64 and b % 64 == 0)
                  ) + seq_buckets[-1:]
+
+
+def in_multiples(buckets, multiple: int) -> tuple:
+    """Each bucket rounded up to a multiple of `multiple`, duplicates dropped (vLLM rounds
+    its graph sizes for speculative decoding the same way): with k = 3 drafts, 1, 2, 4, 8,
+    ..., 256 become 4, 8, ..., 256, and three sequences verifying 4 rows each fill 12."""
+    return tuple(sorted({-(-b // multiple) * multiple for b in buckets}))
+
+
+def graph_settings(target, speculative=None) -> dict:
+    """PagedModelRunner's graph arguments for `target` (a kiln Target) serving with
+    `speculative` (a SpeculativeConfig or None): its capture API, whether batches with
+    prefill chunks are captured, and the rows decode buckets come in multiples of."""
+    verify_rows = 1 + speculative.k if speculative is not None and target.verify_group_buckets else 1
+    return {"graph_api": GraphAPI.of(target), "capture_prefill": target.graph_captures_prefill,
+            "decode_rows_multiple": verify_rows}
 
 
 SEQ_BUCKETS = decode_buckets(64)
@@ -124,8 +147,9 @@ class StepBuffers:
                   "block_tables": (num_seqs, width)}
         nbytes = [math.prod(shapes[k]) * dtype.itemsize for k, dtype in self.FIELDS]
         sizes = [-(-n // self.ALIGN) * self.ALIGN for n in nbytes]
-        pinned = device.type == "cuda"
-        self._sent = torch.cuda.Event() if pinned else None   # the last copy to the device
+        pinned = device.type != "cpu"
+        # the last copy to the device (an Event of torch.cuda, torch.xpu or torch.npu)
+        self._sent = getattr(torch, device.type).Event() if pinned else None
         self._host_pack = torch.zeros(sum(sizes), dtype=torch.uint8, pin_memory=pinned)
         self._device_pack = (self._host_pack if device.type == "cpu" else
                              torch.zeros(sum(sizes), dtype=torch.uint8, device=device))
@@ -183,6 +207,11 @@ class StepBuffers:
     def field(self, name: str) -> torch.Tensor:
         return self._device[name]
 
+    def host_context_lens(self) -> list[int]:
+        """The context length of every sequence of the bucket, scratch ones included, as
+        `fill` wrote them on the host."""
+        return self._host["context_lens"].tolist()
+
     def pending_index(self, batch: FlatBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows and picks of the batch's pending inputs, as `fill` sent them."""
         k = len(batch.pending.rows)
@@ -197,7 +226,9 @@ class PagedModelRunner:
                  max_model_len: int, vocab_size: int, device: str | torch.device = "cpu",
                  cudagraphs: bool = False, seq_buckets=SEQ_BUCKETS,
                  max_num_batched_tokens: int = 512, pad_batches: bool | None = None,
-                 caches: dict[str, torch.Tensor] | None = None, batch_invariant: bool = False):
+                 caches: dict[str, torch.Tensor] | None = None, batch_invariant: bool = False,
+                 graph_api: GraphAPI | None = CUDA_GRAPHS, capture_prefill: bool = True,
+                 decode_rows_multiple: int = 1):
         self._core, self._prepare = capture_parts(fn)
         # batch_invariant: each row computed as in a one-row batch (backends/batch_invariance.py),
         # in eager calls and in what the graphs capture.
@@ -212,11 +243,19 @@ class PagedModelRunner:
         # layer-skip draft graph reads and writes its model's kept layers); else allocated.
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
-        self.seq_buckets = tuple(sorted(seq_buckets))
-        self.mixed_seq_buckets = mixed_seq_buckets(self.seq_buckets)
+        # Batches with prefill chunks take the sequence counts as given; decode buckets are
+        # rounded to whole verify groups (graph_settings).
+        self.mixed_seq_buckets = mixed_seq_buckets(tuple(sorted(seq_buckets)))
+        self.seq_buckets = in_multiples(seq_buckets, decode_rows_multiple)
+        self.decode_rows_multiple = decode_rows_multiple
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.token_buckets = token_buckets(max_num_batched_tokens, self.seq_buckets[-1])
+        self.token_buckets = token_buckets(max_num_batched_tokens, self.mixed_seq_buckets[-1])
+        if cudagraphs and graph_api is None:
+            raise ValueError("cudagraphs=True needs the target's graph API: pass "
+                             "graph_settings(target) (its graph_api), or cudagraphs=False")
         self.cudagraphs = cudagraphs
+        self.graph_api = graph_api
+        self.capture_prefill = capture_prefill
         # Padding to buckets is what graph replay needs; tests switch it on alone on the CPU.
         self.pad_batches = cudagraphs if pad_batches is None else pad_batches
         self.max_blocks_per_seq = math.ceil(max_model_len / self.block_size)
@@ -246,13 +285,20 @@ class PagedModelRunner:
             raise ValueError(f"the graph is not a serving graph: no input(s) {', '.join(absent)} "
                              f"(compile with serve.kv_cache)")
         self._buffers: dict[tuple[int, int], StepBuffers] = {}
-        # (T, N) -> (CUDAGraph, static output, the prepared weights the graph reads)
+        # (T, N) -> (the API's graph, static output, the prepared weights the graph reads)
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._uncapturable: set[tuple[int, int]] = set()
         self._background: list[tuple[int, int]] = []   # buckets left for idle time, in order
         self._pool = None
         self.steps = 0
         self.replays = 0
+
+    @property
+    def graph_options(self) -> dict:
+        """This runner's graph arguments, for a runner that runs beside it (a draft graph's)."""
+        return {"cudagraphs": self.cudagraphs, "graph_api": self.graph_api,
+                "capture_prefill": self.capture_prefill,
+                "decode_rows_multiple": self.decode_rows_multiple}
 
     @staticmethod
     def block_size_of(graph: Graph) -> int:
@@ -293,6 +339,8 @@ class PagedModelRunner:
         """(T, N) of the bucket the batch runs in, or None (eagerly)."""
         if batch.block_tables.shape[1] > self.max_blocks_per_seq:
             return None
+        if not batch.is_decode and self.cudagraphs and not self.capture_prefill:
+            return None   # no graph will run it: padding would only add work
         n = batch.num_seqs
         seqs = pick_bucket(n, self.seq_buckets if batch.is_decode else self.mixed_seq_buckets)
         if seqs is None:
@@ -328,6 +376,8 @@ class PagedModelRunner:
             (logits,) = self.fn(*self._args(buf.field))
             return logits
         graph, out, _ = entry
+        if self.graph_api.host_arguments:
+            self.graph_api.update_host_arguments(graph, buf.host_context_lens())
         graph.replay()
         self.replays += 1
         return out.clone()
@@ -348,8 +398,8 @@ class PagedModelRunner:
     def capture_mixed_buckets(self) -> int:
         """Capture every mixed bucket now (start-up), as `capture_decode_buckets` does the
         decode ones: a bucket first met while serving would stall that step for its capture.
-        Returns how many were captured."""
-        if not self.cudagraphs:
+        Returns how many were captured (none where the target captures decode batches only)."""
+        if not self.cudagraphs or not self.capture_prefill:
             return 0
         done = 0
         for key in self.mixed_buckets():
@@ -372,7 +422,8 @@ class PagedModelRunner:
     def capture_later(self, buckets) -> None:
         """Leaves `buckets` to be captured while the engine is idle (`capture_in_background`),
         in this order, instead of at start-up: the server is ready sooner."""
-        self._background = [b for b in buckets if b not in self._graphs] if self.cudagraphs else []
+        self._background = [b for b in buckets if b not in self._graphs and
+                            (self.capture_prefill or b[0] == b[1])] if self.cudagraphs else []
 
     def capture_in_background(self) -> bool:
         """Captures the next bucket left for idle time (one a step met first is captured
@@ -392,24 +443,25 @@ class PagedModelRunner:
         args = self._args(buf.field)
         # The prepared weights are arguments of the captured call and kept with the graph.
         prepared = tuple(self._prepare(args)) if self._prepare is not None else ()
-        stop = timings.start("cuda graph capture")
+        api = self.graph_api
+        stop = timings.start(f"{api.device_type} graph capture")
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
+            stream = api.stream()
+            stream.wait_stream(api.current_stream())
+            with api.on_stream(stream):
                 self._core(*args, *prepared)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
+            api.current_stream().wait_stream(stream)
+            graph = api.new_graph()
             if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
+                self._pool = api.pool_handle()
+            with api.capturing(graph, self._pool, host_arguments=True):
                 (out,) = self._core(*args, *prepared)
         except Exception as e:  # noqa: BLE001 - a graph that cannot be captured runs eagerly
             self._uncapturable.add(bucket)
-            torch.cuda.synchronize()
-            report("cudagraph", f"bucket {bucket}", f"kiln: CUDA graph capture failed for the "
-                   f"bucket of {bucket[0]} tokens in {bucket[1]} sequences ({type(e).__name__}: "
-                   f"{e}); its batches run eagerly")
+            api.synchronize()
+            report("cudagraph", f"bucket {bucket}", f"kiln: {api.graph_class} capture failed for "
+                   f"the bucket of {bucket[0]} tokens in {bucket[1]} sequences "
+                   f"({type(e).__name__}: {e}); its batches run eagerly")
             return None
         finally:
             stop()
