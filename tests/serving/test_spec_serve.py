@@ -78,3 +78,54 @@ def test_a_wrong_speculative_value_is_one_error_before_loading(value, says, caps
     assert main(["generate", str(missing), "--prompt", "hi", "--speculative", value]) == 2
     err = capsys.readouterr().err
     assert says in err and "ngram:K" in err and "no-such-model" not in err
+
+
+# -- draft:PATH:K: a second model drafts ------------------------------------------------------------
+def test_server_with_a_draft_model_gives_the_plain_tokens(smollm2_artifact, plain_tokens):
+    """SmolLM2 drafting for itself (the artifact loaded a second time, a KV pool of its own):
+    the plain tokens, and every draft stands."""
+    ids, want = plain_tokens
+    server = SpecServer(smollm2_artifact, f"draft:{smollm2_artifact}:4")
+    try:
+        r = server.client.completions.create(model="smollm2", prompt=ids, max_tokens=48,
+                                             temperature=0)
+        drafted = server.metric("kiln_spec_draft_tokens_total")
+        accepted = server.metric("kiln_spec_accepted_tokens_total")
+    except BaseException:
+        print(server.output())
+        raise
+    finally:
+        server.stop()
+    assert r.choices[0].text == want
+    assert drafted > 0 and accepted == drafted, (drafted, accepted)
+
+
+def test_generate_with_a_draft_model_compiled_beside_the_artifact(tiny_artifact, tiny_dir, capsys):
+    """The tiny artifact drafted for by the HF directory it was compiled from (compiled here,
+    block size 16 against the artifact's 8): every draft stands, so 24 tokens at K = 3 take
+    6 verify steps, 17 drafts standing (the last step has room for 2)."""
+    spec = f"draft:{tiny_dir[0]}:3"
+    assert main(["generate", str(tiny_artifact), "--prompt", "one two three", "--no-chat",
+                 "--max-tokens", "24", "--ignore-eos", "--speculative", spec]) == 0
+    err = capsys.readouterr().err
+    assert f"{spec}: mean accepted length {1 + 17 / 6:.2f}" in err, err[-2000:]
+
+
+def test_a_draft_model_of_another_tokenizer_is_refused(tiny_artifact, tmp_path, capsys):
+    from models import tiny_llama_dir
+    other = tiny_llama_dir(tmp_path / "other-tokenizer")
+    assert main(["generate", str(tiny_artifact), "--prompt", "hi", "--max-tokens", "2",
+                 "--speculative", f"draft:{other}:2"]) == 2
+    err = capsys.readouterr().err
+    assert "different tokenizers" in err and str(other) in err and str(tiny_artifact) in err
+    assert "--speculative ngram:K" in err
+
+
+def test_dump_shows_the_draft_models_graph(tiny_artifact, capsys):
+    spec = f"draft:{tiny_artifact}:2"
+    assert main(["dump", "--graph", "draft", "--speculative", spec]) == 0
+    out, err = capsys.readouterr()
+    assert out == (tiny_artifact / "serving.kir").read_text() and spec in err
+    assert main(["dump", "--graph", "draft", "--speculative", spec, "--after", "input"]) == 0
+    out, _ = capsys.readouterr()
+    assert out == next((tiny_artifact / "ir").glob("*_input.kir")).read_text() != ""
