@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .sampler import argmax, draw, processed_logits
-from .sequence import SamplingParams, Sequence
+from .sequence import PENDING, SamplingParams, Sequence
 
 MAX_K = 16                    # draft tokens per step, at most
 AUTO_OFF_WINDOW = 8           # verify steps a sequence's acceptance is judged over
@@ -184,6 +184,28 @@ class LayerSkipProposer:
             for i, t in zip(live, tokens):
                 drafts[i].append(t)
         return drafts
+
+
+class UnreadTokens:
+    """The token ids of a draft decode step whose inputs are the previous draft step's
+    outputs, still on the device: for build_batch, every index is PENDING, and the batch's
+    pending inputs (batch.PendingInputs) put the real ids in before the model reads them."""
+
+    def __getitem__(self, index: int) -> int:
+        return PENDING
+
+
+def gather_drafts(steps: list[tuple[list[int], torch.Tensor]], num_seqs: int) -> list[list[int]]:
+    """Each sequence's drafts from per-step outputs (the sequence indices that drafted in the
+    step, their tokens on the device), read in one copy: the one wait for the device."""
+    drafts: list[list[int]] = [[] for _ in range(num_seqs)]
+    tokens = torch.cat([t for _, t in steps]).tolist()
+    at = 0
+    for which, _ in steps:
+        for i, token in zip(which, tokens[at:at + len(which)]):
+            drafts[i].append(token)
+        at += len(which)
+    return drafts
 
 
 @dataclass

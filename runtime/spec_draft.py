@@ -40,7 +40,8 @@ import torch
 from .batch import PendingInputs, build_batch
 from .kv_cache import BlockManager
 from .sampler import argmax
-from .sequence import PENDING, Sequence
+from .sequence import Sequence
+from .spec_decode import UnreadTokens, gather_drafts
 
 
 @dataclass(eq=False)
@@ -52,14 +53,6 @@ class DraftCache:
     num_computed: int = 0          # the sequence's first tokens whose draft KV is in the pool
     written: list[int] = field(default_factory=list)   # drafts written after those, unverified
     last_drafted: int = 0          # the proposer's step count when it last drafted (eviction)
-
-
-class _Unread:
-    """The token ids of a decode batch whose inputs are the previous draft step's outputs,
-    still on the device: the batch's pending inputs put them in before the model reads them."""
-
-    def __getitem__(self, index: int) -> int:
-        return PENDING
 
 
 class DraftModelProposer:
@@ -135,18 +128,12 @@ class DraftModelProposer:
             # Sequence i feeds its draft j - 1 at position num_tokens + j - 1.
             rows = [r for r, i in enumerate(live) if ks[i] > j]
             live = [live[r] for r in rows]
-            batch = build_batch([(_Unread(), seqs[i].num_tokens + j - 1, 1, caches[i].block_table)
-                                 for i in live], bs)
+            batch = build_batch([(UnreadTokens(), seqs[i].num_tokens + j - 1, 1,
+                                  caches[i].block_table) for i in live], bs)
             batch.pending = PendingInputs(np.arange(len(live)), np.asarray(rows), prev)
             prev = self._greedy(self.runner.execute(batch))
             outputs.append((live, prev))
-        drafts: list[list[int]] = [[] for _ in seqs]
-        tokens = torch.cat([t for _, t in outputs]).tolist()   # the one wait for the device
-        at = 0
-        for which, t in outputs:
-            for i, token in zip(which, tokens[at:at + len(which)]):
-                drafts[i].append(token)
-            at += len(which)
+        drafts = gather_drafts(outputs, len(seqs))
         for i in range(len(seqs)):
             caches[i].written = drafts[i][:ks[i] - 1]
         return drafts

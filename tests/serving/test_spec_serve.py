@@ -44,22 +44,29 @@ def plain_tokens(smollm2_artifact):
     return ids, out.text
 
 
-def test_server_with_ngram_speculation_gives_the_plain_tokens_and_its_metrics(smollm2_artifact, plain_tokens):
-    ids, want = plain_tokens
-    server = SpecServer(smollm2_artifact, "ngram:4")
+def served_completion(artifact, spec: str, ids: list[int], metrics: list[str]):
+    """A real `kiln serve ARTIFACT --speculative SPEC`: its greedy completion of `ids` (48
+    tokens), its /metrics text then and the values of `metrics` in it."""
+    server = SpecServer(artifact, spec)
     try:
         r = server.client.completions.create(model="smollm2", prompt=ids, max_tokens=48,
-                                             temperature=0, logprobs=None)
-        tok = httpx.get(server.url + "/metrics").text
-        drafted = server.metric("kiln_spec_draft_tokens_total")
-        accepted = server.metric("kiln_spec_accepted_tokens_total")
-        mean = server.metric("kiln_spec_mean_accepted_length")
+                                             temperature=0)
+        return (r.choices[0].text, httpx.get(server.url + "/metrics").text,
+                [server.metric(m) for m in metrics])
     except BaseException:
         print(server.output())
         raise
     finally:
         server.stop()
-    assert r.choices[0].text == want
+
+
+def test_server_with_ngram_speculation_gives_the_plain_tokens_and_its_metrics(smollm2_artifact, plain_tokens):
+    ids, want = plain_tokens
+    text, tok, (drafted, accepted, mean) = served_completion(
+        smollm2_artifact, "ngram:4", ids, ["kiln_spec_draft_tokens_total",
+                                           "kiln_spec_accepted_tokens_total",
+                                           "kiln_spec_mean_accepted_length"])
+    assert text == want
     assert "kiln_spec_verify_steps" in tok
     assert drafted > 0 and 0 < accepted <= drafted, (drafted, accepted)
     assert mean > 2.5   # the list repeats: most drafts stand
@@ -85,18 +92,10 @@ def test_server_with_a_draft_model_gives_the_plain_tokens(smollm2_artifact, plai
     """SmolLM2 drafting for itself (the artifact loaded a second time, a KV pool of its own):
     the plain tokens, and every draft stands."""
     ids, want = plain_tokens
-    server = SpecServer(smollm2_artifact, f"draft:{smollm2_artifact}:4")
-    try:
-        r = server.client.completions.create(model="smollm2", prompt=ids, max_tokens=48,
-                                             temperature=0)
-        drafted = server.metric("kiln_spec_draft_tokens_total")
-        accepted = server.metric("kiln_spec_accepted_tokens_total")
-    except BaseException:
-        print(server.output())
-        raise
-    finally:
-        server.stop()
-    assert r.choices[0].text == want
+    text, _, (drafted, accepted) = served_completion(
+        smollm2_artifact, f"draft:{smollm2_artifact}:4", ids,
+        ["kiln_spec_draft_tokens_total", "kiln_spec_accepted_tokens_total"])
+    assert text == want
     assert drafted > 0 and accepted == drafted, (drafted, accepted)
 
 
