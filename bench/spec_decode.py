@@ -5,6 +5,11 @@ speculation off beside each drafter, on the same compiled model in the same run.
         --methods off,ngram:2,ngram:4,layerskip:2 --out bench/results/spec-cpu
     python bench/spec_decode.py --model smollm2 --target cuda --dtype bfloat16 \\
         --methods off,ngram:4,ngram:8 --streams 1,64 --out bench/results/spec-h200
+    # a draft model: SmolLM2-135M's shape drafting for SmolLM2-1.7B's, random weights
+    python bench/make_shape_model.py smollm2-1.7b-shape -o /tmp/smollm2-1.7b-shape
+    python bench/make_shape_model.py smollm2-shape -o /tmp/smollm2-shape
+    python bench/spec_decode.py --model /tmp/smollm2-1.7b-shape --target cuda --dtype bfloat16 \\
+        --methods off,draft:/tmp/smollm2-shape:4 --no-auto-off --project 0.6,0.8 --out DIR
 
 The model is compiled once (`kiln.serving.build_served`, as `kiln generate` does); each
 method gets a fresh engine over the same runner (so the same compiled graph and KV cache).
@@ -18,6 +23,13 @@ is sent N times at once (distinct seeds do not matter for greedy; prefix caching
 each is a full request) and the column is output tok/s of the batch: the check that
 auto-off keeps speculation from costing throughput at high concurrency.
 
+Random-weight shapes (bench/make_shape_model.py) give real step costs but drafts that
+hardly ever stand. `--no-auto-off` drafts every step all the same, and `--project A,...`
+then gives each speculative row the speedup it would have if each draft stood with
+probability A: its measured speedup x (1 + A + ... + A^K) / its measured mean accepted
+length, the cost of a step taken as it was measured (at batch 1 it hardly depends on how
+many drafts stand).
+
 Prints a table and writes `spec_decode.json` under `--out` with the device, the load
 average at start and end (on a shared CPU the numbers move with it), the code version and
 the command.
@@ -25,6 +37,7 @@ the command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -54,6 +67,22 @@ WORKLOADS = {
         "    return total / count\n```"),
     "chat": "Write a short story about a robot who learns to paint.",
 }
+
+
+def step_breakdown(engine) -> dict:
+    """Mean wall and device milliseconds of the engine's steps and of each host phase (from its
+    /metrics registry): where a verify step's time goes beside a plain one's."""
+    reg = engine.metrics.registry
+
+    def mean_ms(name, **labels):
+        n = reg.get_sample_value(f"{name}_count", labels) or 0
+        return round(1e3 * reg.get_sample_value(f"{name}_sum", labels) / n, 4) if n else None
+    out = {"steps": int(reg.get_sample_value("kiln_step_seconds_count") or 0),
+           "step_ms": mean_ms("kiln_step_seconds"),
+           "device_ms": mean_ms("kiln_step_device_seconds")}
+    for phase in ("schedule", "forward", "sample", "output"):
+        out[f"{phase}_ms"] = mean_ms("kiln_step_phase_seconds", phase=phase)
+    return out
 
 
 def load_average() -> list[float] | None:
@@ -105,16 +134,32 @@ def main() -> int:
     ap.add_argument("--streams", default="1", help="comma-separated concurrent requests")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="the runner computes each decode row as in a batch of one (as kiln "
+                         "serve --batch-invariant): greedy output identical with speculation")
+    ap.add_argument("--no-auto-off", action="store_true",
+                    help="draft every step whatever the acceptance (spec_decode's auto-off off)")
+    ap.add_argument("--project", default="", metavar="A,...",
+                    help="with --no-auto-off: per speculative row, the speedup projected at "
+                         "each per-draft acceptance A from its measured step cost")
     ap.add_argument("--out", help="directory for spec_decode.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    projections = [float(a) for a in args.project.split(",") if a]
+    if projections and not args.no_auto_off:
+        raise SystemExit("bench/spec_decode.py: --project needs --no-auto-off (a projection "
+                         "from a run whose steps did not all draft would mix in plain steps)")
+    if args.no_auto_off:
+        from kiln.runtime import spec_decode
+        spec_decode.AUTO_OFF_MIN_ACCEPTED = 0.0
 
     from kiln.generate import chat_input_ids
     from kiln.runtime.engine import EngineConfig, LLMEngine
     from kiln.runtime.sequence import SamplingParams
     from kiln.runtime.spec_decode import SpeculativeConfig
-    from kiln.serving import ServingConfig, build_served
+    from kiln.artifact import Steps
+    from kiln.serving import ServingConfig, build_served, draft_model_runner
 
     methods = [m.strip() for m in args.methods.split(",")]
     configs = {m: None if m == "off" else SpeculativeConfig.parse(m) for m in methods}
@@ -126,10 +171,17 @@ def main() -> int:
         raise SystemExit("bench/spec_decode.py: one layerskip layer set a run (K may differ)")
     layerskip = next((c for c in configs.values() if c is not None and c.method == "layerskip"), None)
     cfg = ServingConfig(max_model_len=1024, max_num_seqs=max(256, max(streams)),
-                        enable_prefix_caching=False, speculative=layerskip)
+                        enable_prefix_caching=False, speculative=layerskip,
+                        batch_invariant=args.batch_invariant)
     served = build_served(args.model, cfg, target=args.target, dtype=args.dtype, quant=args.quant)
     runner, tok = served.engine.runner, served.tokenizer
-    draft_runner = served.engine.spec.proposer.runner if layerskip is not None else None
+    draft_runners = {"layerskip": served.engine.spec.proposer.runner} if layerskip is not None else {}
+    # draft:PATH:K: each draft model loaded or compiled once, as kiln serve does.
+    for c in configs.values():
+        if c is not None and c.method == "draft" and c.draft_model not in draft_runners:
+            draft_runners[c.draft_model] = draft_model_runner(
+                dataclasses.replace(cfg, speculative=c), runner, tok, args.model, args.target,
+                args.dtype, 16, Steps(False), args.quant)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=False)
 
     rows = []
@@ -141,7 +193,8 @@ def main() -> int:
                 engine = LLMEngine(runner, tok, EngineConfig(
                     max_num_seqs=cfg.max_num_seqs, enable_prefix_caching=False,
                     speculative=configs[method]),
-                    draft_runner=draft_runner if method.startswith("layerskip") else None)
+                    draft_runner=None if configs[method] is None else draft_runners.get(
+                        configs[method].draft_model or configs[method].method))
                 run_requests(engine, [prompt], SamplingParams(max_tokens=8, temperature=0))   # warm-up
                 if engine.spec is not None:
                     engine.spec.stats.__init__()
@@ -160,14 +213,23 @@ def main() -> int:
                        "draft_tokens": stats.draft_tokens if stats else 0,
                        "accepted_tokens": stats.accepted_tokens if stats else 0,
                        "auto_off": stats.auto_off if stats else 0,
-                       "identical": None if baseline is None else outputs == baseline}
+                       "identical": None if baseline is None else outputs == baseline,
+                       **step_breakdown(engine)}
                 off = next((r for r in rows if r["workload"] == workload and r["streams"] == n
                             and r["method"] == "off"), None)
                 row["speedup"] = round(rate / off["tok_s"], 3) if off and off["tok_s"] else None
+                if projections and stats and stats.verify_steps and row["speedup"]:
+                    k = configs[method].k
+                    row["projected_speedup"] = {
+                        a: round(row["speedup"] * sum(a ** i for i in range(k + 1))
+                                 / stats.mean_accepted_length, 3) for a in projections}
                 rows.append(row)
                 print(f"{workload:8s} streams {n:3d} {method:10s} {row['tok_s']:9.2f} tok/s "
                       f"x{row['speedup'] or 1:.2f}  accepted length "
-                      f"{row['mean_accepted_length'] or '-'}  identical {row['identical']}",
+                      f"{row['mean_accepted_length'] or '-'}  identical {row['identical']}  "
+                      f"step {row['step_ms']} ms (device {row['device_ms']}, schedule "
+                      f"{row['schedule_ms']}, forward {row['forward_ms']}, sample "
+                      f"{row['sample_ms']}, output {row['output_ms']})",
                       file=sys.stderr, flush=True)
 
     head = "| workload | streams | method | tok/s | speedup | mean accepted length | identical |"
@@ -177,9 +239,14 @@ def main() -> int:
                      f"{r['speedup'] or 1:.2f}x | {r['mean_accepted_length'] or '-'} | "
                      f"{'-' if r['identical'] is None else ('yes' if r['identical'] else 'NO')} |")
     print("\n".join(lines))
+    for r in rows:
+        if "projected_speedup" in r:
+            print(f"{r['workload']} streams {r['streams']} {r['method']}: projected speedup "
+                  + ", ".join(f"{s:.2f}x at acceptance {a}" for a, s in r["projected_speedup"].items()))
     result = {"bench": "spec_decode", "code_version": code_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "device": device_name(runner), "model": args.model, "target": args.target,
               "dtype": args.dtype, "weights": served.quant or "not quantised",
+              "batch_invariant": args.batch_invariant,
               "max_tokens": args.max_tokens, "repeats": args.repeats,
               "load_average_start": load_start, "load_average_end": load_average(),
               "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "rows": rows}

