@@ -25,7 +25,7 @@ GPU_SITE ?= /tmp/kiln-site
 # too), and every architecture family with target="cuda".
 GPU_TESTS ?= tests/gpu tests/serving/test_serving_cuda.py tests/serving/test_spec_cuda.py tests/backends/test_triton_attention.py \
 	tests/backends/test_triton_paged_attention.py tests/backends/test_triton_moe_gemm.py \
-	tests/backends/test_triton_pointwise.py tests/backends/test_triton_gemv.py
+	tests/backends/test_triton_pointwise.py tests/backends/test_triton_gemv.py tests/backends/test_batch_invariance.py
 
 .PHONY: setup system-packages demo test test-gpu test-latest lock clean
 
