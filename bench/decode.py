@@ -43,6 +43,11 @@ SHAPES = {
                           num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                           max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0,
                           tie_word_embeddings=True, initializer_range=0.1),
+    # SmolLM2-1.7B's: the same vocabulary as SmolLM2-135M, a target for it to draft for.
+    "smollm2-1.7b-shape": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                               num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
+                               max_position_embeddings=8192, rms_norm_eps=1e-5,
+                               rope_theta=130000.0, tie_word_embeddings=True),
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                          max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=True),

@@ -218,7 +218,9 @@ def main() -> int:
                 off = next((r for r in rows if r["workload"] == workload and r["streams"] == n
                             and r["method"] == "off"), None)
                 row["speedup"] = round(rate / off["tok_s"], 3) if off and off["tok_s"] else None
-                if projections and stats and stats.verify_steps and row["speedup"]:
+                # (not ngram: prompt lookup drafts only where the text recurs, not every step)
+                if projections and stats and stats.verify_steps and row["speedup"] \
+                        and configs[method].method != "ngram":
                     k = configs[method].k
                     row["projected_speedup"] = {
                         a: round(row["speedup"] * sum(a ** i for i in range(k + 1))
