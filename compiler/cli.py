@@ -185,6 +185,12 @@ def _generate_static(args) -> int:
     import torch
 
     from .generate import chat_input_ids, compile_model, greedy
+    speculative = _speculative(args)
+    if speculative is not None and speculative.method != "ngram":
+        print(f"kiln generate: --backend {args.backend} runs the StaticCache loop, which drafts "
+              f"by prompt lookup only (ngram:K); --speculative {speculative} drafts in the engine: "
+              f"use --backend kiln", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     model, tok = _load(args.model, args.dtype)
     load_s = time.perf_counter() - t0
@@ -192,12 +198,15 @@ def _generate_static(args) -> int:
     backend = "kiln" if args.backend == "kiln-static" else args.backend
     fn = compile_model(model, backend, {"target": args.target} if backend == "kiln" else None)
     torch.manual_seed(0)
-    gen = greedy(fn, model, ids, args.max_tokens, eos_token_id=tok.eos_token_id)
+    gen = greedy(fn, model, ids, args.max_tokens, eos_token_id=tok.eos_token_id,
+                 speculative=speculative)
     text = tok.decode(gen.tokens, skip_special_tokens=True)
     print(text.strip())
     print(f"\n[{args.backend}, {args.target}] load {load_s:.1f} s | prompt {gen.prompt_tokens} tokens, "
           f"first call {gen.prefill_seconds:.2f} s | {len(gen.tokens)} tokens | "
-          f"decode {gen.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
+          f"decode {gen.decode_tokens_per_second:.1f} tokens/s"
+          + (f" | {speculative}: mean accepted length {gen.mean_accepted_length:.2f}"
+             if speculative is not None else ""), file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,14 @@ arguments stay the same objects (weights, the StaticCache's tensors) and which a
 step's token and position, and from then on calls the compiled graph with just those.
 Where that graph replays a captured CUDA graph, a step is then only the copies of the
 token and position into the graph's buffers and the replay (`CompiledGraph.bind`).
+
+With `speculative=ngram:K` (batch 1) a step drafts up to K tokens by prompt lookup and runs
+the last token and the drafts in one forward over 1 + K tokens at cache positions p..p+K
+(drafts padded to K, so that one graph shape serves every verify step; a step with no draft
+runs the ordinary one-token forward): the longest prefix of drafts that equals the argmax
+at each position stands, plus the argmax after it. The cache then forgets the entries past
+what stood (`rewind_cache`; the next forward writes over them). The tokens are those of
+plain greedy decoding.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.frontends.hf import cache_call_kwargs
+from kiln.frontends.hf import cache_call_kwargs, cache_rewinds, rewind_cache
 from kiln.runtime.sampler import argmax
 
 from .driver import CompiledGraph
@@ -34,6 +42,13 @@ class Generation:
     decode_steps: int
     direct: str = "off"        # DirectDecode's state at the end: "bound..." or why not
     direct_steps: int = 0      # decode steps that called the kiln graph directly
+    verify_steps: int = 0      # speculative: steps that verified drafts
+    accepted_drafts: int = 0   # speculative: the drafts that stood
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verify step produced: the drafts that stood plus the one after them."""
+        return 1 + self.accepted_drafts / self.verify_steps if self.verify_steps else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -123,7 +138,7 @@ def make_cache(model, max_cache_len: int):
 def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
            eos_token_id: int | list[int] | None = None, cache=None, prefill_fn=None,
            mark_dynamic: bool = True, direct: bool = True,
-           host_us: list | None = None) -> Generation:
+           host_us: list | None = None, speculative=None) -> Generation:
     """Greedy decoding: one prefill call, then one call per token, with a StaticCache.
 
     `model_fn` is the (possibly compiled) model; `config_model` the HF model it wraps (for
@@ -133,12 +148,17 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
     transformers' own recipe for `mode="reduce-overhead"` is an eager prefill, which also
     allocates the StaticCache and marks its tensors static addresses, then compiled decode
     steps of one fixed shape (`mark_dynamic=False`). `direct`: once two decode steps show
-    how, call a kiln-compiled graph directly (`DirectDecode`; other backends never bind)."""
+    how, call a kiln-compiled graph directly (`DirectDecode`; other backends never bind).
+    `speculative`: a runtime.spec_decode.SpeculativeConfig, ngram:K (the module docstring);
+    the cache must then hold K more tokens than prompt and output."""
     batch, prompt_len = input_ids.shape
+    extra = 0 if speculative is None else speculative.k
     if cache is None:
-        cache = make_cache(config_model, prompt_len + max_new_tokens)
+        cache = make_cache(config_model, prompt_len + max_new_tokens + extra)
     else:
         cache.reset()
+    if speculative is not None:
+        check_loop_speculation(speculative, batch, cache, prompt_len + max_new_tokens + extra)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
     mark = torch._dynamo.maybe_mark_dynamic if mark_dynamic else (lambda t, d: None)
@@ -152,6 +172,10 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
     token = argmax(logits[:, -1])
     sync()
     t1 = time.perf_counter()
+    if speculative is not None:
+        return _speculative_decode(model_fn, config_model, cache, input_ids[0].tolist(),
+                                   int(token[0]), max_new_tokens, eos, speculative, direct,
+                                   t1 - t0, sync)
     out = [token]
     t_first = None
     # The position stays on the device and steps there: a host tensor would be copied in
@@ -189,6 +213,93 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
     if t_first is None:
         return Generation(tokens, prompt_len, t1 - t0, t2 - t1, 0.0, 0, *how)
     return Generation(tokens, prompt_len, t1 - t0, t_first - t1, t2 - t_first, len(out) - 2, *how)
+
+
+def check_loop_speculation(speculative, batch: int, cache, needed: int) -> None:
+    """Raise ValueError (naming the fix) unless this loop can speculate with `speculative`."""
+    if speculative.method != "ngram":
+        raise ValueError(f"--speculative {speculative}: the StaticCache loop drafts by prompt "
+                         f"lookup only (ngram:K); {speculative.method} drafts in the serving "
+                         f"engine: kiln generate MODEL --backend kiln --speculative {speculative}")
+    if batch != 1:
+        raise ValueError(f"speculative decoding in the StaticCache loop runs one sequence, got a "
+                         f"batch of {batch}; run the prompts one at a time, or serve them (kiln "
+                         f"serve --speculative {speculative})")
+    why = cache_rewinds(cache)
+    if why is not None:
+        raise ValueError(f"--speculative {speculative}: the StaticCache loop cannot take back "
+                         f"rejected drafts from this model's cache ({why}); use the serving "
+                         f"engine: kiln generate MODEL --backend kiln --speculative {speculative}")
+    size = min((getattr(layer, "max_cache_len", needed) for layer in cache.layers), default=needed)
+    if size < needed:
+        raise ValueError(f"--speculative {speculative}: the cache holds {size} tokens; the prompt, "
+                         f"the output and {speculative.k} drafts need {needed}: make_cache(model, "
+                         f"{needed})")
+
+
+def _speculative_decode(model_fn, config_model, cache, prompt: list[int], first: int,
+                        max_new_tokens: int, eos: set, speculative, direct: bool,
+                        prefill_seconds: float, sync) -> Generation:
+    """The decode steps of `greedy` with drafts (batch 1): see the module docstring."""
+    from kiln.runtime.spec_decode import NgramProposer
+    proposer = NgramProposer(speculative.ngram_max, speculative.ngram_min)
+    k = speculative.k
+    device = next(config_model.parameters()).device
+    tokens, out = prompt + [first], [first]
+    # One DirectDecode per step shape: a one-token step and a verify step call different graphs.
+    plain, verify = (DirectDecode(), DirectDecode()) if direct else (None, None)
+    verify_steps = accepted = 0
+    t1 = time.perf_counter()
+    t_first, decode_start = t1, 1   # after the first decode step: its time and len(out)
+    while len(out) < max_new_tokens and out[-1] not in eos:
+        if len(out) > 1 and decode_start == 1:   # the first decode step compiles: not timed
+            sync()
+            t_first, decode_start = time.perf_counter(), len(out)
+        draft = proposer.propose(tokens, min(k, max_new_tokens - len(out) - 1))
+        p = len(tokens) - 1   # the last token's position
+        if draft:
+            ids = torch.tensor([[tokens[-1]] + draft + [tokens[-1]] * (k - len(draft))], device=device)
+            pos = torch.arange(p, p + 1 + k, device=device)
+            best = argmax(_forward(verify, model_fn, config_model, cache, ids, pos)[0]).tolist()
+            a = 0
+            while a < len(draft) and draft[a] == best[a]:
+                a += 1
+            rewind_cache(cache, k - a)   # it holds p..p+k; p..p+a stand
+            new = best[:a + 1]
+            verify_steps += 1
+            accepted += a
+        else:
+            ids = torch.tensor([[tokens[-1]]], device=device)
+            pos = torch.tensor([p], device=device)
+            new = [int(argmax(_forward(plain, model_fn, config_model, cache, ids, pos)[:, -1])[0])]
+        for t in new:
+            tokens.append(t)
+            out.append(t)
+            if len(out) >= max_new_tokens or t in eos:
+                break
+    sync()
+    t2 = time.perf_counter()
+    steps = sum(d.steps for d in (plain, verify) if d is not None)
+    how = " / ".join(f"{name}: {d.reason}" for name, d in (("decode", plain), ("verify", verify))
+                     if d is not None) or "off"
+    if decode_start == 1:   # one decode step at most: nothing past the first
+        return Generation(out, len(prompt), prefill_seconds, t2 - t1, 0.0, 0, how, steps,
+                          verify_steps, accepted)
+    return Generation(out, len(prompt), prefill_seconds, t_first - t1, t2 - t_first,
+                      len(out) - decode_start, how, steps, verify_steps, accepted)
+
+
+def _forward(direct: DirectDecode | None, model_fn, config_model, cache, ids, pos):
+    """One decode forward of `ids` at cache positions `pos`: its logits [1, len(pos), V],
+    through the kiln graph directly once `direct` has bound it."""
+    if direct is not None and direct.bound is not None:
+        return direct(ids, pos)
+    with direct.watch(ids, pos) if direct is not None else contextlib.nullcontext():
+        logits = model_fn(input_ids=ids, logits_to_keep=ids.shape[1],
+                          **cache_call_kwargs(config_model, cache, pos)).logits
+    if direct is not None:
+        direct.saw(logits)
+    return logits
 
 
 def chat_input_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:

@@ -57,6 +57,24 @@ def cache_call_kwargs(model, cache, positions: torch.Tensor | None = None) -> di
     return out
 
 
+def rewind_cache(cache, num_tokens: int) -> None:
+    """Forget the last `num_tokens` tokens a StaticCache holds (speculative drafts that did not
+    stand), so that the next forward writes over them. transformers 5.23+ caches count their
+    own length (`cumulative_length`) and `crop(-n)` takes it back; earlier ones write where
+    the `cache_position` the caller passes says: nothing to take back."""
+    if num_tokens and any(hasattr(layer, "cumulative_length") for layer in getattr(cache, "layers", ())):
+        cache.crop(-num_tokens)
+
+
+def cache_rewinds(cache) -> str | None:
+    """None when `rewind_cache` can take tokens back from every layer of `cache`; else why
+    not (a sliding-window layer drops what falls out of its window)."""
+    for layer in getattr(cache, "layers", ()):
+        if "Sliding" in type(layer).__name__:
+            return f"its {type(layer).__name__} drops the tokens that leave its window"
+    return None
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln")
 
