@@ -18,6 +18,12 @@ TEST_WORKERS ?= 2
 TORCH_NPU := torch-npu==2.14.0
 TORCH_NPU_SHA256 := 7736f7d82cf9f16c7dfc4537f7e7c638153da760273a193455e70857f912189e
 NPU_SCHEMAS := $(VENV)/torch-npu-schemas/npu_native_functions_by_codegen.yaml
+# The xpu target's kernels compile to SPIR-V with Intel's Triton backend in CI
+# (tests/backends/test_target_xpu_spirv.py). triton-xpu ships its own `triton` package, so
+# it goes under a prefix of its own that only that test's child process puts on its path;
+# pinned with hashes, about 1 GB installed.
+XPU_TRITON := $(VENV)/xpu-triton
+XPU_LOCK := requirements-xpu-triton.lock
 
 GPU_PY ?= python3
 GPU_SITE ?= /tmp/kiln-site
@@ -29,7 +35,7 @@ GPU_TESTS ?= tests/gpu tests/serving/test_serving_cuda.py tests/serving/test_spe
 
 .PHONY: setup system-packages demo test test-gpu test-latest lock clean
 
-setup: $(STAMP) $(NPU_SCHEMAS)
+setup: $(STAMP) $(NPU_SCHEMAS) $(XPU_TRITON)/.installed
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -54,6 +60,12 @@ $(NPU_SCHEMAS): | $(STAMP)
 	echo "$(TORCH_NPU)" > $(dir $@)VERSION
 	mv $@.tmp $@ && rm -rf $(VENV)/torch-npu-wheel
 
+$(XPU_TRITON)/.installed: $(XPU_LOCK) | $(STAMP)
+	rm -rf $(XPU_TRITON)
+	$(PY) -m pip install -q --no-deps --require-hashes --only-binary=:all: \
+	  --prefix $(XPU_TRITON) -r $(XPU_LOCK)
+	touch $@
+
 demo: $(STAMP)
 	$(KILN) compile smollm2 -t cpu -o build/smollm2.kiln
 	$(KILN) generate build/smollm2.kiln --prompt "$(PROMPT)" --max-tokens 32
@@ -64,7 +76,7 @@ system-packages:
 	@bash .ci/system-packages
 
 # CPU only: Triton kernels run under the interpreter.
-test: $(STAMP) $(NPU_SCHEMAS) system-packages
+test: $(STAMP) $(NPU_SCHEMAS) $(XPU_TRITON)/.installed system-packages
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 # On a CUDA machine with the image's own python (torch, triton, transformers there); one
