@@ -150,25 +150,32 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
                     "(hipBLAS); fp8 as e4m3fnuz (gfx942's: gfx950 upcasts it to fp16); HIP "
                     "graphs through torch.cuda on ROCm builds",
            verified="compiled for gfx942/gfx950 + its wrapper run under the Triton "
-                    "interpreter (CI); never run on an AMD GPU",
+                    "interpreter + its --aot output built and linked against the HIP runtime "
+                    "by a C host program, run up to HIP's no-device error (CI); never run on "
+                    "an AMD GPU",
            first_run=_first_run("hip")),
     Target("xpu", "xpu", None, (), 16, torch.float8_e4m3fn, "torch.xpu.XPUGraph",
            kernels=_TORCH_KERNELS, graph_captures_prefill=False,
-           lowering="torch ops for every fused op (Intel's Triton backend compiles kiln's "
-                    "kernels to SPIR-V, checked by hand, but replaces the triton the cuda/hip "
-                    "kernels need, so CI cannot check it); XPU graphs",
+           lowering="torch ops for every fused op (kiln's Triton kernels compile to SPIR-V "
+                    "with Intel's Triton backend, but none ran on an Intel GPU, so the target "
+                    "does not launch them); XPU graphs for decode buckets, prefill eager",
            verified="wrapper run on the CPU vs HF eager (xpu device literals mapped to the "
-                    "CPU, test-only) + torch.xpu graph API present (CI); never run on an "
+                    "CPU, test-only) + serving graphs captured and replayed through "
+                    "torch.xpu's graph calls on a CPU-backed test device + every Triton "
+                    "kernel compiled to SPIR-V for PVC by triton-xpu (CI); never run on an "
                     "Intel GPU",
            first_run=_first_run("xpu")),
     Target("npu", "npu", None, (), 32, None, "torch.npu.NPUGraph", kernels=_NPU_KERNELS,
            graph_captures_prefill=False, verify_group_buckets=True,
            graph_host_arguments="kiln.backends.npu:graph_host_arguments",
            declare_device="kiln.backends.npu:declare_device",
-           lowering="torch_npu operators for the fused ops, torch ops for the rest; "
-                    "ACL graphs (torch.npu.NPUGraph)",
+           lowering="torch_npu operators for the fused ops, torch ops for the rest; ACL "
+                    "graphs for decode buckets (the fused attention's host lengths set before "
+                    "each replay; multiples of 1 + k rows with speculation), prefill eager",
            verified="schema-checked against torch-npu 2.14.0's operator schemas + CPU "
-                    "reference operators (CI); never run on an Ascend NPU",
+                    "reference operators + serving graphs captured and replayed through "
+                    "torch.npu's graph calls (torch_npu 2.14's update) on a CPU-backed test "
+                    "device (CI); never run on an Ascend NPU",
            first_run=_first_run("npu")),
 ]}
 

@@ -677,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
                        help="new tokens per step (prefill chunks + decodes)")
         q.add_argument("--no-prefix-caching", action="store_true")
-        q.add_argument("--no-cudagraphs", action="store_true", help="cuda: run decode eagerly")
+        q.add_argument("--no-cudagraphs", action="store_true", help="targets with graph capture (cuda, hip, xpu, npu): run every step eagerly")
         q.add_argument("--lazy-mixed-graphs", action="store_true", help="cuda: capture the graphs "
                        "of batches with prefill chunks when first met instead of at start-up "
                        "(a faster start; each such bucket stalls its first step)")
