@@ -28,8 +28,11 @@ CAPTURES = 0
 EXAMPLE_TOKENS = 8
 
 
-def capture_serving(model: torch.nn.Module, example_tokens: int = EXAMPLE_TOKENS) -> Graph:
-    """The flat-batch forward of `model` as a kiln Graph (before any pass)."""
+def capture_serving(model: torch.nn.Module, example_tokens: int = EXAMPLE_TOKENS,
+                    extra_inputs: dict[str, torch.Tensor] | None = None) -> Graph:
+    """The flat-batch forward of `model` as a kiln Graph (before any pass). `extra_inputs`:
+    more per-token keyword arguments by name, each [1, example_tokens, ...] (an MTP module's
+    hidden_states), graph inputs of that name with the same symbolic token count."""
     global CAPTURES
     graphs: list[Graph] = []
     device = next(model.parameters()).device
@@ -38,6 +41,10 @@ def capture_serving(model: torch.nn.Module, example_tokens: int = EXAMPLE_TOKENS
     pos = torch.arange(example_tokens, device=device)[None]
     known = state_inputs(model)
     known[id(ids)], known[id(pos)] = InputSpec("input_ids"), InputSpec("position_ids")
+    extra = dict(extra_inputs or {})
+    for name, t in extra.items():
+        known[id(t)] = InputSpec(name)
+        torch._dynamo.mark_dynamic(t, 1)
 
     def backend(gm, example_inputs):
         specs = describe_inputs(gm, example_inputs, known)
@@ -57,7 +64,7 @@ def capture_serving(model: torch.nn.Module, example_tokens: int = EXAMPLE_TOKENS
     time_frames()   # the reset dropped dynamo's timing callbacks
     fn = torch.compile(model, backend=backend, fullgraph=True)
     with torch.no_grad():
-        fn(input_ids=ids, position_ids=pos, use_cache=False)
+        fn(input_ids=ids, position_ids=pos, use_cache=False, **extra)
     torch._dynamo.reset()
     if len(graphs) != 1:
         raise RuntimeError(f"serving capture produced {len(graphs)} graphs, expected 1")
@@ -288,6 +295,12 @@ def build_served(source: str, cfg: ServingConfig, target: str = "cpu", dtype: st
                              f"model's capture, which artifact {p} does not keep: serve the model "
                              f"itself (kiln serve MODEL --speculative {cfg.speculative}), or use "
                              f"--speculative ngram:K with the artifact")
+        if cfg.speculative is not None and cfg.speculative.method == "mtp":
+            raise ValueError(f"--speculative {cfg.speculative} drafts with the model's MTP module "
+                             f"and a serving graph that keeps each token's hidden state, which "
+                             f"artifact {p} has neither of: serve the model itself (kiln serve "
+                             f"MODEL --speculative {cfg.speculative}), or use --speculative "
+                             f"ngram:K with the artifact")
         with step(f"load artifact {p}"):
             a = art.load_artifact(p, trust=trust_artifact)
             built = a.manifest["options"].get("quant")
@@ -335,6 +348,10 @@ def _compiled_runner(source, cfg: ServingConfig, target, dtype, block_size, step
     from kiln.frontends import hf
 
     from .quant_choice import choose
+    if cfg.speculative is not None and cfg.speculative.method == "mtp":
+        from .mtp import mtp_runners   # the model with its MTP module: two graphs
+        return mtp_runners(source, cfg, target, dtype, block_size, step, device, on_choice,
+                           **options)
     with step(f"load {source}"):
         model, tok = hf.load(source, dtype=getattr(torch, dtype))
     choice = choose(options.get("quant"), model, target)

@@ -76,6 +76,16 @@ def _quant_int4_type(args, attrs):
             TensorType(attrs.get("scale_dtype", torch.float32), (k // g, n, 2))]
 
 
+def _load_slots_type(args, attrs):
+    """[T, elements a slot] in the pool's dtype (typed without running: the pool's block
+    count is a symbol)."""
+    pool, slots = args[0].type, args[1].type
+    row = 1
+    for d in pool.shape[2:]:
+        row = row * d
+    return [TensorType(pool.dtype, (slots.shape[0], row))]
+
+
 def _all_reduce_type(args, attrs):
     n = attrs["world_size"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -128,6 +138,10 @@ KILN_OPS = {
     "paged_attention": (("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "block_tables",
                          "context_lens", "query_start"), ("scale", "window"), kiln_ref.paged_attention,
                         ("mutates",), _like_first),   # typed without running: reads metadata on the host
+    # Serving (serve.hidden_states): a per-token state in a paged pool beside the KV cache.
+    "store_slots": (("pool", "slot_mapping", "x"), (), kiln_ref.store_slots, ("mutates",),
+                    _like_first),
+    "load_slots": (("pool", "slot_mapping"), (), kiln_ref.load_slots, (), _load_slots_type),
     # Collectives over the ranks of the default torch.distributed group (shard.tensor_parallel
     # inserts them; world_size=1 is the identity). Never CSE'd, dropped or hoisted.
     "all_reduce": (("x",), ("world_size",), kiln_ref.all_reduce, ("collective",), _all_reduce_type),

@@ -416,6 +416,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
+def store_slots(pool: torch.Tensor, slot_mapping: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Writes token t's row of x ([T, ...]) into the paged pool ([num_blocks, block_size, ...],
+    holding as many elements a slot as x a row) at slot slot_mapping[t], in place, as
+    paged_attention writes K/V: a per-token state kept beside the KV cache (the final hidden
+    states a multi-token-prediction drafter reads). Returns the pool."""
+    pool.view(pool.shape[0] * pool.shape[1], -1).index_copy_(
+        0, slot_mapping, x.reshape(x.shape[0], -1).to(pool.dtype))
+    return pool
+
+
+def load_slots(pool: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """The rows `store_slots` wrote at the slots slot_mapping ([T]): [T, elements a slot]."""
+    return pool.reshape(pool.shape[0] * pool.shape[1], -1).index_select(0, slot_mapping)
+
+
 # ---- collectives: the default torch.distributed process group of `world_size` ranks ----
 
 def process_group(world_size: int):

@@ -7,6 +7,9 @@
 - The **serving batch** is the flattened step the runtime's model runner passes on every
   call, by these names and in this order.
 - A **KV cache** input is one layer's K or V block pool, named `kv_cache.<layer>.<k|v>`.
+  Two more pools are blocked the same way (passes/serve_hidden.py): `kv_cache.hidden`, the
+  final hidden state of each token the graph runs, written at the token's slot, and
+  `kv_cache.hidden_in`, the hidden state each token reads as input (an MTP module's).
 - A **scalar** is a Python int the caller passes, held in a 0-d int64 device tensor
   (capture.scalar_inputs): the compiled function writes the int into a buffer it owns,
   so replayed CUDA graphs read each call's value.
@@ -20,6 +23,9 @@ SCALAR = "scalar"
 BATCH_INPUTS = ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens",
                 "query_start")
 _CACHE_PREFIX = "kv_cache."
+HIDDEN_CACHE = "kv_cache.hidden"         # per-token final hidden states the graph writes
+HIDDEN_INPUT_CACHE = "kv_cache.hidden_in"   # per-token hidden states the graph reads
+HIDDEN_INPUT = "hidden_states"           # the capture's input that kv_cache.hidden_in replaces
 
 
 def cache_input_name(layer: int, which: str) -> str:

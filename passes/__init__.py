@@ -11,6 +11,7 @@ from . import fuse  # noqa: F401,E402  (fuse.norm, .rope, .attention, .activatio
 from . import collective  # noqa: F401,E402  (shard.experts, fuse.collective)
 from . import rope_pair  # noqa: F401,E402  (fuse.rope_pair, Triton targets)
 from . import serve_kv_cache  # noqa: F401,E402  (serve.kv_cache, serving only)
+from . import serve_hidden  # noqa: F401,E402  (serve.hidden_states, serving only)
 from . import prologue  # noqa: F401,E402  (fuse.prologue, Triton targets)
 from . import scalar_inputs  # noqa: F401,E402  (capture.scalar_inputs, with CUDA graphs)
 from . import schedule  # noqa: F401,E402  (schedule: last)

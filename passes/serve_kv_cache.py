@@ -282,9 +282,10 @@ def _cone_nodes(g: Graph, v: Value) -> list[Node]:
 
 
 def _gather_last_tokens(g: Graph, query_start: Value, T) -> None:
-    if len(g.outputs) != 1:
-        raise NotAServingCapture(f"serve.kv_cache: expected one output (the logits), got "
-                                 f"{len(g.outputs)}")
+    """The logits (the first output) of each sequence's last new token only. Outputs after
+    the logits (a per-token hidden state, serve.hidden_states) keep every token."""
+    if not g.outputs:
+        raise NotAServingCapture("serve.kv_cache: the graph has no output (expected the logits)")
     chain: list[tuple[Node, Value]] = []   # (node, its tensor operand): LM head -> output
     v = g.outputs[0]
     uses = g.use_counts()
@@ -340,4 +341,4 @@ def _gather_last_tokens(g: Graph, query_start: Value, T) -> None:
         n.results[0].type = infer_types(n.op, n.args, n.attrs, g, g.meta.get("_serve_fake_env"))[0]
         out = n.results[0]
     g.remove_nodes(dead)
-    g.outputs = [out]
+    g.outputs = [out] + g.outputs[1:]

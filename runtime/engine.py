@@ -196,6 +196,9 @@ class LLMEngine:
         if speculative.method == "draft":
             from .spec_draft import DraftModelProposer
             return DraftModelProposer(draft_runner, self.runner.vocab_size)
+        if speculative.method == "mtp":   # the model's MTP module, in this engine's blocks
+            from .spec_mtp import MTPProposer
+            return MTPProposer(draft_runner, self.blocks)
         from .spec_decode import LayerSkipProposer
         return LayerSkipProposer(draft_runner, self.blocks)
 

@@ -56,7 +56,9 @@ METHODS = {"ngram": "ngram:K (prompt lookup: no extra weights)",
            "layerskip": "layerskip:K[:layers=A-B] (the model minus decoder layers A..B; "
                         "default: the middle half)",
            "draft": "draft:PATH:K (a smaller model of the same tokenizer drafts: PATH is "
-                    "what kiln generate takes as MODEL, or an artifact directory)"}
+                    "what kiln generate takes as MODEL, or an artifact directory)",
+           "mtp": "mtp:K (the model's own multi-token-prediction module, chained for K > 1: "
+                  "DeepSeek-V3 and GLM-4.5 style checkpoints)"}
 SPELLINGS = ", ".join(METHODS.values())
 
 
