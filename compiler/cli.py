@@ -378,9 +378,11 @@ def _dump_draft(args) -> int:
     spec = SpeculativeConfig.parse(args.speculative or "")
     if spec.method == "draft":
         return _dump_draft_model(args, spec)
+    if spec.method == "mtp":
+        return _dump_mtp(args, spec)
     if spec.method != "layerskip":
         print(f"kiln dump: --speculative {spec} drafts without a graph of its own; only "
-              f"layerskip:K and draft:PATH:K have a draft graph (the verify step runs the "
+              f"layerskip:K, draft:PATH:K and mtp:K have a draft graph (the verify step runs the "
               f"serving graph: kiln compile {args.model} -o DIR writes it as DIR/serving.kir)",
               file=sys.stderr)
         return 2
@@ -411,6 +413,21 @@ def _dump_draft_model(args, spec) -> int:
     model, _ = _load(spec.draft_model)
     cg = compile_serving(model, args.target, record=True)
     print(f"kiln dump: the {spec} draft graph: the serving graph of {spec.draft_model}",
+          file=sys.stderr)
+    sys.stdout.write(cg.snapshots[_snapshot_index(cg, args.after)][1])
+    return 0
+
+
+def _dump_mtp(args, spec) -> int:
+    """`kiln dump --graph draft --speculative mtp:K`: the model's MTP module as the serving
+    graph it drafts with (kiln.mtp), as `kiln serve --speculative mtp:K` compiles it."""
+    from kiln.frontends import mtp
+
+    from .mtp import compile_mtp
+    _, _, modules = mtp.load(args.model)   # (an MTPError is a ValueError: main prints it)
+    cg = compile_mtp(modules[0], args.target, record=True)
+    print(f"kiln dump: the {spec} draft graph: the MTP module of {args.model} (its decoder "
+          f"layer a {type(modules[0].layer).__name__}), chained {spec.k} time(s) a step",
           file=sys.stderr)
     sys.stdout.write(cg.snapshots[_snapshot_index(cg, args.after)][1])
     return 0
@@ -696,7 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "layerskip:K[:layers=A-B] with the model minus decoder layers A-B "
                             "(default: the middle half; a model, not an artifact), "
                             "draft:PATH:K with a smaller model of the same tokenizer (PATH: a "
-                            "model as for MODEL, or an artifact)")
+                            "model as for MODEL, or an artifact), mtp:K with the model's own "
+                            "multi-token-prediction module (DeepSeek-V3 / GLM-4.5 style "
+                            "checkpoints; a model, not an artifact)")
         q.add_argument("--batch-invariant", action="store_true",
                        help="cuda/hip: compute every decode row (up to 64 a step) exactly as in a "
                             "batch of one, so a sequence's tokens do not depend on what it is "
@@ -812,10 +831,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch.bind_symbolic_shape: IREE reads them, torch-mlir's linalg "
                         "lowering does not)")
     d.add_argument("--graph", default="prefill", choices=["prefill", "decode", "draft"],
-                   help="draft: the serving draft graph of --speculative layerskip:K or "
-                        "draft:PATH:K")
+                   help="draft: the serving draft graph of --speculative layerskip:K, "
+                        "draft:PATH:K or mtp:K")
     d.add_argument("--speculative", metavar="METHOD:K", help="with --graph draft: layerskip:K"
-                   "[:layers=A-B] or draft:PATH:K")
+                   "[:layers=A-B], draft:PATH:K or mtp:K")
     d.add_argument("--prompt", default="Hello")
     d.add_argument("--target", default="cpu")
     d.add_argument("--disable", help="comma-separated passes to switch off")
