@@ -185,21 +185,26 @@ def _generate_static(args) -> int:
     import torch
 
     from .generate import chat_input_ids, compile_model, greedy
+    from .generate import LOOP_METHODS
     speculative = _speculative(args)
-    if speculative is not None and speculative.method != "ngram":
+    if speculative is not None and speculative.method not in LOOP_METHODS:
         print(f"kiln generate: --backend {args.backend} runs the StaticCache loop, which drafts "
-              f"by prompt lookup only (ngram:K); --speculative {speculative} drafts in the engine: "
-              f"use --backend kiln", file=sys.stderr)
+              f"with {' or '.join(LOOP_METHODS)}; --speculative {speculative} drafts in the "
+              f"engine: use --backend kiln", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     model, tok = _load(args.model, args.dtype)
     load_s = time.perf_counter() - t0
     ids = chat_input_ids(tok, args.prompt, chat=not args.no_chat)
     backend = "kiln" if args.backend == "kiln-static" else args.backend
-    fn = compile_model(model, backend, {"target": args.target} if backend == "kiln" else None)
+    options = {"target": args.target} if backend == "kiln" else None
+    fn = compile_model(model, backend, options)
+    draft = None
+    if speculative is not None and speculative.method == "draft":
+        draft = _loop_draft_model(speculative, tok, args, backend, options)
     torch.manual_seed(0)
     gen = greedy(fn, model, ids, args.max_tokens, eos_token_id=tok.eos_token_id,
-                 speculative=speculative)
+                 speculative=speculative, draft=draft)
     text = tok.decode(gen.tokens, skip_special_tokens=True)
     print(text.strip())
     print(f"\n[{args.backend}, {args.target}] load {load_s:.1f} s | prompt {gen.prompt_tokens} tokens, "
@@ -208,6 +213,22 @@ def _generate_static(args) -> int:
           + (f" | {speculative}: mean accepted length {gen.mean_accepted_length:.2f}"
              if speculative is not None else ""), file=sys.stderr)
     return 0
+
+
+def _loop_draft_model(speculative, target_tokenizer, args, backend: str, options):
+    """(compiled, model) of draft:PATH:K for the StaticCache loop: PATH loaded as a model
+    (the loop runs HF models, not artifacts) and compiled with the target's backend."""
+    from .artifact import is_artifact
+    from .generate import compile_model
+    from .serving import check_draft_tokenizer
+    if is_artifact(Path(speculative.draft_model).expanduser()):
+        raise ValueError(f"--speculative {speculative}: --backend {args.backend} runs the "
+                         f"StaticCache loop over HF models, and {speculative.draft_model} is an "
+                         f"artifact; draft with the model it was compiled from, or use --backend "
+                         f"kiln")
+    model, tok = _load(speculative.draft_model, args.dtype)
+    check_draft_tokenizer(tok, target_tokenizer, speculative, args.model)
+    return compile_model(model, backend, options), model
 
 
 def _report_timings(args) -> None:

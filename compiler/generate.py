@@ -10,13 +10,14 @@ step's token and position, and from then on calls the compiled graph with just t
 Where that graph replays a captured CUDA graph, a step is then only the copies of the
 token and position into the graph's buffers and the replay (`CompiledGraph.bind`).
 
-With `speculative=ngram:K` (batch 1) a step drafts up to K tokens by prompt lookup and runs
-the last token and the drafts in one forward over 1 + K tokens at cache positions p..p+K
-(drafts padded to K, so that one graph shape serves every verify step; a step with no draft
-runs the ordinary one-token forward): the longest prefix of drafts that equals the argmax
-at each position stands, plus the argmax after it. The cache then forgets the entries past
-what stood (`rewind_cache`; the next forward writes over them). The tokens are those of
-plain greedy decoding.
+With `speculative=ngram:K` (batch 1) a step drafts up to K tokens by prompt lookup, or with
+`draft:PATH:K` by a draft model (`LoopDraftModel`: greedy, over a StaticCache of its own),
+and runs the last token and the drafts in one forward over 1 + K tokens at cache positions
+p..p+K (drafts padded to K, so that one graph shape serves every verify step; a step with
+no draft runs the ordinary one-token forward): the longest prefix of drafts that equals the
+argmax at each position stands, plus the argmax after it. The cache then forgets the
+entries past what stood (`rewind_cache`; the next forward writes over them). The tokens are
+those of plain greedy decoding.
 """
 from __future__ import annotations
 
@@ -28,8 +29,13 @@ import torch
 
 from kiln.frontends.hf import cache_call_kwargs, cache_rewinds, rewind_cache
 from kiln.runtime.sampler import argmax
+from kiln.runtime.spec_decode import NgramProposer
 
 from .driver import CompiledGraph
+
+
+# The drafters this loop runs (--speculative METHOD:K).
+LOOP_METHODS = ("ngram", "draft")
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Generation:
     direct_steps: int = 0      # decode steps that called the kiln graph directly
     verify_steps: int = 0      # speculative: steps that verified drafts
     accepted_drafts: int = 0   # speculative: the drafts that stood
+    draft_tokens: int = 0      # speculative: the drafts verified
 
     @property
     def mean_accepted_length(self) -> float:
@@ -138,7 +145,7 @@ def make_cache(model, max_cache_len: int):
 def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
            eos_token_id: int | list[int] | None = None, cache=None, prefill_fn=None,
            mark_dynamic: bool = True, direct: bool = True,
-           host_us: list | None = None, speculative=None) -> Generation:
+           host_us: list | None = None, speculative=None, draft=None) -> Generation:
     """Greedy decoding: one prefill call, then one call per token, with a StaticCache.
 
     `model_fn` is the (possibly compiled) model; `config_model` the HF model it wraps (for
@@ -149,8 +156,9 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
     allocates the StaticCache and marks its tensors static addresses, then compiled decode
     steps of one fixed shape (`mark_dynamic=False`). `direct`: once two decode steps show
     how, call a kiln-compiled graph directly (`DirectDecode`; other backends never bind).
-    `speculative`: a runtime.spec_decode.SpeculativeConfig, ngram:K (the module docstring);
-    the cache must then hold K more tokens than prompt and output."""
+    `speculative`: a runtime.spec_decode.SpeculativeConfig, ngram:K or draft:PATH:K with
+    `draft` = (the draft model as compiled, the draft model) (the module docstring); the
+    cache must then hold K more tokens than prompt and output."""
     batch, prompt_len = input_ids.shape
     extra = 0 if speculative is None else speculative.k
     if cache is None:
@@ -158,7 +166,8 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
     else:
         cache.reset()
     if speculative is not None:
-        check_loop_speculation(speculative, batch, cache, prompt_len + max_new_tokens + extra)
+        check_loop_speculation(speculative, batch, cache, prompt_len + max_new_tokens + extra,
+                               draft)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
     mark = torch._dynamo.maybe_mark_dynamic if mark_dynamic else (lambda t, d: None)
@@ -173,9 +182,12 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
     sync()
     t1 = time.perf_counter()
     if speculative is not None:
+        proposer = (NgramProposer(speculative.ngram_max, speculative.ngram_min)
+                    if speculative.method == "ngram" else
+                    LoopDraftModel(*draft, prompt_len + max_new_tokens + extra, direct))
         return _speculative_decode(model_fn, config_model, cache, input_ids[0].tolist(),
-                                   int(token[0]), max_new_tokens, eos, speculative, direct,
-                                   t1 - t0, sync)
+                                   int(token[0]), max_new_tokens, eos, speculative, proposer,
+                                   direct, t1 - t0, sync)
     out = [token]
     t_first = None
     # The position stays on the device and steps there: a host tensor would be copied in
@@ -215,12 +227,16 @@ def greedy(model_fn, config_model, input_ids: torch.Tensor, max_new_tokens: int,
     return Generation(tokens, prompt_len, t1 - t0, t_first - t1, t2 - t_first, len(out) - 2, *how)
 
 
-def check_loop_speculation(speculative, batch: int, cache, needed: int) -> None:
+def check_loop_speculation(speculative, batch: int, cache, needed: int, draft=None) -> None:
     """Raise ValueError (naming the fix) unless this loop can speculate with `speculative`."""
-    if speculative.method != "ngram":
-        raise ValueError(f"--speculative {speculative}: the StaticCache loop drafts by prompt "
-                         f"lookup only (ngram:K); {speculative.method} drafts in the serving "
+    if speculative.method not in LOOP_METHODS:
+        raise ValueError(f"--speculative {speculative}: the StaticCache loop drafts with "
+                         f"{' or '.join(LOOP_METHODS)}; {speculative.method} drafts in the serving "
                          f"engine: kiln generate MODEL --backend kiln --speculative {speculative}")
+    if (speculative.method == "draft") != (draft is not None):
+        raise ValueError(f"--speculative {speculative}: pass draft=(the draft model as compiled, "
+                         f"the draft model) with draft:PATH:K and only then (the loop runs the "
+                         f"models it is given; kiln generate --backend kiln-static loads PATH)")
     if batch != 1:
         raise ValueError(f"speculative decoding in the StaticCache loop runs one sequence, got a "
                          f"batch of {batch}; run the prompts one at a time, or serve them (kiln "
@@ -237,18 +253,60 @@ def check_loop_speculation(speculative, batch: int, cache, needed: int) -> None:
                          f"{needed})")
 
 
+class LoopDraftModel:
+    """draft:PATH:K in the loop: the draft model decodes greedily over a StaticCache of its
+    own. Its cache holds the KV of the sequence's first `cached` tokens and then of the drafts
+    `written` (fed back). Before drafting, it keeps the drafts that became the sequence's
+    tokens (never its last token: the first draft needs that one's logits), rewinds the
+    cache past the rest, runs the tokens it lacks in one forward and then K - 1 one-token
+    steps, each fed the draft before it, on the device; the host reads the drafts once."""
+
+    def __init__(self, fn, model, max_cache_len: int, direct: bool = True):
+        self.fn, self.model = fn, model
+        self.cache = make_cache(model, max_cache_len)
+        why = cache_rewinds(self.cache)
+        if why is not None:
+            raise ValueError(f"the draft model's cache cannot take back drafts ({why}); draft "
+                             f"with another model, or use the serving engine (--backend kiln)")
+        self.device = next(model.parameters()).device
+        self.cached, self.written = 0, []
+        self.step = DirectDecode() if direct else None   # its one-token forwards
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        kept = 0
+        while (kept < len(self.written) and self.cached + kept < len(tokens) - 1
+               and tokens[self.cached + kept] == self.written[kept]):
+            kept += 1
+        held = self.cached + len(self.written)
+        self.cached = min(self.cached + kept, len(tokens) - 1)
+        rewind_cache(self.cache, held - self.cached)
+        n = len(tokens)
+        ids = torch.tensor([tokens[self.cached:]], device=self.device)
+        pos = torch.arange(self.cached, n, device=self.device)
+        direct = self.step if ids.shape[1] == 1 else None
+        drafts = [argmax(_forward(direct, self.fn, self.model, self.cache, ids, pos, 1)[:, -1])]
+        for j in range(1, k):
+            pos = torch.arange(n - 1 + j, n + j, device=self.device)
+            logits = _forward(self.step, self.fn, self.model, self.cache, drafts[-1][:, None], pos, 1)
+            drafts.append(argmax(logits[:, -1]))
+        out = torch.cat(drafts).tolist()
+        self.cached, self.written = n, out[:k - 1]
+        return out
+
+
 def _speculative_decode(model_fn, config_model, cache, prompt: list[int], first: int,
-                        max_new_tokens: int, eos: set, speculative, direct: bool,
+                        max_new_tokens: int, eos: set, speculative, proposer, direct: bool,
                         prefill_seconds: float, sync) -> Generation:
-    """The decode steps of `greedy` with drafts (batch 1): see the module docstring."""
-    from kiln.runtime.spec_decode import NgramProposer
-    proposer = NgramProposer(speculative.ngram_max, speculative.ngram_min)
+    """The decode steps of `greedy` with drafts from `proposer` (batch 1): see the module
+    docstring."""
     k = speculative.k
     device = next(config_model.parameters()).device
     tokens, out = prompt + [first], [first]
     # One DirectDecode per step shape: a one-token step and a verify step call different graphs.
     plain, verify = (DirectDecode(), DirectDecode()) if direct else (None, None)
-    verify_steps = accepted = 0
+    verify_steps = accepted = drafted = 0
     t1 = time.perf_counter()
     t_first, decode_start = t1, 1   # after the first decode step: its time and len(out)
     while len(out) < max_new_tokens and out[-1] not in eos:
@@ -268,6 +326,7 @@ def _speculative_decode(model_fn, config_model, cache, prompt: list[int], first:
             new = best[:a + 1]
             verify_steps += 1
             accepted += a
+            drafted += len(draft)
         else:
             ids = torch.tensor([[tokens[-1]]], device=device)
             pos = torch.tensor([p], device=device)
@@ -280,22 +339,23 @@ def _speculative_decode(model_fn, config_model, cache, prompt: list[int], first:
     sync()
     t2 = time.perf_counter()
     steps = sum(d.steps for d in (plain, verify) if d is not None)
-    how = " / ".join(f"{name}: {d.reason}" for name, d in (("decode", plain), ("verify", verify))
-                     if d is not None) or "off"
+    binders = (("decode", plain), ("verify", verify), ("draft", getattr(proposer, "step", None)))
+    how = " / ".join(f"{name}: {d.reason}" for name, d in binders if d is not None) or "off"
     if decode_start == 1:   # one decode step at most: nothing past the first
         return Generation(out, len(prompt), prefill_seconds, t2 - t1, 0.0, 0, how, steps,
-                          verify_steps, accepted)
+                          verify_steps, accepted, drafted)
     return Generation(out, len(prompt), prefill_seconds, t_first - t1, t2 - t_first,
-                      len(out) - decode_start, how, steps, verify_steps, accepted)
+                      len(out) - decode_start, how, steps, verify_steps, accepted, drafted)
 
 
-def _forward(direct: DirectDecode | None, model_fn, config_model, cache, ids, pos):
-    """One decode forward of `ids` at cache positions `pos`: its logits [1, len(pos), V],
-    through the kiln graph directly once `direct` has bound it."""
+def _forward(direct: DirectDecode | None, model_fn, config_model, cache, ids, pos,
+             keep: int | None = None):
+    """One forward of `ids` at cache positions `pos`: the logits of its last `keep` positions
+    (default: all), through the kiln graph directly once `direct` has bound it."""
     if direct is not None and direct.bound is not None:
         return direct(ids, pos)
     with direct.watch(ids, pos) if direct is not None else contextlib.nullcontext():
-        logits = model_fn(input_ids=ids, logits_to_keep=ids.shape[1],
+        logits = model_fn(input_ids=ids, logits_to_keep=keep or ids.shape[1],
                           **cache_call_kwargs(config_model, cache, pos)).logits
     if direct is not None:
         direct.saw(logits)

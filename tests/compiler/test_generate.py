@@ -4,9 +4,11 @@ those of eager and of the ordinary path; a model whose steps update Python state
 sliding-window cache's length) stays on the ordinary path and says why."""
 from __future__ import annotations
 
+
 import torch
 
 import models
+from models import tiny_llama_dir
 from families import VOCAB, build
 from kiln.generate import compile_model, greedy, make_cache
 
@@ -72,3 +74,39 @@ def test_loop_speculation_refuses_what_it_cannot_do():
         greedy(model, model, torch.tensor([[5, 6], [7, 8]]), 4, speculative=ngram)
     assert main(["generate", "no-such-model", "--prompt", "hi", "--backend", "eager",
                  "--speculative", "layerskip:2"]) == 2
+
+
+def test_a_draft_model_in_the_loop_gives_the_greedy_tokens():
+    """draft:PATH:K in the loop, with a StaticCache of the draft's own: a 3-layer Llama
+    drafted for by its first layer (eager, and both through the kiln backend), and by itself
+    (every draft stands)."""
+    from transformers import LlamaConfig
+
+    from kiln.runtime.spec_decode import SpeculativeConfig
+    config = {**models.COMMON, "num_key_value_heads": 2}
+    target = models._build(LlamaConfig(**{**config, "num_hidden_layers": 3}), "sdpa")
+    small = models._build(LlamaConfig(**{**config, "num_hidden_layers": 1}), "sdpa")
+    small.load_state_dict({k: v for k, v in target.state_dict().items()
+                           if not k.startswith("model.layers.") or k.startswith("model.layers.0.")})
+    ids = torch.randint(3, target.config.vocab_size, (1, 9))
+    want = models.eager_greedy(target, ids, 20)[0][0].tolist()
+    spec = SpeculativeConfig.parse("draft:first-layer:3")
+    itself = greedy(target, target, ids, 20, speculative=spec, draft=(target, target))
+    assert itself.tokens == want and itself.accepted_drafts == itself.draft_tokens > 0
+    assert greedy(target, target, ids, 20, speculative=spec, draft=(small, small)).tokens == want
+    torch._dynamo.reset()
+    got = greedy(compile_model(target, "kiln"), target, ids, 20, speculative=spec,
+                 draft=(compile_model(small, "kiln"), small))
+    assert got.tokens == want and got.verify_steps > 3 and "draft: bound" in got.direct, got.direct
+
+
+def test_generate_static_with_a_draft_model(tmp_path, capsys):
+    from kiln.cli import main
+    d = tiny_llama_dir(tmp_path / "tiny")
+    spec = f"draft:{d}:3"
+    assert main(["generate", str(d), "--backend", "eager", "--prompt", "one two", "--no-chat",
+                 "--max-tokens", "12", "--speculative", spec]) == 0
+    # The model drafting for itself: every draft stands. 11 tokens after the first: 3 verify
+    # steps of 3, 3 and 2 drafts (the room left), 8 standing.
+    assert "12 tokens | " in (err := capsys.readouterr().err)
+    assert f"{spec}: mean accepted length {1 + 8 / 3:.2f}" in err, err[-500:]
