@@ -3,9 +3,10 @@ the spelling; on the toy runner, whose answer is a closed form of the context it
 through the KV cache, a draft identical to the target (every draft stands) and one that is
 wrong at known places (every draft is the draft model's closed form, so its KV cache was
 rolled back right after each rejection, and the draft cache holds exactly the tokens that
-stood), a draft pool too small for every sequence, aborts; tiny compiled models of two
-families, greedy token for token that of plain decoding (Llama-GQA drafting for itself:
-every draft stands; a 3-layer Qwen3 with its first layer as draft)."""
+stood), a draft pool too small for every sequence, aborts, seeded sampling beside greedy;
+tiny compiled models of two families, greedy token for token that of plain decoding
+(Llama-GQA drafting for itself: every draft stands; a 3-layer Qwen3 with its first layer
+as draft)."""
 import random
 
 import pytest
@@ -177,6 +178,22 @@ def test_a_draft_pool_too_small_for_every_sequence(tok):
     proposer = eng.spec.proposer
     assert proposer.blocks.num_free_blocks() == proposer.blocks.num_blocks
     assert eng.blocks.num_free_blocks() == eng.blocks.num_blocks
+
+
+def test_sampled_requests_with_a_draft_model_reproduce_with_a_seed(tok):
+    """A seeded sampled request beside a greedy one: the drafts go through rejection sampling
+    (the greedy draft is a point-mass proposal), the same seed gives the same tokens, and the
+    greedy request keeps plain decoding's."""
+    def run():
+        eng = draft_engine(tok, WrongSometimes, k=3)
+        sampled = SamplingParams(max_tokens=24, temperature=0.7, top_k=2, seed=7, ignore_eos=True)
+        greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        return eng.generate([[5, 6, 7], [8, 9]], [sampled, greedy]), eng
+    (a, g), eng = run()
+    (b, _), _ = run()
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 24
+    assert g.token_ids == reference([8, 9], 24, eng.runner.allowed)
+    assert eng.spec.stats.accepted_tokens > 0
 
 
 def test_an_aborted_sequence_frees_its_draft_blocks(tok):
