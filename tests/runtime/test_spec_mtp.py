@@ -18,7 +18,7 @@ import mtp_models
 from kiln.frontends import mtp
 from kiln.runtime.batch import build_batch
 from kiln.runtime.engine import EngineConfig, LLMEngine
-from kiln.runtime.sequence import SamplingParams
+from kiln.runtime.sequence import SamplingParams, Sequence
 from kiln.runtime.spec_decode import SpeculativeConfig, SpeculativeError
 
 BLOCK = 4
@@ -111,7 +111,9 @@ def glm(tmp_path_factory):
     runner = make_runner(main.fn, main.graph, model_weights(model, main.graph),
                          model.config.vocab_size, 128, cfg)
     return SimpleNamespace(runner=runner, draft=draft_runner_for(draft, module, runner, cfg),
-                           tok=tok, model=model, module=module, draft_graph=draft, cfg=cfg)
+                           tok=tok, model=model, module=module, draft_graph=draft, cfg=cfg,
+                           target_graph=main.graph,
+                           target_weights=model_weights(model, main.graph))
 
 
 def test_the_compiled_module_reads_and_writes_hidden_states_at_the_slots(glm):
@@ -217,3 +219,54 @@ def test_drafts_that_often_stand(glm, tmp_path):
     assert [o.token_ids for o in eng.generate(prompts, params)] == [o.token_ids for o in plain]
     stats = eng.spec.stats
     assert 0 < stats.accepted_tokens < stats.draft_tokens, stats
+
+
+def test_preempted_sequences_start_over_and_sampling_runs(glm):
+    """A pool too small for every sequence: some are preempted, their KV (the module's too)
+    recomputed; the module starts over on them and every draft is still plain torch's. A
+    sampled request drafts and verifies too."""
+    from kiln.mtp import draft_runner_for
+    from kiln.serving import ServingConfig, make_runner
+    small = ServingConfig(max_model_len=96, num_blocks=26, max_num_seqs=8)
+    runner = make_runner(glm.runner.fn, glm.target_graph, glm.target_weights,
+                         glm.model.config.vocab_size, 96, small)
+    draft = draft_runner_for(glm.draft_graph, glm.module, runner, small)
+    rng = random.Random()
+    prompts = [[rng.randrange(3, 400) for _ in range(10)] for _ in range(3)]
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    # (no prefix cache: a preempted sequence would get its own blocks back from it)
+    config = EngineConfig(max_num_seqs=8, speculative=SpeculativeConfig.parse("mtp:2"),
+                          enable_prefix_caching=False)
+    plain = LLMEngine(runner, glm.tok, EngineConfig(max_num_seqs=8)).generate(prompts, params)
+    eng = LLMEngine(runner, glm.tok, config, draft_runner=draft)
+    eng.spec.proposer = recording = Recording(eng.spec.proposer)
+    assert [o.token_ids for o in eng.generate(prompts, params)] == [o.token_ids for o in plain]
+    assert eng.scheduler.num_preemptions > 0
+    for tokens, room, drafts in recording.calls:
+        want = reference_drafts(glm.model, glm.module, tokens, room)
+        assert drafts[:len(want)] == want, (len(tokens), room)
+    # (Above, preempted sequences mostly get their blocks back, module KV and all: a
+    # preemption that moved a sequence to other blocks must start the module over.)
+    seq = Sequence(prompts[0] + [5, 6, 7], params)
+    proposer = recording.proposer
+    proposer._state(seq).done = 11
+    assert proposer._state(seq).done == 11
+    seq.num_preemptions += 1
+    assert proposer._state(seq).done == 0
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=1, ignore_eos=True)
+    out = eng.generate([prompts[0]], sampled)[0]
+    assert len(out.token_ids) == 12 and eng.spec.stats.verify_steps > 0
+
+
+def test_kiln_generate_drafts_with_the_module_and_an_artifact_is_refused(tmp_path, capsys):
+    from kiln.cli import main
+    from kiln.serving import ServingConfig, build_served
+    ck = mtp_models.write_checkpoint("glm4_moe", tmp_path / "glm")
+    assert main(["generate", str(ck.path), "--prompt", "one two three one two", "--no-chat",
+                 "--max-tokens", "12", "--ignore-eos", "--speculative", "mtp:2"]) == 0
+    assert "mtp:2: mean accepted length" in capsys.readouterr().err
+    fake = tmp_path / "artifact"
+    fake.mkdir()
+    (fake / "manifest.json").write_text("{}")   # refused before anything is read
+    with pytest.raises(ValueError, match="MTP module.*serve the model itself"):
+        build_served(str(fake), ServingConfig(speculative=SpeculativeConfig.parse("mtp:1")))
