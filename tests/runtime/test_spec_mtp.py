@@ -120,6 +120,7 @@ def test_the_compiled_module_reads_and_writes_hidden_states_at_the_slots(glm):
     """A prefill chunk and a decode row through the draft runner, the main model's hidden
     states put in its kv_cache.hidden_in at their slots: the logits and the module's own
     hidden states (its kv_cache.hidden) are the eager module's."""
+    from kiln.ir import parse, print_graph
     from kiln.ir.roles import HIDDEN_CACHE, HIDDEN_INPUT_CACHE
     draft, module = glm.draft, glm.module
     draft.reset_cache()
@@ -138,6 +139,8 @@ def test_the_compiled_module_reads_and_writes_hidden_states_at_the_slots(glm):
         got = draft.execute(build_batch([(ids[1:], q, 1, table)], BLOCK))
         assert rel(got[0], want[0, q]) < 1e-5
     assert rel(draft.caches[HIDDEN_CACHE].view(-1, size)[slots], want_hidden[0]) < 1e-5
+    for g in (glm.draft_graph.graph, glm.target_graph):   # (the compile cache keeps IR text)
+        assert print_graph(parse(print_graph(g))) == print_graph(g)
 
 
 def reference_drafts(model, module, tokens: list[int], k: int) -> list[int]:
