@@ -57,8 +57,8 @@ MTP_LAYOUTS = {
     "deepseek_v3": MTPLayout("num_nextn_predict_layers", "model.layers.{index}."),
     "glm4_moe": MTPLayout("num_nextn_predict_layers", "model.layers.{index}."),
 }
-# The module's own tensors besides its decoder layer (keys after the prefix); optional ones
-# fall back to the main model's.
+# The module's own tensors besides its decoder layer (keys after the prefix), then the
+# copies of the main model's embedding and LM head it may carry (absent or equal: shared).
 OWN_TENSORS = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight")
 SHARED_TENSORS = ("embed_tokens.weight", "shared_head.head.weight")
 
