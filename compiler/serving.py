@@ -418,6 +418,7 @@ def draft_model_runner(cfg: ServingConfig, target_runner, target_tokenizer, targ
 
     from kiln.frontends import hf
     from kiln.runtime.model_runner import PagedModelRunner
+    from kiln.runtime.spec_decode import MAX_VERIFY_ROWS
 
     from . import artifact as art
     from .quant_choice import choose
@@ -451,8 +452,11 @@ def draft_model_runner(cfg: ServingConfig, target_runner, target_tokenizer, targ
         fn, graph, vocab_size = compiled.fn, compiled.graph, model.config.vocab_size
         weights = model_weights(model, compiled.graph)
     tokens = target_runner.num_blocks * target_runner.block_size
+    # A step drafts for sequences verifying MAX_VERIFY_ROWS rows at most, two or more each:
+    # no more run through the draft model at once, and its runner captures no larger buckets.
     draft_cfg = dataclasses.replace(
-        cfg, speculative=None, num_blocks=math.ceil(tokens / PagedModelRunner.block_size_of(graph)))
+        cfg, speculative=None, num_blocks=math.ceil(tokens / PagedModelRunner.block_size_of(graph)),
+        max_num_seqs=min(cfg.max_num_seqs, MAX_VERIFY_ROWS // 2))
     with draft_step("allocate KV cache"):
         runner = make_runner(fn, graph, weights, vocab_size, target_runner.max_model_len,
                              draft_cfg, device)

@@ -128,3 +128,14 @@ def test_dump_shows_the_draft_models_graph(tiny_artifact, capsys):
     assert main(["dump", "--graph", "draft", "--speculative", spec, "--after", "input"]) == 0
     out, _ = capsys.readouterr()
     assert out == next((tiny_artifact / "ir").glob("*_input.kir")).read_text() != ""
+
+
+def test_the_draft_runner_holds_the_targets_tokens_in_buckets_drafting_needs(tiny_artifact):
+    from kiln.runtime.spec_decode import MAX_VERIFY_ROWS, SpeculativeConfig
+    served = build_served(str(tiny_artifact), ServingConfig(
+        num_blocks=40, speculative=SpeculativeConfig.parse(f"draft:{tiny_artifact}:2")))
+    target, draft = served.engine.runner, served.engine.spec.proposer.runner
+    assert draft is not target and draft.caches.keys() == target.caches.keys()
+    assert all(d is not t for d, t in zip(draft.caches.values(), target.caches.values()))
+    assert draft.num_blocks * draft.block_size >= target.num_blocks * target.block_size
+    assert max(draft.seq_buckets) == MAX_VERIFY_ROWS // 2 < max(target.seq_buckets)
