@@ -169,17 +169,23 @@ class LLMEngine:
             raise ValueError(f"async_scheduling needs a runner that applies batch.pending "
                              f"(accepts_pending_inputs = True); {type(runner).__name__} does not: "
                              f"set async_scheduling=False")
-        if config.async_scheduling and config.speculative is not None:
-            raise ValueError(f"speculative decoding ({config.speculative}) drafts from the tokens "
-                             f"of the step before, which async scheduling has not read yet: set "
-                             f"async_scheduling=False (--no-async-scheduling) or drop --speculative")
         on_gpu = self.device_timer.on
-        self.async_scheduling = (accepts and on_gpu and config.speculative is None
-                                 if config.async_scheduling is None else config.async_scheduling)
+        self.async_scheduling = (accepts and on_gpu if config.async_scheduling is None
+                                 else config.async_scheduling)
         self.spec = None
         if config.speculative is not None:   # (draft_runner: the graph that drafts, if any)
             self.spec = SpecDecoder(config.speculative, None if draft_runner is None
                                     else self._proposer(config.speculative, draft_runner))
+            # Steps in which nothing drafts run asynchronously (step()) when the drafter can
+            # take up a sequence after tokens it did not see being made.
+            if self.async_scheduling and not getattr(self.spec.proposer, "async_between_drafts", False):
+                if config.async_scheduling:
+                    raise ValueError(f"speculative decoding ({config.speculative}) drafts from "
+                                     f"every step's outputs, which async scheduling has not read "
+                                     f"yet: set async_scheduling=False (--no-async-scheduling) or "
+                                     f"drop --speculative")
+                self.async_scheduling = False
+            self.spec.pause_without_drafts = self.async_scheduling
         self._inflight: _InFlight | None = None
         self._timers = (self.device_timer, DeviceTimer(device))   # alternate: two steps at once
         self._token_copies = None   # likewise: per timer, pinned host memory and an event (CUDA)
@@ -237,6 +243,10 @@ class LLMEngine:
         if not self.async_scheduling:
             return self._step_sync()
         try:
+            if self.spec is not None and self.spec.may_draft(self.scheduler.running):
+                # Drafts come from the last tokens: finish the step in flight, then draft and
+                # verify in a synchronous step.
+                return self._finish_inflight() + self._step_sync()
             return self._step_async()
         except BaseException:
             self._inflight = None   # its sequences are aborted by the caller
@@ -316,9 +326,21 @@ class LLMEngine:
         t_scheduled = clock()
         prev = self._inflight
         self._inflight = self._launch(step, prev) if step is not None else None
-        t_forward = clock()
+        return self._read(prev, [t_start, t_scheduled, clock()])
+
+    def _finish_inflight(self) -> list[RequestOutput]:
+        """The outputs of the step in flight (waiting for it); none is in flight after."""
+        prev, self._inflight = self._inflight, None
+        now = time.perf_counter()
+        return self._read(prev, [now, now, now])
+
+    def _read(self, prev: "_InFlight | None", times: list[float]) -> list[RequestOutput]:
+        """Read the tokens of the launched step `prev` (None: nothing) and emit them; `times`:
+        the clock at this step's start, after scheduling and after launching."""
         if prev is None:
             return []
+        clock = time.perf_counter
+        t_start, t_scheduled, t_forward = times
         tokens = prev.read_tokens()   # waits for step N only
         t_sampled = clock()
         outputs = []

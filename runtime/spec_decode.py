@@ -28,12 +28,20 @@ Turning it off (`SpecState`): drafting costs a wider step whether or not the dra
 A sequence whose last `AUTO_OFF_WINDOW` verify steps accepted fewer than
 `AUTO_OFF_MIN_ACCEPTED` draft tokens a step on average stops drafting for the next
 `AUTO_OFF_COOLDOWN` tokens, then tries again. The n-gram drafter proposes nothing when the
-recent tokens have no earlier match, and such steps run as plain decodes.
+recent tokens have no earlier match; such a step runs as a plain decode, but with async
+scheduling it still costs a drafting step's price (below), so there a window of them turns
+the sequence off too, for `NO_DRAFT_COOLDOWN` tokens.
 
 A step whose drafting sequences would verify more than `MAX_VERIFY_ROWS` rows in all
 (sequences x (1 + k)) drafts nothing: a large batch already reads the weights once for many
 tokens, so verify rows add compute without saving weight reads. On the H200 (SmolLM2,
 bf16), 64 streams ran at 0.37x of plain decoding with every sequence drafting.
+
+What a drafting step costs beyond its rows: the drafter needs the tokens of the step before,
+so it cannot be planned while that step runs. An engine with async scheduling (on a GPU)
+runs every step in which nothing may draft (`may_draft`: all sequences off, or too many
+rows) asynchronously, as without speculation, and finishes the step in flight before one
+that drafts.
 """
 from __future__ import annotations
 
@@ -49,6 +57,7 @@ MAX_K = 16                    # draft tokens per step, at most
 AUTO_OFF_WINDOW = 8           # verify steps a sequence's acceptance is judged over
 AUTO_OFF_MIN_ACCEPTED = 0.5   # accepted draft tokens per verify step, at least, to keep drafting
 AUTO_OFF_COOLDOWN = 32        # generated tokens a sequence decodes plainly before drafting again
+NO_DRAFT_COOLDOWN = 8         # the same after a window of steps in which the drafter had nothing
 MAX_VERIFY_ROWS = 32          # rows a step's drafting sequences may verify; past it none drafts
 
 # The methods `--speculative` knows, with their spelling (for messages).
@@ -143,6 +152,7 @@ class NgramProposer:
     """Prompt lookup: the k tokens that followed the most recent earlier occurrence of the
     sequence's last n tokens (prompt and output so far), trying n = ngram_max down to
     ngram_min; none when no suffix recurs."""
+    async_between_drafts = True   # it reads the tokens as they are: nothing to catch up on
 
     def __init__(self, max_n: int = 4, min_n: int = 2):
         assert 1 <= min_n <= max_n
@@ -170,6 +180,7 @@ class LayerSkipProposer:
     decode batch of all drafting sequences per token. Its KV writes land at the positions
     the verify step then rewrites; the blocks for them are allocated here (a sequence the
     pool has no room for drafts nothing)."""
+    async_between_drafts = True   # its KV is the model's own, written by every step
 
     def __init__(self, runner, blocks):
         self.runner, self.blocks = runner, blocks
@@ -216,13 +227,17 @@ class SpecState:
     recent: list[int] = field(default_factory=list)   # accepted drafts of its last verify steps
     off_until: int = 0                                # drafting resumes at this many tokens
 
-    def record(self, accepted: int, num_tokens: int) -> None:
+    def record(self, accepted: int | None, num_tokens: int) -> None:
+        """`accepted`: the drafts that stood in a verify step; None: the drafter had none."""
         self.recent.append(accepted)
         if len(self.recent) < AUTO_OFF_WINDOW:
             return
         del self.recent[:-AUTO_OFF_WINDOW]
-        if sum(self.recent) < AUTO_OFF_MIN_ACCEPTED * AUTO_OFF_WINDOW:
-            self.off_until = num_tokens + AUTO_OFF_COOLDOWN
+        if sum(a or 0 for a in self.recent) < AUTO_OFF_MIN_ACCEPTED * AUTO_OFF_WINDOW:
+            # Drafts that were rejected: off for long. Only no drafts at all: text may start
+            # to recur any moment, so ask again soon.
+            drafted = any(a is not None for a in self.recent)
+            self.off_until = num_tokens + (AUTO_OFF_COOLDOWN if drafted else NO_DRAFT_COOLDOWN)
             self.recent.clear()
 
 
@@ -251,14 +266,13 @@ class SpecDecoder:
                                    f"(kiln generate / kiln serve MODEL), which compiles it")
         self.proposer = proposer or NgramProposer(config.ngram_max, config.ngram_min)
         self.stats = SpecStats()
+        self.pause_without_drafts = False
 
-    def propose(self, seqs: list[Sequence]) -> None:
-        """Set `seq.draft` of each sequence about to decode one token (the scheduler runs it
-        and may shorten it); the others get none."""
+    def _candidates(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        """The sequences that may draft this step, and the draft tokens each has room for."""
         k = self.config.k
         drafting, rooms = [], []
         for seq in seqs:
-            seq.draft = []
             if seq.final or seq.num_pending != 1:
                 continue
             state = seq.spec
@@ -271,12 +285,35 @@ class SpecDecoder:
             if room > 0:
                 drafting.append(seq)
                 rooms.append(room)
+        return drafting, rooms
+
+    def may_draft(self, seqs: list[Sequence]) -> bool:
+        """Whether `propose` would ask the drafter for any of `seqs` now: some sequence is on
+        and the rows all of them would verify fit MAX_VERIFY_ROWS. An engine with async
+        scheduling runs the other steps asynchronously (drafting needs the last tokens) and
+        sets `pause_without_drafts`."""
+        _, rooms = self._candidates(seqs)
+        return bool(rooms) and sum(1 + r for r in rooms) <= MAX_VERIFY_ROWS
+
+    def propose(self, seqs: list[Sequence]) -> None:
+        """Set `seq.draft` of each sequence about to decode one token (the scheduler runs it
+        and may shorten it); the others get none. With `pause_without_drafts` (an engine that
+        runs ahead when nothing drafts), a step in which the drafter has nothing for a sequence
+        (no n-gram recurs) counts towards its auto-off: asking cost the step its overlap."""
+        for seq in seqs:
+            seq.draft = []
+        drafting, rooms = self._candidates(seqs)
         if sum(1 + r for r in rooms) > MAX_VERIFY_ROWS:
             self.stats.large_batch_steps += 1
             return
         if drafting:
             for seq, draft in zip(drafting, self.proposer.propose_batch(drafting, rooms)):
                 seq.draft = draft
+                if not draft and self.pause_without_drafts:
+                    state = seq.spec
+                    before = state.off_until
+                    state.record(None, seq.num_tokens)
+                    self.stats.auto_off += state.off_until != before
 
     def accept(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]
                ) -> list[list[int]]:

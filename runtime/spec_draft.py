@@ -57,6 +57,7 @@ class DraftCache:
 
 class DraftModelProposer:
     """Drafts with `runner`, a compiled draft model whose KV lives in a pool of its own."""
+    async_between_drafts = True   # it catches up on the tokens it has not seen (_settle)
 
     def __init__(self, runner, target_vocab_size: int):
         self.runner = runner

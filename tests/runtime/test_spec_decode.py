@@ -14,7 +14,7 @@ from kiln.runtime.engine import EngineConfig, LLMEngine
 from kiln.runtime.model_runner import PagedModelRunner
 from kiln.runtime.sequence import SamplingParams, Sequence
 from kiln.runtime.spec_decode import (AUTO_OFF_COOLDOWN, AUTO_OFF_WINDOW, MAX_K, MAX_VERIFY_ROWS,
-                                      NgramProposer,
+                                      NO_DRAFT_COOLDOWN, NgramProposer,
                                       SpecDecoder, SpeculativeConfig, SpeculativeError, SpecState)
 from kiln.serving import compile_serving, model_weights
 from toy import ToyRunner, reference, toy_tokenizer, word_tokens
@@ -226,10 +226,54 @@ def test_a_large_batch_drafts_nothing(tok):
     assert s.large_batch_steps > 0 and s.verify_steps == 0, s
 
 
-def test_speculation_and_async_scheduling_are_exclusive(tok):
+def test_steps_that_draft_nothing_run_asynchronously(tok, monkeypatch):
+    """With async scheduling, a step in which nothing may draft (sequences auto-off after
+    drafts that found nothing, or more rows than MAX_VERIFY_ROWS) is launched ahead like a
+    plain one; the step in flight is finished before a drafting step. Output: the closed form,
+    whatever the mix."""
+    eng = toy_engine(tok, "ngram:4", num_blocks=256, async_scheduling=True, max_num_seqs=16)
+    assert eng.async_scheduling and eng.spec.pause_without_drafts
+
+    class SomeRight(Oracle):   # right drafts for the prompts that start 5 6 7, none for the rest
+        def propose(self, tokens, k):
+            return super().propose(tokens, k) if tokens[:3] == [5, 6, 7] else []
+    eng.spec.proposer = SomeRight(eng.runner.allowed, wrong=0.2)
+    launches = []
+    launch = eng._launch
+    monkeypatch.setattr(eng, "_launch", lambda *a: launches.append(1) or launch(*a))
+    rng = random.Random(3)
+    # 5 sequences x (1 + 4) rows: within MAX_VERIFY_ROWS, so they draft until auto-off
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6]] * 3 + [[rng.randrange(3, len(tok)) for _ in range(9)]
+                                                 for _ in range(2)]
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    outs = eng.generate(prompts, params)
+    assert all(o.token_ids == reference(p, 60, eng.runner.allowed) for o, p in zip(outs, prompts))
+    s = eng.spec.stats
+    assert s.verify_steps > 0 and s.accepted_tokens > 0, s
+    assert launches, "no step ran asynchronously"
+    assert eng.blocks.num_used_blocks() == 0 and not eng.has_unfinished()
+
+
+def test_drafts_that_find_nothing_turn_a_sequence_off(tok):
+    """No n-gram recurs in a sequence of distinct tokens: after AUTO_OFF_WINDOW steps with no
+    draft the sequence decodes plainly for NO_DRAFT_COOLDOWN tokens (and can run ahead)."""
+    eng = toy_engine(tok, "ngram:4", num_blocks=128)
+    eng.spec.pause_without_drafts = True   # (as an engine with async scheduling sets it)
+    seq = Sequence(list(range(3, 12)), SamplingParams(max_tokens=200, temperature=0))
+    seq.num_computed = seq.num_tokens - 1   # decoding: its last token pending
+    eng.spec.proposer = type("Nothing", (NgramProposer,), {"propose": lambda self, tokens, k: []})()
+    for _ in range(AUTO_OFF_WINDOW):
+        assert eng.spec.may_draft([seq])
+        eng.spec.propose([seq])
+    assert not eng.spec.may_draft([seq]) and eng.spec.stats.auto_off == 1
+    assert seq.spec.off_until == seq.num_tokens + NO_DRAFT_COOLDOWN
+
+
+def test_a_drafter_that_cannot_skip_steps_keeps_the_engine_synchronous(tok, monkeypatch):
+    monkeypatch.delattr(NgramProposer, "async_between_drafts")
     with pytest.raises(ValueError, match="--no-async-scheduling"):
         toy_engine(tok, "ngram:4", async_scheduling=True)
-    assert not toy_engine(tok, "ngram:4").async_scheduling
+    assert not toy_engine(tok, "ngram:4").async_scheduling   # (auto: sync, the toy is a CPU runner)
 
 
 # -- layerskip: the model minus some decoder layers drafts --------------------------------------
