@@ -134,9 +134,9 @@ def main() -> int:
     ap.add_argument("--streams", default="1", help="comma-separated concurrent requests")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch CPU threads")
-    ap.add_argument("--batch-invariant", action="store_true",
-                    help="the runner computes each decode row as in a batch of one (as kiln "
-                         "serve --batch-invariant): greedy output identical with speculation")
+    ap.add_argument("--batch-invariant", choices=("verify", "all", "off"), default="verify",
+                    help="as kiln serve --batch-invariant (verify: speculation's verify rows "
+                         "computed as one-row batches)")
     ap.add_argument("--no-auto-off", action="store_true",
                     help="draft every step whatever the acceptance (spec_decode's auto-off off)")
     ap.add_argument("--project", default="", metavar="A,...",
@@ -192,7 +192,7 @@ def main() -> int:
             for method in methods:
                 engine = LLMEngine(runner, tok, EngineConfig(
                     max_num_seqs=cfg.max_num_seqs, enable_prefix_caching=False,
-                    speculative=configs[method]),
+                    speculative=configs[method], invariant_verify=args.batch_invariant != "off"),
                     draft_runner=None if configs[method] is None else draft_runners.get(
                         configs[method].draft_model or configs[method].method))
                 run_requests(engine, [prompt], SamplingParams(max_tokens=8, temperature=0))   # warm-up

@@ -69,7 +69,7 @@ def _serving_config(args):
         lazy_mixed_graphs=getattr(args, "lazy_mixed_graphs", False),
         background_graphs=getattr(args, "background_graphs", False),
         speculative=_speculative(args),
-        batch_invariant=getattr(args, "batch_invariant", False))
+        batch_invariant=getattr(args, "batch_invariant", "verify"))
 
 
 def _speculative(args):
@@ -729,20 +729,23 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
         q.add_argument("--speculative", metavar="METHOD:K",
                        help="speculative decoding: draft K tokens a step and verify them in one "
-                            "model step (greedy output unchanged: on a GPU in bf16/fp16 add "
-                            "--batch-invariant for that; sampling keeps its distribution); ngram:K drafts by prompt lookup (no extra weights), "
+                            "model step (greedy output unchanged, see --batch-invariant; sampling "
+                            "keeps its distribution); ngram:K drafts by prompt lookup (no extra "
+                            "weights), "
                             "layerskip:K[:layers=A-B] with the model minus decoder layers A-B "
                             "(default: the middle half; a model, not an artifact), "
                             "draft:PATH:K with a smaller model of the same tokenizer (PATH: a "
                             "model as for MODEL, or an artifact), mtp:K with the model's own "
                             "multi-token-prediction module (DeepSeek-V3 / GLM-4.5 style "
                             "checkpoints; a model, not an artifact)")
-        q.add_argument("--batch-invariant", action="store_true",
-                       help="cuda/hip: compute every decode row (up to 64 a step) exactly as in a "
-                            "batch of one, so a sequence's tokens do not depend on what it is "
-                            "batched with; in bf16 speculative decoding then gives token for "
-                            "token the output of plain decoding. Costs weight re-reads from L2 "
-                            "at larger batches")
+        q.add_argument("--batch-invariant", choices=("verify", "all", "off"), default="verify",
+                       help="cuda/hip: compute decode rows (up to 64 a step) exactly as in a "
+                            "batch of one: in speculation's verify steps (verify, the default: "
+                            "greedy output token for token that of plain decoding, in bf16 too), "
+                            "in every step (all: a sequence's tokens do not depend on what it is "
+                            "batched with; slower at large batches, which re-read weights from "
+                            "L2 per row), or never (off: verify rows round like any batch of "
+                            "their size)")
         q.add_argument("--tensor-parallel-size", type=positive_int, default=1,
                        help="shard the model over N ranks, one process per GPU (NCCL; gloo on "
                             "the CPU); under torchrun, the ranks the launcher started")

@@ -200,7 +200,10 @@ class ServingConfig:
     lazy_mixed_graphs: bool = False       # capture buckets with prefill chunks on first use
     background_graphs: bool = False       # capture while the engine is idle, not at start-up
     speculative: object = None            # runtime.spec_decode.SpeculativeConfig, or None: off
-    batch_invariant: bool = False         # decode rows computed as in a batch of one (GPU kernels)
+    # Decode rows computed as in a batch of one (GPU kernels): "verify" (speculation's verify
+    # steps: greedy output identical to plain decoding), "all" (every step: a sequence's tokens
+    # independent of its batch, slower at large batches) or "off".
+    batch_invariant: str = "verify"
 
 
 def default_max_model_len(config, cap: int = 4096) -> int:
@@ -223,7 +226,7 @@ def make_runner(compiled_fn, graph: Graph, weights: dict, vocab_size: int, max_m
                             cudagraphs=cfg.cudagraphs and graphs["graph_api"] is not None,
                             seq_buckets=decode_buckets(cfg.max_num_seqs),
                             max_num_batched_tokens=cfg.max_num_batched_tokens,
-                            batch_invariant=cfg.batch_invariant, **graphs)
+                            batch_invariant=cfg.batch_invariant == "all", **graphs)
 
 
 def make_engine(runner, tokenizer, cfg: ServingConfig, draft_runner=None):
@@ -231,7 +234,8 @@ def make_engine(runner, tokenizer, cfg: ServingConfig, draft_runner=None):
     return LLMEngine(runner, tokenizer, draft_runner=draft_runner, config=EngineConfig(
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
         max_waiting=cfg.max_waiting, enable_prefix_caching=cfg.enable_prefix_caching,
-        async_scheduling=cfg.async_scheduling, speculative=cfg.speculative))
+        async_scheduling=cfg.async_scheduling, speculative=cfg.speculative,
+        invariant_verify=cfg.batch_invariant != "off"))
 
 
 # -- engines from a model or an artifact ------------------------------------------------------------

@@ -72,6 +72,7 @@ class FlatBatch:
     max_query_len: int          # host copies of the maxima, so kernels need no sync
     max_context_len: int
     pending: PendingInputs | None = None   # placeholders in input_ids (async scheduling)
+    invariant: bool = False     # rows computed as in one-row batches (a verify step's drafts)
 
     @property
     def num_seqs(self) -> int:

@@ -66,9 +66,12 @@ class EngineConfig:
     # (scheduling, batch assembly, outputs, detokenization) overlaps the device's. None:
     # on for a CUDA runner that accepts pending inputs (batch.PendingInputs).
     async_scheduling: bool | None = None
-    # Draft tokens and verify them in one step (runtime.spec_decode); None: off. Each step
-    # then needs the previous one's tokens to draft from: no async scheduling.
+    # Draft tokens and verify them in one step (runtime.spec_decode); None: off. A step
+    # that drafts needs the previous one's tokens: only the others run ahead.
     speculative: SpeculativeConfig | None = None
+    # A verify step's rows computed as one-row batches (backends/batch_invariance.py), so on a
+    # GPU in bf16 greedy tokens are exactly plain decoding's; costs weight re-reads from L2.
+    invariant_verify: bool = True
 
 
 @dataclass
@@ -262,6 +265,8 @@ class LLMEngine:
         if step is None:
             return []
         t_scheduled = clock()
+        if step.drafts is not None and self.config.invariant_verify:
+            step.batch.invariant = True
         self.device_timer.start()
         logits = self.runner.execute(step.batch)
         t_forward = clock()

@@ -37,7 +37,7 @@ import operator
 import numpy as np
 import torch
 
-from kiln.backends.batch_invariance import invariant_calls
+from kiln.backends.batch_invariance import batch_invariant, invariant_calls
 from kiln.backends.cudagraphs import CUDA_GRAPHS, GraphAPI, capture_parts
 from kiln.ir import Graph, TensorType, timings
 from kiln.ir.fallback import report
@@ -323,13 +323,18 @@ class PagedModelRunner:
     def execute(self, batch: FlatBatch) -> torch.Tensor:
         self.steps += 1
         bucket = self.bucket_of(batch) if self.pad_batches else None
-        if bucket is not None:
-            return self._run_bucket(batch, bucket)[:batch.num_seqs]
-        b = batch.to(self.device, non_blocking=True)
-        if b.pending is not None:
-            b.pending.apply(b.input_ids)
-        (logits,) = self.fn(*self._args(lambda name: getattr(b, name)))
-        return logits
+        # A batch marked invariant (speculation's verify rows) runs its kernels batch-
+        # invariantly, in graphs of its own, when the runner is not invariant throughout.
+        invariant = batch.invariant and not self.batch_invariant
+        with batch_invariant(invariant):
+            if bucket is not None:
+                return self._run_bucket(batch, bucket, (*bucket, "invariant") if invariant
+                                        else bucket)[:batch.num_seqs]
+            b = batch.to(self.device, non_blocking=True)
+            if b.pending is not None:
+                b.pending.apply(b.input_ids)
+            (logits,) = self.fn(*self._args(lambda name: getattr(b, name)))
+            return logits
 
     def _args(self, field) -> list:
         return [field(x) if isinstance(x, str) else x for x in self._binding]
@@ -358,7 +363,8 @@ class PagedModelRunner:
             self._buffers[bucket] = buf
         return buf
 
-    def _run_bucket(self, batch: FlatBatch, bucket: tuple[int, int]) -> torch.Tensor:
+    def _run_bucket(self, batch: FlatBatch, bucket: tuple[int, int], key: tuple) -> torch.Tensor:
+        """Run the batch in `bucket`'s buffers, replaying (or capturing) the graph `key`."""
         buf = self.buffers(bucket)
         buf.fill(batch)
         if batch.pending is not None:
@@ -366,12 +372,12 @@ class PagedModelRunner:
         if not self.cudagraphs:
             (logits,) = self.fn(*self._args(buf.field))
             return logits
-        entry = self._graphs.get(bucket)
+        entry = self._graphs.get(key)
         if entry is not None and self._prepare is not None and not all(
                 map(operator.is_, self._prepare(self._binding), entry[2])):
             entry = None   # the weights were prepared anew: the graph reads the old tensors
-        if entry is None and bucket not in self._uncapturable:
-            entry = self._capture(bucket, buf)
+        if entry is None and key not in self._uncapturable:
+            entry = self._capture(bucket, buf, key)
         if entry is None:   # (this bucket failed to capture, now or before: eager)
             (logits,) = self.fn(*self._args(buf.field))
             return logits
@@ -436,7 +442,7 @@ class PagedModelRunner:
                 break
         return bool(self._background)
 
-    def _capture(self, bucket: tuple[int, int], buf: StepBuffers):
+    def _capture(self, bucket: tuple[int, int], buf: StepBuffers, key: tuple | None = None):
         """Warm up on a side stream (compiles kernels), then capture one step. The warm-up
         and capture runs write K/V only for the batch in the buffers (its own slots, with
         the same values the real step writes) and the scratch block."""
@@ -457,7 +463,7 @@ class PagedModelRunner:
             with api.capturing(graph, self._pool, host_arguments=True):
                 (out,) = self._core(*args, *prepared)
         except Exception as e:  # noqa: BLE001 - a graph that cannot be captured runs eagerly
-            self._uncapturable.add(bucket)
+            self._uncapturable.add(key or bucket)
             api.synchronize()
             report("cudagraph", f"bucket {bucket}", f"kiln: {api.graph_class} capture failed for "
                    f"the bucket of {bucket[0]} tokens in {bucket[1]} sequences "
@@ -465,8 +471,8 @@ class PagedModelRunner:
             return None
         finally:
             stop()
-        self._graphs[bucket] = (graph, out, prepared)
-        return self._graphs[bucket]
+        self._graphs[key or bucket] = (graph, out, prepared)
+        return self._graphs[key or bucket]
 
     def reset_cache(self) -> None:
         for c in self.caches.values():

@@ -315,3 +315,29 @@ def test_layerskip_spelling_and_a_model_it_cannot_skip():
     g = capture_serving(models.tiny_llama())
     with pytest.raises(LayerSkipError, match="decoder layers 0-1"):
         layer_skip_draft(g, [2])
+
+
+@pytest.mark.parametrize("invariant_verify", [True, False])
+def test_verify_steps_run_batch_invariant_kernels(invariant_verify):
+    """EngineConfig.invariant_verify (kiln serve --batch-invariant verify, the default): the
+    runner calls the compiled step under batch_invariant() exactly for the steps that verify
+    drafts (on a GPU the kernels then round each row as a one-row step)."""
+    from kiln.backends.batch_invariance import enabled
+    model = models.TINY_MODELS["llama_gqa"]()
+    compiled = compile_serving(model, block_size=4)
+    runner = PagedModelRunner(compiled.fn, compiled.graph, model_weights(model, compiled.graph),
+                              num_blocks=64, max_model_len=128, vocab_size=model.config.vocab_size)
+    calls, fn = [], runner.fn
+    runner.fn = lambda *a: calls.append(enabled()) or fn(*a)
+    eng = LLMEngine(runner, toy_tokenizer(), EngineConfig(
+        max_num_seqs=4, speculative=SpeculativeConfig.parse("ngram:3"),
+        invariant_verify=invariant_verify))
+
+    class Always(NgramProposer):   # a draft every step: every decode step verifies
+        def propose(self, tokens, k):
+            return tokens[-k:]
+    eng.spec.proposer = Always()
+    eng.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    # the prefill and the last step (no room left to draft) plain, every other one verified
+    assert calls == [False] + [invariant_verify] * (len(calls) - 2) + [False], calls
+    assert eng.spec.stats.verify_steps == len(calls) - 2 > 0 and not enabled()

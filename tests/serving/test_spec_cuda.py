@@ -58,11 +58,12 @@ REWRITE = ("Rewrite the following paragraph, keeping every sentence but fixing t
            "the KV cache is full.")
 
 
-def test_bf16_smollm2_speculation_is_plain_decoding_under_batch_invariance():
-    """Real SmolLM2 in bf16, two prompts decoding together: with batch_invariant every verify
-    row is rounded as a one-row step, so ngram:4's greedy tokens are those of plain decoding
-    token for token (without it, the 1 + k rows took cuBLAS and fewer key slices, and at
-    0443c16 the outputs differed)."""
+@pytest.mark.parametrize("mode", ["verify", "all"])
+def test_bf16_smollm2_speculation_is_plain_decoding_under_batch_invariance(mode):
+    """Real SmolLM2 in bf16, two prompts decoding together: with verify rows computed as
+    one-row steps (the default, invariant_verify; or every step, batch_invariant=True),
+    ngram:4's greedy tokens are those of plain decoding token for token (without it, the
+    1 + k rows took cuBLAS and fewer key slices, and at 0443c16 the outputs differed)."""
     import os
     from kiln.frontends.hf import load
     from kiln.generate import chat_input_ids
@@ -76,7 +77,7 @@ def test_bf16_smollm2_speculation_is_plain_decoding_under_batch_invariance():
     runner = PagedModelRunner(cg.fn, cg.graph, model_weights(model, cg.graph), num_blocks=256,
                               max_model_len=1024, vocab_size=model.config.vocab_size, device="cuda",
                               cudagraphs=True, seq_buckets=(1, 2, 4, 8, 16, 32),
-                              batch_invariant=True)
+                              batch_invariant=mode == "all")
     prompts = [chat_input_ids(tok, REWRITE)[0].tolist(),
                chat_input_ids(tok, "Write a short story about a robot who learns to paint.")[0].tolist()]
     params = SamplingParams(max_tokens=96, temperature=0, ignore_eos=True)
