@@ -60,10 +60,13 @@ REWRITE = ("Rewrite the following paragraph, keeping every sentence but fixing t
 
 @pytest.mark.parametrize("mode", ["verify", "all"])
 def test_bf16_smollm2_speculation_is_plain_decoding_under_batch_invariance(mode):
-    """Real SmolLM2 in bf16, two prompts decoding together: with verify rows computed as
-    one-row steps (the default, invariant_verify; or every step, batch_invariant=True),
-    ngram:4's greedy tokens are those of plain decoding token for token (without it, the
-    1 + k rows took cuBLAS and fewer key slices, and at 0443c16 the outputs differed)."""
+    """Real SmolLM2 in bf16: ngram:4's greedy tokens are those of plain decoding token for
+    token (without batch invariance the 1 + k verify rows took cuBLAS and fewer key slices,
+    and at 0443c16 the outputs differed). "verify" (the default, invariant_verify): verify
+    rows computed as one-row steps, which is what plain decoding of one sequence is: each
+    prompt alone. "all" (batch_invariant=True): every row, so two prompts decoding together
+    too (plain decoding of two rows took cuBLAS at M = 2 in "verify": a gate run at 87a4821
+    saw prompt 0 differ there, as it should)."""
     import os
     from kiln.frontends.hf import load
     from kiln.generate import chat_input_ids
@@ -81,9 +84,11 @@ def test_bf16_smollm2_speculation_is_plain_decoding_under_batch_invariance(mode)
     prompts = [chat_input_ids(tok, REWRITE)[0].tolist(),
                chat_input_ids(tok, "Write a short story about a robot who learns to paint.")[0].tolist()]
     params = SamplingParams(max_tokens=96, temperature=0, ignore_eos=True)
-    plain = LLMEngine(runner, Tok(), EngineConfig(max_num_seqs=32)).generate(prompts, params)
+    batches = [prompts] if mode == "all" else [[p] for p in prompts]
+    plain_engine = LLMEngine(runner, Tok(), EngineConfig(max_num_seqs=32))
     eng = LLMEngine(runner, Tok(), EngineConfig(max_num_seqs=32, speculative=SpeculativeConfig.parse("ngram:4")))
-    spec = eng.generate(prompts, params)
+    plain = [o for b in batches for o in plain_engine.generate(b, params)]
+    spec = [o for b in batches for o in eng.generate(b, params)]
     for i, (s, p) in enumerate(zip(spec, plain)):
         assert s.token_ids == p.token_ids, f"prompt {i}: speculation changed the greedy tokens"
     assert eng.spec.stats.accepted_tokens > 0 and runner.replays > 0
