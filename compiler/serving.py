@@ -263,8 +263,15 @@ def _capture_graphs(runner, step, cfg: ServingConfig) -> None:
         runner.capture_later([(n, n) for n in runner.seq_buckets] + mixed)
         return
     graphs = f"{runner.graph_api.device_type.upper()} graphs"   # CUDA, XPU, NPU
-    with step(f"capture {graphs} (decode buckets {', '.join(map(str, runner.seq_buckets))})"):
-        runner.capture_decode_buckets()
+    # Speculation's verify steps run in batch-invariant graphs of their own (at most
+    # MAX_VERIFY_ROWS rows): captured now too, or a first verify step would stall for them.
+    verify_rows = 0
+    if cfg.speculative is not None and cfg.batch_invariant == "verify":
+        from kiln.runtime.spec_decode import MAX_VERIFY_ROWS
+        verify_rows = MAX_VERIFY_ROWS
+    with step(f"capture {graphs} (decode buckets {', '.join(map(str, runner.seq_buckets))}"
+              f"{'; verify buckets' if verify_rows else ''})"):
+        runner.capture_decode_buckets(invariant_up_to=verify_rows)
     if mixed:
         with step(f"capture {graphs} ({len(mixed)} buckets with prefill chunks, up to "
                   f"{mixed[-1][0] if mixed else 0} tokens)"):

@@ -413,16 +413,24 @@ class PagedModelRunner:
                 done += self._capture(key, self.buffers(key)) is not None
         return done
 
-    def capture_decode_buckets(self) -> int:
+    def capture_decode_buckets(self, invariant_up_to: int = 0) -> int:
         """Capture every decode bucket now (start-up), over buffers that hold only scratch
-        sequences: they write and read only the scratch block. Returns how many were captured."""
+        sequences: they write and read only the scratch block. `invariant_up_to`: also the
+        batch-invariant graphs of the decode buckets of at most that many rows (speculation's
+        verify steps; unless the runner is invariant throughout). Returns how many were
+        captured."""
         if not self.cudagraphs:
             return 0
         done = 0
         for n in self.seq_buckets:
-            key = (n, n)
-            if key not in self._graphs and key not in self._uncapturable:
-                done += self._capture(key, self.buffers(key)) is not None
+            bucket = (n, n)
+            if bucket not in self._graphs and bucket not in self._uncapturable:
+                done += self._capture(bucket, self.buffers(bucket)) is not None
+            key = (*bucket, "invariant")
+            if (n <= invariant_up_to and not self.batch_invariant and key not in self._graphs
+                    and key not in self._uncapturable):
+                with batch_invariant():
+                    done += self._capture(bucket, self.buffers(bucket), key) is not None
         return done
 
     def capture_later(self, buckets) -> None:

@@ -180,3 +180,32 @@ def test_acl_graphs_in_a_process_of_their_own(tmp_path):
     assert proc.returncode == 0, out
     passed = re.search(r"(\d+) passed", proc.stdout)
     assert passed and int(passed.group(1)) == 3 and "skipped" not in proc.stdout, out
+
+
+def test_verify_steps_replay_batch_invariant_graphs_of_their_own(xpu_compiled, fake_xpu):
+    """Speculation's verify steps (batch.invariant) run in graphs captured under
+    batch_invariant(), beside the plain ones of the same bucket: captured at start-up for the
+    buckets of at most `invariant_up_to` rows, replayed for a marked batch and never for an
+    unmarked one; the logits agree with the plain graph's (on the CPU the mode changes no
+    kernel)."""
+    from kiln.backends.batch_invariance import enabled
+    model, cg = xpu_compiled
+    runner = xpu_runner(model, cg, True)
+    modes, core = [], runner._core
+    runner._core = lambda *a: modes.append(enabled()) or core(*a)
+    assert runner.capture_decode_buckets(invariant_up_to=2) == 4 + 2
+    assert set(runner._graphs) == {(1, 1), (2, 2), (4, 4), (8, 8), (1, 1, "invariant"),
+                                   (2, 2, "invariant")}
+    assert modes.count(True) == 2 * 2   # (a warm-up and a capture each)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (6,)).tolist()
+    with torch.no_grad():
+        runner.execute(build_batch([(prompt, 0, 6, [0, 1, 2])], BLOCK))
+        rows = [(prompt + [7], 6, 1, [0, 1, 2]), (prompt + [7, 9], 7, 1, [0, 1, 2])]
+        plain = runner.execute(build_batch(rows, BLOCK))
+        verify = build_batch(rows, BLOCK)
+        verify.invariant = True
+        invariant = runner.execute(verify)
+    plain_graph, invariant_graph = runner._graphs[(2, 2)][0], runner._graphs[(2, 2, "invariant")][0]
+    assert plain_graph.replays == 1 and invariant_graph.replays == 1
+    assert rel_err(invariant, plain) < 1e-6 and not enabled()
