@@ -15,7 +15,7 @@ import models
 from kiln.runtime.engine import EngineConfig, LLMEngine
 from kiln.runtime.model_runner import PagedModelRunner
 from kiln.runtime.sequence import SamplingParams
-from kiln.runtime.spec_decode import SpeculativeConfig
+from kiln.runtime.spec_decode import MAX_VERIFY_ROWS, SpeculativeConfig
 from kiln.serving import ServingConfig, compile_serving, layer_skip_runner, model_weights
 
 pytestmark = [pytest.mark.gpu,
@@ -45,10 +45,15 @@ def test_greedy_with_speculation_matches_plain_decoding_under_cuda_graphs(spec):
     loop = [rng.randrange(3, 300) for _ in range(6)]
     prompts = [loop * 4, [rng.randrange(3, 300) for _ in range(19)], loop * 2 + [9]]
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    # the verify steps' batch-invariant graphs, at start-up as kiln serve captures them
+    runner.capture_decode_buckets(invariant_up_to=MAX_VERIFY_ROWS)
+    captured = set(runner._graphs)
     plain = LLMEngine(runner, Tok(), EngineConfig(max_num_seqs=32)).generate(prompts, params)
     eng = LLMEngine(runner, Tok(), EngineConfig(max_num_seqs=32, speculative=config), draft_runner=draft)
     assert [o.token_ids for o in eng.generate(prompts, params)] == [o.token_ids for o in plain]
     assert eng.spec.stats.verify_steps > 0 and runner.replays > 0
+    assert (3, 3, "invariant") not in captured and (4, 4, "invariant") in captured
+    assert {k for k in runner._graphs if "invariant" in k} <= captured   # none captured late
 
 
 REWRITE = ("Rewrite the following paragraph, keeping every sentence but fixing the spelling:\n\n"
