@@ -31,6 +31,7 @@ graphs are given them before every replay (`GraphAPI.update_host_arguments`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 
@@ -326,7 +327,7 @@ class PagedModelRunner:
         # A batch marked invariant (speculation's verify rows) runs its kernels batch-
         # invariantly, in graphs of its own, when the runner is not invariant throughout.
         invariant = batch.invariant and not self.batch_invariant
-        with batch_invariant(invariant):
+        with batch_invariant() if invariant else contextlib.nullcontext():
             if bucket is not None:
                 return self._run_bucket(batch, bucket, (*bucket, "invariant") if invariant
                                         else bucket)[:batch.num_seqs]

@@ -268,10 +268,12 @@ class SpecDecoder:
         self.stats = SpecStats()
         self.pause_without_drafts = False
 
-    def _candidates(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:
-        """The sequences that may draft this step, and the draft tokens each has room for."""
+    def _candidates(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[int]] | None:
+        """The sequences that may draft this step and the draft tokens each has room for;
+        None as soon as they would verify more than MAX_VERIFY_ROWS rows (then none drafts:
+        a large batch stops looking there, which keeps `may_draft` cheap on every step)."""
         k = self.config.k
-        drafting, rooms = [], []
+        drafting, rooms, rows = [], [], 0
         for seq in seqs:
             if seq.final or seq.num_pending != 1:
                 continue
@@ -283,6 +285,9 @@ class SpecDecoder:
             # The step emits up to 1 + k tokens; the sequence may end after fewer.
             room = min(k, seq.max_num_tokens - seq.num_tokens - 1)
             if room > 0:
+                rows += 1 + room
+                if rows > MAX_VERIFY_ROWS:
+                    return None
                 drafting.append(seq)
                 rooms.append(room)
         return drafting, rooms
@@ -292,8 +297,8 @@ class SpecDecoder:
         and the rows all of them would verify fit MAX_VERIFY_ROWS. An engine with async
         scheduling runs the other steps asynchronously (drafting needs the last tokens) and
         sets `pause_without_drafts`."""
-        _, rooms = self._candidates(seqs)
-        return bool(rooms) and sum(1 + r for r in rooms) <= MAX_VERIFY_ROWS
+        found = self._candidates(seqs)
+        return found is not None and bool(found[0])
 
     def propose(self, seqs: list[Sequence]) -> None:
         """Set `seq.draft` of each sequence about to decode one token (the scheduler runs it
@@ -302,18 +307,16 @@ class SpecDecoder:
         (no n-gram recurs) counts towards its auto-off: asking cost the step its overlap."""
         for seq in seqs:
             seq.draft = []
-        drafting, rooms = self._candidates(seqs)
-        if sum(1 + r for r in rooms) > MAX_VERIFY_ROWS:
+        found = self._candidates(seqs)
+        if found is None:
             self.stats.large_batch_steps += 1
             return
+        drafting, rooms = found
         if drafting:
             for seq, draft in zip(drafting, self.proposer.propose_batch(drafting, rooms)):
                 seq.draft = draft
                 if not draft and self.pause_without_drafts:
-                    state = seq.spec
-                    before = state.off_until
-                    state.record(None, seq.num_tokens)
-                    self.stats.auto_off += state.off_until != before
+                    self._judge(seq, None, seq.num_tokens)
 
     def accept(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]
                ) -> list[list[int]]:
@@ -393,11 +396,14 @@ class SpecDecoder:
         s.verify_steps += 1
         s.draft_tokens += drafted
         s.accepted_tokens += accepted
+        self._judge(seq, accepted, seq.num_tokens + accepted + 1)
+
+    def _judge(self, seq: Sequence, accepted: int | None, num_tokens: int) -> None:
+        """Record a drafting step in the sequence's auto-off window (SpecState.record)."""
         state = seq.spec
         before = state.off_until
-        state.record(accepted, seq.num_tokens + accepted + 1)
-        if state.off_until != before:
-            s.auto_off += 1
+        state.record(accepted, num_tokens)
+        self.stats.auto_off += state.off_until != before
 
     def release(self, seq: Sequence) -> None:
         """The sequence is done (finished or aborted): a drafter that keeps state of its own
