@@ -125,6 +125,7 @@ class EngineProcess(EngineClient):
         return await future
 
     def _read(self) -> None:
+        stopped = False   # the child said it stopped: a shutdown, however long its exit takes
         try:
             while True:
                 msg = self._conn.recv()
@@ -136,13 +137,14 @@ class EngineProcess(EngineClient):
                         loop, future = self._metrics.popleft()
                     loop.call_soon_threadsafe(_resolve, future, msg[1], None)
                 elif msg[0] == "stopped":
+                    stopped = True
                     break
         except (EOFError, OSError):
             pass
         self._proc.join(5)
         code = self._proc.exitcode
         with self._lock:
-            self._failure = ("the engine was shut down" if code == 0 else
+            self._failure = ("the engine was shut down" if stopped or code == 0 else
                              f"the engine process exited unexpectedly (exit code {code}); restart "
                              f"the server")
             waiters, self._metrics = list(self._metrics), collections.deque()
