@@ -270,6 +270,11 @@ def cmd_serve(args) -> int:
                           max_prompt_chars=args.max_prompt_chars).validate()
     if _follow_as_launched_rank(args):
         return 0
+    from .artifact import is_artifact, load_artifact
+    if is_artifact(args.model):
+        # The checks the engine's process runs when it loads the artifact, here first: a stale
+        # artifact is one error at once, not after a child process has imported torch.
+        load_artifact(args.model, trust=getattr(args, "trust_artifact", False))
     if args.engine_thread:
         from kiln.runtime.engine import AsyncEngine
         engine, info = served_engine(args)

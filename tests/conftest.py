@@ -46,6 +46,22 @@ def compile_cache_dir(tmp_path, monkeypatch):
     kiln.stats(reset=True)
 
 
+@pytest.fixture(scope="module")
+def module_compile_cache(tmp_path_factory):
+    """The compile cache on for one module's tests, over a directory of its own (the converted
+    SmolLM2 stays where it is): tests that compile one model several ways (other quant
+    options) share its AOTAutograd capture, which the cache keys by dynamo's graph alone.
+    Only for tests that patch nothing of kiln's."""
+    from kiln import compile_cache
+    where = tmp_path_factory.mktemp("compile-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KILN_CACHE", "1")
+    mp.setenv("TRITON_CACHE_DIR", str(where / "triton"))
+    mp.setattr(compile_cache, "directory", lambda: where)
+    yield where
+    mp.undo()
+
+
 @pytest.fixture
 def fallback_warns(monkeypatch):
     """For tests about fallback: it warns and runs eagerly; the record starts empty."""

@@ -149,7 +149,7 @@ def test_fuzz_malformed_text_only_raises_located_parse_errors(seed):
     seeds = [RMS, compiled[1].snapshots[-1][1]]
     rng = random.Random(seed)
     failures = 0
-    for i in range(1000):
+    for i in range(400):
         base = seeds[i % len(seeds)]
         text = _mutations(base, rng)
         if rng.random() < 0.3:
@@ -164,7 +164,7 @@ def test_fuzz_malformed_text_only_raises_located_parse_errors(seed):
             pytest.fail(f"seed {seed}, mutation {i}: {type(e).__name__}: {e}\n---\n{text}")
         assert isinstance(g, Graph)
         assert print_graph(parse(print_graph(g))) == print_graph(g)
-    assert failures > 330  # the mutations really were malformed most of the time
+    assert failures > 130  # the mutations really were malformed most of the time
 
 
 def test_a_func_defined_twice_is_a_located_error():

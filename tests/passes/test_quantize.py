@@ -140,7 +140,7 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_reference(smollm2):
+def smollm2_reference(smollm2, module_compile_cache):
     model, tok = smollm2
     ids = torch.stack([tok(t, return_tensors="pt")["input_ids"][0, :64] for t in TEXTS])
     assert ids.shape == (4, 64)

@@ -13,17 +13,18 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serving_helpers import KILN, kiln_env  # noqa: E402
+from run_shared import built_once_per_run  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def smollm2_artifact(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("artifacts") / "smollm2.kiln"
-    r = subprocess.run(KILN + ["compile", "smollm2", "-t", "cpu", "--quant", "none", "-o", str(out)],
-                       env=kiln_env(),
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert (out / "manifest.json").is_file()
-    return out
+    """Never modified by tests (shared by every worker of the run)."""
+    def build(out: Path):
+        r = subprocess.run(KILN + ["compile", "smollm2", "-t", "cpu", "--quant", "none", "-o", str(out)],
+                           env=kiln_env(), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (out / "manifest.json").is_file()
+    return built_once_per_run(tmp_path_factory, "smollm2.kiln", build)
 
 
 def tiny_tokenizer(vocab_size: int):
