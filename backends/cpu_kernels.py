@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from kiln.ir import kiln_ref
 from kiln.ir.kiln_ref import visible_keys
 
+from .targets import get_target
 from .tvm import build as tvm_build
 
 # The ops whose TVM kernel won against torch (bench/cpu_kernels.py, BENCHMARKS.md). Rotary
@@ -49,8 +50,9 @@ def _tvm_kernel(op: str, kernel: str, **params):
 
 # TVM's LLVM code assumes every buffer starts on a 64-byte boundary (its allocator's
 # alignment) and loads it with aligned vector moves; a tensor that does not (a view at an
-# odd offset, a weight mmapped from a safetensors file) would fault, so torch runs it.
-TVM_ALIGNMENT = 64
+# odd offset) would fault, so torch runs it. The cpu target declares the boundary, and
+# the pass prepare.align copies the weight vectors fused ops read onto it once.
+TVM_ALIGNMENT = get_target("cpu").weight_alignment
 
 
 def _aligned(*ts) -> bool:

@@ -55,6 +55,11 @@ class Target:
     # quant="int4_weight_only": the dtype of each group's (scale, zero) that the target's
     # kiln.weight_int4_mm reads (torch's CPU int4 GEMM: its activations' dtype, bf16).
     int4_scale_dtype: torch.dtype = torch.float32
+    # Bytes: the boundary the target's kernels assume a weight vector starts on (the CPU's
+    # TVM kernels load with aligned vector moves: kiln.backends.cpu_kernels). Weights
+    # mapped from safetensors files sit at the file's offsets: the pass prepare.align has
+    # weight preparation copy the vectors fused ops read once. 0: no such assumption.
+    weight_alignment: int = 0
 
     def kernel(self, op: str) -> str:
         """"module:function" implementing kiln op `op` (e.g. "kiln.rms_norm")."""
@@ -132,7 +137,7 @@ def _first_run(target: str) -> str:
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("cpu", "cpu", kernels=_CPU_KERNELS, merge_parallel_linears=False,
-           int4_scale_dtype=torch.bfloat16,
+           int4_scale_dtype=torch.bfloat16, weight_alignment=64,
            lowering="torch ops; CPU kernels for attention, paged attention, int8/int4 GEMMs",
            verified="run on this CPU (CI: every test)",
            first_run="kiln generate smollm2 --prompt 'What is the capital of France?'"),

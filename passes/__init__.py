@@ -14,6 +14,7 @@ from . import serve_kv_cache  # noqa: F401,E402  (serve.kv_cache, serving only)
 from . import serve_hidden  # noqa: F401,E402  (serve.hidden_states, serving only)
 from . import prologue  # noqa: F401,E402  (fuse.prologue, Triton targets)
 from . import scalar_inputs  # noqa: F401,E402  (capture.scalar_inputs, with CUDA graphs)
+from . import align  # noqa: F401,E402  (prepare.align, targets with a weight alignment)
 from . import schedule  # noqa: F401,E402  (schedule: last)
 from .manager import PIPELINE, Pass, PassContext, PassManager, pass_names, register_pass
 

@@ -124,7 +124,7 @@ def test_ngram_greedy_matches_plain_decoding_on_compiled_models(family, padded):
     runner = PagedModelRunner(compiled.fn, compiled.graph, model_weights(model, compiled.graph),
                               num_blocks=96, max_model_len=128, vocab_size=model.config.vocab_size,
                               pad_batches=padded)
-    rng = random.Random()
+    rng = random.Random(0)   # unseeded, some draws gave a random model no drafts to accept
     loop = [rng.randrange(3, 300) for _ in range(5)]
     prompts = [loop * 4, [rng.randrange(3, 300) for _ in range(11)], loop * 2 + [7, 8]]
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)

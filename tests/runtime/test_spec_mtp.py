@@ -213,7 +213,7 @@ def test_drafts_that_often_stand(glm, tmp_path):
     _, _, (echo,) = mtp.load(ck.path)
     draft = draft_runner_for(glm.draft_graph, echo, glm.runner, glm.cfg)
     spec = SpeculativeConfig.parse("mtp:3")
-    rng = random.Random()
+    rng = random.Random(0)   # the acceptance counts below depend on the draw: one, fixed
     prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (5, 9, 14)]
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     plain = LLMEngine(glm.runner, glm.tok, EngineConfig(max_num_seqs=8)).generate(prompts, params)
