@@ -59,8 +59,10 @@ def test_long_stop_strings_cost_linear_time():
     for re-searching a tail window): per character cost stays flat."""
     stops = ["a" * 1023 + chr(ord("b") + i) for i in range(16)]
     _feed(4000, stops)                      # warm up
-    t1 = _feed(20_000, stops)
-    t2 = _feed(40_000, stops)
+    # The best of 3 each: on a 2-core CI machine the other xdist worker can take the core
+    # for part of one run (a single run once measured 0.085 s, then 0.257 s for twice as much).
+    t1 = min(_feed(20_000, stops) for _ in range(3))
+    t2 = min(_feed(40_000, stops) for _ in range(3))
     assert t2 < 1.5, t2                     # about 2 us a character on a slow CPU
     assert t2 / t1 < 3.0, (t1, t2)          # linear, not quadratic
 
