@@ -12,7 +12,9 @@ with KILN_TVM=0. `kiln.backends.tvm.counts()` counts each call by the path it to
 """
 from __future__ import annotations
 
+import functools
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -169,14 +171,45 @@ def weight_int8_mm_torch(x, w_q, w_scale, bias):
 
 
 def quant_int4(w, group_size=32, scale_dtype=torch.float32):
-    """kiln.quant_int4 with torch's own packing into its CPU int4 layout (kiln_ref's is
-    the same bytes in plain torch; a test keeps them equal)."""
+    """kiln.quant_int4: kiln's int4 layout, whatever this machine's torch packs (see
+    torch_int4_layout)."""
     why = kiln_ref.int4_fits(w.shape[0], w.shape[1], group_size)
     if why is not None:
         raise ValueError(f"kiln.quant_int4: weight {tuple(w.shape)}: {why}")
     codes, scale, zero = kiln_ref.int4_codes(w, group_size)
     w_sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(scale_dtype)
-    return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1), w_sz
+    return kiln_ref.int4_pack(codes), w_sz
+
+
+@functools.cache
+def torch_packs_kiln_int4_layout() -> bool:
+    """Whether this torch's CPU int4 packing is kiln's layout. It is chosen by the CPU
+    torch dispatches to: AVX-512 interleaves blocks of 64 output rows (kiln's layout), AVX2
+    blocks of 32, plain C++ adjacent rows; so the same weight packs to different bytes on
+    different machines (and ATEN_CPU_CAPABILITY)."""
+    codes = torch.arange(kiln_ref.INT4_BLOCK_N * 2, dtype=torch.int32).reshape(-1, 2) % 16
+    return torch.equal(torch._convert_weight_to_int4pack_for_cpu(codes, 1),
+                       kiln_ref.int4_pack(codes.to(torch.uint8)))
+
+
+# w_q (kiln's layout) -> its bytes in torch's layout, on machines where the two differ;
+# dropped with w_q. Prepared weights live as long as the compiled graph, so each weight is
+# repacked once, on its first call.
+_repacked: dict[int, torch.Tensor] = {}
+
+
+def torch_int4_layout(w_q: torch.Tensor) -> torch.Tensor:
+    """w_q in the layout torch's CPU int4 GEMM reads on this machine."""
+    if torch_packs_kiln_int4_layout():
+        return w_q
+    key = id(w_q)
+    packed = _repacked.get(key)
+    if packed is None:
+        packed = torch._convert_weight_to_int4pack_for_cpu(
+            kiln_ref.int4_unpack(w_q).to(torch.int32), 1)
+        _repacked[key] = packed
+        weakref.finalize(w_q, _repacked.pop, key, None)
+    return packed
 
 
 def weight_int4_mm(x, w_q, w_sz, bias, group_size=32):
@@ -211,6 +244,7 @@ def weight_int4_mm_torch(x, w_q, w_sz, bias, group_size=32):
     depend on what it is batched with."""
     if w_sz.dtype != torch.bfloat16:
         w_sz = w_sz.to(torch.bfloat16)
+    w_q = torch_int4_layout(w_q)
     hi = x.to(torch.bfloat16)
     if x.dtype == torch.bfloat16:
         y = torch._weight_int4pack_mm_for_cpu(hi, w_q, group_size, w_sz)

@@ -247,8 +247,9 @@ def quantize_weight(w: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor,
 
 
 # Weight-only int4, grouped along K. kiln's int4 layout is the one torch's CPU int4 GEMM
-# reads (`torch._convert_weight_to_int4pack_for_cpu`'s output for N % 64 == 0), written
-# here in plain torch so that the op is defined without that kernel:
+# reads on an AVX-512 machine (`torch._convert_weight_to_int4pack_for_cpu`'s output for
+# N % 64 == 0 there; other CPUs pack differently and the cpu target repacks for them),
+# written here in plain torch so that the op is defined without that kernel:
 #   w_q: uint8 [N, K / 2]; viewed as [N / 64, K, 32], byte [b, k, j] holds the code of
 #        row 64 b + j in its low nibble and of row 64 b + 32 + j in its high nibble;
 #   w_sz: [K / G, N, 2]: (scale, zero) of each group of G weights along K;
