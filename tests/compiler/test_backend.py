@@ -35,11 +35,6 @@ def test_logits_match_eager_prefill_and_16_decode_steps(name):
     assert len(compiled) == 2  # one prefill graph, one decode graph
 
 
-def test_smollm2_logits_match_eager():
-    errs, _ = _compare("smollm2", batch=1, prompt_len=12, steps=16)
-    assert max(errs) < 1e-5, errs
-
-
 def test_new_batch_size_and_prompt_length_do_not_recompile():
     model = load_model("llama")
     compiled = []
