@@ -180,6 +180,9 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, q_idx, row_ok, offs
     The user mask applies everywhere.
     """
     USE_EXP2: tl.constexpr = MASK_KIND != 2
+    # Unmasked tiles with no user mask have a finite score everywhere, so nothing needs
+    # the -inf guards below.
+    FOLD_SCALE: tl.constexpr = (not MASKED) and MASK_KIND == 0
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -192,36 +195,54 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, q_idx, row_ok, offs
             k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
-        s = _mma(q, k, FP32_DOT) * qk_scale
-        if MASK_KIND == 1:
-            mv = tl.load(mrow_ptrs + cols[None, :] * stride_mn,
-                         mask=row_ok[:, None] & (cols[None, :] < SKV), other=0)
-            s = tl.where(mv != 0, s, float("-inf"))
-        elif MASK_KIND == 2:
-            mv = tl.load(mrow_ptrs + cols[None, :] * stride_mn,
-                         mask=row_ok[:, None] & (cols[None, :] < SKV), other=0.0)
-            s = s + mv.to(tl.float32)
-        if MASKED:
-            keep = (cols < SKV)[None, :]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= q_idx[:, None] + diag)
-            if HAS_WINDOW:
-                keep = keep & (cols[None, :] > q_idx[:, None] + diag - WINDOW)
-            s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with nothing visible yet keep m = -inf: subtract 0 instead (no inf - inf).
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = _exp(m_i - m_use, USE_EXP2)
-        p = _exp(s - m_use[:, None], USE_EXP2)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        if FOLD_SCALE:
+            # Every key of the tile is visible: the row max is taken before scaling, and
+            # scale and max are applied to each score in one FMA inside exp2's argument.
+            qk = _mma(q, k, FP32_DOT)
+            if qk_scale > 0:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if BLOCK_D != HEAD_DIM:
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            else:
+                v = tl.load(v_ptrs)
+            acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
+            m_i = m_new
         else:
-            v = tl.load(v_ptrs)
-        acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
-        m_i = m_new
+            s = _mma(q, k, FP32_DOT) * qk_scale
+            if MASK_KIND == 1:
+                mv = tl.load(mrow_ptrs + cols[None, :] * stride_mn,
+                             mask=row_ok[:, None] & (cols[None, :] < SKV), other=0)
+                s = tl.where(mv != 0, s, float("-inf"))
+            elif MASK_KIND == 2:
+                mv = tl.load(mrow_ptrs + cols[None, :] * stride_mn,
+                             mask=row_ok[:, None] & (cols[None, :] < SKV), other=0.0)
+                s = s + mv.to(tl.float32)
+            if MASKED:
+                keep = (cols < SKV)[None, :]
+                if CAUSAL:
+                    keep = keep & (cols[None, :] <= q_idx[:, None] + diag)
+                if HAS_WINDOW:
+                    keep = keep & (cols[None, :] > q_idx[:, None] + diag - WINDOW)
+                s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # Rows with nothing visible yet keep m = -inf: subtract 0 instead (no inf - inf).
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = _exp(m_i - m_use, USE_EXP2)
+            p = _exp(s - m_use[:, None], USE_EXP2)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if MASKED:
+                v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            elif BLOCK_D != HEAD_DIM:
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            else:
+                v = tl.load(v_ptrs)
+            acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
+            m_i = m_new
     return acc, l_i, m_i
 
 
