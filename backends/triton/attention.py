@@ -170,7 +170,7 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, q_idx, row_ok, offs
                 stride_ks, stride_vs, stride_mn, lo, hi, SKV, diag, WINDOW, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
-                MASKED: tl.constexpr, FP32_DOT: tl.constexpr):
+                MASKED: tl.constexpr, FP32_DOT: tl.constexpr, SCALE_POSITIVE: tl.constexpr):
     """Online softmax over the keys [lo, hi) in BLOCK_N steps.
 
     q_idx: per tile row, the query index i, at position i + diag (for the causal test
@@ -182,7 +182,9 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, q_idx, row_ok, offs
     USE_EXP2: tl.constexpr = MASK_KIND != 2
     # Unmasked tiles with no user mask have a finite score everywhere, so nothing needs
     # the -inf guards below.
-    FOLD_SCALE: tl.constexpr = (not MASKED) and MASK_KIND == 0
+    # (The row max of the unscaled scores is the scaled max only for a positive scale: a
+    # constexpr, as a branch on the runtime scale inside the loop stops its pipelining.)
+    FOLD_SCALE: tl.constexpr = (not MASKED) and MASK_KIND == 0 and SCALE_POSITIVE
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -199,10 +201,7 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, q_idx, row_ok, offs
             # Every key of the tile is visible: the row max is taken before scaling, and
             # scale and max are applied to each score in one FMA inside exp2's argument.
             qk = _mma(q, k, FP32_DOT)
-            if qk_scale > 0:
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            else:
-                m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk * qk_scale - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
@@ -257,7 +256,7 @@ def _attn_prefill_kernel(
         H, SQ, SKV, GROUP, WINDOW, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr):
+        MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, SCALE_POSITIVE: tl.constexpr):
     """O[b, h, rows] for one BLOCK_M block of query rows of one (batch, query head)."""
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -306,18 +305,18 @@ def _attn_prefill_kernel(
         acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, offs_m, row_ok,
                                     offs_n, offs_d, stride_ks, stride_vs, stride_mn, lo, full_lo,
                                     SKV, diag, WINDOW, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                    CAUSAL, HAS_WINDOW, MASK_KIND, True, FP32_DOT)
+                                    CAUSAL, HAS_WINDOW, MASK_KIND, True, FP32_DOT, SCALE_POSITIVE)
     else:
         full_lo = 0
 
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, offs_m, row_ok,
                                 offs_n, offs_d, stride_ks, stride_vs, stride_mn, full_lo, full_hi,
                                 SKV, diag, WINDOW, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
-                                HAS_WINDOW, MASK_KIND, False, FP32_DOT)
+                                HAS_WINDOW, MASK_KIND, False, FP32_DOT, SCALE_POSITIVE)
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, offs_m, row_ok,
                                 offs_n, offs_d, stride_ks, stride_vs, stride_mn, full_hi, hi,
                                 SKV, diag, WINDOW, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
-                                HAS_WINDOW, MASK_KIND, True, FP32_DOT)
+                                HAS_WINDOW, MASK_KIND, True, FP32_DOT, SCALE_POSITIVE)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -377,7 +376,7 @@ def _attn_decode_kernel(
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, qi, row_ok,
                                 offs_n, offs_d, stride_ks, stride_vs, stride_mn, lo, hi,
                                 SKV, SKV - SQ, WINDOW, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                CAUSAL, HAS_WINDOW, MASK_KIND, True, FP32_DOT)
+                                CAUSAL, HAS_WINDOW, MASK_KIND, True, FP32_DOT, False)
     o_ptrs = O + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_os + offs_d[None, :]
     if DIRECT:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -519,7 +518,8 @@ def attention_prefill(q, k, v, mask=None, scale=None, causal=False, window=None,
         hq, sq, skv, hq // k.shape[1], window or 0, qk_scale,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=bool(causal), HAS_WINDOW=window is not None, MASK_KIND=kind,
-        FP32_DOT=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        FP32_DOT=q.dtype == torch.float32, SCALE_POSITIVE=qk_scale > 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -641,7 +641,7 @@ def _prefill_specs(dt: str, d: int, causal: bool, kind: int, window: bool):
         return make_spec(name + suffix, _attn_prefill_kernel, types,
                          {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_M": cfg.block_m,
                           "BLOCK_N": cfg.block_n, "CAUSAL": causal, "HAS_WINDOW": window,
-                          "MASK_KIND": kind, "FP32_DOT": False},
+                          "MASK_KIND": kind, "FP32_DOT": False, "SCALE_POSITIVE": True},
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                          divisible_by_16=("Q", "K", "V", "O", *_STRIDES), targets=targets)
     return variants(make, prefill_configs(kind, hip=False)[d], prefill_configs(kind, hip=True)[d])
