@@ -170,7 +170,7 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, q_idx, row_ok, offs
                 stride_ks, stride_vs, stride_mn, lo, hi, SKV, diag, WINDOW, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
-                MASKED: tl.constexpr, FP32_DOT: tl.constexpr, SCALE_POSITIVE: tl.constexpr):
+                MASKED: tl.constexpr, FP32_DOT: tl.constexpr):
     """Online softmax over the keys [lo, hi) in BLOCK_N steps.
 
     q_idx: per tile row, the query index i, at position i + diag (for the causal test
@@ -180,11 +180,6 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, q_idx, row_ok, offs
     The user mask applies everywhere.
     """
     USE_EXP2: tl.constexpr = MASK_KIND != 2
-    # Unmasked tiles with no user mask have a finite score everywhere, so nothing needs
-    # the -inf guards below.
-    # (The row max of the unscaled scores is the scaled max only for a positive scale: a
-    # constexpr, as a branch on the runtime scale inside the loop stops its pipelining.)
-    FOLD_SCALE: tl.constexpr = (not MASKED) and MASK_KIND == 0 and SCALE_POSITIVE
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -197,51 +192,36 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, q_idx, row_ok, offs
             k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
-        if FOLD_SCALE:
-            # Every key of the tile is visible: the row max is taken before scaling, and
-            # scale and max are applied to each score in one FMA inside exp2's argument.
-            qk = _mma(q, k, FP32_DOT)
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk * qk_scale - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if BLOCK_D != HEAD_DIM:
-                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-            else:
-                v = tl.load(v_ptrs)
-            acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
-            m_i = m_new
+        s = _mma(q, k, FP32_DOT) * qk_scale
+        if MASK_KIND == 1:
+            mv = tl.load(mrow_ptrs + cols[None, :] * stride_mn,
+                         mask=row_ok[:, None] & (cols[None, :] < SKV), other=0)
+            s = tl.where(mv != 0, s, float("-inf"))
+        elif MASK_KIND == 2:
+            mv = tl.load(mrow_ptrs + cols[None, :] * stride_mn,
+                         mask=row_ok[:, None] & (cols[None, :] < SKV), other=0.0)
+            s = s + mv.to(tl.float32)
+        if MASKED:
+            keep = (cols < SKV)[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= q_idx[:, None] + diag)
+            if HAS_WINDOW:
+                keep = keep & (cols[None, :] > q_idx[:, None] + diag - WINDOW)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with nothing visible yet keep m = -inf: subtract 0 instead (no inf - inf).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = _exp(m_i - m_use, USE_EXP2)
+        p = _exp(s - m_use[:, None], USE_EXP2)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         else:
-            s = _mma(q, k, FP32_DOT) * qk_scale
-            if MASK_KIND == 1:
-                mv = tl.load(mrow_ptrs + cols[None, :] * stride_mn,
-                             mask=row_ok[:, None] & (cols[None, :] < SKV), other=0)
-                s = tl.where(mv != 0, s, float("-inf"))
-            elif MASK_KIND == 2:
-                mv = tl.load(mrow_ptrs + cols[None, :] * stride_mn,
-                             mask=row_ok[:, None] & (cols[None, :] < SKV), other=0.0)
-                s = s + mv.to(tl.float32)
-            if MASKED:
-                keep = (cols < SKV)[None, :]
-                if CAUSAL:
-                    keep = keep & (cols[None, :] <= q_idx[:, None] + diag)
-                if HAS_WINDOW:
-                    keep = keep & (cols[None, :] > q_idx[:, None] + diag - WINDOW)
-                s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # Rows with nothing visible yet keep m = -inf: subtract 0 instead (no inf - inf).
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = _exp(m_i - m_use, USE_EXP2)
-            p = _exp(s - m_use[:, None], USE_EXP2)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if MASKED:
-                v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            elif BLOCK_D != HEAD_DIM:
-                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-            else:
-                v = tl.load(v_ptrs)
-            acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
-            m_i = m_new
+            v = tl.load(v_ptrs)
+        acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
+        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -256,7 +236,7 @@ def _attn_prefill_kernel(
         H, SQ, SKV, GROUP, WINDOW, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, SCALE_POSITIVE: tl.constexpr):
+        MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr):
     """O[b, h, rows] for one BLOCK_M block of query rows of one (batch, query head)."""
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -305,18 +285,18 @@ def _attn_prefill_kernel(
         acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, offs_m, row_ok,
                                     offs_n, offs_d, stride_ks, stride_vs, stride_mn, lo, full_lo,
                                     SKV, diag, WINDOW, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                    CAUSAL, HAS_WINDOW, MASK_KIND, True, FP32_DOT, SCALE_POSITIVE)
+                                    CAUSAL, HAS_WINDOW, MASK_KIND, True, FP32_DOT)
     else:
         full_lo = 0
 
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, offs_m, row_ok,
                                 offs_n, offs_d, stride_ks, stride_vs, stride_mn, full_lo, full_hi,
                                 SKV, diag, WINDOW, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
-                                HAS_WINDOW, MASK_KIND, False, FP32_DOT, SCALE_POSITIVE)
+                                HAS_WINDOW, MASK_KIND, False, FP32_DOT)
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, offs_m, row_ok,
                                 offs_n, offs_d, stride_ks, stride_vs, stride_mn, full_hi, hi,
                                 SKV, diag, WINDOW, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
-                                HAS_WINDOW, MASK_KIND, True, FP32_DOT, SCALE_POSITIVE)
+                                HAS_WINDOW, MASK_KIND, True, FP32_DOT)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -376,7 +356,7 @@ def _attn_decode_kernel(
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, mrow_ptrs, qi, row_ok,
                                 offs_n, offs_d, stride_ks, stride_vs, stride_mn, lo, hi,
                                 SKV, SKV - SQ, WINDOW, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                CAUSAL, HAS_WINDOW, MASK_KIND, True, FP32_DOT, False)
+                                CAUSAL, HAS_WINDOW, MASK_KIND, True, FP32_DOT)
     o_ptrs = O + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_os + offs_d[None, :]
     if DIRECT:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -518,8 +498,7 @@ def attention_prefill(q, k, v, mask=None, scale=None, causal=False, window=None,
         hq, sq, skv, hq // k.shape[1], window or 0, qk_scale,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=bool(causal), HAS_WINDOW=window is not None, MASK_KIND=kind,
-        FP32_DOT=q.dtype == torch.float32, SCALE_POSITIVE=qk_scale > 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        FP32_DOT=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -641,7 +620,7 @@ def _prefill_specs(dt: str, d: int, causal: bool, kind: int, window: bool):
         return make_spec(name + suffix, _attn_prefill_kernel, types,
                          {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_M": cfg.block_m,
                           "BLOCK_N": cfg.block_n, "CAUSAL": causal, "HAS_WINDOW": window,
-                          "MASK_KIND": kind, "FP32_DOT": False, "SCALE_POSITIVE": True},
+                          "MASK_KIND": kind, "FP32_DOT": False},
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                          divisible_by_16=("Q", "K", "V", "O", *_STRIDES), targets=targets)
     return variants(make, prefill_configs(kind, hip=False)[d], prefill_configs(kind, hip=True)[d])
