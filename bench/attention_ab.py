@@ -1,6 +1,7 @@
 """Prefill attention of two versions of kiln's attention module, against SDPA, in one
 process and interleaved (A, B, SDPA per repeat), so that a kernel change is judged against
-the same SDPA run rather than a number from another day.
+the same SDPA run rather than a number from another day. Timed as bench/kernels.py times
+them (its median_s); the best of the repeats counts.
 
     python3 bench/attention_ab.py --modules attention,attention_prev --out ab.json
 
@@ -17,24 +18,10 @@ import time
 
 import torch
 
+from kernels import median_s
 from provenance import code_version
 
 DEV, BF16 = "cuda", torch.bfloat16
-
-
-def median_ms(fn, rep: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -62,12 +49,12 @@ def main():
         for n in names:
             err = (calls[n]().float() - ref.float()).abs().max().item()
             assert err < 5e-2, (n, s, err)
-        ms = {n: [] for n in calls}
+        secs = {n: [] for n in calls}
         for _ in range(args.repeats):
             for n, fn in calls.items():
-                ms[n].append(median_ms(fn, 20))
-        best = {n: min(v) for n, v in ms.items()}
-        row = dict(seq=s, **{f"{n}_tflops": flops / (t * 1e-3) / 1e12 for n, t in best.items()},
+                secs[n].append(median_s(fn, rep=50))
+        best = {n: min(v) for n, v in secs.items()}
+        row = dict(seq=s, **{f"{n}_tflops": flops / t / 1e12 for n, t in best.items()},
                    **{f"{n}_frac_sdpa": best["sdpa"] / best[n] for n in names})
         rows.append(row)
         print(f"s={s:5d} " + "  ".join(f"{n} {row[n + '_tflops']:6.1f} TFLOP/s"
