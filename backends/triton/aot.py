@@ -283,11 +283,18 @@ def compile_specs(specs: list[KernelSpec], targets=tuple(TARGETS), jobs: int | N
     (default: the CPU count, at most 8); jobs=1 with real JITFunctions stays in-process.
     Raises AotCompileError listing every failure (or, with raise_on_error=False, returns
     the successes and the error strings in place of the failures)."""
-    names = [s.name for s in specs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    work = [(s, t) for s in specs for t in targets if family(t) in s.targets]
+    return compile_pairs(work, jobs, raise_on_error)
+
+
+def compile_pairs(work: list[tuple[KernelSpec, str]], jobs: int | None = None,
+                  raise_on_error: bool = True) -> list[CompiledBinary]:
+    """compile_specs over chosen (spec, target) pairs rather than every spec for every
+    target; results in the order of `work`."""
+    names = [s.name for s, _ in work]
+    dupes = sorted({n for n in names if names.count(n) > len({t for s, t in work if s.name == n})})
     if dupes:
         raise ValueError(f"duplicate kernel spec names: {dupes}")
-    work = [(s, t) for s in specs for t in targets if family(t) in s.targets]
     jobs = jobs or min(os.cpu_count() or 1, 8)
     jobs = max(1, min(jobs, len(work)))
     if jobs == 1 and all(_is_jit_function(s.fn) for s, _ in work):
