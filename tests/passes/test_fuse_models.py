@@ -62,6 +62,8 @@ def test_tiny_model_fuses_and_matches_eager(name, attn):
     check_numerics(outs, ref)
 
 
+# SmolLM2 is a LlamaForCausalLM: its eager-attention form is tiny llama's (above), fused
+# alike whatever the size; the real model checks the counts at scale and its numerics.
 SMOLLM2 = expected(30)   # 30 attention, 60 rope, 1 + 60 norms, 30 silu_mul
 
 
@@ -75,17 +77,6 @@ def test_smollm2_sdpa(smollm2):
     assert len(outs) == 17
     check_graphs(graphs, SMOLLM2)
     check_numerics(outs, ref)
-
-
-@pytest.mark.slow
-def test_smollm2_eager_attention():
-    from kiln.frontends.hf import load
-    model, tok = load("smollm2", attn_implementation="eager")
-    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
-    graphs, outs, ref = compile_and_compare(model, decode_steps=2, input_ids=ids)
-    check_graphs(graphs, SMOLLM2)
-    check_numerics(outs, ref)
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "qwen3_moe"])
