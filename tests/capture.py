@@ -90,3 +90,21 @@ def bf16_pair(model, device: str = "cuda"):
     import copy
     low = copy.deepcopy(model).to(device, torch.bfloat16)
     return low, copy.deepcopy(low).float()
+
+
+# fuse.parallel_linear on the cuda target: weights concatenated per decoder layer (q/k/v,
+# and gate/up where the MLP is dense).
+MERGED_PER_LAYER = {"llama_gqa": 2, "qwen3": 2, "mixtral": 1}
+
+
+def weight_cats(graph) -> list:
+    """Cats of distinct weights (canonicalize.forms also repeats the rotary inv_freq)."""
+    return [n for n in graph.nodes if n.op == "aten.cat" and all(v.is_input for v in n.args[0])
+            and len(set(n.args[0])) == len(n.args[0])]
+
+
+def check_merged(graph, name: str, layers: int) -> None:
+    from kiln.ir import print_graph
+    cats = weight_cats(graph)
+    assert len(cats) == MERGED_PER_LAYER[name] * layers, print_graph(graph)
+    assert all(len(n.args[0]) in (2, 3) for n in cats)

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from capture import fresh_dynamo, greedy_inputs, load_model, rel_err, run_steps
+from capture import (check_merged, fresh_dynamo, greedy_inputs, load_model, rel_err,
+                     run_steps)
 from kiln.ir import parse, print_graph, verify
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -33,6 +34,9 @@ def test_cuda_lowering_matches_eager_through_the_triton_interpreter(name):
                 "kiln.backends.triton.attention"}
     expected |= {"kiln.backends.triton.moe", "kiln.backends.triton.norm"} if name == "mixtral" else set()
     assert expected <= launched, launched
+    # fuse.parallel_linear: q/k/v (and gate/up where the MLP is dense) as one GEMM each
+    for c in compiled:
+        check_merged(c.graph, name, model.config.num_hidden_layers)
     # schedule: the decode graph's leftovers after the rules become exactly these generated
     # kernels: the cache position (an arange) plus the cache lengths, the rotary table
     # (positions x inv_freq repeated by weight preparation, then cos and sin), the mask's

@@ -59,16 +59,33 @@ def run_steps(fn, model, input_ids: torch.Tensor, decode_steps: int, teacher=Non
 
 
 def compile_and_compare(model, batch=2, prompt_len=7, decode_steps=3, options=None,
-                        input_ids=None):
-    """(graphs, compiled logits, eager logits) for a prefill + decode run."""
+                        input_ids=None, round_trip=False):
+    """(graphs, compiled logits, eager logits) for a prefill + decode run. With
+    `round_trip`, also checks that the IR text after every pass parses back to itself and
+    verifies."""
     torch._dynamo.reset()
     graphs = []
     opts = {"observer": graphs.append, "verify": True, **(options or {})}
+    if round_trip:
+        opts["record"] = True
     fn = torch.compile(model, backend="kiln", options=opts)
     ids = input_ids if input_ids is not None else torch.randint(
         3, model.config.vocab_size, (batch, prompt_len))
     outs = run_steps(fn, model, ids, decode_steps)
     torch._dynamo.reset()
+    if round_trip:
+        check_round_trips(graphs)
     teacher = [o[:, -1:].argmax(-1) for o in outs[:-1]]
     ref = run_steps(model, model, ids, decode_steps, teacher=teacher)
     return [g.graph for g in graphs], outs, ref
+
+
+def check_round_trips(compiled) -> None:
+    """Every recorded snapshot of every CompiledGraph prints back exactly and verifies."""
+    from kiln.ir import parse, print_graph, verify
+    assert compiled and all(cg.snapshots for cg in compiled)
+    for i, cg in enumerate(compiled):
+        for pass_name, text in cg.snapshots:
+            g = parse(text)
+            assert print_graph(g) == text, f"graph {i}: the text after {pass_name} does not round-trip"
+            verify(g)

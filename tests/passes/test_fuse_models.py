@@ -1,12 +1,14 @@
 """The fusion pipeline on the captured graphs of real transformers models: exact counts
 of every fused op, nothing left of what was fused, and the same logits as eager
-(prefill and StaticCache decode steps, float32, relative error < 1e-5)."""
+(prefill and StaticCache decode steps, float32, relative error < 1e-5), and the IR text
+after every pass round-tripping exactly."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import models
+from capture import weight_cats
 from fusion import LEFTOVERS, compile_and_compare, counts, rel_err, repeat_kv_expands
 
 FUSED = ("kiln.attention", "kiln.rope", "kiln.rms_norm", "kiln.fused_add_rms_norm",
@@ -56,9 +58,14 @@ def check_numerics(outs, ref, tol=1e-5):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", list(TINY))
 def test_tiny_model_fuses_and_matches_eager(name, attn):
+    """Also kiln's torch.compile numerics over a longer decode (16 StaticCache steps after
+    the prefill, one prefill and one decode graph, no recompilation) and the IR text's
+    exact round trip after every pass of both graphs: one capture serves every check."""
     model = models.TINY_MODELS[name](attn_implementation=attn)
-    graphs, outs, ref = compile_and_compare(model)
+    graphs, outs, ref = compile_and_compare(model, decode_steps=16, round_trip=True)
+    assert len(graphs) == 2 and len(outs) == 17
     check_graphs(graphs, TINY[name])
+    assert not any(weight_cats(g) for g in graphs)   # the cpu target leaves linears apart
     check_numerics(outs, ref)
 
 

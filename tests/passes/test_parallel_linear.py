@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import models
+from capture import check_merged
 from fusion import compile_and_compare, counts, rel_err
 from kiln.ir import parse, print_graph, run, verify
 from kiln.passes import PassManager
@@ -88,29 +89,17 @@ def test_a_weight_read_twice_is_not_concatenated_with_itself():
     assert n == 0 and counts(g)["aten.mm"] == 5
 
 
-def _weight_cats(g):
-    """Cats of distinct weights (canonicalize.forms also repeats the rotary inv_freq)."""
-    return [n for n in g.nodes if n.op == "aten.cat" and all(v.is_input for v in n.args[0])
-            and len(set(n.args[0])) == len(n.args[0])]
-
-
+# llama_gqa and mixtral (whose MoE layers merge q/k/v only: the experts read a stacked
+# weight) merge for cuda in tests/compiler/test_cuda_target_lowering.py, which compiles
+# them for cuda anyway; that the cpu target keeps its linears apart (its GEMMs do not
+# take column slices) is checked on every tiny model in tests/passes/test_fuse_models.py.
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the cuda target on CPU tensors needs TRITON_INTERPRET=1 (make test)")
-@pytest.mark.parametrize("name, per_layer", [("llama_gqa", 2), ("qwen3", 2), ("mixtral", 1)])
-def test_tiny_models_merge_qkv_and_gate_up_for_cuda(name, per_layer):
-    """Dense layers: q/k/v and gate/up (3 GEMMs fewer per layer); MoE layers: q/k/v only
-    (the experts read a stacked weight, the router stays). Logits equal eager through the
+def test_qwen3_merges_qkv_and_gate_up_for_cuda():
+    """q/k/v and gate/up merged (3 GEMMs fewer per layer). Logits equal eager through the
     Triton kernels (interpreted), which read the merged GEMM's column slices."""
-    model = models.TINY_MODELS[name]()
+    model = models.TINY_MODELS["qwen3"]()
     graphs, outs, ref = compile_and_compare(model, options={"target": "cuda"})
     assert max(rel_err(a, b) for a, b in zip(outs, ref)) < 1e-5
     for g in graphs:
-        cats = _weight_cats(g)
-        assert len(cats) == per_layer * model.config.num_hidden_layers, print_graph(g)
-        assert all(len(n.args[0]) in (2, 3) for n in cats)
-
-
-def test_the_cpu_target_keeps_its_linears_apart():
-    graphs, outs, ref = compile_and_compare(models.TINY_MODELS["llama_gqa"]())
-    assert all(not _weight_cats(g) for g in graphs)
-    assert max(rel_err(a, b) for a, b in zip(outs, ref)) < 1e-5
+        check_merged(g, "qwen3", model.config.num_hidden_layers)
