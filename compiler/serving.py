@@ -14,9 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.frontends.dynamo import (InputSpec, aot_module, describe_inputs, state_inputs,
-                                   time_frames)
-from kiln.frontends.fx import from_fx
 from kiln.ir import Graph, print_graph
 
 from . import compile_cache
@@ -33,6 +30,11 @@ def capture_serving(model: torch.nn.Module, example_tokens: int = EXAMPLE_TOKENS
     """The flat-batch forward of `model` as a kiln Graph (before any pass). `extra_inputs`:
     more per-token keyword arguments by name, each [1, example_tokens, ...] (an MTP module's
     hidden_states), graph inputs of that name with the same symbolic token count."""
+    # Here, not at the top: a process that serves an artifact never captures, and importing
+    # dynamo and AOTAutograd is ~1 s of its start (issue #16).
+    from kiln.frontends.dynamo import (InputSpec, aot_module, describe_inputs, state_inputs,
+                                       time_frames)
+    from kiln.frontends.fx import from_fx
     global CAPTURES
     graphs: list[Graph] = []
     device = next(model.parameters()).device
