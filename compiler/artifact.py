@@ -517,6 +517,17 @@ def is_artifact(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / MANIFEST).is_file()
 
 
+def check_artifact(path: str | os.PathLike, trust: bool = False) -> dict:
+    """The checks of `load_artifact` that parse nothing and run nothing: the manifest and its
+    seal, the versions, every file's size and sha256, the model's files and config, the
+    target's device. Returns the manifest. `kiln serve` runs them before it starts the
+    engine's process, which loads the artifact: a stale one is one error at once. What is
+    left to the load (the IR parses, its weight inputs are bound, the wrapper loads) reads
+    bytes these checks found as the sealed manifest records them; should it fail, its error
+    reaches the user from the engine's process."""
+    return _verified(Path(path).resolve(), True, trust)[0]
+
+
 def load_artifact(path: str | os.PathLike, check_weights: bool = True,
                   trust: bool = False) -> Artifact:
     """Verify, then load, the artifact at `path` (see the module docstring for the checks and
@@ -525,6 +536,28 @@ def load_artifact(path: str | os.PathLike, check_weights: bool = True,
     from kiln.backends import wrapper
     from kiln.ir import KilnParseError, parse
     path = Path(path).resolve()
+    manifest, content, model_dir, stale = _verified(path, check_weights, trust)
+    try:
+        try:
+            graph = parse(content[FINAL_IR].decode())
+        except (KilnParseError, UnicodeDecodeError) as e:
+            raise stale(f"{FINAL_IR} does not parse ({str(e).splitlines()[0]})") from None
+        if [v.name for v in graph.inputs] != manifest["serving"]["inputs"]:
+            raise stale(f"{FINAL_IR} does not match the manifest's inputs")
+        _check_bindings(path, model_dir, manifest, graph, stale)
+    except (KeyError, TypeError, AttributeError) as e:   # a field missing or of the wrong kind
+        raise stale(f"{MANIFEST} lacks {e} or holds it in a form kiln never writes") from None
+    # Every check passed: only now run the wrapper, from the bytes that were hashed.
+    try:
+        fn = wrapper.load(content[WRAPPER].decode(), f"kiln_{path.name}")
+    except Exception as e:  # noqa: BLE001 - any failure to compile the generated module
+        raise stale(f"{WRAPPER} does not load ({type(e).__name__}: {e})") from None
+    return Artifact(path, manifest, graph, fn, model_dir)
+
+
+def _verified(path: Path, check_weights: bool, trust: bool):
+    """(manifest, content of the files loading reads, model directory, the StaleArtifact
+    maker) once the checks of `check_artifact` passed."""
     manifest = None
 
     def stale(why: str) -> StaleArtifact:
@@ -564,21 +597,11 @@ def load_artifact(path: str | os.PathLike, check_weights: bool = True,
         from kiln.backends.targets import get_target
         # The graph names the target's device; loading is for running there.
         get_target(manifest["target"]).torch_device(to_run=True)
-        try:
-            graph = parse(content[FINAL_IR].decode())
-        except (KilnParseError, UnicodeDecodeError) as e:
-            raise stale(f"{FINAL_IR} does not parse ({str(e).splitlines()[0]})") from None
-        if [v.name for v in graph.inputs] != manifest["serving"]["inputs"]:
-            raise stale(f"{FINAL_IR} does not match the manifest's inputs")
-        _check_bindings(path, model_dir, manifest, graph, stale)
     except (KeyError, TypeError, AttributeError) as e:   # a field missing or of the wrong kind
         raise stale(f"{MANIFEST} lacks {e} or holds it in a form kiln never writes") from None
-    # Every check passed: only now run the wrapper, from the bytes that were hashed.
-    try:
-        fn = wrapper.load(content[WRAPPER].decode(), f"kiln_{path.name}")
-    except Exception as e:  # noqa: BLE001 - any failure to compile the generated module
-        raise stale(f"{WRAPPER} does not load ({type(e).__name__}: {e})") from None
-    return Artifact(path, manifest, graph, fn, model_dir)
+    return manifest, content, model_dir, stale
+
+
 
 
 def _sha256_file(f: Path) -> str:

@@ -270,11 +270,13 @@ def cmd_serve(args) -> int:
                           max_prompt_chars=args.max_prompt_chars).validate()
     if _follow_as_launched_rank(args):
         return 0
-    from .artifact import is_artifact, load_artifact
+    from .artifact import check_artifact, is_artifact
     if is_artifact(args.model):
-        # The checks the engine's process runs when it loads the artifact, here first: a stale
-        # artifact is one error at once, not after a child process has imported torch.
-        load_artifact(args.model, trust=getattr(args, "trust_artifact", False))
+        # The engine's process loads (and so checks) the artifact; its hashes, seal, versions
+        # and model files are checked here first, so that a stale artifact is one error at
+        # once, not after a child process has imported torch. Parsing its IR is left to that
+        # load: it is most of a load's checking time (~1 s for SmolLM2), on every start.
+        check_artifact(args.model, trust=getattr(args, "trust_artifact", False))
     if args.engine_thread:
         from kiln.runtime.engine import AsyncEngine
         engine, info = served_engine(args)
