@@ -58,7 +58,9 @@ the model directory and its weights (size and mtime, else sha256: the weights ar
 and hashing gigabytes on every start is too slow, the artifact's own files are always
 hashed), the config hash (the model's config.json and the compile options), then parses
 the IR, checks the weight bindings against the graph's inputs, and only then executes the
-wrapper, from the very bytes it hashed.
+wrapper, from the very bytes it hashed. `check_artifact` runs the checks up to the config
+hash (and that the target's device is here): what `kiln serve` checks before it starts the
+engine's process, which loads the artifact.
 """
 from __future__ import annotations
 
