@@ -56,11 +56,11 @@ its seal (`manifest_sha256`, then the signature unless trusted), kiln and torch 
 (and triton for GPU targets), the artifact's files (paths inside it, sizes and sha256),
 the model directory and its weights (size and mtime, else sha256: the weights are data
 and hashing gigabytes on every start is too slow, the artifact's own files are always
-hashed), the config hash (the model's config.json and the compile options), then parses
-the IR, checks the weight bindings against the graph's inputs, and only then executes the
+hashed), the config hash (the model's config.json and the compile options), that the
+target's device is here, then parses the IR, checks the weight bindings against the graph's inputs, and only then executes the
 wrapper, from the very bytes it hashed. `check_artifact` runs the checks up to the config
-hash (and that the target's device is here): what `kiln serve` checks before it starts the
-engine's process, which loads the artifact.
+hash: what `kiln serve` checks, without importing torch, before it starts the engine's
+process, which loads the artifact.
 """
 from __future__ import annotations
 
@@ -140,17 +140,15 @@ class Steps:
 
 # -- hashing and versions -------------------------------------------------------------------------
 def versions() -> dict:
-    import torch
-    import transformers
-
-    import kiln
-    out = {"kiln": kiln.__version__, "torch": torch.__version__,
-           "transformers": transformers.__version__, "triton": None}
-    try:
-        import triton
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
+    """The versions an artifact depends on, from the installed distributions' metadata:
+    what `__version__` says, without importing torch (seconds) to read it."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in ("kiln", "torch", "transformers", "triton"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
     return out
 
 
@@ -520,9 +518,9 @@ def is_artifact(path: str | os.PathLike) -> bool:
 
 
 def check_artifact(path: str | os.PathLike, trust: bool = False) -> dict:
-    """The checks of `load_artifact` that parse nothing and run nothing: the manifest and its
-    seal, the versions, every file's size and sha256, the model's files and config, the
-    target's device. Returns the manifest. `kiln serve` runs them before it starts the
+    """The checks of `load_artifact` that parse nothing, run nothing and need no torch: the
+    manifest and its seal, the versions, every file's size and sha256, the model's files
+    and config. Returns the manifest. `kiln serve` runs them before it starts the
     engine's process, which loads the artifact: a stale one is one error at once. What is
     left to the load (the IR parses, its weight inputs are bound, the wrapper loads) reads
     bytes these checks found as the sealed manifest records them; should it fail, its error
@@ -539,6 +537,9 @@ def load_artifact(path: str | os.PathLike, check_weights: bool = True,
     from kiln.ir import KilnParseError, parse
     path = Path(path).resolve()
     manifest, content, model_dir, stale = _verified(path, check_weights, trust)
+    from kiln.backends.targets import get_target
+    # The graph names the target's device; loading is for running there.
+    get_target(manifest["target"]).torch_device(to_run=True)
     try:
         try:
             graph = parse(content[FINAL_IR].decode())
@@ -596,9 +597,6 @@ def _verified(path: Path, check_weights: bool, trust: bool):
         if config_hash(model_dir, manifest["target"], manifest["options"]) != manifest["config_hash"]:
             raise stale(f"the config hash differs: {model_dir / 'config.json'} or the compile "
                         f"options changed since compilation")
-        from kiln.backends.targets import get_target
-        # The graph names the target's device; loading is for running there.
-        get_target(manifest["target"]).torch_device(to_run=True)
     except (KeyError, TypeError, AttributeError) as e:   # a field missing or of the wrong kind
         raise stale(f"{MANIFEST} lacks {e} or holds it in a form kiln never writes") from None
     return manifest, content, model_dir, stale

@@ -133,9 +133,11 @@ def _follow_as_launched_rank(args) -> bool:
     """Under torchrun, ranks > 0 only follow rank 0's steps (no server, no output)."""
     import os
 
-    from . import tensor_parallel as tp
     size = getattr(args, "tensor_parallel_size", 1)
-    if size <= 1 or not tp.launched() or int(os.environ["RANK"]) == 0:
+    if size <= 1:
+        return False
+    from . import tensor_parallel as tp   # (imports torch: only where ranks are asked for)
+    if not tp.launched() or int(os.environ["RANK"]) == 0:
         return False
     tp.check_size(size, "cuda" if args.target in ("cuda", "hip") else "cpu")
     tp.follower_main(int(os.environ["RANK"]), size,
@@ -276,6 +278,7 @@ def cmd_serve(args) -> int:
         # and model files are checked here first, so that a stale artifact is one error at
         # once, not after a child process has imported torch. Parsing its IR is left to that
         # load: it is most of a load's checking time (~1 s for SmolLM2), on every start.
+        # This (HTTP) process imports no torch at all: only the engine's process needs it.
         check_artifact(args.model, trust=getattr(args, "trust_artifact", False))
     if args.engine_thread:
         from kiln.runtime.engine import AsyncEngine

@@ -34,8 +34,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +112,17 @@ def model_dir(spec: str | os.PathLike = DEFAULT) -> Path:
     raise ValueError(f"unknown model {str(spec)!r}: expected {FORMS}")
 
 
-def load(spec: str | os.PathLike = DEFAULT, dtype: torch.dtype = torch.float32,
+def load(spec: str | os.PathLike = DEFAULT, dtype: torch.dtype | None = None,
          device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
-    """Returns `(model, tokenizer)`: a transformers causal LM in eval mode on `device`,
-    and its tokenizer. See the module docstring for `spec` and the GGUF cache."""
+    """Returns `(model, tokenizer)`: a transformers causal LM in eval mode on `device`
+    (`dtype`: float32 unless given), and its tokenizer. See the module docstring for `spec`
+    and the GGUF cache."""
+    # torch here, not at the top: `kiln serve`'s HTTP process reads the cache's paths and
+    # hashes from this module and never needs torch.
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.float32 if dtype is None else dtype
 
     folder = model_dir(spec)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -186,6 +194,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     except ImportError:
         pass  # older transformers always dequantize
     # float32 holds the dequantized values (fp16 scale x small integer) exactly.
+    import torch
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kwargs)
     if getattr(model, "hf_quantizer", None) is not None:

@@ -28,9 +28,12 @@ import pickle
 import signal
 import threading
 import traceback
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .engine import EngineClient, EngineStepError, LLMEngine, RequestOutput, Usage, serve_commands
+from .client import EngineClient, EngineStepError, RequestOutput, Usage
+
+if TYPE_CHECKING:
+    from .engine import LLMEngine
 
 
 class EngineStartError(RuntimeError):
@@ -223,6 +226,7 @@ def _child_main(conn, factory, args) -> None:
         conn.send(("out", [(rid, _to_wire(x)) for rid, x in pairs], len(engine.scheduler.waiting),
                    handled))
 
+    from .engine import serve_commands
     serve_commands(engine, next_command, emit, lambda: stop)
     for rid in list(engine.seqs):
         engine.abort(rid)

@@ -7,8 +7,10 @@ import math
 import time
 from array import array
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class InvalidParam(ValueError):

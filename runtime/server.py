@@ -33,7 +33,7 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import EngineClient, EngineStepError, QueueFullError, RequestError, RequestStream
+from .client import EngineClient, EngineStepError, QueueFullError, RequestError, RequestStream
 from .http_guard import (APIError, AsciiJSONResponse, GuardMiddleware, ServerLimits, authorized, clip,
                          parse_body, read_body, unauthorized)
 from .sequence import SamplingParams
