@@ -141,14 +141,20 @@ class Steps:
 # -- hashing and versions -------------------------------------------------------------------------
 def versions() -> dict:
     """The versions an artifact depends on, from the installed distributions' metadata:
-    what `__version__` says, without importing torch (seconds) to read it."""
+    what `__version__` says, without importing torch (seconds) to read it. A package
+    installed without metadata (a source tree on the path) is imported for it; one that is
+    not installed is None."""
+    import importlib
     from importlib.metadata import PackageNotFoundError, version
     out = {}
     for name in ("kiln", "torch", "transformers", "triton"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
-            out[name] = None
+            try:
+                out[name] = str(importlib.import_module(name).__version__)
+            except ImportError:
+                out[name] = None
     return out
 
 
