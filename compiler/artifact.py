@@ -59,8 +59,8 @@ and hashing gigabytes on every start is too slow, the artifact's own files are a
 hashed), the config hash (the model's config.json and the compile options), that the
 target's device is here, then parses the IR, checks the weight bindings against the graph's inputs, and only then executes the
 wrapper, from the very bytes it hashed. `check_artifact` runs the checks up to the config
-hash: what `kiln serve` checks, without importing torch, before it starts the engine's
-process, which loads the artifact.
+hash but torch's and triton's versions: what `kiln serve` checks, without importing torch,
+before it starts the engine's process, which loads the artifact.
 """
 from __future__ import annotations
 
@@ -139,22 +139,16 @@ class Steps:
 
 
 # -- hashing and versions -------------------------------------------------------------------------
-def versions() -> dict:
-    """The versions an artifact depends on, from the installed distributions' metadata:
-    what `__version__` says, without importing torch (seconds) to read it. A package
-    installed without metadata (a source tree on the path) is imported for it; one that is
-    not installed is None."""
+def versions(names=("kiln", "torch", "transformers", "triton")) -> dict:
+    """Each package's `__version__` (None where it is not installed). Not the distribution
+    metadata: a CUDA build's local part (`2.11.0+cu130`) is only in `__version__`."""
     import importlib
-    from importlib.metadata import PackageNotFoundError, version
     out = {}
-    for name in ("kiln", "torch", "transformers", "triton"):
+    for name in names:
         try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            try:
-                out[name] = str(importlib.import_module(name).__version__)
-            except ImportError:
-                out[name] = None
+            out[name] = str(importlib.import_module(name).__version__)
+        except ImportError:
+            out[name] = None
     return out
 
 
@@ -525,13 +519,14 @@ def is_artifact(path: str | os.PathLike) -> bool:
 
 def check_artifact(path: str | os.PathLike, trust: bool = False) -> dict:
     """The checks of `load_artifact` that parse nothing, run nothing and need no torch: the
-    manifest and its seal, the versions, every file's size and sha256, the model's files
+    manifest and its seal, kiln's version, every file's size and sha256, the model's files
     and config. Returns the manifest. `kiln serve` runs them before it starts the
     engine's process, which loads the artifact: a stale one is one error at once. What is
     left to the load (the IR parses, its weight inputs are bound, the wrapper loads) reads
-    bytes these checks found as the sealed manifest records them; should it fail, its error
-    reaches the user from the engine's process."""
-    return _verified(Path(path).resolve(), True, trust)[0]
+    bytes these checks found as the sealed manifest records them; torch's and triton's versions
+    are checked there too. Should any of that fail, its error reaches the user from the
+    engine's process."""
+    return _verified(Path(path).resolve(), True, trust, torch_versions=False)[0]
 
 
 def load_artifact(path: str | os.PathLike, check_weights: bool = True,
@@ -564,9 +559,10 @@ def load_artifact(path: str | os.PathLike, check_weights: bool = True,
     return Artifact(path, manifest, graph, fn, model_dir)
 
 
-def _verified(path: Path, check_weights: bool, trust: bool):
+def _verified(path: Path, check_weights: bool, trust: bool, torch_versions: bool = True):
     """(manifest, content of the files loading reads, model directory, the StaleArtifact
-    maker) once the checks of `check_artifact` passed."""
+    maker) once the checks of `check_artifact` passed (and, with `torch_versions`, torch's
+    and triton's versions: reading them imports torch)."""
     manifest = None
 
     def stale(why: str) -> StaleArtifact:
@@ -587,8 +583,9 @@ def _verified(path: Path, check_weights: bool, trust: bool):
         raise stale(f"format {got!r}, this kiln reads format {FORMAT}")
     try:
         _check_seal(manifest, trust, path, stale)
-        have, want = versions(), manifest["versions"]
         hard = ["kiln", "torch"] + (["triton"] if manifest["target"] != "cpu" else [])
+        hard = hard if torch_versions else ["kiln"]
+        have, want = versions(hard), manifest["versions"]
         for k in hard:
             if want.get(k) != have.get(k):
                 raise stale(f"compiled with {k} {want.get(k)}, this is {k} {have.get(k)}")
