@@ -57,10 +57,11 @@ its seal (`manifest_sha256`, then the signature unless trusted), kiln and torch 
 the model directory and its weights (size and mtime, else sha256: the weights are data
 and hashing gigabytes on every start is too slow, the artifact's own files are always
 hashed), the config hash (the model's config.json and the compile options), that the
-target's device is here, then parses the IR, checks the weight bindings against the graph's inputs, and only then executes the
-wrapper, from the very bytes it hashed. `check_artifact` runs the checks up to the config
-hash but torch's and triton's versions: what `kiln serve` checks, without importing torch,
-before it starts the engine's process, which loads the artifact.
+target's device is here, then parses the IR, checks the weight bindings against the
+graph's inputs, and only then executes the wrapper, from the very bytes it hashed.
+`check_artifact` runs the checks up to the config hash, less torch's and triton's
+versions: what `kiln serve` checks, without importing torch, before it starts the
+engine's process, which loads the artifact.
 """
 from __future__ import annotations
 
@@ -522,10 +523,9 @@ def check_artifact(path: str | os.PathLike, trust: bool = False) -> dict:
     manifest and its seal, kiln's version, every file's size and sha256, the model's files
     and config. Returns the manifest. `kiln serve` runs them before it starts the
     engine's process, which loads the artifact: a stale one is one error at once. What is
-    left to the load (the IR parses, its weight inputs are bound, the wrapper loads) reads
-    bytes these checks found as the sealed manifest records them; torch's and triton's versions
-    are checked there too. Should any of that fail, its error reaches the user from the
-    engine's process."""
+    left to the load (the IR parses, its weight inputs are bound, the wrapper loads, torch's
+    and triton's versions) reads bytes these checks found as the sealed manifest records
+    them; should any of it fail, its error reaches the user from the engine's process."""
     return _verified(Path(path).resolve(), True, trust, torch_versions=False)[0]
 
 
@@ -603,8 +603,6 @@ def _verified(path: Path, check_weights: bool, trust: bool, torch_versions: bool
     except (KeyError, TypeError, AttributeError) as e:   # a field missing or of the wrong kind
         raise stale(f"{MANIFEST} lacks {e} or holds it in a form kiln never writes") from None
     return manifest, content, model_dir, stale
-
-
 
 
 def _sha256_file(f: Path) -> str:

@@ -274,11 +274,8 @@ def cmd_serve(args) -> int:
         return 0
     from .artifact import check_artifact, is_artifact
     if is_artifact(args.model):
-        # The engine's process loads (and so checks) the artifact; its hashes, seal, versions
-        # and model files are checked here first, so that a stale artifact is one error at
-        # once, not after a child process has imported torch. Parsing its IR is left to that
-        # load: it is most of a load's checking time (~1 s for SmolLM2), on every start.
-        # This (HTTP) process imports no torch at all: only the engine's process needs it.
+        # The engine's process loads (and checks) the artifact; what needs no torch and no
+        # IR parse is checked here first, so that a stale artifact is one error at once.
         check_artifact(args.model, trust=getattr(args, "trust_artifact", False))
     if args.engine_thread:
         from kiln.runtime.engine import AsyncEngine

@@ -44,7 +44,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def captured(name: str, batch: int = 2, prompt_len: int = 7, decode_steps: int = 2,
              attn: str = "sdpa"):
     """(model, [CompiledGraph]) for a tiny model or "smollm2", compiled with verification

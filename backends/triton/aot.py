@@ -33,6 +33,7 @@ warps, signature, constants) for a C launcher to load without Python.
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import inspect
 import json
@@ -291,8 +292,8 @@ def compile_pairs(work: list[tuple[KernelSpec, str]], jobs: int | None = None,
                   raise_on_error: bool = True) -> list[CompiledBinary]:
     """compile_specs over chosen (spec, target) pairs rather than every spec for every
     target; results in the order of `work`."""
-    names = [s.name for s, _ in work]
-    dupes = sorted({n for n in names if names.count(n) > len({t for s, t in work if s.name == n})})
+    pairs = collections.Counter((s.name, t) for s, t in work)
+    dupes = sorted({name for (name, _), n in pairs.items() if n > 1})
     if dupes:
         raise ValueError(f"duplicate kernel spec names: {dupes}")
     jobs = jobs or min(os.cpu_count() or 1, 8)

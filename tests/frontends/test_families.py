@@ -1,5 +1,6 @@
 """Every common way of calling an HF model compiles with kiln, on every architecture family
-in tests/families.py (HF `generate` on one family of each kind), with no fallback (the suite runs under KILN_FALLBACK=error): logits
+in tests/families.py (HF `generate` on one family of each kind), with no fallback (the
+suite runs under KILN_FALLBACK=error): logits
 within 1e-5 of eager (fp32, CPU), greedy tokens identical, and the fusions each family is
 expected to get (tests/families.py says what does not fuse and why)."""
 from __future__ import annotations

@@ -87,5 +87,5 @@ def check_round_trips(compiled) -> None:
     for i, cg in enumerate(compiled):
         for pass_name, text in cg.snapshots:
             g = parse(text)
-            assert print_graph(g) == text, f"graph {i}: the text after {pass_name} does not round-trip"
+            assert print_graph(g) == text, f"graph {i}: the IR after {pass_name} does not round-trip"
             verify(g)
