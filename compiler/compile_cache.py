@@ -176,15 +176,9 @@ def pipeline() -> list:
 
 
 def versions() -> dict:
-    import torch
-
-    import kiln
-    out = {"kiln": kiln.__version__, "kiln_source": source_hash(), "torch": torch.__version__,
-           "triton": None, "python": sys.version.split()[0]}
-    if importlib.util.find_spec("triton") is not None:
-        import triton
-        out["triton"] = triton.__version__
-    return out
+    from .artifact import versions as package_versions
+    return {**package_versions(("kiln", "torch", "triton")), "kiln_source": source_hash(),
+            "python": sys.version.split()[0]}
 
 
 def key_of(kind: str, what: dict) -> str:
