@@ -29,7 +29,7 @@ from .tvm import build as tvm_build
 # won alone (6.5 against 10.7 us a call) but lost end to end: `kiln generate` of SmolLM2
 # with int4 weights decoded at 46-49 tok/s with it on TVM against 62-69 with torch's, for
 # reasons not found yet, so torch runs it.
-TVM_OPS = frozenset({"rms_norm", "fused_add_rms_norm"})
+TVM_OPS = frozenset({"rms_norm", "fused_add_rms_norm", "weight_int8_grouped_mm"})
 _counts = tvm_build._counts
 
 
@@ -145,29 +145,40 @@ def attention(q, k, v, mask, scale, causal, window=None):
 
 
 def weight_int8_mm(x, w_q, w_scale, bias):
-    """kiln.weight_int8_mm: TVM's GEMV at one row of float32 x when chosen (TVM_OPS), else
-    weight_int8_mm_torch."""
-    if _operands("weight_int8_mm", x.dim() == 2 and x.shape[0] == 1
-                 and _fp32(x) and _aligned(w_q, w_scale) and w_scale.dtype == torch.float32
-                 and x.shape[1] % 16 == 0):
-        fn = _tvm_kernel("weight_int8_mm", "weight_int8_mv", k=w_q.shape[1], n=w_q.shape[0])
-        if fn is not None:
-            y = torch.empty(1, w_q.shape[0])
-            fn(x, w_q, w_scale, y)
-            return y if bias is None else y + bias.float()
-    return weight_int8_mm_torch(x, w_q, w_scale, bias)
-
-
-def weight_int8_mm_torch(x, w_q, w_scale, bias):
-    """kiln.weight_int8_mm through torch's int8-weight CPU GEMM, which dequantises in
-    registers: it reads a quarter of fp32's weight bytes, and decode on a CPU is bound by
-    them. Its bf16-activation path is the vectorised one (SmolLM2's projections at one token
-    on 2 cores: 6-26 us against 100-530 us with fp32 activations, 16-86 us for fp32 weights),
-    so x goes in as bf16; the products accumulate in fp32."""
+    """kiln.weight_int8_mm (per output channel) through torch's int8-weight CPU GEMM, which
+    dequantises in registers: it reads a quarter of fp32's weight bytes, and decode on a CPU
+    is bound by them. Its bf16-activation path is the vectorised one (SmolLM2's projections
+    at one token on 2 cores: 6-26 us against 100-530 us with fp32 activations, 16-86 us for
+    fp32 weights), so x goes in as bf16; the products accumulate in fp32. (A TVM GEMV over
+    this layout, lanes along K, lost to it 3-7x; the grouped layout below is TVM's.)"""
     y = torch._weight_int8pack_mm(x.to(torch.bfloat16), w_q, w_scale.reshape(-1).to(torch.bfloat16))
     if bias is not None:
         y = y.float() + bias.float()
     return y.to(x.dtype)
+
+
+# Rows of x up to which the grouped int8 GEMV runs on TVM: a decode step's one token per
+# sequence, a speculative verify's few. Past them the rows are compute-bound and torch's
+# fp32 GEMM over the dequantised weight is faster.
+INT8_GROUPED_TVM_ROWS = 8
+
+
+def weight_int8_grouped_mm(x, w_q, w_sz, bias):
+    """kiln.weight_int8_grouped_mm: TVM's GEMV (float32 x, the weight's codes widened in
+    registers) for up to INT8_GROUPED_TVM_ROWS rows, else torch's GEMM over the weight
+    dequantised for the call (kiln_ref's). Both keep x in float32."""
+    k = w_q.shape[1]
+    n = w_q.shape[0] * w_q.shape[2]
+    if x.dim() == 2 and x.shape[0] > INT8_GROUPED_TVM_ROWS:
+        _counts["torch:weight_int8_grouped_mm:rows"] += 1
+    elif _operands("weight_int8_grouped_mm", x.dim() == 2 and _fp32(x, w_sz) and _aligned(w_q)):
+        fn = _tvm_kernel("weight_int8_grouped_mm", "weight_int8_grouped_mv", k=k, n=n,
+                         group_size=k // w_sz.shape[0])
+        if fn is not None:
+            y = torch.empty(x.shape[0], n)
+            fn(x, w_q, w_sz, y)
+            return y if bias is None else y + bias.float()
+    return kiln_ref.weight_int8_grouped_mm(x, w_q, w_sz, bias)
 
 
 def quant_int4(w, group_size=32, scale_dtype=torch.float32):

@@ -94,6 +94,7 @@ _CPU_KERNELS = {"attention": "kiln.backends.cpu_kernels:attention",
                 **{op: f"kiln.backends.cpu_kernels:{op}"
                    for op in ("rms_norm", "fused_add_rms_norm", "rope", "silu_mul")},
                 "weight_int8_mm": "kiln.backends.cpu_kernels:weight_int8_mm",
+                "weight_int8_grouped_mm": "kiln.backends.cpu_kernels:weight_int8_grouped_mm",
                 "quant_int4": "kiln.backends.cpu_kernels:quant_int4",
                 "weight_int4_mm": "kiln.backends.cpu_kernels:weight_int4_mm",
                 "paged_attention": "kiln.backends.paged_attention:paged_attention",

@@ -9,12 +9,14 @@ from pathlib import Path
 
 # kiln.passes.quantize.QUANT_MODES, spelled here so that building the parser imports no
 # torch (a test keeps the two equal)
-CLI_QUANT_MODES = ("fp8", "int8", "int8_weight_only", "int4_weight_only", "int4_weight_only_g64",
-                   "int4_weight_only_g128")
+CLI_QUANT_MODES = ("fp8", "int8", "int8_weight_only", "int8_weight_only_g32",
+                   "int8_weight_only_g64", "int8_weight_only_g128", "int4_weight_only",
+                   "int4_weight_only_g64", "int4_weight_only_g128")
 # --quant's default, "auto", and "none": kiln.quant_choice.
 QUANT_HELP = ("weights: auto (the default: on the cpu target int4 when every linear weight is "
               "exactly 4-bit already, as in a Q4 GGUF such as smollm2's, else float32), none "
-              "(float32), or a mode: fp8 / int8 (weights and activations), int8_weight_only, "
+              "(float32), or a mode: fp8 / int8 (weights and activations), int8_weight_only (per "
+              "output channel), int8_weight_only_g32 (groups of 32; _g64, _g128), "
               "int4_weight_only (groups of 32; _g64, _g128)")
 
 

@@ -76,6 +76,19 @@ def _quant_int4_type(args, attrs):
             TensorType(attrs.get("scale_dtype", torch.float32), (k // g, n, 2))]
 
 
+def _quant_int8_grouped_type(args, attrs):
+    """(w_q int8 [N/64, K, 64], w_sz float32 [K/G, 2, N]): typed without running (the
+    reference's grid check reads the values)."""
+    w = args[0].type
+    g = attrs.get("group_size", 32)
+    n, k = w.shape
+    why = kiln_ref.int8_grouped_fits(n, k, g)
+    if why is not None:
+        raise ValueError(f"kiln.quant_int8_grouped: weight {w}: {why}")
+    return [TensorType(torch.int8, (n // kiln_ref.INT8_BLOCK_N, k, kiln_ref.INT8_BLOCK_N)),
+            TensorType(torch.float32, (k // g, 2, n))]
+
+
 def _load_slots_type(args, attrs):
     """[T, elements a slot] in the pool's dtype (typed without running: the pool's block
     count is a symbol)."""
@@ -132,6 +145,10 @@ KILN_OPS = {
     "quant_int4": (("w",), ("group_size", "scale_dtype"), kiln_ref.quant_int4, (), _quant_int4_type),
     "weight_int4_mm": (("x", "w_q", "w_sz", "bias"), ("group_size",), kiln_ref.weight_int4_mm,
                        (), None),
+    "quant_int8_grouped": (("w",), ("group_size",), kiln_ref.quant_int8_grouped, (),
+                           _quant_int8_grouped_type),
+    "weight_int8_grouped_mm": (("x", "w_q", "w_sz", "bias"), (), kiln_ref.weight_int8_grouped_mm,
+                               (), None),
     "refine_top_logits": (("logits", "x", "w", "bias"), ("k",), kiln_ref.refine_top_logits, (),
                           _like_first),
     # Serving (serve.kv_cache): writes k/v into k_cache/v_cache (operands 3 and 4).
@@ -162,7 +179,8 @@ MUTATED_OPERANDS = {"paged_attention": (3, 4), "rope_pair_store": (5, 6)}
 ATTR_DEFAULTS = {"attention": {"window": None}, "paged_attention": {"window": None},
                  "fused_moe": {"expert_start": 0},
                  "quant_int4": {"group_size": 32, "scale_dtype": torch.float32},
-                 "weight_int4_mm": {"group_size": 32}, "refine_top_logits": {"k": 16}}
+                 "weight_int4_mm": {"group_size": 32}, "quant_int8_grouped": {"group_size": 32},
+                 "refine_top_logits": {"k": 16}}
 
 for _name, (_operands, _attrs, _ref, _traits, _infer) in KILN_OPS.items():
     register(OpDef(f"kiln.{_name}", _ref, frozenset(_traits), infer=_infer,

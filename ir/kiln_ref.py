@@ -365,6 +365,119 @@ def weight_int4_mm(x: torch.Tensor, w_q: torch.Tensor, w_sz: torch.Tensor,
     return out.to(x.dtype)
 
 
+# Weight-only int8, grouped along K, asymmetric: each group's values from its min to its max
+# in 255 even steps, or in fewer where they all lie on a grid of fewer (to fp32 rounding),
+# so a group a 4- or 8-bit format stored comes back exactly: GGUF Q4_1 (d * q + m, q in
+# 0..15), Q4_0 and Q8_0 (d * q, q in -8..7 / -127..127) with any codes in use.
+# The layout puts the codes of a block of 64 output rows side by side at each input
+# position, so a CPU GEMV's vector lanes run along output rows (as kiln's int4 layout):
+#   w_q: int8 [N / 64, K, 64], w_q[b, k, j] the code of weight[64 b + j, k];
+#   w_sz: float32 [K / G, 2, N]: each group's scale (row 0) and zero (row 1);
+#   weight[n, k] = code * scale + zero, code in -128..127.
+INT8_BLOCK_N = 64
+INT8_GROUP_SIZES = INT4_GROUP_SIZES
+INT8_LEVELS = 255          # steps between a group's min and max
+
+
+def int8_grouped_fits(n: int, k: int, group_size: int) -> str | None:
+    """None when an [n, k] weight has kiln's grouped int8 layout with `group_size`; else why not."""
+    if group_size not in INT8_GROUP_SIZES:
+        return f"group_size must be one of {', '.join(map(str, INT8_GROUP_SIZES))}, got {group_size!r}"
+    if not isinstance(n, int) or n % INT8_BLOCK_N:
+        return f"output features {n} are not a multiple of {INT8_BLOCK_N}"
+    if not isinstance(k, int) or k % group_size:
+        return f"input features {k} are not a multiple of the group size {group_size}"
+    return None
+
+
+# Symmetric 4- and 8-bit formats store d * q with d = amax / a: GGUF Q8_0 (q in -127..127)
+# and Q4_0 (q in -8..7, amax at -8). Their groups need not reach both ends of their codes,
+# so their grid is found from amax; a grid of a divisor of 255 steps (Q4_1's 15) is exact in
+# 255 steps already.
+_AMAX_DIVISORS = (127, 8)
+_QUANT_CHUNK = 1 << 18        # weights quantised at a time (1 MiB of float32)
+
+
+def _on_grid(g: torch.Tensor, lo: torch.Tensor, steps: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    pos = (g - lo) * (steps / span.clamp(min=torch.finfo(torch.float32).tiny))
+    return ((pos - pos.round()).abs() <= INT4_GRID_TOL).all(-1, keepdim=True)
+
+
+def _grid_steps(g: torch.Tensor, lo: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """[..., 1]: the steps from min to max of each group of g [..., G]: INT8_LEVELS, or
+    the fewer steps of a symmetric format's grid (amax / a) that all its values lie on (to
+    fp32 rounding) where they are not on INT8_LEVELS' already. The candidates are checked
+    on those groups alone, so a checkpoint that was 4- or 8-bit costs one pass."""
+    steps = torch.full_like(span, float(INT8_LEVELS))
+    off = ~_on_grid(g, lo, steps, span).squeeze(-1)
+    if not off.any():
+        return steps
+    sub, sub_lo, sub_span = g[off], lo[off], span[off]
+    amax = sub.abs().amax(-1, keepdim=True)
+    found = torch.full_like(sub_span, float(INT8_LEVELS))
+    open_ = torch.ones_like(sub_span, dtype=torch.bool)
+    for a in _AMAX_DIVISORS:
+        cand = (sub_span * a / amax.clamp(min=torch.finfo(torch.float32).tiny)).round()
+        try_ = open_ & (cand >= 1) & (cand <= INT8_LEVELS)
+        if not try_.any():
+            continue
+        rows = try_.squeeze(-1)
+        fits = torch.zeros_like(try_)
+        fits[rows] = _on_grid(sub[rows], sub_lo[rows], cand[rows], sub_span[rows])
+        found = torch.where(fits, cand, found)
+        open_ &= ~fits
+    steps[off] = found
+    return steps
+
+
+def quant_int8_grouped(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight-only int8 of an nn.Linear weight [N, K], asymmetric per group of `group_size`
+    along K: (w_q int8 [N / 64, K, 64], w_sz float32 [K / G, 2, N]) in kiln's grouped int8
+    layout (above). scale = (max - min) / steps (255, or the fewer steps of a grid the
+    group's values lie on), zero = min + 128 * scale."""
+    n, k = w.shape
+    why = int8_grouped_fits(n, k, group_size)
+    if why is not None:
+        raise ValueError(f"kiln.quant_int8_grouped: weight {tuple(w.shape)}: {why}")
+    w_q = torch.empty(n // INT8_BLOCK_N, k, INT8_BLOCK_N, dtype=torch.int8, device=w.device)
+    w_sz = torch.empty(k // group_size, 2, n, dtype=torch.float32, device=w.device)
+    # A block of rows at a time: the grid checks' temporaries stay in cache (an LM head
+    # at once took ~4x as long).
+    rows = INT8_BLOCK_N * max(1, _QUANT_CHUNK // (INT8_BLOCK_N * k))
+    for r in range(0, n, rows):
+        g = w[r:r + rows].float().reshape(-1, k // group_size, group_size)
+        lo, hi = torch.aminmax(g, dim=-1, keepdim=True)
+        span = hi - lo
+        scale = (span / _grid_steps(g, lo, span)).clamp_(min=SCALE_FLOOR)
+        codes = torch.round((g - lo) / scale).clamp_(0, INT8_LEVELS).sub_(128).to(torch.int8)
+        w_q[r // INT8_BLOCK_N:(r + rows) // INT8_BLOCK_N] = (
+            codes.reshape(-1, INT8_BLOCK_N, k).transpose(1, 2))
+        w_sz[:, 0, r:r + rows] = scale.squeeze(-1).t()
+        w_sz[:, 1, r:r + rows] = (lo + 128 * scale).squeeze(-1).t()
+    return w_q, w_sz
+
+
+def int8_grouped_dequantize(w_q: torch.Tensor, w_sz: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [N, K] that kiln's grouped int8 layout and (scale, zero) stand for."""
+    blocks, k, width = w_q.shape
+    n, groups = blocks * width, w_sz.shape[0]
+    codes = w_q.transpose(1, 2).reshape(n, groups, k // groups).float()
+    scale = w_sz[:, 0].float().t().unsqueeze(-1)                             # [N, K/G, 1]
+    zero = w_sz[:, 1].float().t().unsqueeze(-1)
+    return (codes * scale + zero).reshape(n, k)
+
+
+def weight_int8_grouped_mm(x: torch.Tensor, w_q: torch.Tensor, w_sz: torch.Tensor,
+                           bias: torch.Tensor | None) -> torch.Tensor:
+    """Weight-only grouped int8 linear: x @ W.T (+ bias) in x's dtype, W =
+    int8_grouped_dequantize(w_q, w_sz) (kiln.quant_int8_grouped's layout; the group size is
+    K / w_sz.shape[0]). Accumulates in float32."""
+    out = torch.matmul(x.float(), int8_grouped_dequantize(w_q, w_sz).t())
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
 def refine_top_logits(logits: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                       bias: torch.Tensor | None, k: int = 16) -> torch.Tensor:
     """logits [M, V] (an approximation of x @ w.T + bias, e.g. through quantised weights)

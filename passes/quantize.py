@@ -2,8 +2,10 @@
 `"int8"` in the compile options; off by default), or of the weights alone, every linear
 including the LM head, no layer kept: `quant="int8_weight_only"` (per output channel,
 `kiln.weight_int8_mm`) or `"int4_weight_only"` (asymmetric, groups of 32 along K;
-`_g64` / `_g128` for larger groups; `kiln.quant_int4` + `kiln.weight_int4_mm`; a weight
-whose shape kiln's int4 layout does not take, kiln_ref.int4_fits, gets int8). A
+`_g64` / `_g128` for larger groups; `kiln.quant_int4` + `kiln.weight_int4_mm`) or
+`"int8_weight_only_g32"` (asymmetric int8 in groups of 32 along K, `_g64` / `_g128`;
+`kiln.quant_int8_grouped` + `kiln.weight_int8_grouped_mm`); a weight whose shape a grouped
+layout does not take (kiln_ref.int4_fits, int8_grouped_fits) gets per-channel int8. A
 weight-only LM head is followed by `kiln.refine_top_logits`, which recomputes each row's
 16 best logits from the unquantised weight: the greedy token is the unquantised head's.
 
@@ -56,8 +58,11 @@ MIN_LAYERS_TO_KEEP_ENDS = 8
 # or int8, or the weights alone in int8 or int4 (activations stay in their dtype). Each
 # int4 mode's group size (weights per (scale, zero) along K).
 INT4_GROUPS = {"int4_weight_only": 32, "int4_weight_only_g64": 64, "int4_weight_only_g128": 128}
-QUANT_MODES = ("fp8", "int8", "int8_weight_only", *INT4_GROUPS)
-WEIGHT_ONLY = ("int8_weight_only", *INT4_GROUPS)
+# Grouped int8 modes: each one's group size (asymmetric int8, kiln.quant_int8_grouped).
+INT8_GROUPS = {"int8_weight_only_g32": 32, "int8_weight_only_g64": 64,
+               "int8_weight_only_g128": 128}
+QUANT_MODES = ("fp8", "int8", "int8_weight_only", *INT8_GROUPS, *INT4_GROUPS)
+WEIGHT_ONLY = ("int8_weight_only", *INT8_GROUPS, *INT4_GROUPS)
 
 
 def check_quant(mode) -> None:
@@ -65,10 +70,13 @@ def check_quant(mode) -> None:
         raise ValueError(f"quant must be None or one of {', '.join(QUANT_MODES)}; got {mode!r}")
 
 
-def _int4_fits(w, group_size) -> bool:
-    t = w.type if isinstance(w, Value) else None
-    return (t is not None and t.rank == 2 and group_size is not None
-            and kiln_ref.int4_fits(t.shape[0], t.shape[1], group_size) is None)
+def _fits(layout_fits):
+    """A rule function: whether weight %w has the grouped layout `layout_fits` checks."""
+    def fits(w, group_size) -> bool:
+        t = w.type if isinstance(w, Value) else None
+        return (t is not None and t.rank == 2 and group_size is not None
+                and layout_fits(t.shape[0], t.shape[1], group_size) is None)
+    return fits
 
 
 def _qdtype(options: dict) -> torch.dtype | None:
@@ -138,7 +146,10 @@ register_function("quant_int4_group", lambda cx: INT4_GROUPS.get(cx.options.get(
 register_function("int4_scale_dtype",
                   lambda cx: getattr(cx.options.get("target"), "int4_scale_dtype", torch.float32),
                   context=True)
-register_function("int4_fits", _int4_fits)
+register_function("quant_int8_group", lambda cx: INT8_GROUPS.get(cx.options.get("quant")),
+                  context=True)
+register_function("int4_fits", _fits(kiln_ref.int4_fits))
+register_function("int8_grouped_fits", _fits(kiln_ref.int8_grouped_fits))
 register_function("quant_weight", lambda w: isinstance(w, Value) and _quant_weight(w))
 register_function("quant_keeps", _quant_keeps, context=True)
 
@@ -147,7 +158,8 @@ register_function("quant_keeps", _quant_keeps, context=True)
                "+ per-token activation quantisation and kiln.scaled_mm (LM head and MoE "
                "routers stay full precision); quant='int8_weight_only' / 'int4_weight_only': "
                "int8 / grouped int4 weights, kiln.weight_int8_mm / kiln.weight_int4_mm, the LM "
-               "head's top logits refined (rules/quantize.kiln)")
+               "head's top logits refined; 'int8_weight_only_g32' (_g64, _g128): grouped "
+               "asymmetric int8, kiln.weight_int8_grouped_mm (rules/quantize.kiln)")
 def quantize(g: Graph, ctx: PassContext) -> int:
     if _qdtype(ctx.options) is None:
         return 0

@@ -54,7 +54,7 @@ MAX_DIM = 2**31 - 1
 _TOKEN_ORDER_VIEWS = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.unsqueeze",
                       "aten.squeeze", "aten.alias"}
 _HEADS = {"aten.mm": 0, "aten.matmul": 0, "aten.linear": 0, "aten.addmm": 1, "kiln.scaled_mm": 0,
-          "kiln.weight_int8_mm": 0}
+          "kiln.weight_int8_mm": 0, "kiln.weight_int8_grouped_mm": 0}
 # A quantised LM head's refinement (rules/quantize.kiln): refines the logits of one of _HEADS.
 _REFINE = "kiln.refine_top_logits"
 

@@ -141,6 +141,18 @@ def _load(path: Path):
     return tvm_ffi.load_module(str(path))["main"]
 
 
+def _size_thread_pool() -> None:
+    """TVM's parallel loops run on its own thread pool, sized when first used: by
+    TVM_NUM_THREADS, else OMP_NUM_THREADS, else half the logical CPUs on x86 (it assumes
+    two hyperthreads a core). On a 2-vCPU machine that is one thread, and the grouped int8
+    GEMV ran at about half the speed it runs on two (BENCHMARKS.md). kiln sizes it as torch
+    sizes its own (torch.get_num_threads(): the CPUs torch computes on), unless the user
+    set TVM_NUM_THREADS."""
+    if "TVM_NUM_THREADS" not in os.environ:
+        import torch
+        os.environ["TVM_NUM_THREADS"] = str(torch.get_num_threads())
+
+
 def get(kernel: str, params: dict, define=None):
     """The compiled function for `kernel` with `params`: from memory (keyed by the
     parameters themselves: this runs on every call of an op), from the disk cache, or
@@ -150,6 +162,7 @@ def get(kernel: str, params: dict, define=None):
     fn = _loaded.get(fast)
     if fn is not None:
         return fn
+    _size_thread_pool()
     k = key(kernel, params)
     path = cache_dir() / f"{k}.so"
     fn = None

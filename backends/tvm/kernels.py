@@ -165,30 +165,47 @@ def weight_int4_mv(k: int, n: int, group_size: int, scale_dtype: str) -> tvm.IRM
     return tvm.IRModule({"main": main})
 
 
-def weight_int8_mv(k: int, n: int) -> tvm.IRModule:
-    """kiln.weight_int8_mm for a few rows of x: y [M, n] = (x [M, k] @ w_q.T) * w_scale.T,
-    w_q int8 [n, k] (nn.Linear layout), w_scale [n, 1] float32 per output channel. Each
-    output row keeps VECTOR partial sums along k (int8 widened to float in registers),
-    summed and scaled at the end. Parallel over output rows; needs k % VECTOR == 0."""
+INT8_BLOCK_N = 64    # kiln's grouped int8 layout: 64 output rows side by side (kiln_ref)
+
+
+def weight_int8_grouped_mv(k: int, n: int, group_size: int) -> tvm.IRModule:
+    """kiln.weight_int8_grouped_mm for a few rows of x: y [M, n] = x [M, k] @ W.T with W in
+    kiln's grouped int8 layout (kiln_ref.quant_int8_grouped: w_q int8 [n / 64, k, 64], the
+    codes of 64 output rows side by side at each input position; w_sz float32 [k / G, 2, n],
+    each group's scale and zero): W[o, c] = code * scale + zero. Per group g, sum_c x[c] *
+    W[o, c] = scale * sum_c x[c] * code + zero * sum_c x[c]: the inner loop widens 64 codes
+    to float in registers and multiplies them into the broadcast x[c]; the group's scale
+    and zero are applied once per group. x stays float32 throughout. Parallel over blocks
+    of 64 output rows; needs k % G == 0 and n % 64 == 0 (kiln_ref.int8_grouped_fits)."""
+    groups = k // group_size
+
     @T.prim_func
-    def main(x_h: T.handle, w_q_h: T.handle, w_scale_h: T.handle, out_h: T.handle):
+    def main(x_h: T.handle, w_q_h: T.handle, w_sz_h: T.handle, out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), "float32")
-        w_q = T.match_buffer(w_q_h, (n, k), "int8")
-        w_scale = T.match_buffer(w_scale_h, (n, 1), "float32")
+        w_q = T.match_buffer(w_q_h, (n // INT8_BLOCK_N, k, INT8_BLOCK_N), "int8")
+        w_sz = T.match_buffer(w_sz_h, (groups, 2, n), "float32")
         out = T.match_buffer(out_h, (m, n), "float32")
-        for o in T.parallel(n):
+        for ob in T.parallel(n // INT8_BLOCK_N):
             for i in range(m):
-                part = T.decl_buffer((VECTOR,), "float32", scope="local")
-                total = T.decl_buffer((1,), "float32", scope="local")
-                for lane in T.vectorized(VECTOR):
-                    part[lane] = T.float32(0)
-                for ko in range(k // VECTOR):
-                    for lane in T.vectorized(VECTOR):
-                        part[lane] = part[lane] + x[i, ko * VECTOR + lane] * T.Cast("float32", w_q[o, ko * VECTOR + lane])
-                total[0] = T.float32(0)
-                for lane in range(VECTOR):
-                    total[0] = total[0] + part[lane]
-                out[i, o] = total[0] * w_scale[o, 0]
+                acc = T.decl_buffer((INT8_BLOCK_N,), "float32", scope="local")
+                dot = T.decl_buffer((INT8_BLOCK_N,), "float32", scope="local")
+                xs = T.decl_buffer((1,), "float32", scope="local")
+                for lane in T.vectorized(INT8_BLOCK_N):
+                    acc[lane] = T.float32(0)
+                for g in range(groups):
+                    xs[0] = T.float32(0)
+                    for lane in T.vectorized(INT8_BLOCK_N):
+                        dot[lane] = T.float32(0)
+                    for j in range(group_size):
+                        xs[0] = xs[0] + x[i, g * group_size + j]
+                        for lane in T.vectorized(INT8_BLOCK_N):
+                            dot[lane] = dot[lane] + x[i, g * group_size + j] * T.Cast(
+                                "float32", w_q[ob, g * group_size + j, lane])
+                    for lane in T.vectorized(INT8_BLOCK_N):
+                        acc[lane] = (acc[lane] + w_sz[g, 0, ob * INT8_BLOCK_N + lane] * dot[lane]
+                                     + w_sz[g, 1, ob * INT8_BLOCK_N + lane] * xs[0])
+                for lane in T.vectorized(INT8_BLOCK_N):
+                    out[i, ob * INT8_BLOCK_N + lane] = acc[lane]
     return tvm.IRModule({"main": main})

@@ -15,7 +15,9 @@ from kiln.backends.tvm import counts                     # noqa: E402
 from kiln.ir import kiln_ref                             # noqa: E402
 
 ALL_OPS = frozenset({"rms_norm", "fused_add_rms_norm", "rope", "silu_mul", "weight_int4_mm",
-                     "weight_int8_mm"})
+                     "weight_int8_grouped_mm"})
+
+QUANTISED_GEMVS = frozenset({"weight_int4_mm", "weight_int8_grouped_mm"})
 
 
 def rel_err(a, b):
@@ -73,12 +75,25 @@ def test_int4_gemv_matches_its_dequantised_reference(every_op_on_tvm, scale_dtyp
     _ran_on_tvm("weight_int4_mm")
 
 
-def test_int8_gemv_matches_its_dequantised_reference(every_op_on_tvm):
-    w_q, w_scale = kiln_ref.quant_int8(torch.randn(48, 96))
-    x = torch.randn(1, 96)
-    got = cpu_kernels.weight_int8_mm(x, w_q, w_scale, None)
-    assert rel_err(got, kiln_ref.weight_int8_mm(x, w_q, w_scale, None)) < 1e-5
-    _ran_on_tvm("weight_int8_mm")
+@pytest.mark.parametrize("group, rows", [(32, 1), (64, 3), (128, cpu_kernels.INT8_GROUPED_TVM_ROWS)])
+def test_grouped_int8_gemv_matches_its_dequantised_reference(every_op_on_tvm, group, rows):
+    """Against kiln_ref.weight_int8_grouped_mm: x @ int8_grouped_dequantize(w_q, w_sz).T in
+    float32, at every row count the GEMV takes (a decode step, a speculative verify)."""
+    w_q, w_sz = kiln_ref.quant_int8_grouped(torch.randn(128, 256), group)
+    x, bias = torch.randn(rows, 256), torch.randn(128)
+    got = cpu_kernels.weight_int8_grouped_mm(x, w_q, w_sz, bias)
+    assert rel_err(got, kiln_ref.weight_int8_grouped_mm(x, w_q, w_sz, bias)) < 1e-6
+    _ran_on_tvm("weight_int8_grouped_mm")
+
+
+def test_grouped_int8_past_the_gemv_rows_runs_torch_exactly(every_op_on_tvm):
+    """A prefill's rows are compute-bound: torch's GEMM over the dequantised weight, counted
+    as such, equal to the reference."""
+    w_q, w_sz = kiln_ref.quant_int8_grouped(torch.randn(64, 96), 32)
+    x = torch.randn(cpu_kernels.INT8_GROUPED_TVM_ROWS + 1, 96)
+    got = cpu_kernels.weight_int8_grouped_mm(x, w_q, w_sz, None)
+    assert torch.equal(got, kiln_ref.weight_int8_grouped_mm(x, w_q, w_sz, None))
+    assert counts() == {"torch:weight_int8_grouped_mm:rows": 1}
 
 
 def test_other_operands_run_torch_and_are_counted(every_op_on_tvm):
@@ -145,7 +160,7 @@ def test_tiny_llama_decodes_on_tvm_kernels(tvm_cache, monkeypatch):
     assert torch.equal(tokens, ref_tokens)
     assert max(rel_err(a, b) for a, b in zip(logits, ref_logits)) < 1e-5
     # 2 layers: 2 fused_add_rms_norm (and 2 rope: q and k) a layer a step, the final norm
-    for op in sorted(cpu_kernels.TVM_OPS):
+    for op in sorted(cpu_kernels.TVM_OPS - QUANTISED_GEMVS):
         assert c.get(f"tvm:{op}", 0) >= 3, c
     assert not any(k.startswith("torch:") and "not chosen" not in k and "operands" not in k
                    for k in c), c
@@ -163,6 +178,20 @@ def test_tiny_llama_decodes_on_tvm_kernels(tvm_cache, monkeypatch):
     monkeypatch.setenv("KILN_TVM", "0")
     _, torch_logits = eager_greedy(fn, ids, 4)
     assert max(rel_err(a, b) for a, b in zip(logits, torch_logits)) < 1e-2
+
+    # Grouped int8: every linear, the LM head too, on TVM's GEMV at decode; both paths
+    # keep x in float32, so TVM's logits are the torch path's (KILN_TVM=0) to fp32 rounding.
+    monkeypatch.delenv("KILN_TVM")
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend="kiln", options={"target": "cpu", "quant": "int8_weight_only_g32"})
+    counts(reset=True)
+    tokens, logits = eager_greedy(fn, ids, 4)
+    c = counts()
+    # the 5-token prefill is within the GEMV's rows too: 4 calls of 4 GEMMs a layer + the head
+    assert c.get("tvm:weight_int8_grouped_mm", 0) == 4 * (2 * 4 + 1), c
+    monkeypatch.setenv("KILN_TVM", "0")
+    _, torch_logits = eager_greedy(fn, ids, 4)
+    assert max(rel_err(a, b) for a, b in zip(logits, torch_logits)) < 1e-5
     torch._dynamo.reset()
 
 

@@ -44,7 +44,9 @@ def test_the_cli_offers_every_quant_mode_and_nothing_else():
 def test_a_bad_quant_mode_is_one_message():
     from kiln.config import CompileOptions
     with pytest.raises(ValueError, match=r"quant must be None or one of fp8, int8, "
-                                         r"int8_weight_only, int4_weight_only, "
+                                         r"int8_weight_only, int8_weight_only_g32, "
+                                         r"int8_weight_only_g64, int8_weight_only_g128, "
+                                         r"int4_weight_only, "
                                          r"int4_weight_only_g64, int4_weight_only_g128; "
                                          r"got 'int4'"):
         CompileOptions.make({"quant": "int4"})
